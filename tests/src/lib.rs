@@ -1,0 +1,17 @@
+//! arcfed-tests: the test kit shared by integration tests, drills and the sandbox.
+//!
+//! ```text
+//!  emulator/      actions-emulator: GitHub's runner scale-set service (lib + bin)
+//!  fault_proxy    TCP proxy: pass, delay, drop, blackhole, close one side only
+//!  harness        real arcfed-coordinator processes on 127.0.0.1, certs from arcfedctl
+//!  agent_client   a library agent: Join, keepalive, report, go silent; records ack timestamps
+//! ```
+//!
+//! How tests find binaries: [`harness::bin_path`] looks next to the running test executable
+//! (`target/<profile>/`), or in `$ARCFED_BIN_DIR` when set. `cargo nextest run --workspace`
+//! builds every workspace binary before any test runs, because each crate that owns a binary
+//! has an integration test of its own.
+pub mod agent_client;
+pub mod emulator;
+pub mod fault_proxy;
+pub mod harness;
