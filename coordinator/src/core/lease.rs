@@ -1,0 +1,406 @@
+//! The lessor: lease deadlines the leader keeps in memory (DESIGN §4).
+//!
+//! Keepalives are never written to the log. Only the leader keeps deadlines, as etcd's
+//! lessor does; when one passes, the driver proposes `Expire` through the log. All times
+//! are milliseconds of a monotonic clock that keeps counting during suspend
+//! (`CLOCK_BOOTTIME`), passed in by the driver: this module never reads a clock.
+
+use super::types::{GroupKey, MemberId};
+use std::collections::BTreeMap;
+
+/// Lease timing. Ratios are in permille so everything stays integer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseConfig {
+    pub ttl_ms: u64,
+    /// Safety margin of the agent's fence (default 333 = 1/3).
+    pub margin_permille: u64,
+    pub reconnect_grace_ms: u64,
+    /// Bound on the relative clock-rate error used by the fast path (ρ, default 10 = 0.01).
+    pub rho_permille: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig { ttl_ms: 3000, margin_permille: 333, reconnect_grace_ms: 500, rho_permille: 10 }
+    }
+}
+
+impl LeaseConfig {
+    /// TTL × (1 − margin): how long after sending keepalive k an agent may act on its ack.
+    pub fn fence_ms(&self) -> u64 {
+        self.ttl_ms.saturating_mul(1000 - self.margin_permille.min(1000)) / 1000
+    }
+    /// TTL × (1 − margin) × (1 + 2ρ): after this, the agent's fence has surely ended.
+    pub fn fence_bound_ms(&self) -> u64 {
+        self.fence_ms().saturating_mul(1000 + 2 * self.rho_permille) / 1000
+    }
+    /// TTL × margin: a keepalive is acked only with quorum contact this recent.
+    pub fn quorum_window_ms(&self) -> u64 {
+        self.ttl_ms.saturating_mul(self.margin_permille) / 1000
+    }
+    pub fn keepalive_interval_ms(&self) -> u64 {
+        (self.ttl_ms / 4).max(1)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseEntry {
+    pub epoch: u64,
+    pub deadline: u64,
+    pub last_keepalive: Option<u64>,
+    pub stream_open: bool,
+    pub closed_at: Option<u64>,
+    /// Set once `Expire`/`MarkSilent` is proposed, so a tick does not propose it twice.
+    pub expire_proposed: bool,
+    pub silent_proposed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeepaliveVerdict {
+    /// Ack it (echo the seq and list held groups).
+    Ack,
+    /// The deadline passed or the epoch is unknown: the agent must Join again.
+    Expired(&'static str),
+    /// Alive, but this leader has no recent quorum contact: no ack.
+    NoQuorum,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TickOutput {
+    pub expire: Vec<(MemberId, u64)>,
+    pub silent: Vec<(MemberId, u64)>,
+    /// Handovers whose deadline + TTL since the last listing ack passed: revoke these.
+    pub revoke: Vec<(GroupKey, u64)>,
+    /// How late this tick fired; every deadline was extended by it.
+    pub late_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HandoverTimer {
+    deadline: u64,
+    last_listed: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LeaseTable {
+    pub cfg: LeaseConfig,
+    entries: BTreeMap<MemberId, LeaseEntry>,
+    handovers: BTreeMap<(GroupKey, u64), HandoverTimer>,
+}
+
+impl LeaseTable {
+    pub fn new(cfg: LeaseConfig) -> LeaseTable {
+        LeaseTable { cfg, entries: BTreeMap::new(), handovers: BTreeMap::new() }
+    }
+
+    pub fn entry(&self, m: &MemberId) -> Option<&LeaseEntry> {
+        self.entries.get(m)
+    }
+
+    /// A committed Join started (or restarted) a lease.
+    pub fn on_join(&mut self, m: &MemberId, epoch: u64, now: u64) {
+        self.entries.insert(
+            m.clone(),
+            LeaseEntry {
+                epoch,
+                deadline: now.saturating_add(self.cfg.ttl_ms),
+                last_keepalive: Some(now),
+                stream_open: true,
+                closed_at: None,
+                expire_proposed: false,
+                silent_proposed: false,
+            },
+        );
+    }
+
+    /// A keepalive for `epoch` arrived at `now`. `quorum_age_ms` is how long ago this
+    /// leader last heard from a quorum (None: unknown / not leader).
+    pub fn on_keepalive(&mut self, m: &MemberId, epoch: u64, now: u64, quorum_age_ms: Option<u64>) -> KeepaliveVerdict {
+        let window = self.cfg.quorum_window_ms();
+        let ttl = self.cfg.ttl_ms;
+        let Some(e) = self.entries.get_mut(m) else {
+            return KeepaliveVerdict::Expired("no lease on this leader; join again");
+        };
+        if e.epoch != epoch {
+            return KeepaliveVerdict::Expired("lease epoch is not current; join again");
+        }
+        // No renewal past death: once the deadline passed, only a new Join helps.
+        if now >= e.deadline || e.expire_proposed {
+            return KeepaliveVerdict::Expired("lease deadline passed; join again");
+        }
+        if e.silent_proposed {
+            return KeepaliveVerdict::Expired("member was marked silent; join again");
+        }
+        // The member is alive and talks to us: keep its deadline fresh even without quorum,
+        // so that a leader that regains quorum does not expire a healthy member. Safety does
+        // not depend on the deadline but on the ack, which needs quorum.
+        e.deadline = now.saturating_add(ttl);
+        e.last_keepalive = Some(now);
+        e.stream_open = true;
+        e.closed_at = None;
+        match quorum_age_ms {
+            Some(age) if age <= window => KeepaliveVerdict::Ack,
+            _ => KeepaliveVerdict::NoQuorum,
+        }
+    }
+
+    /// Fast path for a dead process: move the deadline earlier, but never below
+    /// `max(now + grace, last_keepalive + fence_bound)`, so it never undercuts the fence of
+    /// an agent whose close was one-sided.
+    pub fn on_stream_closed(&mut self, m: &MemberId, epoch: u64, now: u64) {
+        let grace = self.cfg.reconnect_grace_ms;
+        let bound = self.cfg.fence_bound_ms();
+        let Some(e) = self.entries.get_mut(m) else { return };
+        if e.epoch != epoch {
+            return;
+        }
+        e.stream_open = false;
+        e.closed_at = Some(now);
+        let floor = now.saturating_add(grace).max(e.last_keepalive.unwrap_or(0).saturating_add(bound));
+        e.deadline = e.deadline.min(floor);
+    }
+
+    /// The lease ended through the log (Expire/Leave applied) or the member was collected.
+    pub fn remove(&mut self, m: &MemberId) {
+        self.entries.remove(m);
+    }
+
+    /// Periodic check. `expected` is when this tick was due: if it fired late (a stalled
+    /// leader), every deadline is first extended by the lateness, because a stalled leader
+    /// must not revoke every lease.
+    pub fn tick(&mut self, now: u64, expected: u64) -> TickOutput {
+        let late = now.saturating_sub(expected);
+        let mut out = TickOutput { late_ms: late, ..TickOutput::default() };
+        let bound = self.cfg.fence_bound_ms();
+        let ttl = self.cfg.ttl_ms;
+        for (id, e) in self.entries.iter_mut() {
+            if late > 0 {
+                e.deadline = e.deadline.saturating_add(late);
+            }
+            if !e.expire_proposed && now >= e.deadline {
+                e.expire_proposed = true;
+                out.expire.push((id.clone(), e.epoch));
+            } else if !e.stream_open
+                && !e.silent_proposed
+                && !e.expire_proposed
+                && now >= e.closed_at.unwrap_or(now).max(e.last_keepalive.unwrap_or(0)).saturating_add(bound)
+            {
+                e.silent_proposed = true;
+                out.silent.push((id.clone(), e.epoch));
+            }
+        }
+        for ((g, t), h) in self.handovers.iter_mut() {
+            if late > 0 {
+                h.deadline = h.deadline.saturating_add(late);
+                h.last_listed = h.last_listed.saturating_add(late);
+            }
+            if now >= h.deadline && now >= h.last_listed.saturating_add(ttl) {
+                out.revoke.push((g.clone(), *t));
+            }
+        }
+        out
+    }
+
+    /// A proposal failed (e.g. leadership lost): allow proposing again.
+    pub fn retry_expire(&mut self, m: &MemberId) {
+        if let Some(e) = self.entries.get_mut(m) {
+            e.expire_proposed = false;
+        }
+    }
+
+    /// Promotion (etcd's promote): once the new leader has applied every earlier entry, every
+    /// lease gets a fresh deadline; Silent members only `reconnect_grace`, so frequent leader
+    /// changes cannot keep a dead holder alive. `members` = (id, epoch, silent).
+    pub fn promote(&mut self, now: u64, members: impl IntoIterator<Item = (MemberId, u64, bool)>) {
+        self.entries.clear();
+        self.handovers.clear();
+        for (id, epoch, silent) in members {
+            let deadline = now.saturating_add(if silent { self.cfg.reconnect_grace_ms } else { self.cfg.ttl_ms });
+            self.entries.insert(
+                id,
+                LeaseEntry {
+                    epoch,
+                    deadline,
+                    last_keepalive: None,
+                    stream_open: false,
+                    closed_at: Some(now),
+                    expire_proposed: false,
+                    silent_proposed: silent,
+                },
+            );
+        }
+    }
+
+    /// Members whose lease this leader still holds valid at `now`.
+    pub fn is_live(&self, m: &MemberId, now: u64) -> bool {
+        self.entries.get(m).is_some_and(|e| now < e.deadline && !e.expire_proposed && !e.silent_proposed)
+    }
+
+    pub fn remaining_ms(&self, m: &MemberId, now: u64) -> Option<i64> {
+        self.entries.get(m).map(|e| e.deadline.saturating_sub(now) as i64)
+    }
+
+    /// The leader saw a handover for (group, token) in the applied state; start its timer
+    /// (idempotent). `timeout_ms` is the handover deadline relative to now.
+    pub fn handover_seen(&mut self, g: &GroupKey, token: u64, now: u64, timeout_ms: u64) {
+        self.handovers
+            .entry((g.clone(), token))
+            .or_insert(HandoverTimer { deadline: now.saturating_add(timeout_ms), last_listed: now });
+    }
+
+    /// Whether an ack may still list (group, token): not after a handover's deadline.
+    pub fn may_list(&self, g: &GroupKey, token: u64, now: u64) -> bool {
+        self.handovers.get(&(g.clone(), token)).is_none_or(|h| now < h.deadline)
+    }
+
+    /// Record that an ack sent at `now` listed (group, token).
+    pub fn listed(&mut self, g: &GroupKey, token: u64, now: u64) {
+        if let Some(h) = self.handovers.get_mut(&(g.clone(), token)) {
+            h.last_listed = h.last_listed.max(now);
+        }
+    }
+
+    /// The handover ended (Release, Revoke or a new Grant).
+    pub fn handover_done(&mut self, g: &GroupKey, token: u64) {
+        self.handovers.remove(&(g.clone(), token));
+    }
+
+    pub fn handovers(&self) -> impl Iterator<Item = &(GroupKey, u64)> {
+        self.handovers.keys()
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = (&MemberId, &LeaseEntry)> {
+        self.entries.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mid(s: &str) -> MemberId {
+        MemberId(s.into())
+    }
+
+    fn table() -> LeaseTable {
+        LeaseTable::new(LeaseConfig::default())
+    }
+
+    #[test]
+    fn keepalive_after_deadline_is_expired_and_never_renewed() {
+        let mut t = table();
+        t.on_join(&mid("a"), 7, 0);
+        assert_eq!(t.on_keepalive(&mid("a"), 7, 1000, Some(0)), KeepaliveVerdict::Ack);
+        assert_eq!(t.on_keepalive(&mid("a"), 7, 4000, Some(0)), KeepaliveVerdict::Expired("lease deadline passed; join again"));
+        // Still expired, however fast the next one comes.
+        assert!(matches!(t.on_keepalive(&mid("a"), 7, 4001, Some(0)), KeepaliveVerdict::Expired(_)));
+        // A new Join (new epoch) starts a new lease.
+        t.on_join(&mid("a"), 9, 4002);
+        assert!(matches!(t.on_keepalive(&mid("a"), 7, 4003, Some(0)), KeepaliveVerdict::Expired(_)));
+        assert_eq!(t.on_keepalive(&mid("a"), 9, 4003, Some(0)), KeepaliveVerdict::Ack);
+    }
+
+    #[test]
+    fn no_quorum_means_no_ack() {
+        let mut t = table();
+        t.on_join(&mid("a"), 1, 0);
+        let window = t.cfg.quorum_window_ms();
+        assert_eq!(t.on_keepalive(&mid("a"), 1, 10, Some(window + 1)), KeepaliveVerdict::NoQuorum);
+        assert_eq!(t.on_keepalive(&mid("a"), 1, 20, None), KeepaliveVerdict::NoQuorum);
+        assert_eq!(t.on_keepalive(&mid("a"), 1, 30, Some(window)), KeepaliveVerdict::Ack);
+    }
+
+    #[test]
+    fn expiry_is_proposed_once() {
+        let mut t = table();
+        t.on_join(&mid("a"), 1, 0);
+        assert!(t.tick(2999, 2999).expire.is_empty());
+        assert_eq!(t.tick(3000, 3000).expire, vec![(mid("a"), 1)]);
+        assert!(t.tick(3100, 3100).expire.is_empty());
+    }
+
+    #[test]
+    fn stream_close_fast_path_never_undercuts_the_fence() {
+        let mut t = table();
+        let cfg = t.cfg;
+        t.on_join(&mid("a"), 1, 0);
+        assert_eq!(t.on_keepalive(&mid("a"), 1, 1000, Some(0)), KeepaliveVerdict::Ack);
+        t.on_stream_closed(&mid("a"), 1, 1100);
+        let floor = (1100 + cfg.reconnect_grace_ms).max(1000 + cfg.fence_bound_ms());
+        assert_eq!(t.entry(&mid("a")).unwrap().deadline, floor);
+        assert!(t.tick(floor - 1, floor - 1).expire.is_empty());
+        assert_eq!(t.tick(floor, floor).expire.len(), 1);
+        // ~TTL·(1−margin) after the last keepalive instead of a full TTL.
+        assert!(floor < 1000 + cfg.ttl_ms);
+    }
+
+    #[test]
+    fn late_timer_extends_every_deadline_first() {
+        let mut t = table();
+        t.on_join(&mid("a"), 1, 0);
+        // The tick due at 100 fired at 5000: the leader was stalled, not the member.
+        let out = t.tick(5000, 100);
+        assert_eq!(out.late_ms, 4900);
+        assert!(out.expire.is_empty());
+    }
+
+    #[test]
+    fn promotion_gives_silent_members_only_the_grace() {
+        let mut t = table();
+        let cfg = t.cfg;
+        t.promote(10_000, vec![(mid("live"), 1, false), (mid("quiet"), 2, true)]);
+        assert_eq!(t.entry(&mid("live")).unwrap().deadline, 10_000 + cfg.ttl_ms);
+        assert_eq!(t.entry(&mid("quiet")).unwrap().deadline, 10_000 + cfg.reconnect_grace_ms);
+        assert!(!t.is_live(&mid("quiet"), 10_001));
+    }
+
+    #[test]
+    fn handover_stops_listing_after_deadline_then_revokes_a_ttl_later() {
+        let mut t = table();
+        let g = GroupKey("https://h/o#1".into());
+        t.on_join(&mid("a"), 1, 0);
+        t.handover_seen(&g, 5, 0, 10_000);
+        assert!(t.may_list(&g, 5, 9_999));
+        t.listed(&g, 5, 9_999);
+        assert!(!t.may_list(&g, 5, 10_000));
+        assert!(t.tick(12_000, 12_000).revoke.is_empty());
+        assert_eq!(t.tick(9_999 + t.cfg.ttl_ms, 9_999 + t.cfg.ttl_ms).revoke, vec![(g.clone(), 5)]);
+    }
+
+    proptest! {
+        /// Invariant 5 at the lessor: a member that keeps sending keepalives every ≤ TTL/4 is
+        /// never expired, whatever the leader changes (promotions) in between.
+        #[test]
+        fn leader_changes_alone_never_expire_a_live_member(
+            steps in proptest::collection::vec((1u64..=750, any::<bool>()), 1..200)
+        ) {
+            let mut t = table();
+            let m = mid("holder");
+            t.on_join(&m, 1, 0);
+            let mut now = 0u64;
+            for (gap, promote) in steps {
+                now += gap;
+                if promote {
+                    t.promote(now, vec![(m.clone(), 1, false)]);
+                }
+                let out = t.tick(now, now);
+                prop_assert!(out.expire.is_empty());
+                prop_assert_eq!(t.on_keepalive(&m, 1, now, Some(0)), KeepaliveVerdict::Ack);
+            }
+        }
+
+        /// A silent member's stream-close deadline is never below last keepalive + fence bound.
+        #[test]
+        fn fast_path_respects_fence_bound(ka in 0u64..10_000, close_after in 0u64..5_000) {
+            let mut t = table();
+            let m = mid("x");
+            t.on_join(&m, 1, ka.saturating_sub(100));
+            prop_assert_eq!(t.on_keepalive(&m, 1, ka, Some(0)), KeepaliveVerdict::Ack);
+            t.on_stream_closed(&m, 1, ka + close_after);
+            let d = t.entry(&m).unwrap().deadline;
+            prop_assert!(d >= ka + t.cfg.fence_bound_ms());
+            prop_assert!(d >= ka + close_after + t.cfg.reconnect_grace_ms || d == ka + t.cfg.ttl_ms);
+        }
+    }
+}

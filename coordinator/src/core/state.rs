@@ -1,0 +1,715 @@
+//! The replicated state and `apply`, a pure and total function of (state, command).
+//!
+//! `apply` never reads a clock, never does I/O and never panics: a panic would replay on
+//! every voter and take the quorum down for good. Invalid or stale commands return
+//! `Outcome::Rejected`. Arithmetic is i64 and saturating.
+
+use super::split::{SplitInput, split};
+use super::types::*;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Expired and left members are kept this long (leader time) for `status`, then collected.
+pub const MEMBER_RETENTION_MS: i64 = 10 * 60 * 1000;
+/// First holder-stall cooldown; it doubles per strike up to [`MAX_COOLDOWN_MS`].
+pub const STALL_COOLDOWN_MS: i64 = 60 * 1000;
+pub const MAX_COOLDOWN_MS: i64 = 60 * 60 * 1000;
+/// `X-ScaleSetMaxCapacity` must fit GitHub's int32.
+pub const MAX_CAPACITY: i64 = i32::MAX as i64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberStatus {
+    Live,
+    /// No stream for TTL·(1−margin)·(1+2ρ). A new leader gives it only `reconnect_grace`.
+    Silent,
+    Expired,
+    Left,
+}
+
+impl MemberStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberStatus::Live => "live",
+            MemberStatus::Silent => "silent",
+            MemberStatus::Expired => "expired",
+            MemberStatus::Left => "left",
+        }
+    }
+    /// Holds a lease (it may still be renewed).
+    pub fn has_lease(self) -> bool {
+        matches!(self, MemberStatus::Live | MemberStatus::Silent)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: MemberId,
+    pub cluster: String,
+    pub group: GroupKey,
+    pub ers_namespace: String,
+    pub ers_name: String,
+    pub weight: i64,
+    pub min_runners: i64,
+    pub max_runners: i64,
+    pub priority: i64,
+    pub github_ready: bool,
+    pub status: MemberStatus,
+    /// Log index of the Join that started the current lease.
+    pub epoch: u64,
+    pub draining: bool,
+    /// Superseded by a newer incarnation of the same (cluster, ERS): never patches, never granted.
+    pub standby: bool,
+    pub status_since_ms: i64,
+}
+
+impl Member {
+    fn counts_for_split(&self) -> bool {
+        self.status.has_lease() && !self.draining && !self.standby
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    pub from: MemberId,
+    pub token: u64,
+    pub to: Option<MemberId>,
+    /// Leader wall-clock deadline, for display; the leader times the handover on its own
+    /// monotonic clock.
+    pub deadline_ms: i64,
+    /// How long the holder has, from when the leader first saw the request.
+    pub timeout_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cooldown {
+    pub until_ms: i64,
+    pub strikes: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub key: GroupKey,
+    pub holder: Option<MemberId>,
+    /// Log index of the latest Grant (or Adopt). Only grows.
+    pub token: u64,
+    pub session_id: Option<String>,
+    /// Session ids still to delete. A set: the same id reported twice is one id.
+    pub stale_sessions: BTreeSet<String>,
+    pub last_acked_message_id: i64,
+    pub statistics: Statistics,
+    /// Runner name → job id, from committed JobStarted/JobCompleted events.
+    pub busy_runners: BTreeMap<String, String>,
+    pub assignments: BTreeMap<MemberId, i64>,
+    /// Members with a job event in the latest revision.
+    pub dirty: BTreeSet<MemberId>,
+    pub revision: u64,
+    pub handover: Option<Handover>,
+    pub allow_clusters: Option<BTreeSet<String>>,
+    pub policy: SplitPolicy,
+    /// Holder-stall cooldowns, by cluster.
+    pub cooldowns: BTreeMap<String, Cooldown>,
+    pub holder_since_ms: i64,
+}
+
+impl Group {
+    fn new(key: GroupKey, policy: SplitPolicy) -> Group {
+        Group {
+            key,
+            holder: None,
+            token: 0,
+            session_id: None,
+            stale_sessions: BTreeSet::new(),
+            last_acked_message_id: 0,
+            statistics: Statistics::default(),
+            busy_runners: BTreeMap::new(),
+            assignments: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            revision: 0,
+            handover: None,
+            allow_clusters: None,
+            policy,
+            cooldowns: BTreeMap::new(),
+            holder_since_ms: 0,
+        }
+    }
+
+    /// Moves the current session (if any) to the stale set and clears the holder.
+    fn clear_holder(&mut self) {
+        if let Some(s) = self.session_id.take() {
+            self.stale_sessions.insert(s);
+        }
+        self.holder = None;
+        self.handover = None;
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub grants: u64,
+    pub expirations: u64,
+    pub stale_token_rejections: u64,
+    pub handovers: u64,
+    pub revocations: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Clamped leader timestamp of the last applied entry (display and accounting only).
+    pub last_ts_ms: i64,
+    pub last_index: u64,
+    pub groups: BTreeMap<GroupKey, Group>,
+    pub members: BTreeMap<MemberId, Member>,
+    /// Raft node id → agent-facing address, recorded by each leader on promotion.
+    pub leader_addrs: BTreeMap<u64, String>,
+    pub counters: Counters,
+}
+
+fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+impl State {
+    /// Applies one committed entry. `index` is the entry's Raft log index.
+    pub fn apply(&mut self, index: u64, req: &Request) -> Applied {
+        let ts = self.last_ts_ms.max(req.ts_ms);
+        self.last_ts_ms = ts;
+        self.last_index = self.last_index.max(index);
+        let mut effects = Vec::new();
+        let outcome = self.apply_cmd(index, ts, &req.cmd, &mut effects);
+        if let Outcome::Rejected { reason: RejectReason::StaleToken, .. } = outcome {
+            self.counters.stale_token_rejections = self.counters.stale_token_rejections.saturating_add(1);
+        }
+        Applied { outcome, effects }
+    }
+
+    fn apply_cmd(&mut self, index: u64, ts: i64, cmd: &Command, effects: &mut Vec<Effect>) -> Outcome {
+        match cmd {
+            Command::Join(spec) => self.join(index, ts, spec),
+            Command::Leave { member } => {
+                let Some(m) = self.members.get_mut(member) else {
+                    return Outcome::rejected(RejectReason::UnknownMember, member.0.clone());
+                };
+                m.status = MemberStatus::Left;
+                m.status_since_ms = ts;
+                let group = m.group.clone();
+                if let Some(g) = self.groups.get_mut(&group)
+                    && g.holder.as_ref() == Some(member)
+                {
+                    g.clear_holder();
+                }
+                self.recompute(&group, BTreeSet::new());
+                self.gc(ts);
+                Outcome::Done
+            }
+            Command::Expire { members } => {
+                let mut touched = BTreeSet::new();
+                for (id, epoch) in members {
+                    let Some(m) = self.members.get_mut(id) else { continue };
+                    // A Join applied after the leader decided may have started a new lease.
+                    if m.epoch != *epoch || !m.status.has_lease() {
+                        continue;
+                    }
+                    m.status = MemberStatus::Expired;
+                    m.status_since_ms = ts;
+                    self.counters.expirations = self.counters.expirations.saturating_add(1);
+                    let group = m.group.clone();
+                    if let Some(g) = self.groups.get_mut(&group)
+                        && g.holder.as_ref() == Some(id)
+                    {
+                        g.clear_holder();
+                    }
+                    touched.insert(group);
+                }
+                for g in touched {
+                    self.recompute(&g, BTreeSet::new());
+                }
+                self.gc(ts);
+                Outcome::Done
+            }
+            Command::MarkSilent { members } => {
+                for (id, epoch) in members {
+                    if let Some(m) = self.members.get_mut(id)
+                        && m.epoch == *epoch
+                        && m.status == MemberStatus::Live
+                    {
+                        m.status = MemberStatus::Silent;
+                        m.status_since_ms = ts;
+                    }
+                }
+                Outcome::Done
+            }
+            Command::SetReady { member, ready } => match self.members.get_mut(member) {
+                Some(m) => {
+                    m.github_ready = *ready;
+                    Outcome::Done
+                }
+                None => Outcome::rejected(RejectReason::UnknownMember, member.0.clone()),
+            },
+            Command::Grant { group, member } => self.grant(index, ts, group, member),
+            Command::Revoke { group, token } => {
+                let Some(g) = self.groups.get_mut(group) else {
+                    return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
+                };
+                if g.holder.is_none() || g.token != *token {
+                    return Outcome::rejected(RejectReason::StaleToken, format!("token {token} is not current ({})", g.token));
+                }
+                g.clear_holder();
+                self.counters.revocations = self.counters.revocations.saturating_add(1);
+                Outcome::Done
+            }
+            Command::Progress { member, group, token, message_id, statistics, events } => {
+                if let Err(o) = self.check_holder(group, member, *token) {
+                    return o;
+                }
+                let Some(g) = self.groups.get_mut(group) else {
+                    return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
+                };
+                let mut dirty = BTreeSet::new();
+                if let Some(mid) = message_id {
+                    if *mid <= g.last_acked_message_id {
+                        return Outcome::Accepted { duplicate: true };
+                    }
+                    g.last_acked_message_id = *mid;
+                    g.statistics = sanitize(*statistics);
+                    for ev in events {
+                        let owner = route_runner(&self.members, group, &ev.runner_name);
+                        match ev.kind {
+                            JobEventKind::Started => {
+                                g.busy_runners.insert(ev.runner_name.clone(), ev.job_id.clone());
+                            }
+                            JobEventKind::Completed => {
+                                g.busy_runners.remove(&ev.runner_name);
+                            }
+                        }
+                        if let Some(owner) = owner {
+                            dirty.insert(owner.clone());
+                            effects.push(Effect::JobEvent { member: owner, group: group.clone(), event: ev.clone() });
+                        }
+                    }
+                }
+                self.recompute(group, dirty);
+                Outcome::Accepted { duplicate: false }
+            }
+            Command::SessionOpened { member, group, token, session_id, statistics } => {
+                if session_id.is_empty() {
+                    return Outcome::rejected(RejectReason::InvalidInput, "session_id is empty");
+                }
+                if let Err(o) = self.check_holder(group, member, *token) {
+                    // A stale holder opened a session: it must be deleted by the current holder.
+                    if let Some(g) = self.groups.get_mut(group)
+                        && g.session_id.as_deref() != Some(session_id.as_str())
+                    {
+                        g.stale_sessions.insert(session_id.clone());
+                        if g.holder.is_some() {
+                            effects.push(Effect::DeleteSessions {
+                                group: group.clone(),
+                                token: g.token,
+                                session_ids: vec![session_id.clone()],
+                            });
+                        }
+                    }
+                    return o;
+                }
+                let Some(g) = self.groups.get_mut(group) else {
+                    return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
+                };
+                if g.session_id.as_deref() == Some(session_id.as_str()) {
+                    return Outcome::Accepted { duplicate: true };
+                }
+                if let Some(old) = g.session_id.replace(session_id.clone()) {
+                    g.stale_sessions.insert(old);
+                }
+                g.stale_sessions.remove(session_id);
+                g.statistics = sanitize(*statistics);
+                self.recompute(group, BTreeSet::new());
+                Outcome::Accepted { duplicate: false }
+            }
+            Command::Release { member, group, token, deleted, reason } => {
+                if let Err(o) = self.check_holder(group, member, *token) {
+                    return o;
+                }
+                let Some(g) = self.groups.get_mut(group) else {
+                    return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
+                };
+                for id in deleted {
+                    g.stale_sessions.remove(id);
+                }
+                if *reason == ReleaseReason::StaleRevoked {
+                    return Outcome::Accepted { duplicate: false };
+                }
+                if let Some(s) = &g.session_id
+                    && deleted.contains(s)
+                {
+                    g.session_id = None;
+                }
+                g.clear_holder();
+                if *reason == ReleaseReason::Stall
+                    && let Some(m) = self.members.get(member)
+                {
+                    let cd = g.cooldowns.entry(m.cluster.clone()).or_insert(Cooldown { until_ms: 0, strikes: 0 });
+                    let len = STALL_COOLDOWN_MS.saturating_mul(1i64 << cd.strikes.min(6)).min(MAX_COOLDOWN_MS);
+                    cd.strikes = cd.strikes.saturating_add(1);
+                    cd.until_ms = ts.saturating_add(len);
+                }
+                self.recompute(group, BTreeSet::new());
+                Outcome::Accepted { duplicate: false }
+            }
+            Command::Adopt { member, group, session_id, statistics } => {
+                if session_id.is_empty() {
+                    return Outcome::rejected(RejectReason::InvalidInput, "session_id is empty");
+                }
+                let in_group = self.members.get(member).is_some_and(|m| &m.group == group && m.status.has_lease());
+                if !in_group {
+                    return Outcome::rejected(RejectReason::NotEligible, format!("member {member} has no lease in {group}"));
+                }
+                let Some(g) = self.groups.get_mut(group) else {
+                    return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
+                };
+                match &g.holder {
+                    None => {
+                        if index <= g.token {
+                            return Outcome::rejected(RejectReason::StaleToken, "log index not above the current token");
+                        }
+                        if let Some(old) = g.session_id.replace(session_id.clone())
+                            && &old != session_id
+                        {
+                            g.stale_sessions.insert(old);
+                        }
+                        g.stale_sessions.remove(session_id);
+                        g.holder = Some(member.clone());
+                        g.token = index;
+                        g.holder_since_ms = ts;
+                        g.statistics = sanitize(*statistics);
+                        self.counters.grants = self.counters.grants.saturating_add(1);
+                        self.recompute(group, BTreeSet::new());
+                        Outcome::Granted { token: index }
+                    }
+                    Some(h) if h == member => {
+                        if let Some(old) = g.session_id.replace(session_id.clone())
+                            && &old != session_id
+                        {
+                            g.stale_sessions.insert(old);
+                        }
+                        Outcome::Accepted { duplicate: false }
+                    }
+                    Some(_) => {
+                        if g.session_id.as_deref() != Some(session_id.as_str()) {
+                            g.stale_sessions.insert(session_id.clone());
+                            effects.push(Effect::DeleteSessions {
+                                group: group.clone(),
+                                token: g.token,
+                                session_ids: vec![session_id.clone()],
+                            });
+                        }
+                        Outcome::rejected(RejectReason::Conflict, "the group already has a holder")
+                    }
+                }
+            }
+            Command::RequestHandover { group, to, deadline_ms } => {
+                if let Some(t) = to {
+                    let ok = self.members.get(t).is_some_and(|m| &m.group == group);
+                    if !ok {
+                        return Outcome::rejected(RejectReason::NotEligible, format!("member {t} is not in {group}"));
+                    }
+                }
+                let Some(g) = self.groups.get_mut(group) else {
+                    return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
+                };
+                let Some(from) = g.holder.clone() else {
+                    return Outcome::rejected(RejectReason::NotEligible, "the group has no holder");
+                };
+                if to.as_ref() == Some(&from) {
+                    return Outcome::rejected(RejectReason::InvalidInput, "the target already holds the group");
+                }
+                g.handover = Some(Handover {
+                    from,
+                    token: g.token,
+                    to: to.clone(),
+                    deadline_ms: ts.saturating_add((*deadline_ms).max(0)),
+                    timeout_ms: (*deadline_ms).max(0),
+                });
+                self.counters.handovers = self.counters.handovers.saturating_add(1);
+                Outcome::Done
+            }
+            Command::Drain { member, handover_deadline_ms } => {
+                let Some(m) = self.members.get_mut(member) else {
+                    return Outcome::rejected(RejectReason::UnknownMember, member.0.clone());
+                };
+                m.draining = true;
+                let group = m.group.clone();
+                if let Some(g) = self.groups.get_mut(&group)
+                    && g.holder.as_ref() == Some(member)
+                    && g.handover.is_none()
+                {
+                    g.handover = Some(Handover {
+                        from: member.clone(),
+                        token: g.token,
+                        to: None,
+                        deadline_ms: ts.saturating_add((*handover_deadline_ms).max(0)),
+                        timeout_ms: (*handover_deadline_ms).max(0),
+                    });
+                    self.counters.handovers = self.counters.handovers.saturating_add(1);
+                }
+                self.recompute(&group, BTreeSet::new());
+                Outcome::Done
+            }
+            Command::Advertise { node, addr } => {
+                self.leader_addrs.insert(*node, addr.clone());
+                Outcome::Done
+            }
+        }
+    }
+
+    fn join(&mut self, index: u64, ts: i64, spec: &JoinSpec) -> Outcome {
+        let bad = |what: &str| Outcome::rejected(RejectReason::InvalidInput, what.to_string());
+        if !valid_name(&spec.cluster, 63) {
+            return bad("cluster must be 1-63 characters of [A-Za-z0-9._-]");
+        }
+        if !valid_name(&spec.ers_namespace, 63) {
+            return bad("ers_namespace must be 1-63 characters of [A-Za-z0-9._-]");
+        }
+        if !valid_name(&spec.ers_name, 253) {
+            return bad("ers_name must be 1-253 characters of [A-Za-z0-9._-]");
+        }
+        if spec.weight < 0 {
+            return bad("weight must be >= 0");
+        }
+        if spec.min_runners < 0 || spec.max_runners < spec.min_runners {
+            return bad("need 0 <= min_runners <= max_runners");
+        }
+        if let Some(existing) = self.members.get(&spec.member)
+            && existing.group != spec.group
+        {
+            return Outcome::rejected(
+                RejectReason::InvalidInput,
+                format!("member {} already joined group {}", spec.member, existing.group),
+            );
+        }
+        // The ERS name routes runners to members: it must be unique within the group.
+        let clash = self.members.values().find(|m| {
+            m.group == spec.group && m.status.has_lease() && m.ers_name == spec.ers_name && m.cluster != spec.cluster
+        });
+        if let Some(c) = clash {
+            return Outcome::rejected(
+                RejectReason::Conflict,
+                format!("ERS name {} is already used by cluster {} in this group", spec.ers_name, c.cluster),
+            );
+        }
+        let group = self
+            .groups
+            .entry(spec.group.clone())
+            .or_insert_with(|| Group::new(spec.group.clone(), spec.policy));
+        if let Some(allow) = &group.allow_clusters
+            && !allow.contains(&spec.cluster)
+        {
+            return Outcome::rejected(RejectReason::NotEligible, format!("cluster {} is not allowed", spec.cluster));
+        }
+        // Older incarnations of the same (cluster, ERS) become standbys.
+        for m in self.members.values_mut() {
+            if m.id != spec.member
+                && m.group == spec.group
+                && m.cluster == spec.cluster
+                && m.ers_namespace == spec.ers_namespace
+                && m.ers_name == spec.ers_name
+            {
+                m.standby = true;
+            }
+        }
+        let keep = self.members.get(&spec.member).filter(|m| m.status.has_lease());
+        let draining = keep.is_some_and(|m| m.draining);
+        let member = Member {
+            id: spec.member.clone(),
+            cluster: spec.cluster.clone(),
+            group: spec.group.clone(),
+            ers_namespace: spec.ers_namespace.clone(),
+            ers_name: spec.ers_name.clone(),
+            weight: spec.weight,
+            min_runners: spec.min_runners,
+            max_runners: spec.max_runners,
+            priority: spec.priority,
+            github_ready: spec.github_ready,
+            status: MemberStatus::Live,
+            epoch: index,
+            draining,
+            standby: false,
+            status_since_ms: ts,
+        };
+        self.members.insert(spec.member.clone(), member);
+        self.recompute(&spec.group, BTreeSet::new());
+        self.gc(ts);
+        Outcome::Joined { epoch: index }
+    }
+
+    fn grant(&mut self, index: u64, ts: i64, group: &GroupKey, member: &MemberId) -> Outcome {
+        if let Err(why) = self.eligible(group, member, ts) {
+            return Outcome::rejected(RejectReason::NotEligible, why);
+        }
+        let Some(g) = self.groups.get_mut(group) else {
+            return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
+        };
+        if g.holder.is_some() {
+            return Outcome::rejected(RejectReason::Conflict, "the group already has a holder");
+        }
+        if index <= g.token {
+            return Outcome::rejected(RejectReason::StaleToken, "log index not above the current token");
+        }
+        if let Some(s) = g.session_id.take() {
+            g.stale_sessions.insert(s);
+        }
+        g.holder = Some(member.clone());
+        g.token = index;
+        g.handover = None;
+        g.holder_since_ms = ts;
+        self.counters.grants = self.counters.grants.saturating_add(1);
+        self.recompute(group, BTreeSet::new());
+        Outcome::Granted { token: index }
+    }
+
+    /// Why `member` may not be granted `group` now (`ts` is the clamped leader time).
+    pub fn eligible(&self, group: &GroupKey, member: &MemberId, ts: i64) -> Result<(), String> {
+        let m = self.members.get(member).ok_or_else(|| format!("unknown member {member}"))?;
+        let g = self.groups.get(group).ok_or_else(|| format!("unknown group {group}"))?;
+        if &m.group != group {
+            return Err(format!("member {member} is in group {}", m.group));
+        }
+        if m.status != MemberStatus::Live {
+            return Err(format!("member {member} is {}", m.status.as_str()));
+        }
+        if m.draining {
+            return Err(format!("member {member} is draining"));
+        }
+        if m.standby {
+            return Err(format!("member {member} is a standby (superseded)"));
+        }
+        if !m.github_ready {
+            return Err(format!("member {member} is not github_ready"));
+        }
+        if let Some(allow) = &g.allow_clusters
+            && !allow.contains(&m.cluster)
+        {
+            return Err(format!("cluster {} is not allowed", m.cluster));
+        }
+        if let Some(cd) = g.cooldowns.get(&m.cluster)
+            && ts < cd.until_ms
+        {
+            return Err(format!("cluster {} is in holder-stall cooldown", m.cluster));
+        }
+        Ok(())
+    }
+
+    /// The deterministic choice for a holderless group: the handover target if eligible,
+    /// else by configured priority, then lowest load (groups held by the cluster), then
+    /// cluster name. `live` says which members the leader currently holds a valid lease for.
+    pub fn choose_holder(&self, group: &GroupKey, ts: i64, live: &dyn Fn(&MemberId) -> bool) -> Option<MemberId> {
+        let g = self.groups.get(group)?;
+        if g.holder.is_some() {
+            return None;
+        }
+        let ok = |id: &MemberId| live(id) && self.eligible(group, id, ts).is_ok();
+        let load = |cluster: &str| {
+            self.groups
+                .values()
+                .filter(|g| g.holder.as_ref().and_then(|h| self.members.get(h)).is_some_and(|m| m.cluster == cluster))
+                .count()
+        };
+        self.members
+            .values()
+            .filter(|m| &m.group == group && ok(&m.id))
+            .min_by(|a, b| {
+                (a.priority, load(&a.cluster), &a.cluster, &a.id).cmp(&(b.priority, load(&b.cluster), &b.cluster, &b.id))
+            })
+            .map(|m| m.id.clone())
+    }
+
+    fn check_holder(&self, group: &GroupKey, member: &MemberId, token: u64) -> Result<(), Outcome> {
+        let Some(g) = self.groups.get(group) else {
+            return Err(Outcome::rejected(RejectReason::UnknownGroup, group.0.clone()));
+        };
+        if g.token != token || g.holder.as_ref() != Some(member) {
+            return Err(Outcome::rejected(
+                RejectReason::StaleToken,
+                format!("token {token} of {member} is not the current one ({}) of {group}", g.token),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Σ max_i of the live, non-draining members, capped to int32 (X-ScaleSetMaxCapacity).
+    pub fn max_capacity(&self, group: &GroupKey) -> i64 {
+        self.members
+            .values()
+            .filter(|m| &m.group == group && m.counts_for_split())
+            .fold(0i64, |a, m| a.saturating_add(m.max_runners.max(0)))
+            .min(MAX_CAPACITY)
+    }
+
+    /// Busy runners of a member: those whose name its ERS name prefixes.
+    pub fn busy_of(&self, member: &MemberId) -> i64 {
+        let Some(m) = self.members.get(member) else { return 0 };
+        let Some(g) = self.groups.get(&m.group) else { return 0 };
+        g.busy_runners
+            .keys()
+            .filter(|r| route_runner(&self.members, &m.group, r).as_ref() == Some(member))
+            .count() as i64
+    }
+
+    /// Recomputes the split of one group and bumps its revision.
+    fn recompute(&mut self, group: &GroupKey, dirty: BTreeSet<MemberId>) {
+        let live: Vec<&Member> =
+            self.members.values().filter(|m| &m.group == group && m.counts_for_split()).collect();
+        let Some(g) = self.groups.get(group) else { return };
+        let inputs: Vec<SplitInput> = live
+            .iter()
+            .map(|m| SplitInput {
+                cluster: m.cluster.clone(),
+                weight: m.weight,
+                min: m.min_runners,
+                max: m.max_runners,
+                busy: self.busy_of(&m.id),
+                priority: m.priority,
+            })
+            .collect();
+        let out = split(g.statistics.total_assigned_jobs, &inputs, g.policy);
+        let assignments: BTreeMap<MemberId, i64> = live.iter().map(|m| m.id.clone()).zip(out).collect();
+        let Some(g) = self.groups.get_mut(group) else { return };
+        g.assignments = assignments;
+        g.dirty = dirty;
+        g.revision = g.revision.saturating_add(1);
+    }
+
+    /// Drops expired/left members after the retention period, so snapshots stay small.
+    fn gc(&mut self, ts: i64) {
+        self.members.retain(|_, m| m.status.has_lease() || ts.saturating_sub(m.status_since_ms) < MEMBER_RETENTION_MS);
+    }
+
+    /// Assignment of a member in the applied state (0 when it has none).
+    pub fn assignment_of(&self, member: &MemberId) -> i64 {
+        self.members
+            .get(member)
+            .and_then(|m| self.groups.get(&m.group))
+            .and_then(|g| g.assignments.get(member).copied())
+            .unwrap_or(0)
+    }
+}
+
+/// The member whose ERS name (followed by `-`) is the longest prefix of the runner name.
+pub fn route_runner(members: &BTreeMap<MemberId, Member>, group: &GroupKey, runner: &str) -> Option<MemberId> {
+    members
+        .values()
+        .filter(|m| &m.group == group && !m.standby && m.status.has_lease())
+        .filter(|m| runner.strip_prefix(m.ers_name.as_str()).is_some_and(|rest| rest.starts_with('-')))
+        .max_by_key(|m| m.ers_name.len())
+        .map(|m| m.id.clone())
+}
+
+fn sanitize(s: Statistics) -> Statistics {
+    Statistics {
+        total_available_jobs: s.total_available_jobs.max(0),
+        total_acquired_jobs: s.total_acquired_jobs.max(0),
+        total_assigned_jobs: s.total_assigned_jobs.max(0),
+        total_running_jobs: s.total_running_jobs.max(0),
+        total_registered_runners: s.total_registered_runners.max(0),
+        total_busy_runners: s.total_busy_runners.max(0),
+        total_idle_runners: s.total_idle_runners.max(0),
+    }
+}
