@@ -12,6 +12,9 @@ pub mod split;
 pub mod state;
 pub mod types;
 
+#[cfg(test)]
+mod state_tests;
+
 pub use lease::{KeepaliveVerdict, LeaseConfig, LeaseTable, TickOutput};
 pub use state::{Group, Member, MemberStatus, State};
 pub use types::*;

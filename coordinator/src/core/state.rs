@@ -390,6 +390,7 @@ impl State {
                         {
                             g.stale_sessions.insert(old);
                         }
+                        g.stale_sessions.remove(session_id);
                         Outcome::Accepted { duplicate: false }
                     }
                     Some(_) => {

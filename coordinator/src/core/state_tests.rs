@@ -1,0 +1,408 @@
+//! Table-driven tests and property tests of `State::apply` (DESIGN §3, §5, §6).
+use super::state::*;
+use super::types::*;
+use proptest::prelude::*;
+
+fn gk() -> GroupKey {
+    GroupKey::new("https://GitHub.example/Org/", 7).expect("valid key")
+}
+fn mid(s: &str) -> MemberId {
+    MemberId(s.into())
+}
+fn join(member: &str, cluster: &str, max: i64) -> Command {
+    Command::Join(JoinSpec {
+        member: mid(member),
+        cluster: cluster.into(),
+        group: gk(),
+        ers_namespace: "arc-runners".into(),
+        ers_name: format!("set-{cluster}"),
+        weight: 1,
+        min_runners: 0,
+        max_runners: max,
+        priority: 0,
+        github_ready: true,
+        policy: SplitPolicy::Spread,
+    })
+}
+
+/// Applies commands at consecutive log indexes, like a Raft log would.
+struct World {
+    state: State,
+    index: u64,
+}
+impl World {
+    fn new() -> World {
+        World { state: State::default(), index: 0 }
+    }
+    fn apply(&mut self, cmd: Command) -> Applied {
+        self.index += 1;
+        self.state.apply(self.index, &Request { ts_ms: self.index as i64 * 10, cmd })
+    }
+    fn group(&self) -> &Group {
+        &self.state.groups[&gk()]
+    }
+    fn grant(&mut self, m: &str) -> u64 {
+        match self.apply(Command::Grant { group: gk(), member: mid(m) }).outcome {
+            Outcome::Granted { token } => token,
+            other => panic!("grant to {m} failed: {other:?}"),
+        }
+    }
+    fn epoch(&self, m: &str) -> u64 {
+        self.state.members[&mid(m)].epoch
+    }
+}
+
+#[test]
+fn group_key_is_normalized() {
+    assert_eq!(gk().0, "https://github.example/Org#7");
+    assert!(GroupKey::new("", 1).is_err());
+    assert!(GroupKey::new("https://x/o", 0).is_err());
+    assert!(GroupKey::new("x/o", 1).is_err());
+}
+
+#[test]
+fn exactly_one_holder_and_the_token_is_the_grant_index() {
+    let mut w = World::new();
+    assert!(matches!(w.apply(join("a1", "a", 10)).outcome, Outcome::Joined { .. }));
+    assert!(matches!(w.apply(join("b1", "b", 10)).outcome, Outcome::Joined { .. }));
+    assert_eq!(w.state.choose_holder(&gk(), 0, &|_| true), Some(mid("a1")));
+    let t = w.grant("a1");
+    assert_eq!(t, w.index);
+    // A second grant while held is refused.
+    assert!(w.apply(Command::Grant { group: gk(), member: mid("b1") }).outcome.is_rejected());
+    assert_eq!(w.group().holder, Some(mid("a1")));
+}
+
+#[test]
+fn expiry_moves_the_session_to_stale_and_the_next_token_is_larger() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    w.apply(join("b1", "b", 10));
+    let t1 = w.grant("a1");
+    let o = w.apply(Command::SessionOpened {
+        member: mid("a1"),
+        group: gk(),
+        token: t1,
+        session_id: "s-a".into(),
+        statistics: Statistics::default(),
+    });
+    assert_eq!(o.outcome, Outcome::Accepted { duplicate: false });
+    let ea = w.epoch("a1");
+    w.apply(Command::Expire { members: vec![(mid("a1"), ea)] });
+    assert_eq!(w.group().holder, None);
+    assert!(w.group().stale_sessions.contains("s-a"));
+    assert_eq!(w.state.choose_holder(&gk(), 0, &|_| true), Some(mid("b1")));
+    let t2 = w.grant("b1");
+    assert!(t2 > t1);
+    // The new holder deletes the stale session and reports it; it keeps holding.
+    let o = w.apply(Command::Release {
+        member: mid("b1"),
+        group: gk(),
+        token: t2,
+        deleted: vec!["s-a".into()],
+        reason: ReleaseReason::StaleRevoked,
+    });
+    assert_eq!(o.outcome, Outcome::Accepted { duplicate: false });
+    assert!(w.group().stale_sessions.is_empty());
+    assert_eq!(w.group().holder, Some(mid("b1")));
+}
+
+#[test]
+fn old_tokens_are_rejected_and_a_stale_session_lands_in_the_stale_set() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    w.apply(join("b1", "b", 10));
+    let t1 = w.grant("a1");
+    let ea = w.epoch("a1");
+    w.apply(Command::Expire { members: vec![(mid("a1"), ea)] });
+    let t2 = w.grant("b1");
+    let stats = Statistics::default();
+    let p = w.apply(Command::Progress { member: mid("a1"), group: gk(), token: t1, message_id: Some(1), statistics: stats, events: vec![] });
+    assert!(matches!(p.outcome, Outcome::Rejected { reason: RejectReason::StaleToken, .. }));
+    let r = w.apply(Command::Release { member: mid("a1"), group: gk(), token: t1, deleted: vec![], reason: ReleaseReason::Shutdown });
+    assert!(matches!(r.outcome, Outcome::Rejected { reason: RejectReason::StaleToken, .. }));
+    let s = w.apply(Command::SessionOpened { member: mid("a1"), group: gk(), token: t1, session_id: "late".into(), statistics: stats });
+    assert!(matches!(s.outcome, Outcome::Rejected { reason: RejectReason::StaleToken, .. }));
+    assert!(w.group().stale_sessions.contains("late"));
+    assert_eq!(
+        s.effects,
+        vec![Effect::DeleteSessions { group: gk(), token: t2, session_ids: vec!["late".into()] }]
+    );
+    assert_eq!(w.group().holder, Some(mid("b1")));
+    assert_eq!(w.state.counters.stale_token_rejections, 3);
+}
+
+#[test]
+fn duplicate_progress_changes_nothing() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    let t = w.grant("a1");
+    let stats = Statistics { total_assigned_jobs: 4, ..Statistics::default() };
+    let p = |m: i64, s: Statistics| Command::Progress { member: mid("a1"), group: gk(), token: t, message_id: Some(m), statistics: s, events: vec![] };
+    assert_eq!(w.apply(p(5, stats)).outcome, Outcome::Accepted { duplicate: false });
+    let before = w.group().clone();
+    assert_eq!(w.apply(p(5, Statistics::default())).outcome, Outcome::Accepted { duplicate: true });
+    assert_eq!(w.apply(p(3, Statistics::default())).outcome, Outcome::Accepted { duplicate: true });
+    assert_eq!(w.group(), &before);
+    assert_eq!(w.group().assignments[&mid("a1")], 4);
+}
+
+#[test]
+fn job_events_pin_busy_runners_and_are_routed_by_ers_prefix() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    w.apply(join("b1", "b", 10));
+    let t = w.grant("a1");
+    let started = JobEvent {
+        kind: JobEventKind::Started,
+        runner_name: "set-b-runner-x1".into(),
+        runner_id: 1,
+        job_id: "j1".into(),
+        runner_request_id: 0,
+        repository_name: String::new(),
+        owner_name: String::new(),
+        job_workflow_ref: String::new(),
+        job_display_name: String::new(),
+        workflow_run_id: 0,
+        result: String::new(),
+    };
+    let stats = Statistics { total_assigned_jobs: 1, ..Statistics::default() };
+    let out = w.apply(Command::Progress { member: mid("a1"), group: gk(), token: t, message_id: Some(1), statistics: stats, events: vec![started.clone()] });
+    assert_eq!(out.effects, vec![Effect::JobEvent { member: mid("b1"), group: gk(), event: started }]);
+    assert_eq!(w.state.busy_of(&mid("b1")), 1);
+    assert_eq!(w.group().assignments[&mid("b1")], 1);
+    assert_eq!(w.group().assignments[&mid("a1")], 0);
+    assert!(w.group().dirty.contains(&mid("b1")));
+}
+
+#[test]
+fn ers_name_of_another_cluster_is_refused_and_older_incarnations_become_standby() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    let mut clash = join("b1", "b", 10);
+    if let Command::Join(spec) = &mut clash {
+        spec.ers_name = "set-a".into();
+    }
+    assert!(matches!(w.apply(clash).outcome, Outcome::Rejected { reason: RejectReason::Conflict, .. }));
+    // Same cluster, same ERS, new process: the old one becomes a standby with 0 runners.
+    w.apply(join("a2", "a", 10));
+    assert!(w.state.members[&mid("a1")].standby);
+    assert!(!w.group().assignments.contains_key(&mid("a1")));
+    assert!(w.apply(Command::Grant { group: gk(), member: mid("a1") }).outcome.is_rejected());
+}
+
+#[test]
+fn expire_of_an_old_epoch_does_not_end_a_new_lease() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    let old = w.epoch("a1");
+    w.apply(join("a1", "a", 10));
+    assert!(w.epoch("a1") > old);
+    w.apply(Command::Expire { members: vec![(mid("a1"), old)] });
+    assert_eq!(w.state.members[&mid("a1")].status, MemberStatus::Live);
+}
+
+#[test]
+fn stall_release_puts_the_cluster_in_cooldown() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    w.apply(join("b1", "b", 10));
+    let t = w.grant("a1");
+    w.apply(Command::Release { member: mid("a1"), group: gk(), token: t, deleted: vec![], reason: ReleaseReason::Stall });
+    let ts = w.state.last_ts_ms;
+    assert!(w.state.eligible(&gk(), &mid("a1"), ts).is_err());
+    assert_eq!(w.state.choose_holder(&gk(), ts, &|_| true), Some(mid("b1")));
+    assert!(w.state.eligible(&gk(), &mid("a1"), ts + STALL_COOLDOWN_MS).is_ok());
+}
+
+#[test]
+fn handover_then_release_grants_the_target() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    w.apply(join("b1", "b", 10));
+    w.apply(join("c1", "c", 10));
+    let t = w.grant("a1");
+    assert_eq!(w.apply(Command::RequestHandover { group: gk(), to: Some(mid("c1")), deadline_ms: 10_000 }).outcome, Outcome::Done);
+    assert_eq!(w.group().handover.as_ref().map(|h| h.token), Some(t));
+    w.apply(Command::Release { member: mid("a1"), group: gk(), token: t, deleted: vec![], reason: ReleaseReason::Handover });
+    let h = w.group().holder.clone();
+    assert_eq!(h, None);
+    // The leader prefers the handover target; apply only checks eligibility.
+    assert!(w.state.eligible(&gk(), &mid("c1"), 0).is_ok());
+    let t2 = w.grant("c1");
+    assert!(t2 > t);
+}
+
+#[test]
+fn drain_zeroes_the_member_and_starts_a_handover() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    w.apply(join("b1", "b", 10));
+    w.grant("a1");
+    w.apply(Command::Drain { member: mid("a1"), handover_deadline_ms: 10_000 });
+    assert!(!w.group().assignments.contains_key(&mid("a1")));
+    assert!(w.group().handover.is_some());
+    assert_eq!(w.state.max_capacity(&gk()), 10);
+}
+
+#[test]
+fn adopt_takes_a_holderless_group_and_conflicts_otherwise() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    w.apply(join("b1", "b", 10));
+    let o = w.apply(Command::Adopt { member: mid("a1"), group: gk(), session_id: "fallback".into(), statistics: Statistics::default() });
+    assert!(matches!(o.outcome, Outcome::Granted { .. }));
+    assert_eq!(w.group().session_id.as_deref(), Some("fallback"));
+    let o = w.apply(Command::Adopt { member: mid("b1"), group: gk(), session_id: "other".into(), statistics: Statistics::default() });
+    assert!(matches!(o.outcome, Outcome::Rejected { reason: RejectReason::Conflict, .. }));
+    assert!(w.group().stale_sessions.contains("other"));
+}
+
+#[test]
+fn bad_join_input_is_rejected_with_the_field_name() {
+    let mut w = World::new();
+    let mut j = join("a1", "a", 10);
+    if let Command::Join(spec) = &mut j {
+        spec.min_runners = 5;
+        spec.max_runners = 1;
+    }
+    match w.apply(j).outcome {
+        Outcome::Rejected { reason: RejectReason::InvalidInput, detail } => assert!(detail.contains("min_runners")),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(w.state.members.is_empty());
+}
+
+#[test]
+fn expired_members_are_collected_after_retention() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    let e = w.epoch("a1");
+    w.apply(Command::Expire { members: vec![(mid("a1"), e)] });
+    assert!(w.state.members.contains_key(&mid("a1")));
+    w.index += 1;
+    w.state.apply(w.index, &Request { ts_ms: MEMBER_RETENTION_MS * 2, cmd: join("b1", "b", 1) });
+    assert!(!w.state.members.contains_key(&mid("a1")));
+}
+
+// ---- property tests over random command sequences ----
+
+fn arb_member() -> impl Strategy<Value = MemberId> {
+    prop_oneof![Just(mid("m1")), Just(mid("m2")), Just(mid("m3")), Just(mid("m4"))]
+}
+
+fn arb_cmd() -> impl Strategy<Value = Command> {
+    let cluster = prop_oneof![Just("a"), Just("b"), Just("c")];
+    let stats = (prop_oneof![Just(-3i64), 0i64..50, Just(i64::MAX)], 0i64..5)
+        .prop_map(|(a, r)| Statistics { total_assigned_jobs: a, total_running_jobs: r, ..Statistics::default() });
+    let event = (any::<bool>(), prop_oneof![Just("set-a-runner-1"), Just("set-b-runner-2"), Just("zzz")])
+        .prop_map(|(s, r)| JobEvent {
+            kind: if s { JobEventKind::Started } else { JobEventKind::Completed },
+            runner_name: r.into(),
+            runner_id: 1,
+            job_id: "j".into(),
+            runner_request_id: 0,
+            repository_name: String::new(),
+            owner_name: String::new(),
+            job_workflow_ref: String::new(),
+            job_display_name: String::new(),
+            workflow_run_id: 0,
+            result: String::new(),
+        });
+    prop_oneof![
+        (arb_member(), cluster, prop_oneof![Just(-1i64), 0i64..20, Just(i64::from(i32::MAX))], 0i64..3, any::<bool>()).prop_map(
+            |(m, c, max, min, ready)| Command::Join(JoinSpec {
+                member: m,
+                cluster: c.into(),
+                group: gk(),
+                ers_namespace: "ns".into(),
+                ers_name: format!("set-{c}"),
+                weight: 1,
+                min_runners: min,
+                max_runners: max,
+                priority: 0,
+                github_ready: ready,
+                policy: SplitPolicy::Spread,
+            })
+        ),
+        arb_member().prop_map(|m| Command::Leave { member: m }),
+        (arb_member(), 0u64..40).prop_map(|(m, e)| Command::Expire { members: vec![(m, e)] }),
+        (arb_member(), 0u64..40).prop_map(|(m, e)| Command::MarkSilent { members: vec![(m, e)] }),
+        arb_member().prop_map(|m| Command::Grant { group: gk(), member: m }),
+        (0u64..40).prop_map(|t| Command::Revoke { group: gk(), token: t }),
+        (arb_member(), 0u64..40, proptest::option::of(-2i64..30), stats.clone(), proptest::collection::vec(event, 0..3)).prop_map(
+            |(m, t, mid_, s, ev)| Command::Progress { member: m, group: gk(), token: t, message_id: mid_, statistics: s, events: ev }
+        ),
+        (arb_member(), 0u64..40, "[a-c]{0,2}", stats.clone()).prop_map(|(m, t, s, st)| Command::SessionOpened {
+            member: m,
+            group: gk(),
+            token: t,
+            session_id: s,
+            statistics: st
+        }),
+        (arb_member(), 0u64..40, any::<bool>()).prop_map(|(m, t, stall)| Command::Release {
+            member: m,
+            group: gk(),
+            token: t,
+            deleted: vec!["a".into()],
+            reason: if stall { ReleaseReason::Stall } else { ReleaseReason::Shutdown }
+        }),
+        (arb_member(), "[a-c]{0,2}").prop_map(|(m, s)| Command::Adopt { member: m, group: gk(), session_id: s, statistics: Statistics::default() }),
+        (proptest::option::of(arb_member()), -5i64..20_000).prop_map(|(to, d)| Command::RequestHandover { group: gk(), to, deadline_ms: d }),
+        arb_member().prop_map(|m| Command::Drain { member: m, handover_deadline_ms: 100 }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Never panics; invariant 2 (tokens never decrease); invariant 4 (Σ assignments ≤ Σ max
+    /// of live members, each ≤ max_i); a holder is always a member of its group; the current
+    /// session is never also in the stale set.
+    #[test]
+    fn random_commands_keep_the_invariants(cmds in proptest::collection::vec(arb_cmd(), 1..80),
+                                           ts in proptest::collection::vec(-100i64..1_000_000, 80)) {
+        let mut state = State::default();
+        let mut last_token = 0u64;
+        let mut last_ts = i64::MIN;
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            let index = i as u64 + 1;
+            let _ = state.apply(index, &Request { ts_ms: ts[i % ts.len()], cmd });
+            prop_assert!(state.last_ts_ms >= last_ts, "timestamps are clamped");
+            last_ts = state.last_ts_ms;
+            if let Some(g) = state.groups.get(&gk()) {
+                prop_assert!(g.token >= last_token, "token went back from {} to {}", last_token, g.token);
+                last_token = g.token;
+                let live_max: i64 = state.members.values()
+                    .filter(|m| m.group == gk() && m.status.has_lease())
+                    .map(|m| m.max_runners.max(0)).fold(0i64, |a, b| a.saturating_add(b));
+                let sum: i64 = g.assignments.values().fold(0i64, |a, b| a.saturating_add(*b));
+                prop_assert!(sum <= live_max, "Σ assignments {} > Σ max {}", sum, live_max);
+                for (m, a) in &g.assignments {
+                    let mm = &state.members[m];
+                    prop_assert!(*a <= mm.max_runners && *a >= 0);
+                    prop_assert!(mm.status.has_lease() && !mm.draining && !mm.standby);
+                }
+                if let Some(h) = &g.holder {
+                    prop_assert!(state.members.get(h).is_some_and(|m| m.group == gk()));
+                }
+                if let Some(s) = &g.session_id {
+                    prop_assert!(!g.stale_sessions.contains(s));
+                }
+                prop_assert!(state.max_capacity(&gk()) <= MAX_CAPACITY);
+            }
+        }
+    }
+
+    /// Replaying the same log gives the same state (every voter converges).
+    #[test]
+    fn apply_is_deterministic(cmds in proptest::collection::vec(arb_cmd(), 1..40)) {
+        let mut a = State::default();
+        let mut b = State::default();
+        for (i, cmd) in cmds.iter().enumerate() {
+            let r = Request { ts_ms: i as i64, cmd: cmd.clone() };
+            prop_assert_eq!(a.apply(i as u64 + 1, &r), b.apply(i as u64 + 1, &r));
+        }
+        prop_assert_eq!(a, b);
+    }
+}
