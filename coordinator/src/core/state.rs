@@ -109,6 +109,8 @@ pub struct Group {
     /// Holder-stall cooldowns, by cluster.
     pub cooldowns: BTreeMap<String, Cooldown>,
     pub holder_since_ms: i64,
+    /// Target of a handover whose holder released: preferred by the next Grant.
+    pub prefer_next: Option<MemberId>,
 }
 
 impl Group {
@@ -130,6 +132,7 @@ impl Group {
             policy,
             cooldowns: BTreeMap::new(),
             holder_since_ms: 0,
+            prefer_next: None,
         }
     }
 
@@ -139,7 +142,7 @@ impl Group {
             self.stale_sessions.insert(s);
         }
         self.holder = None;
-        self.handover = None;
+        self.prefer_next = self.handover.take().and_then(|h| h.to);
     }
 }
 
@@ -378,6 +381,7 @@ impl State {
                         g.stale_sessions.remove(session_id);
                         g.holder = Some(member.clone());
                         g.token = index;
+                        g.prefer_next = None;
                         g.holder_since_ms = ts;
                         g.statistics = sanitize(*statistics);
                         self.counters.grants = self.counters.grants.saturating_add(1);
@@ -560,6 +564,7 @@ impl State {
         g.holder = Some(member.clone());
         g.token = index;
         g.handover = None;
+        g.prefer_next = None;
         g.holder_since_ms = ts;
         self.counters.grants = self.counters.grants.saturating_add(1);
         self.recompute(group, BTreeSet::new());
@@ -607,6 +612,11 @@ impl State {
             return None;
         }
         let ok = |id: &MemberId| live(id) && self.eligible(group, id, ts).is_ok();
+        if let Some(p) = &g.prefer_next
+            && ok(p)
+        {
+            return Some(p.clone());
+        }
         let load = |cluster: &str| {
             self.groups
                 .values()

@@ -227,8 +227,8 @@ fn handover_then_release_grants_the_target() {
     w.apply(Command::Release { member: mid("a1"), group: gk(), token: t, deleted: vec![], reason: ReleaseReason::Handover });
     let h = w.group().holder.clone();
     assert_eq!(h, None);
-    // The leader prefers the handover target; apply only checks eligibility.
-    assert!(w.state.eligible(&gk(), &mid("c1"), 0).is_ok());
+    // The handover target comes first, ahead of b by cluster name.
+    assert_eq!(w.state.choose_holder(&gk(), 0, &|_| true), Some(mid("c1")));
     let t2 = w.grant("c1");
     assert!(t2 > t);
 }

@@ -1,0 +1,394 @@
+//! arcfedctl: the operator CLI. Talks to the leader's AdminService over mTLS with an
+//! `spiffe://arcfed/admin/<name>` certificate, following `x-arcfed-leader` redirects.
+use crate::certs;
+use crate::tls::{Role, TlsMaterial, TlsPaths};
+use anyhow::{Context, anyhow, bail};
+use arcfed_proto as pb;
+use arcfed_proto::admin_service_client::AdminServiceClient;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// arcfedctl: operate an arcfed coordinator quorum.
+///
+/// Every flag has an `ARCFED_<FLAG>` env var. `certs` works offline; every other command
+/// needs --endpoints and an admin certificate (role admin).
+#[derive(Parser, Debug)]
+#[command(name = "arcfedctl", version, about, long_about)]
+pub struct Cli {
+    /// Coordinator gRPC addresses, comma-separated; any voter works (followers redirect).
+    #[arg(long, env = "ARCFED_ENDPOINTS", value_delimiter = ',', value_name = "HOST:PORT,...", global = true)]
+    pub endpoints: Vec<String>,
+    /// Admin client certificate (spiffe://arcfed/admin/<name>).
+    #[arg(long, env = "ARCFED_TLS_CERT", value_name = "FILE", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key for --tls-cert.
+    #[arg(long, env = "ARCFED_TLS_KEY", value_name = "FILE", global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle of the quorum.
+    #[arg(long, env = "ARCFED_TLS_CA", value_name = "FILE", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Per-request timeout.
+    #[arg(long, env = "ARCFED_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s", global = true)]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Leader, term, voters, members and groups (holder, token, sessions, leases, assignments).
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long = "output", env = "ARCFED_OUTPUT", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Ask a group's holder to release, then grant the target (or the coordinator's choice).
+    Handover {
+        /// Group key (or a unique substring of it), e.g. `https://github.com/org#42`.
+        group: String,
+        /// Member id (or unique prefix) to grant next.
+        #[arg(long, env = "ARCFED_HANDOVER_TO")]
+        to: Option<String>,
+        /// How long the holder has to release before it is revoked (default: the coordinator's --handover-timeout).
+        #[arg(long, env = "ARCFED_HANDOVER_DEADLINE", value_parser = humantime::parse_duration)]
+        deadline: Option<Duration>,
+    },
+    /// Drain a member: assignment 0, and a handover if it holds its group.
+    Drain {
+        /// Member id (or unique prefix).
+        member: String,
+    },
+    /// Add or remove Raft voters.
+    Voters {
+        #[command(subcommand)]
+        cmd: VotersCmd,
+    },
+    /// Mint a CA and leaf certificates (cert-manager layout: tls.crt, tls.key, ca.crt).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VotersCmd {
+    /// Add a voter (it joins as a learner, catches up, then becomes a voter).
+    Add {
+        #[arg(long, env = "ARCFED_VOTER_ID")]
+        id: u64,
+        /// The new voter's gRPC address as the other voters reach it.
+        #[arg(long, env = "ARCFED_VOTER_ADDRESS", value_name = "HOST:PORT")]
+        address: String,
+    },
+    /// Remove a voter.
+    Remove {
+        #[arg(long, env = "ARCFED_VOTER_ID")]
+        id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCmd {
+    /// Create a CA: writes ca.crt and ca.key into --out.
+    Init {
+        #[arg(long, env = "ARCFED_CERTS_OUT", value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Issue a leaf certificate signed by the CA in --ca: writes tls.crt, tls.key, ca.crt into --out.
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long, env = "ARCFED_CERTS_CA", value_name = "DIR")]
+        ca: PathBuf,
+        /// coordinator, agent or admin.
+        #[arg(long, env = "ARCFED_CERTS_ROLE")]
+        role: String,
+        /// Node id (coordinator), cluster name (agent) or operator name (admin).
+        #[arg(long, env = "ARCFED_CERTS_NAME")]
+        name: String,
+        /// DNS SAN to add (repeatable); coordinators need the names clients dial.
+        #[arg(long, env = "ARCFED_CERTS_DNS", value_delimiter = ',')]
+        dns: Vec<String>,
+        /// IP SAN to add (repeatable).
+        #[arg(long, env = "ARCFED_CERTS_IP", value_delimiter = ',')]
+        ip: Vec<IpAddr>,
+        /// Output directory.
+        #[arg(long, env = "ARCFED_CERTS_OUT", value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, env = "ARCFED_CERTS_DAYS", default_value = "365")]
+        days: u32,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.cmd {
+        Cmd::Certs { cmd } => return certs_cmd(cmd),
+        _ => {}
+    }
+    let mut admin = Admin::connect(&cli).await?;
+    match cli.cmd {
+        Cmd::Status { output } => {
+            let s = admin.call(|mut c| async move { c.status(pb::StatusRequest {}).await }).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&status_json(&s))?),
+                Output::Table => print!("{}", status_table(&s)),
+            }
+        }
+        Cmd::Handover { group, to, deadline } => {
+            let call = pb::HandoverCall {
+                group,
+                to_member: to.unwrap_or_default(),
+                deadline_ms: deadline.map(|d| d.as_millis() as u64).unwrap_or(0),
+            };
+            let r = admin.call(|mut c| { let call = call.clone(); async move { c.handover(call).await } }).await?;
+            println!("{}", r.message);
+        }
+        Cmd::Drain { member } => {
+            let r = admin.call(|mut c| { let member = member.clone(); async move { c.drain(pb::DrainCall { member }).await } }).await?;
+            println!("{}", r.message);
+        }
+        Cmd::Voters { cmd } => {
+            let r = match cmd {
+                VotersCmd::Add { id, address } => {
+                    admin
+                        .call(|mut c| { let address = address.clone(); async move { c.add_voter(pb::AddVoterCall { id, address }).await } })
+                        .await?
+                }
+                VotersCmd::Remove { id } => admin.call(|mut c| async move { c.remove_voter(pb::RemoveVoterCall { id }).await }).await?,
+            };
+            println!("{}", r.message);
+        }
+        Cmd::Certs { .. } => {}
+    }
+    Ok(())
+}
+
+fn certs_cmd(cmd: &CertsCmd) -> anyhow::Result<()> {
+    match cmd {
+        CertsCmd::Init { out } => {
+            certs::init_ca(out)?;
+            println!("wrote {}/ca.crt and {}/ca.key", out.display(), out.display());
+        }
+        CertsCmd::Issue { ca, role, name, dns, ip, out, days } => {
+            let role: Role = role.parse().map_err(|e| anyhow!("--role: {e}"))?;
+            certs::issue(&certs::IssueRequest {
+                ca_dir: ca.clone(),
+                role,
+                name: name.clone(),
+                dns: dns.clone(),
+                ips: ip.clone(),
+                out: out.clone(),
+                days: *days,
+            })?;
+            println!("wrote {0}/tls.crt, {0}/tls.key and {0}/ca.crt for spiffe://arcfed/{role}/{name}", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// An admin connection that follows the leader.
+struct Admin {
+    tls: TlsMaterial,
+    endpoints: Vec<String>,
+    timeout: Duration,
+    current: Option<(String, AdminServiceClient<Channel>)>,
+}
+
+impl Admin {
+    async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
+        if cli.endpoints.is_empty() {
+            bail!("--endpoints is required (a coordinator's HOST:PORT)");
+        }
+        let (Some(cert), Some(key), Some(ca)) = (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) else {
+            bail!("--tls-cert, --tls-key and --tls-ca are required (an admin certificate from `arcfedctl certs issue --role admin`)");
+        };
+        let tls = TlsPaths { cert: cert.clone(), key: key.clone(), ca: ca.clone() }.load()?;
+        Ok(Admin { tls, endpoints: cli.endpoints.clone(), timeout: cli.timeout, current: None })
+    }
+
+    async fn client(&self, addr: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']);
+        let ch = Endpoint::from_shared(format!("https://{addr}"))
+            .with_context(|| format!("--endpoints: bad address {addr:?}"))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .tls_config(self.tls.client_config(host))?
+            .connect()
+            .await
+            .with_context(|| format!("connect to {addr}"))?;
+        Ok(AdminServiceClient::new(ch))
+    }
+
+    /// Calls `f` on the leader: tries each endpoint, follows `x-arcfed-leader` redirects.
+    async fn call<T, F, Fut>(&mut self, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut queue: Vec<String> = match &self.current {
+            Some((a, _)) => vec![a.clone()],
+            None => self.endpoints.clone(),
+        };
+        let mut last_err = anyhow!("no endpoint answered");
+        let mut hops = 0;
+        while let Some(addr) = (!queue.is_empty()).then(|| queue.remove(0)) {
+            let client = match &self.current {
+                Some((a, c)) if *a == addr => c.clone(),
+                _ => match self.client(&addr).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last_err = e;
+                        continue;
+                    }
+                },
+            };
+            match f(client.clone()).await {
+                Ok(r) => {
+                    self.current = Some((addr, client));
+                    return Ok(r.into_inner());
+                }
+                Err(st) if st.code() == tonic::Code::Unavailable => {
+                    let leader = st.metadata().get("x-arcfed-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
+                    last_err = anyhow!("{addr}: {}", st.message());
+                    if let Some(l) = leader
+                        && hops < 3
+                        && l != addr
+                    {
+                        hops += 1;
+                        queue.insert(0, l);
+                    }
+                }
+                Err(st) => bail!("{addr}: {:?}: {}", st.code(), st.message()),
+            }
+        }
+        Err(last_err)
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+fn ms(v: i64) -> String {
+    if v < 0 { "-".into() } else { format!("{v}ms") }
+}
+
+/// `status -o json`: the shape scripts rely on (documented in the README).
+pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+    use serde_json::json;
+    json!({
+        "leader": s.leader,
+        "term": s.term,
+        "commit_index": s.commit_index,
+        "applied_index": s.applied_index,
+        "quorum_contact_age_ms": s.quorum_contact_age_ms,
+        "voters": s.voters.iter().map(|v| json!({"id": v.id, "address": v.address, "role": v.role})).collect::<Vec<_>>(),
+        "members": s.members.iter().map(|m| json!({
+            "id": m.id, "cluster": m.cluster, "group": m.group, "status": m.status, "epoch": m.epoch,
+            "ers": m.ers, "draining": m.draining, "standby": m.standby, "github_ready": m.github_ready,
+            "weight": m.weight, "min_runners": m.min_runners, "max_runners": m.max_runners, "busy": m.busy,
+            "lease_remaining_ms": m.lease_remaining_ms,
+        })).collect::<Vec<_>>(),
+        "groups": s.groups.iter().map(|g| json!({
+            "key": g.key,
+            "holder": if g.holder.is_empty() { serde_json::Value::Null } else { json!(g.holder) },
+            "holder_cluster": if g.holder_cluster.is_empty() { serde_json::Value::Null } else { json!(g.holder_cluster) },
+            "token": g.token,
+            "session_id": if g.session_id.is_empty() { serde_json::Value::Null } else { json!(g.session_id) },
+            "stale_sessions": g.stale_sessions,
+            "lease_remaining_ms": g.lease_remaining_ms,
+            "assignments": g.assignments.iter().map(|a| json!({"member": a.member, "cluster": a.cluster, "runners": a.runners})).collect::<Vec<_>>(),
+            "revision": g.revision,
+            "last_acked_message_id": g.last_acked_message_id,
+            "total_assigned_jobs": g.total_assigned_jobs,
+            "handover": if g.handover_deadline_unix_ms == 0 { serde_json::Value::Null } else {
+                json!({"to": g.handover_to, "deadline_unix_ms": g.handover_deadline_unix_ms}) },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `status` as a readable table.
+pub fn status_table(s: &pb::StatusResponse) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "leader {}  term {}  commit {}  applied {}  quorum contact {}",
+        s.leader,
+        s.term,
+        s.commit_index,
+        s.applied_index,
+        ms(s.quorum_contact_age_ms)
+    );
+    let _ = writeln!(o, "\nVOTERS\n  {:<4} {:<24} {}", "ID", "ADDRESS", "ROLE");
+    for v in &s.voters {
+        let _ = writeln!(o, "  {:<4} {:<24} {}", v.id, v.address, v.role);
+    }
+    let _ = writeln!(
+        o,
+        "\nMEMBERS\n  {:<10} {:<12} {:<8} {:<6} {:<28} {:>5} {:>4} {:>8}  FLAGS",
+        "ID", "CLUSTER", "STATUS", "EPOCH", "ERS", "MAX", "BUSY", "LEASE"
+    );
+    for m in &s.members {
+        let mut flags = Vec::new();
+        if m.draining {
+            flags.push("draining");
+        }
+        if m.standby {
+            flags.push("standby");
+        }
+        if !m.github_ready {
+            flags.push("not-ready");
+        }
+        let _ = writeln!(
+            o,
+            "  {:<10} {:<12} {:<8} {:<6} {:<28} {:>5} {:>4} {:>8}  {}",
+            short(&m.id),
+            m.cluster,
+            m.status,
+            m.epoch,
+            m.ers,
+            m.max_runners,
+            m.busy,
+            ms(m.lease_remaining_ms),
+            flags.join(",")
+        );
+    }
+    let _ = writeln!(o, "\nGROUPS");
+    for g in &s.groups {
+        let holder =
+            if g.holder.is_empty() { "(none)".to_string() } else { format!("{}/{}", g.holder_cluster, short(&g.holder)) };
+        let _ = writeln!(o, "  {}", g.key);
+        let _ = writeln!(
+            o,
+            "    holder {holder}  token {}  lease {}  session {}  stale {}",
+            g.token,
+            ms(g.lease_remaining_ms),
+            if g.session_id.is_empty() { "-" } else { &g.session_id },
+            if g.stale_sessions.is_empty() { "-".to_string() } else { g.stale_sessions.join(",") }
+        );
+        let assign: Vec<String> = g.assignments.iter().map(|a| format!("{}={}", a.cluster, a.runners)).collect();
+        let _ = writeln!(
+            o,
+            "    jobs {}  last message {}  revision {}  assignments {}",
+            g.total_assigned_jobs,
+            g.last_acked_message_id,
+            g.revision,
+            if assign.is_empty() { "-".into() } else { assign.join(" ") }
+        );
+        if g.handover_deadline_unix_ms != 0 {
+            let to = if g.handover_to.is_empty() { "coordinator's choice" } else { short(&g.handover_to) };
+            let _ = writeln!(o, "    handover pending → {to}");
+        }
+    }
+    o
+}

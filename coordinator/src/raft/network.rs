@@ -1,0 +1,158 @@
+//! The Raft peer network: openraft RPCs as serde-JSON payloads over gRPC with mTLS.
+//!
+//! Carrying JSON instead of mirroring every openraft type in protobuf keeps the proto small
+//! and survives openraft upgrades; peers are always the same build.
+
+use super::{NodeId, Raft, TypeConfig};
+use crate::tls::TlsMaterial;
+use arcfed_proto::RaftPayload;
+use arcfed_proto::raft_service_client::RaftServiceClient;
+use arcfed_proto::raft_service_server::RaftService;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+/// Creates one lazily-connected channel per peer.
+#[derive(Clone)]
+pub struct PeerNetwork {
+    /// `--peer` addresses: how *this* node reaches each voter. They win over the membership's
+    /// address, so a voter can be reached through a proxy or another interface.
+    pub overrides: Arc<BTreeMap<NodeId, String>>,
+    pub tls: Arc<TlsMaterial>,
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    client: Result<RaftServiceClient<Channel>, String>,
+}
+
+impl PeerNetwork {
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']);
+        let ep = Endpoint::from_shared(format!("https://{addr}"))
+            .map_err(|e| format!("bad peer address {addr}: {e}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .tls_config(self.tls.client_config(host))
+            .map_err(|e| format!("TLS config for {addr}: {e}"))?;
+        Ok(ep.connect_lazy())
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        let addr = self.overrides.get(&target).cloned().unwrap_or_else(|| node.addr.clone());
+        PeerClient { target, client: self.channel(&addr).map(RaftServiceClient::new) }
+    }
+}
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        which: &'static str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e.clone())))),
+        };
+        let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = Request::new(RaftPayload { json });
+        request.set_timeout(option.hard_ttl());
+        let reply = match which {
+            "vote" => client.vote(request).await,
+            "append" => client.append(request).await,
+            _ => client.snapshot(request).await,
+        };
+        let payload = reply.map_err(|s| match s.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                RPCError::Unreachable(Unreachable::new(&std::io::Error::other(s.message().to_string())))
+            }
+            _ => RPCError::Network(NetworkError::new(&std::io::Error::other(format!("{}: {}", s.code(), s.message())))),
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&payload.into_inner().json)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call("vote", &rpc, &option).await
+    }
+}
+
+/// The server side: feeds peers' RPCs into the local Raft.
+pub struct PeerService {
+    pub raft: Raft,
+}
+
+fn decode<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
+    serde_json::from_slice(&req.into_inner().json)
+        .map_err(|e| Status::invalid_argument(format!("malformed raft payload: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    serde_json::to_vec(v)
+        .map(|json| Response::new(RaftPayload { json }))
+        .map_err(|e| Status::internal(format!("encode raft reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftService for PeerService {
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(req)?;
+        encode(&self.raft.vote(rpc).await)
+    }
+
+    async fn append(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
+        encode(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
+        encode(&self.raft.install_snapshot(rpc).await)
+    }
+}

@@ -1,0 +1,228 @@
+//! AdminService (arcfedctl): status, handover, drain, voter changes. Leader only.
+use super::{Ctx, ProposeError};
+use crate::core::{Command, GroupKey, MemberId, Outcome, State};
+use arcfed_proto as pb;
+use openraft::{BasicNode, ChangeMembers};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct AdminSvc {
+    pub ctx: Arc<Ctx>,
+}
+
+/// The one place admin errors become gRPC statuses.
+fn status_of(ctx: &Ctx, e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader => ctx.not_leader(),
+        ProposeError::Raft(m) => Status::unavailable(format!("not committed: {m}")),
+    }
+}
+
+fn outcome_to_reply(o: Outcome, ok: String) -> Result<Response<pb::AdminReply>, Status> {
+    match o {
+        Outcome::Rejected { reason, detail } => Err(Status::failed_precondition(format!("{reason}: {detail}"))),
+        _ => Ok(Response::new(pb::AdminReply { message: ok })),
+    }
+}
+
+/// Exact key, or a unique substring of one.
+fn resolve_group(s: &State, q: &str) -> Result<GroupKey, Status> {
+    if q.is_empty() {
+        return Err(Status::invalid_argument("group: empty"));
+    }
+    if let Some(g) = s.groups.keys().find(|k| k.0 == q) {
+        return Ok(g.clone());
+    }
+    let found: Vec<_> = s.groups.keys().filter(|k| k.0.contains(q)).collect();
+    match found.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(Status::not_found(format!("group: no group matches {q:?}"))),
+        many => Err(Status::invalid_argument(format!("group: {q:?} matches {} groups; be more specific", many.len()))),
+    }
+}
+
+/// Exact member id, or a unique prefix of one.
+fn resolve_member(s: &State, q: &str) -> Result<MemberId, Status> {
+    if q.is_empty() {
+        return Err(Status::invalid_argument("member: empty"));
+    }
+    let found: Vec<_> = s.members.keys().filter(|k| k.0 == q || k.0.starts_with(q)).collect();
+    match found.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(Status::not_found(format!("member: no member matches {q:?}"))),
+        _ => Err(Status::invalid_argument(format!("member: {q:?} is ambiguous"))),
+    }
+}
+
+impl AdminSvc {
+    fn require_serving(&self) -> Result<(), Status> {
+        match self.ctx.serving_term() {
+            Some(_) => Ok(()),
+            None => Err(self.ctx.not_leader()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminSvc {
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        self.require_serving()?;
+        let ctx = &self.ctx;
+        let m = ctx.raft.metrics().borrow().clone();
+        let now = ctx.now();
+        let lessor = ctx.lessor();
+        let remaining = |id: &MemberId| lessor.remaining_ms(id, now).unwrap_or(-1);
+        let resp = ctx.shared.read(|s| {
+            let membership = m.membership_config.membership();
+            let voter_ids: BTreeSet<u64> = membership.voter_ids().collect();
+            let voters = membership
+                .nodes()
+                .map(|(id, node)| pb::Voter {
+                    id: *id,
+                    address: s.leader_addrs.get(id).cloned().unwrap_or_else(|| node.addr.clone()),
+                    role: if Some(*id) == m.current_leader {
+                        "leader".into()
+                    } else if voter_ids.contains(id) {
+                        "follower".into()
+                    } else {
+                        "learner".into()
+                    },
+                })
+                .collect();
+            let members = s
+                .members
+                .values()
+                .map(|mm| pb::MemberStatus {
+                    id: mm.id.0.clone(),
+                    cluster: mm.cluster.clone(),
+                    group: mm.group.0.clone(),
+                    status: mm.status.as_str().into(),
+                    epoch: mm.epoch,
+                    ers: format!("{}/{}", mm.ers_namespace, mm.ers_name),
+                    draining: mm.draining,
+                    standby: mm.standby,
+                    github_ready: mm.github_ready,
+                    weight: mm.weight,
+                    min_runners: mm.min_runners,
+                    max_runners: mm.max_runners,
+                    busy: s.busy_of(&mm.id),
+                    lease_remaining_ms: if mm.status.has_lease() { remaining(&mm.id) } else { -1 },
+                })
+                .collect();
+            let groups = s
+                .groups
+                .values()
+                .map(|g| pb::GroupStatus {
+                    key: g.key.0.clone(),
+                    holder: g.holder.as_ref().map(|h| h.0.clone()).unwrap_or_default(),
+                    holder_cluster: g
+                        .holder
+                        .as_ref()
+                        .and_then(|h| s.members.get(h))
+                        .map(|m| m.cluster.clone())
+                        .unwrap_or_default(),
+                    token: g.token,
+                    session_id: g.session_id.clone().unwrap_or_default(),
+                    stale_sessions: g.stale_sessions.iter().cloned().collect(),
+                    lease_remaining_ms: g.holder.as_ref().map(&remaining).unwrap_or(-1),
+                    assignments: g
+                        .assignments
+                        .iter()
+                        .map(|(id, n)| pb::MemberAssignment {
+                            member: id.0.clone(),
+                            cluster: s.members.get(id).map(|m| m.cluster.clone()).unwrap_or_default(),
+                            runners: *n,
+                        })
+                        .collect(),
+                    revision: g.revision,
+                    last_acked_message_id: g.last_acked_message_id,
+                    total_assigned_jobs: g.statistics.total_assigned_jobs,
+                    handover_to: g.handover.as_ref().and_then(|h| h.to.as_ref()).map(|t| t.0.clone()).unwrap_or_default(),
+                    handover_deadline_unix_ms: g.handover.as_ref().map(|h| h.deadline_ms).unwrap_or(0),
+                })
+                .collect();
+            pb::StatusResponse {
+                leader: m.current_leader.unwrap_or(0),
+                term: m.current_term,
+                commit_index: super::http::commit_index(&m),
+                applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+                voters,
+                members,
+                groups,
+                quorum_contact_age_ms: ctx.quorum_age_ms().map(|v| v as i64).unwrap_or(-1),
+            }
+        });
+        Ok(Response::new(resp))
+    }
+
+    async fn handover(&self, req: Request<pb::HandoverCall>) -> Result<Response<pb::AdminReply>, Status> {
+        self.require_serving()?;
+        let r = req.into_inner();
+        let (group, to) = self.ctx.shared.read(|s| -> Result<_, Status> {
+            let g = resolve_group(s, &r.group)?;
+            let to = if r.to_member.is_empty() { None } else { Some(resolve_member(s, &r.to_member)?) };
+            Ok((g, to))
+        })?;
+        let timeout =
+            if r.deadline_ms == 0 { self.ctx.cfg.handover_timeout.as_millis() as i64 } else { r.deadline_ms as i64 };
+        let a = self
+            .ctx
+            .propose(Command::RequestHandover { group: group.clone(), to: to.clone(), deadline_ms: timeout })
+            .await
+            .map_err(|e| status_of(&self.ctx, e))?;
+        let target = to.map(|t| t.0).unwrap_or_else(|| "the coordinator's choice".into());
+        outcome_to_reply(a.outcome, format!("handover of {group} to {target} requested; deadline {timeout} ms"))
+    }
+
+    async fn drain(&self, req: Request<pb::DrainCall>) -> Result<Response<pb::AdminReply>, Status> {
+        self.require_serving()?;
+        let r = req.into_inner();
+        let member = self.ctx.shared.read(|s| resolve_member(s, &r.member))?;
+        let deadline = self.ctx.cfg.handover_timeout.as_millis() as i64;
+        let a = self
+            .ctx
+            .propose(Command::Drain { member: member.clone(), handover_deadline_ms: deadline })
+            .await
+            .map_err(|e| status_of(&self.ctx, e))?;
+        outcome_to_reply(a.outcome, format!("member {member} is draining (assignment 0; handover if it holds)"))
+    }
+
+    async fn add_voter(&self, req: Request<pb::AddVoterCall>) -> Result<Response<pb::AdminReply>, Status> {
+        self.require_serving()?;
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument("id: node ids start at 1"));
+        }
+        if r.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(Status::invalid_argument(format!("address: {:?} is not HOST:PORT", r.address)));
+        }
+        let raft = &self.ctx.raft;
+        raft.add_learner(r.id, BasicNode { addr: r.address.clone() }, true)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("add learner {}: {e}", r.id)))?;
+        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])), false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("promote {} to voter: {e}", r.id)))?;
+        Ok(Response::new(pb::AdminReply { message: format!("node {} at {} is a voter", r.id, r.address) }))
+    }
+
+    async fn remove_voter(&self, req: Request<pb::RemoveVoterCall>) -> Result<Response<pb::AdminReply>, Status> {
+        self.require_serving()?;
+        let r = req.into_inner();
+        let m = self.ctx.raft.metrics().borrow().clone();
+        let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+        if !voters.contains(&r.id) {
+            return Err(Status::not_found(format!("id: node {} is not a voter", r.id)));
+        }
+        if voters.len() <= 1 {
+            return Err(Status::failed_precondition("cannot remove the last voter"));
+        }
+        self.ctx
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([r.id])), false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("remove voter {}: {e}", r.id)))?;
+        Ok(Response::new(pb::AdminReply { message: format!("node {} removed from the voters", r.id) }))
+    }
+}

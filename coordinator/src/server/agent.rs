@@ -1,0 +1,421 @@
+//! AgentService: one bidirectional stream per agent process (member).
+//!
+//! ```text
+//!  inbound ──▶ Join (first) ─propose─▶ Joined{epoch}; lessor.on_join
+//!          ──▶ Keepalive ─lessor (memory only)─▶ Ack{seq, held} | EXPIRED | (no quorum: nothing)
+//!          ──▶ Progress/SessionOpened/Release/Adopt/Leave ─▶ ordered queue ─propose─▶ CommandResult
+//!  applied state / effects ──▶ Grant · HandoverRequest · Assignment · RoutedJobEvent · DeleteSessions
+//! ```
+//! The cluster is the certificate's; a member id owned by another cluster is refused.
+
+use super::convert::{self, InvalidField};
+use super::{Ctx, ProposeError};
+use crate::clock;
+use crate::core::{Command, Effect, GroupKey, KeepaliveVerdict, MemberId, Outcome};
+use crate::tls::Identity;
+use arcfed_proto as pb;
+use arcfed_proto::agent_message::Msg as In;
+use arcfed_proto::coordinator_message::Msg as Out;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+pub struct AgentSvc {
+    pub ctx: Arc<Ctx>,
+}
+
+type OutTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentSvc {
+    type AttachStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+    async fn attach(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::AttachStream>, Status> {
+        let ident = req
+            .extensions()
+            .get::<Identity>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no verified client identity"))?;
+        let Some(term) = self.ctx.serving_term() else {
+            return Err(self.ctx.not_leader());
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let ctx = self.ctx.clone();
+        let span = info_span!("member", cluster = %ident.name, term, member = tracing::field::Empty, epoch = tracing::field::Empty);
+        tokio::spawn(session(ctx, ident.name, term, req.into_inner(), tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn out(msg: Out) -> Result<pb::CoordinatorMessage, Status> {
+    Ok(pb::CoordinatorMessage { msg: Some(msg) })
+}
+
+/// The member this stream speaks for, once joined.
+#[derive(Clone)]
+struct Joined {
+    member: MemberId,
+    group: GroupKey,
+    epoch: u64,
+}
+
+async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streaming<pb::AgentMessage>, tx: OutTx) {
+    ctx.metrics.streams_open.inc();
+    let first = match tokio::time::timeout(JOIN_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(pb::AgentMessage { msg: Some(In::Join(j)) }))) => j,
+        Ok(Ok(_)) => {
+            let _ = tx.send(Err(Status::invalid_argument("the first message on a stream must be Join"))).await;
+            ctx.metrics.streams_open.dec();
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "stream failed before Join");
+            ctx.metrics.streams_open.dec();
+            return;
+        }
+        Err(_) => {
+            let _ = tx.send(Err(Status::deadline_exceeded("no Join within 10s"))).await;
+            ctx.metrics.streams_open.dec();
+            return;
+        }
+    };
+    let Some(mut joined) = join(&ctx, &cluster, first, &tx).await else {
+        ctx.metrics.streams_open.dec();
+        return;
+    };
+    tracing::Span::current().record("member", tracing::field::display(&joined.member));
+    tracing::Span::current().record("epoch", joined.epoch);
+
+    let (cmd_tx, cmd_rx) = mpsc::channel::<pb::AgentMessage>(256);
+    let (who_tx, who_rx) = tokio::sync::watch::channel(joined.clone());
+    let commands = tokio::spawn(run_commands(ctx.clone(), who_rx.clone(), cmd_rx, tx.clone()).in_current_span());
+    let pusher = tokio::spawn(push(ctx.clone(), who_rx, tx.clone()).in_current_span());
+    let mut serving = ctx.serving.subscribe();
+
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(pb::AgentMessage { msg: Some(In::Keepalive(k)) })) => keepalive(&ctx, &joined, k, &tx).await,
+                Ok(Some(pb::AgentMessage { msg: Some(In::Join(j)) })) => match join(&ctx, &cluster, j, &tx).await {
+                    Some(j) if j.member == joined.member => {
+                        joined = j;
+                        tracing::Span::current().record("epoch", joined.epoch);
+                        let _ = who_tx.send(joined.clone());
+                    }
+                    Some(_) => {
+                        let _ = tx.send(Err(Status::invalid_argument("a stream speaks for one member; open a new stream"))).await;
+                        break;
+                    }
+                    None => break,
+                },
+                Ok(Some(m @ pb::AgentMessage { msg: Some(_) })) => {
+                    if cmd_tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(pb::AgentMessage { msg: None })) => {
+                    let _ = tx.send(Err(Status::invalid_argument("empty AgentMessage"))).await;
+                    break;
+                }
+                Ok(None) => { debug!("agent closed its stream"); break; }
+                Err(e) => { debug!(error = %e, "agent stream failed"); break; }
+            },
+            changed = serving.changed() => {
+                if changed.is_err() || *serving.borrow() != Some(term) {
+                    let _ = tx.send(Err(ctx.not_leader())).await;
+                    break;
+                }
+            }
+            _ = tx.closed() => break,
+        }
+    }
+    commands.abort();
+    pusher.abort();
+    ctx.lessor().on_stream_closed(&joined.member, joined.epoch, ctx.now());
+    ctx.metrics.streams_open.dec();
+    info!("stream closed");
+}
+
+/// Proposes a Join and answers Joined; None (after answering the error) if refused.
+async fn join(ctx: &Arc<Ctx>, cluster: &str, j: pb::Join, tx: &OutTx) -> Option<Joined> {
+    let spec = match convert::join(j, cluster) {
+        Ok(s) => s,
+        Err(InvalidField { field, why }) => {
+            let _ = tx.send(Err(Status::invalid_argument(format!("{field}: {why}")))).await;
+            return None;
+        }
+    };
+    // No agent can act as another cluster (invariant 6).
+    let owner = ctx.shared.read(|s| s.members.get(&spec.member).map(|m| m.cluster.clone()));
+    if let Some(owner) = owner
+        && owner != cluster
+    {
+        warn!(member = %spec.member, owner = %owner, "refused: certificate of cluster {cluster} tried to act for a member of cluster {owner}");
+        let _ = tx
+            .send(Err(Status::permission_denied(format!(
+                "member {} belongs to cluster {owner}; this certificate is for cluster {cluster}",
+                spec.member
+            ))))
+            .await;
+        return None;
+    }
+    let member = spec.member.clone();
+    let group = spec.group.clone();
+    match ctx.propose(Command::Join(spec)).await {
+        Ok(a) => match a.outcome {
+            Outcome::Joined { epoch } => {
+                ctx.lessor().on_join(&member, epoch, ctx.now());
+                info!(member = %member, epoch, group = %group, "joined");
+                let cfg = ctx.cfg.lease;
+                let _ = tx
+                    .send(out(Out::Joined(pb::Joined {
+                        member_id: member.0.clone(),
+                        epoch,
+                        group_key: group.0.clone(),
+                        cluster: cluster.to_string(),
+                        lease_ttl_ms: cfg.ttl_ms,
+                        margin_permille: cfg.margin_permille as u32,
+                    })))
+                    .await;
+                Some(Joined { member, group, epoch })
+            }
+            Outcome::Rejected { reason, detail } => {
+                let _ = tx.send(Err(Status::failed_precondition(format!("join rejected: {reason}: {detail}")))).await;
+                None
+            }
+            other => {
+                let _ = tx.send(Err(Status::internal(format!("unexpected join outcome {other:?}")))).await;
+                None
+            }
+        },
+        Err(ProposeError::NotLeader) => {
+            let _ = tx.send(Err(ctx.not_leader())).await;
+            None
+        }
+        Err(e) => {
+            let _ = tx.send(Err(Status::unavailable(format!("join not committed: {e}")))).await;
+            None
+        }
+    }
+}
+
+/// Keepalives never touch the log: the lessor judges them in memory.
+async fn keepalive(ctx: &Arc<Ctx>, j: &Joined, k: pb::Keepalive, tx: &OutTx) {
+    ctx.metrics.keepalives.inc();
+    let now = ctx.now();
+    let quorum = ctx.quorum_age_ms();
+    let verdict = ctx.lessor().on_keepalive(&j.member, j.epoch, now, quorum);
+    match verdict {
+        KeepaliveVerdict::Ack => {
+            let held: Vec<pb::HeldGroup> = {
+                let mut l = ctx.lessor();
+                let pairs = ctx.shared.read(|s| {
+                    s.groups
+                        .values()
+                        .filter(|g| g.holder.as_ref() == Some(&j.member))
+                        .map(|g| (g.key.clone(), g.token))
+                        .collect::<Vec<_>>()
+                });
+                let mut held = Vec::new();
+                for (g, t) in pairs {
+                    if l.may_list(&g, t, now) {
+                        l.listed(&g, t, now);
+                        held.push(pb::HeldGroup { group_key: g.0, token: t });
+                    }
+                }
+                held
+            };
+            let ttl = ctx.cfg.lease.ttl_ms as i64;
+            let _ = tx
+                .send(out(Out::Ack(pb::Ack { seq: k.seq, held, deadline_unix_ms: clock::wall_ms().saturating_add(ttl) })))
+                .await;
+        }
+        KeepaliveVerdict::Expired(why) => {
+            ctx.metrics.expired_replies.inc();
+            let _ = tx.send(out(Out::Expired(pb::Expired { reason: why.to_string() }))).await;
+        }
+        KeepaliveVerdict::NoQuorum => {
+            ctx.metrics.acks_withheld.inc();
+            debug!(quorum_age_ms = ?quorum, "no recent quorum contact: keepalive not acked");
+        }
+    }
+    let ready_now = ctx.shared.read(|s| s.members.get(&j.member).map(|m| m.github_ready));
+    if ready_now.is_some_and(|r| r != k.github_ready) {
+        let ctx = ctx.clone();
+        let member = j.member.clone();
+        tokio::spawn(async move {
+            let _ = ctx.propose(Command::SetReady { member, ready: k.github_ready }).await;
+        });
+    }
+}
+
+/// Agent commands are proposed one at a time, in the order they were sent.
+async fn run_commands(
+    ctx: Arc<Ctx>,
+    who: tokio::sync::watch::Receiver<Joined>,
+    mut rx: mpsc::Receiver<pb::AgentMessage>,
+    tx: OutTx,
+) {
+    while let Some(m) = rx.recv().await {
+        let j = who.borrow().clone();
+        let (request_id, cmd) = match to_command(&j, m) {
+            Ok(x) => x,
+            Err((rid, why)) => {
+                let _ = tx.send(out(Out::Result(convert::rejected(rid, format!("invalid_input: {why}"))))).await;
+                continue;
+            }
+        };
+        let leave = matches!(cmd, Command::Leave { .. });
+        match ctx.propose(cmd).await {
+            Ok(a) => {
+                if leave {
+                    ctx.lessor().remove(&j.member);
+                }
+                let _ = tx.send(out(Out::Result(convert::result(request_id, &a.outcome)))).await;
+            }
+            Err(ProposeError::NotLeader) => {
+                let _ = tx.send(Err(ctx.not_leader())).await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(out(Out::Result(convert::rejected(request_id, format!("not_committed: {e}"))))).await;
+            }
+        }
+    }
+}
+
+fn to_command(j: &Joined, m: pb::AgentMessage) -> Result<(u64, Command), (u64, String)> {
+    let member = j.member.clone();
+    let group = j.group.clone();
+    Ok(match m.msg {
+        Some(In::Progress(p)) => {
+            let events = p
+                .events
+                .into_iter()
+                .map(convert::job_event)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| (p.request_id, e.to_string()))?;
+            (
+                p.request_id,
+                Command::Progress {
+                    member,
+                    group,
+                    token: p.token,
+                    message_id: p.message_id,
+                    statistics: convert::stats(p.statistics),
+                    events,
+                },
+            )
+        }
+        Some(In::SessionOpened(s)) => (
+            s.request_id,
+            Command::SessionOpened {
+                member,
+                group,
+                token: s.token,
+                session_id: s.session_id,
+                statistics: convert::stats(s.statistics),
+            },
+        ),
+        Some(In::Release(r)) => (
+            r.request_id,
+            Command::Release {
+                member,
+                group,
+                token: r.token,
+                deleted: r.deleted,
+                reason: convert::release_reason(r.reason),
+            },
+        ),
+        Some(In::Adopt(a)) => (
+            a.request_id,
+            Command::Adopt { member, group, session_id: a.session_id, statistics: convert::stats(a.statistics) },
+        ),
+        Some(In::Leave(l)) => (l.request_id, Command::Leave { member }),
+        _ => return Err((0, "unexpected message".into())),
+    })
+}
+
+/// Pushes what the applied state says about this member: grants, handover requests,
+/// assignments, routed job events and sessions to delete.
+async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: OutTx) {
+    let mut applied = ctx.shared.applied.subscribe();
+    let mut effects = ctx.shared.effects.subscribe();
+    let mut sent_grant: Option<(GroupKey, u64)> = None;
+    let mut sent_handover: Option<u64> = None;
+    let mut sent_revision: Option<(u64, u64)> = None;
+    loop {
+        let j = who.borrow_and_update().clone();
+        let msgs = ctx.shared.read(|s| {
+            let mut msgs = Vec::new();
+            let (Some(m), Some(g)) = (s.members.get(&j.member), s.groups.get(&j.group)) else { return msgs };
+            if g.holder.as_ref() == Some(&j.member) && sent_grant != Some((g.key.clone(), g.token)) {
+                sent_grant = Some((g.key.clone(), g.token));
+                msgs.push(Out::Grant(pb::Grant {
+                    group_key: g.key.0.clone(),
+                    token: g.token,
+                    stale_sessions: g.stale_sessions.iter().cloned().collect(),
+                    last_acked_message_id: g.last_acked_message_id,
+                    ack: None,
+                }));
+            }
+            if let Some(h) = &g.handover
+                && h.from == j.member
+                && h.token == g.token
+                && sent_handover != Some(h.token)
+            {
+                sent_handover = Some(h.token);
+                msgs.push(Out::Handover(pb::HandoverRequest {
+                    group_key: g.key.0.clone(),
+                    token: h.token,
+                    deadline_unix_ms: h.deadline_ms,
+                    to_member: h.to.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
+                }));
+            }
+            if sent_revision != Some((j.epoch, g.revision)) {
+                sent_revision = Some((j.epoch, g.revision));
+                msgs.push(Out::Assignment(pb::Assignment {
+                    group_key: g.key.0.clone(),
+                    revision: g.revision,
+                    runners: g.assignments.get(&j.member).copied().unwrap_or(0),
+                    dirty: g.dirty.contains(&j.member),
+                    force_zero_patch: m.draining || !m.status.has_lease(),
+                    max_capacity: s.max_capacity(&g.key),
+                }));
+            }
+            msgs
+        });
+        for m in msgs {
+            if tx.send(out(m)).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { return },
+            r = who.changed() => if r.is_err() { return },
+            ev = effects.recv() => match ev {
+                Ok((_, Effect::JobEvent { member, group, event })) if member == j.member => {
+                    let m = Out::JobEvent(pb::RoutedJobEvent { group_key: group.0, event: Some(convert::job_event_pb(&event)) });
+                    if tx.send(out(m)).await.is_err() { return }
+                }
+                Ok((_, Effect::DeleteSessions { group, token, session_ids })) => {
+                    let holder = ctx.shared.read(|s| s.groups.get(&group).is_some_and(|g| g.holder.as_ref() == Some(&j.member) && g.token == token));
+                    if holder {
+                        let m = Out::DeleteSessions(pb::DeleteSessions { group_key: group.0, token, session_ids });
+                        if tx.send(out(m)).await.is_err() { return }
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => warn!(skipped = n, "effects lagged; state-derived pushes resync"),
+                Err(_) => return,
+            },
+        }
+    }
+}

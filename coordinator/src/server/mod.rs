@@ -1,0 +1,434 @@
+//! The coordinator's driver: it owns every side effect around the pure core.
+//!
+//! ```text
+//!  run() ─┬─ gRPC server (mTLS): RaftService · AgentService · AdminService, each behind a role check
+//!         ├─ leadership tracker: metrics → quorum contact; on promotion ensure_linearizable →
+//!         │                      Advertise → lessor.promote → serve
+//!         ├─ lessor loop (leader): tick → propose Expire / MarkSilent / Revoke / Grant
+//!         └─ admin HTTP: /live /ready /metrics
+//! ```
+//! `run` takes already-bound listeners (as mini-redis does), so tests can bind port 0.
+
+pub mod admin;
+pub mod agent;
+pub mod convert;
+pub mod http;
+pub mod metrics;
+
+use crate::clock;
+use crate::config::Config;
+use crate::core::{Applied, Command, LeaseTable, Request};
+use crate::raft::network::{PeerNetwork, PeerService};
+use crate::raft::{NodeId, Raft, Shared, store};
+use crate::tls::{Role, TlsMaterial, require_role};
+use arcfed_proto::admin_service_server::AdminServiceServer;
+use arcfed_proto::agent_service_server::AgentServiceServer;
+use arcfed_proto::raft_service_server::RaftServiceServer;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
+use tracing::{info, warn};
+
+/// Max gRPC message size: Raft snapshots travel in one message.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--listen {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Why a proposal did not produce an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader")]
+    NotLeader,
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// When this node last learned how long ago it heard from a quorum.
+#[derive(Clone, Copy, Debug)]
+struct QuorumSeen {
+    at: Instant,
+    millis: Option<u64>,
+}
+
+/// Everything the services and loops share.
+pub struct Ctx {
+    pub id: NodeId,
+    pub cfg: Config,
+    pub raft: Raft,
+    pub shared: Arc<Shared>,
+    /// Leader-only lease deadlines. A std Mutex: every critical section is short and
+    /// never spans an `.await`.
+    lessor: Mutex<LeaseTable>,
+    /// `Some(term)` once this node may serve agents and admins in `term`.
+    pub serving: watch::Sender<Option<u64>>,
+    quorum: Mutex<QuorumSeen>,
+    pub metrics: metrics::Metrics,
+    /// Leader memory: when each holderless group was first seen, for the grant-latency histogram.
+    holderless_since: Mutex<HashMap<crate::core::GroupKey, Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Ctx {
+    pub fn now(&self) -> u64 {
+        clock::boottime_ms()
+    }
+
+    pub fn lessor(&self) -> MutexGuard<'_, LeaseTable> {
+        lock(&self.lessor)
+    }
+
+    pub fn serving_term(&self) -> Option<u64> {
+        *self.serving.borrow()
+    }
+
+    /// How long ago this node (as leader) last heard from a quorum; None if unknown.
+    pub fn quorum_age_ms(&self) -> Option<u64> {
+        let q = *lock(&self.quorum);
+        q.millis.map(|m| m.saturating_add(q.at.elapsed().as_millis() as u64))
+    }
+
+    /// The current leader's id and agent-facing address, as far as this node knows.
+    pub fn leader_hint(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let addr = self
+            .shared
+            .read(|s| s.leader_addrs.get(&leader).cloned())
+            .or_else(|| m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone()))
+            .unwrap_or_default();
+        Some((leader, addr))
+    }
+
+    /// UNAVAILABLE naming the leader in metadata, so clients can follow it.
+    pub fn not_leader(&self) -> tonic::Status {
+        let hint = self.leader_hint().filter(|(id, _)| *id != self.id);
+        let mut st = tonic::Status::unavailable(match &hint {
+            Some((id, addr)) => format!("node {} is not the serving leader; the leader is node {id} at {addr}", self.id),
+            None => format!("node {} is not the serving leader and knows no leader yet", self.id),
+        });
+        if let Some((id, addr)) = hint {
+            if let Ok(v) = addr.parse() {
+                st.metadata_mut().insert("x-arcfed-leader", v);
+            }
+            if let Ok(v) = id.to_string().parse() {
+                st.metadata_mut().insert("x-arcfed-leader-id", v);
+            }
+        }
+        st
+    }
+
+    /// Proposes a command with the leader's wall-clock timestamp and waits for its outcome.
+    pub async fn propose(&self, cmd: Command) -> Result<Applied, ProposeError> {
+        let name = cmd.name();
+        let req = Request { ts_ms: clock::wall_ms(), cmd };
+        match self.raft.client_write(req).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ProposeError::NotLeader),
+            Err(e) => {
+                self.metrics.proposal_errors.inc();
+                warn!(command = name, error = %e, "proposal failed");
+                Err(ProposeError::Raft(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Handles of a running node.
+pub struct Node {
+    pub ctx: Arc<Ctx>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Opens the store, starts Raft and every service, and runs until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    grpc: tokio::net::TcpListener,
+    http_listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let tls = Arc::new(cfg.tls.load()?);
+    let node = start(cfg, tls.clone(), http_listener).await?;
+    let ctx = node.ctx.clone();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let peer = RaftServiceServer::new(PeerService { raft: ctx.raft.clone() })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let agent_svc = AgentServiceServer::new(agent::AgentSvc { ctx: ctx.clone() });
+    let admin_svc = AdminServiceServer::new(admin::AdminSvc { ctx: ctx.clone() });
+    let mut stop_for_server = stop_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls.server_config())?
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(InterceptedService::new(peer, require_role(Role::Coordinator)))
+        .add_service(InterceptedService::new(agent_svc, require_role(Role::Agent)))
+        .add_service(InterceptedService::new(admin_svc, require_role(Role::Admin)))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), async move {
+            let _ = stop_for_server.wait_for(|s| *s).await;
+        });
+    let server = tokio::spawn(server);
+
+    shutdown.await;
+    info!("shutting down: closing agent streams, stopping Raft");
+    // Stop serving first so agents move to another leader at once.
+    ctx.serving.send_replace(None);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if let Err(e) = ctx.raft.shutdown().await {
+        warn!(error = %e, "raft shutdown");
+    }
+    for t in node.tasks {
+        t.abort();
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Starts Raft, the leadership tracker, the lessor loop and the admin HTTP server.
+pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net::TcpListener) -> Result<Node, Error> {
+    let shared = Shared::new();
+    let (log, sm) = store::open(&cfg.data_dir, shared.clone()).await?;
+    let raft_cfg = openraft::Config {
+        cluster_name: "arcfed".into(),
+        heartbeat_interval: cfg.heartbeat.as_millis() as u64,
+        election_timeout_min: cfg.election_min.as_millis() as u64,
+        election_timeout_max: cfg.election_max.as_millis() as u64,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        max_in_snapshot_log_to_keep: 1000,
+        install_snapshot_timeout: 5_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| Error::Raft(format!("config: {e}")))?;
+    let network = PeerNetwork {
+        overrides: Arc::new(cfg.peers.iter().filter(|(id, _)| **id != cfg.node_id).map(|(k, v)| (*k, v.clone())).collect()),
+        tls,
+    };
+    let raft = Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm)
+        .await
+        .map_err(|e| Error::Raft(e.to_string()))?;
+
+    // The lowest id bootstraps an empty quorum; the others wait to be contacted.
+    let lowest = cfg.peers.keys().next().copied();
+    if lowest == Some(cfg.node_id) && !raft.is_initialized().await.map_err(|e| Error::Raft(e.to_string()))? {
+        let members: BTreeMap<NodeId, BasicNode> =
+            cfg.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+        info!(voters = ?members.keys().collect::<Vec<_>>(), "bootstrapping a new quorum");
+        if let Err(e) = raft.initialize(members).await {
+            warn!(error = %e, "initialize (already initialized?)");
+        }
+    }
+
+    let (serving, _) = watch::channel(None);
+    let ctx = Arc::new(Ctx {
+        id: cfg.node_id,
+        lessor: Mutex::new(LeaseTable::new(cfg.lease)),
+        cfg,
+        raft,
+        shared,
+        serving,
+        quorum: Mutex::new(QuorumSeen { at: Instant::now(), millis: None }),
+        metrics: metrics::Metrics::new(),
+        holderless_since: Mutex::new(HashMap::new()),
+    });
+    let tasks = vec![
+        tokio::spawn(track_leadership(ctx.clone())),
+        tokio::spawn(lessor_loop(ctx.clone())),
+        tokio::spawn(http::serve(ctx.clone(), http_listener)),
+    ];
+    Ok(Node { ctx, tasks })
+}
+
+/// Follows Raft metrics: records quorum contact, and promotes this node to a *serving*
+/// leader only after `ensure_linearizable` succeeded in its term (so every earlier
+/// `Expire` is applied), then resets every lease deadline (etcd's promote).
+async fn track_leadership(ctx: Arc<Ctx>) {
+    let mut rx = ctx.raft.metrics();
+    let mut promoting: Option<(u64, tokio::task::JoinHandle<()>)> = None;
+    loop {
+        let m = rx.borrow_and_update().clone();
+        {
+            let mut q = lock(&ctx.quorum);
+            *q = QuorumSeen { at: Instant::now(), millis: if m.state == ServerState::Leader { m.millis_since_quorum_ack } else { None } };
+        }
+        let leads = m.state == ServerState::Leader && m.current_leader == Some(ctx.id);
+        let term = m.current_term;
+        if leads {
+            let already = ctx.serving_term() == Some(term) || promoting.as_ref().is_some_and(|(t, h)| *t == term && !h.is_finished());
+            if !already {
+                if let Some((_, h)) = promoting.take() {
+                    h.abort();
+                }
+                ctx.serving.send_replace(None);
+                promoting = Some((term, tokio::spawn(promote(ctx.clone(), term))));
+            }
+        } else {
+            if let Some((_, h)) = promoting.take() {
+                h.abort();
+            }
+            if ctx.serving_term().is_some() {
+                info!(term, leader = ?m.current_leader, "no longer the leader: closing agent streams");
+                ctx.serving.send_replace(None);
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn promote(ctx: Arc<Ctx>, term: u64) {
+    loop {
+        match ctx.raft.ensure_linearizable().await {
+            Ok(_) => break,
+            Err(e) => {
+                warn!(term, error = %e, "ensure_linearizable failed; not serving yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let advertise = Command::Advertise { node: ctx.id, addr: ctx.cfg.advertise.clone() };
+    while let Err(e) = ctx.propose(advertise.clone()).await {
+        warn!(term, error = %e, "advertise failed; not serving yet");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = ctx.now();
+    let members: Vec<_> = ctx.shared.read(|s| {
+        s.members
+            .values()
+            .filter(|m| m.status.has_lease())
+            .map(|m| (m.id.clone(), m.epoch, m.status == crate::core::MemberStatus::Silent))
+            .collect()
+    });
+    ctx.lessor().promote(now, members);
+    lock(&ctx.holderless_since).clear();
+    ctx.serving.send_replace(Some(term));
+    info!(term, node = ctx.id, "serving as leader");
+}
+
+/// Tick period of the lessor.
+const TICK: Duration = Duration::from_millis(50);
+
+/// The leader's lease loop: expiries, silences and overdue handovers go through the log,
+/// then holderless groups get a Grant.
+async fn lessor_loop(ctx: Arc<Ctx>) {
+    let mut expected = ctx.now() + TICK.as_millis() as u64;
+    loop {
+        tokio::time::sleep(TICK).await;
+        let now = ctx.now();
+        if ctx.serving_term().is_none() {
+            expected = now + TICK.as_millis() as u64;
+            continue;
+        }
+        // Let stream tasks that are ready run first, so queued keepalives land before
+        // deadlines are judged (the inbox drain).
+        tokio::task::yield_now().await;
+        let now = ctx.now().max(now);
+        let out = ctx.lessor().tick(now, expected);
+        expected = now + TICK.as_millis() as u64;
+        if out.late_ms > 100 {
+            ctx.metrics.lessor_late.inc();
+            warn!(late_ms = out.late_ms, "lessor tick fired late; extended every deadline by the lateness");
+        }
+        if !out.expire.is_empty() {
+            info!(members = ?out.expire, "leases passed their deadline: proposing Expire");
+            if ctx.propose(Command::Expire { members: out.expire.clone() }).await.is_err() {
+                let mut l = ctx.lessor();
+                for (m, _) in &out.expire {
+                    l.retry_expire(m);
+                }
+                continue;
+            }
+        }
+        if !out.silent.is_empty() {
+            info!(members = ?out.silent, "no stream: proposing MarkSilent");
+            let _ = ctx.propose(Command::MarkSilent { members: out.silent.clone() }).await;
+        }
+        for (g, token) in out.revoke {
+            info!(group = %g, token, "handover deadline + TTL passed without Release: revoking");
+            let _ = ctx.propose(Command::Revoke { group: g.clone(), token }).await;
+            ctx.lessor().handover_done(&g, token);
+        }
+        grant_holderless(&ctx).await;
+    }
+}
+
+async fn grant_holderless(ctx: &Arc<Ctx>) {
+    let now = ctx.now();
+    let state = ctx.shared.snapshot();
+    let ts = state.last_ts_ms.max(clock::wall_ms());
+    {
+        let mut l = ctx.lessor();
+        // Start timers of handovers the leader has not seen yet; drop finished ones.
+        let live: Vec<_> = l.handovers().cloned().collect();
+        for (g, t) in live {
+            let still = state.groups.get(&g).and_then(|gr| gr.handover.as_ref()).is_some_and(|h| h.token == t);
+            if !still {
+                l.handover_done(&g, t);
+            }
+        }
+        for g in state.groups.values() {
+            if let Some(h) = &g.handover
+                && h.token == g.token
+                && g.holder.is_some()
+            {
+                l.handover_seen(&g.key, g.token, now, h.timeout_ms.max(0) as u64);
+            }
+        }
+        // Lease entries of members that no longer hold a lease are dropped.
+        let gone: Vec<_> = l
+            .members()
+            .filter(|(id, _)| !state.members.get(*id).is_some_and(|m| m.status.has_lease()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            l.remove(&id);
+        }
+    }
+    for g in state.groups.values() {
+        if g.holder.is_some() {
+            lock(&ctx.holderless_since).remove(&g.key);
+            continue;
+        }
+        let pick = {
+            let l = ctx.lessor();
+            state.choose_holder(&g.key, ts, &|m| l.is_live(m, now))
+        };
+        let Some(member) = pick else {
+            lock(&ctx.holderless_since).entry(g.key.clone()).or_insert_with(Instant::now);
+            continue;
+        };
+        let since = *lock(&ctx.holderless_since).entry(g.key.clone()).or_insert_with(Instant::now);
+        match ctx.propose(Command::Grant { group: g.key.clone(), member: member.clone() }).await {
+            Ok(applied) => {
+                if let crate::core::Outcome::Granted { token } = applied.outcome {
+                    ctx.metrics.grant_latency.observe(since.elapsed().as_secs_f64());
+                    lock(&ctx.holderless_since).remove(&g.key);
+                    info!(group = %g.key, member = %member, token, "granted");
+                }
+            }
+            Err(e) => warn!(group = %g.key, error = %e, "grant proposal failed"),
+        }
+    }
+}
