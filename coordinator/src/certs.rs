@@ -91,7 +91,7 @@ pub fn init_ca_with(out: &Path, force: bool) -> Result<(), CertError> {
     // pathlen 0: this CA signs leaves only, so a stolen leaf key can never mint certificates.
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    set_validity(&mut params, CA_DAYS);
+    set_validity(&mut params, CA_DAYS, None);
     let cert = params.self_signed(&key)?;
     // The key first: a ca.crt without its key would block a rerun for no benefit.
     write_file(&key_path, key.serialize_pem().as_bytes(), true)?;
@@ -131,7 +131,9 @@ pub fn issue(req: &IssueRequest) -> Result<(), CertError> {
         Role::Agent | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, u64::from(req.days));
+    // A leaf outliving its CA would fail verification after the CA expires anyway; end it
+    // with the CA so `openssl x509 -enddate` tells the truth.
+    set_validity(&mut params, u64::from(req.days), Some(ca.not_after));
     let cert = params.signed_by(&key, &issuer)?;
 
     // The issuer name is rebuilt from ca.crt (see `load_ca`); make sure it came out byte-equal,
@@ -161,6 +163,8 @@ struct Ca {
     subject_raw: Vec<u8>,
     crt_pem: Vec<u8>,
     crt_path: PathBuf,
+    /// The CA's notAfter, in seconds since the Unix epoch.
+    not_after: i64,
 }
 
 /// Reads `ca.crt` and `ca.key` and rebuilds the issuer from them.
@@ -196,10 +200,8 @@ fn load_ca(dir: &Path) -> Result<Ca, CertError> {
             return Err(corrupt(&crt_path, "subject has an unreadable attribute type".into()));
         };
         let oid: Vec<u64> = oid.collect();
-        let value = attr
-            .as_str()
-            .map_err(|_| corrupt(&crt_path, "subject has a non-string attribute".into()))?
-            .to_owned();
+        let value =
+            attr.as_str().map_err(|_| corrupt(&crt_path, "subject has a non-string attribute".into()))?.to_owned();
         // Keep the string type, so the rebuilt name is byte-equal to the CA's subject.
         let value = match attr.attr_value().header.tag() {
             x509_parser::der_parser::asn1_rs::Tag::PrintableString => DnValue::PrintableString(
@@ -218,7 +220,11 @@ fn load_ca(dir: &Path) -> Result<Ca, CertError> {
     }
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let subject_raw = x509.subject().as_raw().to_vec();
-    Ok(Ca { params, key, subject_raw, crt_pem, crt_path })
+    let not_after = x509.validity().not_after.timestamp();
+    if not_after <= unix_now().as_secs().try_into().unwrap_or(i64::MAX) {
+        return Err(corrupt(&crt_path, format!("the CA expired at {}", x509.validity().not_after)));
+    }
+    Ok(Ca { params, key, subject_raw, crt_pem, crt_path, not_after })
 }
 
 fn read_ca_file(dir: &Path, path: &Path) -> Result<Vec<u8>, CertError> {
@@ -244,25 +250,40 @@ fn validate_dns(name: &str) -> Result<(), CertError> {
         if label.is_empty() || label.len() > 63 {
             return bad("each label must be 1 to 63 characters");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || label.starts_with('-') || label.ends_with('-') {
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || label.starts_with('-')
+            || label.ends_with('-')
+        {
             return bad("labels are letters, digits and inner '-'");
         }
     }
     Ok(())
 }
 
-/// Sets not_before/not_after from the wall clock. (rcgen takes `time::OffsetDateTime`; we get
-/// one from `date_time_ymd` plus a std Duration, which spares a direct dependency on `time`.)
-fn set_validity(params: &mut CertificateParams, days: u64) {
-    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// Sets not_before/not_after from the wall clock, ending no later than `cap` (Unix seconds).
+/// (rcgen takes `time::OffsetDateTime`; we get one from `date_time_ymd` plus a std Duration,
+/// which spares a direct dependency on `time`.)
+fn set_validity(params: &mut CertificateParams, days: u64, cap: Option<i64>) {
+    let now = unix_now();
+    let mut end = now.saturating_add(Duration::from_secs(days.saturating_mul(86_400)));
+    if let Some(cap) = cap.and_then(|c| u64::try_from(c).ok()) {
+        end = end.min(Duration::from_secs(cap));
+    }
     let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    let now = epoch + since_epoch;
-    params.not_before = now - BACKDATE;
-    params.not_after = now + Duration::from_secs(days.saturating_mul(86_400));
+    params.not_before = epoch + now.saturating_sub(BACKDATE);
+    params.not_after = epoch + end;
 }
 
 fn create_dir(dir: &Path) -> Result<(), CertError> {
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io { action: "cannot create directory", path: dir.to_owned(), source })
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        action: "cannot create directory",
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Writes through a temporary file and a rename, so a reader (or a crash) never sees half a
@@ -331,6 +352,24 @@ mod tests {
             assert!(eku.client_auth);
             assert_eq!(eku.server_auth, role == Role::Coordinator);
         }
+    }
+
+    #[test]
+    fn a_leaf_never_outlives_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca).unwrap();
+        let out = dir.path().join("leaf");
+        let mut r = request(&ca, &out, Role::Agent, "a");
+        r.days = 100 * 365;
+        issue(&r).unwrap();
+        let ca_pem = std::fs::read(ca.join("ca.crt")).unwrap();
+        let ca_der = CertificateDer::from_pem_slice(&ca_pem).unwrap();
+        let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        let der = leaf_der(&out);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(leaf.validity().not_after, ca_x509.validity().not_after);
+        assert!(leaf.validity().is_valid(), "valid now: {:?}", leaf.validity());
     }
 
     #[cfg(unix)]

@@ -279,8 +279,11 @@ impl TlsPaths {
 
         let certs = parse_certs(CERT_FLAG, &self.cert, &cert_pem)?;
         let leaf = &certs[0];
-        let identity = identity_of_cert(leaf)
-            .map_err(|e| TlsError::Leaf { flag: CERT_FLAG, path: self.cert.clone(), source: Box::new(e) })?;
+        let identity = identity_of_cert(leaf).map_err(|e| TlsError::Leaf {
+            flag: CERT_FLAG,
+            path: self.cert.clone(),
+            source: Box::new(e),
+        })?;
 
         let keys = PrivateKeyDer::pem_slice_iter(&key_pem)
             .collect::<Result<Vec<_>, pem::Error>>()
@@ -305,7 +308,12 @@ impl TlsPaths {
 
 /// Refuses a key that does not belong to the leaf certificate (a common mix-up when several
 /// certificate directories sit side by side), which rustls would only report at handshake.
-fn check_key_matches(key_path: &Path, key: &PrivateKeyDer<'_>, leaf: &CertificateDer<'_>, cert_path: &Path) -> Result<(), TlsError> {
+fn check_key_matches(
+    key_path: &Path,
+    key: &PrivateKeyDer<'_>,
+    leaf: &CertificateDer<'_>,
+    cert_path: &Path,
+) -> Result<(), TlsError> {
     let signer = rustls::crypto::ring::sign::any_supported_type(key)
         .map_err(|e| pem_problem(KEY_FLAG, key_path, format!("unusable private key: {e}")))?;
     let Some(spki) = signer.public_key() else {

@@ -1,1 +1,311 @@
-//! Placeholder: being written.
+//! Real `arcfed-coordinator` processes on 127.0.0.1, with certificates minted by
+//! `arcfedctl certs`, and helpers to kill, freeze, restart and query them.
+//!
+//! How tests find binaries: [`bin_path`] uses `$ARCFED_BIN_DIR` when set, else the
+//! directory of the running test executable's parent (`target/<profile>/`), where
+//! `cargo nextest run --workspace` / `cargo test --workspace` put every workspace binary.
+
+use crate::agent_client::TlsFiles;
+use crate::fault_proxy::{FaultProxy, Mode};
+use anyhow::{Context, bail};
+use arcfed_proto as pb;
+use arcfed_proto::admin_service_client::AdminServiceClient;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary (see the module docs).
+pub fn bin_path(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("ARCFED_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join(name)
+}
+
+/// A free 127.0.0.1 port (bound and released; fine for tests that run serially).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Runs `arcfedctl` with args; fails with its stderr.
+pub fn arcfedctl(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin_path("arcfedctl")).args(args).output().context("run arcfedctl")?;
+    if !out.status.success() {
+        bail!("arcfedctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A CA and leaf certificates under one directory.
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    pub fn init(dir: &Path) -> anyhow::Result<Certs> {
+        std::fs::create_dir_all(dir)?;
+        arcfedctl(&["certs", "init", "--out", &dir.join("ca").display().to_string()])?;
+        Ok(Certs { dir: dir.to_path_buf() })
+    }
+
+    fn issue(&self, role: &str, name: &str) -> anyhow::Result<TlsFiles> {
+        let out = self.dir.join(format!("{role}-{name}"));
+        if !out.join("tls.crt").exists() {
+            let ca = self.dir.join("ca").display().to_string();
+            let o = out.display().to_string();
+            let mut args = vec!["certs", "issue", "--ca", &ca, "--role", role, "--name", name, "--out", &o];
+            if role == "coordinator" {
+                args.extend(["--ip", "127.0.0.1", "--dns", "localhost"]);
+            }
+            arcfedctl(&args)?;
+        }
+        Ok(TlsFiles::in_dir(out))
+    }
+    pub fn coordinator(&self, id: u64) -> anyhow::Result<TlsFiles> {
+        self.issue("coordinator", &id.to_string())
+    }
+    pub fn agent(&self, cluster: &str) -> anyhow::Result<TlsFiles> {
+        self.issue("agent", cluster)
+    }
+    pub fn admin(&self, name: &str) -> anyhow::Result<TlsFiles> {
+        self.issue("admin", name)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct QuorumOptions {
+    pub voters: u64,
+    pub lease_ttl: &'static str,
+    /// Route every voter-to-voter connection through a fault proxy (one per direction).
+    pub peer_proxies: bool,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for QuorumOptions {
+    fn default() -> Self {
+        QuorumOptions { voters: 3, lease_ttl: "3s", peer_proxies: false, extra_args: vec![] }
+    }
+}
+
+pub struct Voter {
+    pub id: u64,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Voter {
+    pub fn addr(&self) -> String {
+        self.grpc.to_string()
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(bin_path("arcfed-coordinator"))
+            .args(&self.args)
+            .env("ARCFED_LOG_LEVEL", std::env::var("ARCFED_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawn arcfed-coordinator (is it built? run `cargo nextest run --workspace`)")?;
+        self.child = Some(child);
+        Ok(())
+    }
+    fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+        }
+    }
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    /// SIGTERM and wait for exit; returns the exit status code.
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        self.signal("-TERM");
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                self.child = None;
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Voter {
+    fn drop(&mut self) {
+        self.thaw();
+        self.kill();
+    }
+}
+
+/// A quorum of real coordinator processes.
+pub struct Quorum {
+    pub dir: PathBuf,
+    pub certs: Certs,
+    pub voters: Vec<Voter>,
+    /// (from, to) → proxy that `from` uses to reach `to` (when peer_proxies).
+    pub proxies: BTreeMap<(u64, u64), FaultProxy>,
+    pub admin: TlsFiles,
+}
+
+impl Quorum {
+    pub async fn start(dir: &Path, opts: QuorumOptions) -> anyhow::Result<Quorum> {
+        let certs = Certs::init(&dir.join("certs"))?;
+        let admin = certs.admin("test-operator")?;
+        let ids: Vec<u64> = (1..=opts.voters).collect();
+        let grpc: BTreeMap<u64, SocketAddr> =
+            ids.iter().map(|id| (*id, SocketAddr::from(([127, 0, 0, 1], free_port())))).collect();
+        let mut proxies = BTreeMap::new();
+        if opts.peer_proxies {
+            for from in &ids {
+                for to in &ids {
+                    if from != to {
+                        proxies.insert((*from, *to), FaultProxy::start(grpc[to]).await?);
+                    }
+                }
+            }
+        }
+        let mut voters = Vec::new();
+        for id in &ids {
+            let tls = certs.coordinator(*id)?;
+            let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let data_dir = dir.join(format!("voter-{id}"));
+            let mut args: Vec<String> = vec![
+                "--node-id".into(),
+                id.to_string(),
+                "--listen".into(),
+                grpc[id].to_string(),
+                "--admin-listen".into(),
+                http.to_string(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--tls-cert".into(),
+                tls.cert.display().to_string(),
+                "--tls-key".into(),
+                tls.key.display().to_string(),
+                "--tls-ca".into(),
+                tls.ca.display().to_string(),
+                "--lease-ttl".into(),
+                opts.lease_ttl.into(),
+            ];
+            for peer in &ids {
+                let addr = match proxies.get(&(*id, *peer)) {
+                    Some(p) => p.addr().to_string(),
+                    None => grpc[peer].to_string(),
+                };
+                args.push("--peer".into());
+                args.push(format!("{peer}={addr}"));
+            }
+            args.extend(opts.extra_args.iter().cloned());
+            let mut v = Voter { id: *id, grpc: grpc[id], http, log: dir.join(format!("voter-{id}.log")), data_dir, args, child: None };
+            v.spawn()?;
+            voters.push(v);
+        }
+        Ok(Quorum { dir: dir.to_path_buf(), certs, voters, proxies, admin })
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.voters.iter().map(|v| v.addr()).collect()
+    }
+
+    pub fn voter(&mut self, id: u64) -> &mut Voter {
+        self.voters.iter_mut().find(|v| v.id == id).expect("voter id")
+    }
+
+    /// Admin Status from `addr` (no redirect following).
+    pub async fn status_at(&self, addr: &str) -> Result<pb::StatusResponse, tonic::Status> {
+        let ch = self.admin.channel(addr).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let mut c = AdminServiceClient::new(ch);
+        let mut req = tonic::Request::new(pb::StatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        c.status(req).await.map(|r| r.into_inner())
+    }
+
+    /// Status from whichever running voter serves it.
+    pub async fn status(&self) -> anyhow::Result<pb::StatusResponse> {
+        let mut last: Option<tonic::Status> = None;
+        for v in self.voters.iter().filter(|v| v.running()) {
+            match self.status_at(&v.addr()).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        bail!("no voter served status: {last:?}")
+    }
+
+    /// Waits until some voter serves (leader, promoted); returns the status.
+    pub async fn wait_serving(&self, deadline: Duration) -> anyhow::Result<pb::StatusResponse> {
+        self.wait_status("a serving leader", deadline, |_| true).await
+    }
+
+    /// Waits until the served status satisfies `cond`.
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        deadline: Duration,
+        cond: impl Fn(&pb::StatusResponse) -> bool,
+    ) -> anyhow::Result<pb::StatusResponse> {
+        let end = Instant::now() + deadline;
+        let mut last: Option<String>;
+        loop {
+            match self.status().await {
+                Ok(s) if cond(&s) => return Ok(s),
+                Ok(s) => last = Some(format!("{s:?}")),
+                Err(e) => last = Some(e.to_string()),
+            }
+            if Instant::now() > end {
+                bail!("timed out after {deadline:?} waiting for {what}; last: {}", last.unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Cuts `id` from every other voter (both directions) through the peer proxies.
+    pub fn isolate(&self, id: u64, mode: Mode) {
+        for ((from, to), p) in &self.proxies {
+            if *from == id || *to == id {
+                p.set_mode(mode.clone());
+            }
+        }
+    }
+
+    pub fn dump_logs(&self) -> String {
+        self.voters.iter().map(|v| format!("==== voter {} ====\n{}\n", v.id, v.log_text())).collect()
+    }
+}

@@ -1,0 +1,476 @@
+//! Process-level tests of the coordinator quorum (issue 2, "what it must show" a–l).
+//!
+//! Real `arcfed-coordinator` binaries on 127.0.0.1 with certificates from `arcfedctl certs`,
+//! faults from SIGKILL and the TCP fault proxy. Every wait is a condition with a deadline;
+//! nothing asserts a duration except the orderings the design promises (a grant never
+//! precedes the previous holder's fence end), measured on this process's clock.
+//! These tests run one at a time (nextest group `process`).
+
+use arcfed_proto as pb;
+use arcfed_tests::agent_client::{AgentOptions, TestAgent, is_accepted, rejection};
+use arcfed_tests::fault_proxy::{FaultProxy, Mode};
+use arcfed_tests::harness::{Quorum, QuorumOptions, arcfedctl, free_port};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3);
+
+async fn with_quorum<F, Fut>(opts: QuorumOptions, body: F)
+where
+    F: FnOnce(Quorum) -> Fut,
+    Fut: Future<Output = (Quorum, anyhow::Result<()>)>,
+{
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = Quorum::start(dir.path(), opts).await.expect("start quorum");
+    if let Err(e) = q.wait_serving(WAIT).await {
+        panic!("quorum did not come up: {e:#}\n{}", q.dump_logs());
+    }
+    let (q, r) = body(q).await;
+    if let Err(e) = r {
+        panic!("{e:#}\n{}", q.dump_logs());
+    }
+}
+
+fn agent(q: &Quorum, cluster: &str) -> TestAgent {
+    TestAgent::start(AgentOptions::new(q.endpoints(), q.certs.agent(cluster).expect("agent cert"), cluster))
+}
+
+fn group_of(s: &pb::StatusResponse) -> Option<&pb::GroupStatus> {
+    s.groups.first()
+}
+
+fn holder_of(s: &pb::StatusResponse) -> Option<(String, u64)> {
+    group_of(s).filter(|g| !g.holder.is_empty()).map(|g| (g.holder.clone(), g.token))
+}
+
+/// Waits for a holder; returns (holder agent index, token).
+async fn wait_holder(q: &Quorum, agents: &[&TestAgent]) -> anyhow::Result<(usize, u64)> {
+    let s = q.wait_status("a holder", WAIT, |s| holder_of(s).is_some()).await?;
+    let (h, t) = holder_of(&s).expect("holder");
+    let i = agents.iter().position(|a| a.opts.member_id == h).ok_or_else(|| anyhow::anyhow!("holder {h} is not ours"))?;
+    agents[i].wait_for("an ack listing the grant", WAIT, |r| r.held_token() == Some(t)).await?;
+    Ok((i, t))
+}
+
+fn admin_args(q: &Quorum) -> Vec<String> {
+    vec![
+        "--endpoints".into(),
+        q.endpoints().join(","),
+        "--tls-cert".into(),
+        q.admin.cert.display().to_string(),
+        "--tls-key".into(),
+        q.admin.key.display().to_string(),
+        "--tls-ca".into(),
+        q.admin.ca.display().to_string(),
+    ]
+}
+
+fn ctl(q: &Quorum, extra: &[&str]) -> anyhow::Result<String> {
+    let mut args = admin_args(q);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    arcfedctl(&refs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_voters_elect_a_leader_and_exactly_one_member_is_granted() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            let b = agent(&q, "b");
+            a.joined(WAIT).await?;
+            b.joined(WAIT).await?;
+            let s = q.wait_status("two live members", WAIT, |s| s.members.iter().filter(|m| m.status == "live").count() == 2).await?;
+            assert!(s.leader > 0 && s.term > 0);
+            assert_eq!(s.voters.len(), 3);
+            let (h, t) = wait_holder(&q, &[&a, &b]).await?;
+            assert!(t > 0);
+            let other = if h == 0 { &b } else { &a };
+            let holder = if h == 0 { &a } else { &b };
+            assert_eq!(holder.rec().grants.len(), 1, "the holder got one grant");
+            assert!(other.rec().grants.is_empty(), "the other member got no grant");
+            assert!(other.rec().acks.iter().all(|x| x.held.is_empty()), "the other member's acks list nothing");
+            // arcfedctl status: a readable table and the documented JSON.
+            let table = ctl(&q, &["status"])?;
+            assert!(table.contains("VOTERS") && table.contains("GROUPS") && table.contains(&format!("token {t}")), "{table}");
+            let json: serde_json::Value = serde_json::from_str(&ctl(&q, &["status", "-o", "json"])?)?;
+            assert_eq!(json["leader"].as_u64(), Some(s.leader));
+            assert_eq!(json["voters"].as_array().map(Vec::len), Some(3));
+            assert_eq!(json["groups"][0]["token"].as_u64(), Some(t));
+            assert_eq!(json["groups"][0]["holder"].as_str(), Some(holder.opts.member_id.as_str()));
+            assert!(json["groups"][0]["lease_remaining_ms"].as_i64().is_some_and(|v| v > 0));
+            assert_eq!(json["groups"][0]["assignments"].as_array().map(Vec::len), Some(2));
+            assert!(json["members"].as_array().is_some_and(|m| m.iter().all(|m| m["status"] == "live")));
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_a_silent_holder_expires_through_the_log_and_the_other_member_is_granted() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            a.joined(WAIT).await?;
+            let (_, t1) = wait_holder(&q, &[&a]).await?;
+            let b = agent(&q, "b");
+            b.joined(WAIT).await?;
+            assert!(is_accepted(&a.session_opened(t1, "session-of-a").await?));
+            a.set_silent(true);
+            b.wait_for("a grant", WAIT, |r| !r.grants.is_empty()).await?;
+            let g = b.rec().last_grant().cloned().expect("grant");
+            assert!(g.token > t1, "new token {} must exceed {t1}", g.token);
+            assert!(g.stale_sessions.contains(&"session-of-a".to_string()), "stale set {:?}", g.stale_sessions);
+            let s = q.status().await?;
+            let grp = group_of(&s).expect("group");
+            assert_eq!(grp.holder, b.opts.member_id);
+            assert!(grp.stale_sessions.contains(&"session-of-a".to_string()));
+            let am = s.members.iter().find(|m| m.id == a.opts.member_id).expect("member a");
+            assert_eq!(am.status, "expired");
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_killing_the_raft_leader_changes_no_holder() {
+    with_quorum(QuorumOptions::default(), |mut q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            let b = agent(&q, "b");
+            let (h, t) = wait_holder(&q, &[&a, &b]).await?;
+            let holder = if h == 0 { &a } else { &b };
+            let old = q.status().await?.leader;
+            let killed_at = Instant::now();
+            q.voter(old).kill();
+            let s = q.wait_status("a new serving leader", WAIT, |s| s.leader != old).await?;
+            assert_ne!(s.leader, old);
+            // Every agent is served again by the new leader.
+            for x in [&a, &b] {
+                x.wait_for("an ack from the new leader", WAIT, |r| r.acks.last().is_some_and(|k| k.received_at > killed_at)).await?;
+            }
+            holder.wait_for("an ack listing the same token", WAIT, |r| {
+                r.acks.last().is_some_and(|k| k.received_at > killed_at && k.held.iter().any(|x| x.1 == t))
+            })
+            .await?;
+            // Over two more TTLs, the holder and token stay put.
+            let until = Instant::now() + 2 * TTL;
+            while Instant::now() < until {
+                let s = q.status().await?;
+                assert_eq!(holder_of(&s), Some((holder.opts.member_id.clone(), t)), "holder changed after a leader change");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // Reconnecting to the new leader re-sends the same grant; no other token appeared.
+            assert!(holder.rec().grants.iter().all(|g| g.token == t), "a new token was granted");
+            let other = if h == 0 { &b } else { &a };
+            assert!(other.rec().grants.is_empty(), "the other member was granted");
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_state_and_tokens_survive_a_full_sigkill_restart() {
+    with_quorum(QuorumOptions::default(), |mut q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            a.joined(WAIT).await?;
+            let (_, t1) = wait_holder(&q, &[&a]).await?;
+            let b = agent(&q, "b");
+            b.joined(WAIT).await?;
+            assert!(is_accepted(&a.session_opened(t1, "session-d").await?));
+            q.wait_status("two members", WAIT, |s| s.members.len() == 2).await?;
+            for v in q.voters.iter_mut() {
+                v.kill();
+            }
+            for v in q.voters.iter_mut() {
+                v.restart()?;
+            }
+            let s = q
+                .wait_status("the holder and session after restart", WAIT, |s| {
+                    holder_of(s) == Some((a.opts.member_id.clone(), t1))
+                        && group_of(s).is_some_and(|g| g.session_id == "session-d")
+                        && s.members.len() == 2
+                })
+                .await?;
+            assert_eq!(group_of(&s).map(|g| g.token), Some(t1));
+            a.wait_for("served after restart", WAIT, |r| r.held_token() == Some(t1) && r.joined.len() >= 2).await?;
+            // The next token is larger than every earlier one.
+            a.set_silent(true);
+            b.wait_for("a grant", WAIT, |r| !r.grants.is_empty()).await?;
+            let t2 = b.rec().last_grant().map(|g| g.token).unwrap_or(0);
+            assert!(t2 > t1, "token {t2} after restart must exceed {t1}");
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_a_follower_redirects_an_agent_to_the_leader() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let s = q.status().await?;
+            let leader_addr = s.voters.iter().find(|v| v.role == "leader").map(|v| v.address.clone()).expect("leader");
+            let follower = q.voters.iter().find(|v| v.id != s.leader).expect("follower").addr();
+            // Raw attach to the follower: UNAVAILABLE naming the leader.
+            let tls = q.certs.agent("a")?;
+            let mut c = pb::agent_service_client::AgentServiceClient::new(tls.channel(&follower)?);
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            drop(tx);
+            let err = c.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect_err("follower must refuse");
+            assert_eq!(err.code(), tonic::Code::Unavailable);
+            let hint = err.metadata().get("x-arcfed-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
+            assert_eq!(hint.as_deref(), Some(leader_addr.as_str()), "{err:?}");
+            // The library agent follows it and gets served.
+            let a = TestAgent::start(AgentOptions::new(vec![follower.clone()], tls, "a"));
+            a.joined(WAIT).await?;
+            assert!(a.rec().errors.iter().any(|e| e.2.as_deref() == Some(leader_addr.as_str())));
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_identity_comes_from_the_certificate_and_roles_are_enforced() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            a.joined(WAIT).await?;
+            let leader = q.status().await?.voters.into_iter().find(|v| v.role == "leader").expect("leader").address;
+            // A cluster-b certificate cannot act for cluster a's member.
+            let mut opts = AgentOptions::new(vec![leader.clone()], q.certs.agent("b")?, "b");
+            opts.member_id = a.opts.member_id.clone();
+            let impostor = TestAgent::start(opts);
+            impostor
+                .wait_for("a refusal", WAIT, |r| r.errors.iter().any(|e| e.0 == tonic::Code::PermissionDenied))
+                .await?;
+            assert!(impostor.rec().joined.is_empty());
+            impostor.stop();
+            let s = q.status().await?;
+            assert_eq!(s.members.len(), 1);
+            assert_eq!(s.members[0].cluster, "a");
+            // An unknown CA is refused at the handshake.
+            let other = arcfed_tests::harness::Certs::init(&q.dir.join("foreign"))?;
+            let foreign = other.agent("a")?;
+            let mut c = pb::agent_service_client::AgentServiceClient::new(foreign.channel(&leader)?);
+            let (_tx, rx) = tokio::sync::mpsc::channel(1);
+            let err = c.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect_err("unknown CA");
+            assert_ne!(err.code(), tonic::Code::Ok);
+            // An agent certificate cannot call admin or peer RPCs.
+            let agent_tls = q.certs.agent("a")?;
+            let mut admin = pb::admin_service_client::AdminServiceClient::new(agent_tls.channel(&leader)?);
+            let err = admin.status(pb::StatusRequest {}).await.expect_err("agent calling admin");
+            assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+            let mut peer = pb::raft_service_client::RaftServiceClient::new(agent_tls.channel(&leader)?);
+            let err = peer.vote(pb::RaftPayload { json: b"{}".to_vec() }).await.expect_err("agent calling raft");
+            assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+            // An admin certificate cannot attach as an agent.
+            let mut as_agent = pb::agent_service_client::AgentServiceClient::new(q.admin.channel(&leader)?);
+            let (_tx2, rx2) = tokio::sync::mpsc::channel(1);
+            let err = as_agent.attach(tokio_stream::wrappers::ReceiverStream::new(rx2)).await.expect_err("admin as agent");
+            assert_eq!(err.code(), tonic::Code::PermissionDenied);
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_handover_grants_after_release_or_after_deadline_plus_ttl() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            a.joined(WAIT).await?;
+            let (_, t1) = wait_holder(&q, &[&a]).await?;
+            let b = agent(&q, "b");
+            b.joined(WAIT).await?;
+            let group = group_of(&q.status().await?).expect("group").key.clone();
+            // 1. The holder cooperates: Release, then the target is granted.
+            let out = ctl(&q, &["handover", &group, "--to", &b.opts.member_id])?;
+            assert!(out.contains("handover"), "{out}");
+            a.wait_for("a handover request", WAIT, |r| !r.handovers.is_empty()).await?;
+            assert_eq!(a.rec().handovers[0].0.to_member, b.opts.member_id);
+            let res = a.release(t1, vec![], pb::ReleaseReason::Handover).await?;
+            assert!(is_accepted(&res), "{res:?}");
+            b.wait_for("the grant", WAIT, |r| !r.grants.is_empty()).await?;
+            let t2 = b.rec().last_grant().map(|g| g.token).unwrap_or(0);
+            assert!(t2 > t1);
+            b.wait_for("an ack listing t2", WAIT, |r| r.held_token() == Some(t2)).await?;
+            // 2. The holder ignores it: the grant follows the deadline, then a TTL after the last
+            //    ack that listed (group, t2), so after b's own fence ended.
+            let asked = Instant::now();
+            ctl(&q, &["handover", &group, "--to", &a.opts.member_id, "--deadline", "2s"])?;
+            b.wait_for("a handover request", WAIT, |r| !r.handovers.is_empty()).await?;
+            a.wait_for("the grant back", WAIT, |r| r.grants.len() >= 2).await?;
+            let g = a.rec().last_grant().cloned().expect("grant");
+            assert!(g.token > t2);
+            assert!(g.received_at >= asked + Duration::from_secs(2), "granted before the handover deadline");
+            let fence = b.rec().fence_end(t2).expect("b had a fence");
+            assert!(g.received_at >= fence, "grant at {:?} precedes the ignoring holder's fence end {:?}", g.received_at, fence);
+            // After the deadline, b's acks stop listing t2.
+            let last_listing = b.rec().acks.iter().rev().find(|k| k.held.iter().any(|h| h.1 == t2)).map(|k| k.received_at);
+            assert!(last_listing.is_some_and(|l| l <= asked + Duration::from_secs(3)), "acks kept listing t2 long after the deadline");
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_an_isolated_leader_stops_acking_and_the_majority_grants_after_the_fence() {
+    let opts = QuorumOptions { peer_proxies: true, ..QuorumOptions::default() };
+    with_quorum(opts, |q| async move {
+        let r = async {
+            let s = q.status().await?;
+            let leader = s.leader;
+            let leader_addr = q.voters.iter().find(|v| v.id == leader).expect("leader").addr();
+            // The holder is in the leader's region: it reaches only that voter.
+            let mut ao = AgentOptions::new(vec![leader_addr], q.certs.agent("a")?, "a");
+            ao.priority = 0;
+            let a = TestAgent::start(ao);
+            a.joined(WAIT).await?;
+            let (_, t1) = wait_holder(&q, &[&a]).await?;
+            let mut bo = AgentOptions::new(q.endpoints(), q.certs.agent("b")?, "b");
+            bo.priority = 1;
+            let b = TestAgent::start(bo);
+            b.joined(WAIT).await?;
+            q.wait_status("two members", WAIT, |s| s.members.len() == 2).await?;
+            let cut = Instant::now();
+            q.isolate(leader, Mode::Blackhole);
+            // The majority elects another leader, expires a, and grants b.
+            b.wait_for("a grant from the majority", Duration::from_secs(60), |r| !r.grants.is_empty()).await?;
+            let g = b.rec().last_grant().cloned().expect("grant");
+            assert!(g.token > t1);
+            let fence = a.rec().fence_end(t1).expect("a had a fence");
+            assert!(g.received_at > fence, "grant {:?} came before the isolated holder's fence end {:?}", g.received_at, fence);
+            // The isolated leader stopped acking: its last ack answered a keepalive sent
+            // within TTL×margin (+ one keepalive period of slack) of the cut.
+            let window = Duration::from_millis(1000) + Duration::from_millis(750);
+            let late = a.rec().acks.iter().filter(|k| k.sent_at > cut + window).count();
+            assert_eq!(late, 0, "the isolated leader acked keepalives sent well after the cut");
+            println!(
+                "isolated leader: last ack for a keepalive sent {:?} after the cut; grant {:?} after a's fence end",
+                a.rec().acks.last().map(|k| k.sent_at.saturating_duration_since(cut)),
+                g.received_at.duration_since(fence)
+            );
+            q.isolate(leader, Mode::Pass);
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn j_a_keepalive_after_the_deadline_gets_expired_and_rejoin_gives_a_new_epoch() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            let e1 = a.joined(WAIT).await?;
+            a.set_silent(true);
+            q.wait_status("a expired", WAIT, |s| s.members.iter().any(|m| m.status == "expired")).await?;
+            a.set_silent(false);
+            a.wait_for("EXPIRED then a new Joined", WAIT, |r| !r.expired.is_empty() && r.joined.len() >= 2).await?;
+            let e2 = a.rec().epoch().unwrap_or(0);
+            assert!(e2 > e1, "epoch {e2} must exceed {e1}");
+            q.wait_status("a live again", WAIT, |s| s.members.iter().any(|m| m.status == "live" && m.epoch == e2)).await?;
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_old_tokens_are_rejected_and_a_late_session_lands_in_the_stale_set() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            a.joined(WAIT).await?;
+            let (_, t1) = wait_holder(&q, &[&a]).await?;
+            let b = agent(&q, "b");
+            b.joined(WAIT).await?;
+            a.set_silent(true);
+            b.wait_for("a grant", WAIT, |r| !r.grants.is_empty()).await?;
+            a.set_silent(false);
+            a.wait_for("rejoined", WAIT, |r| r.joined.len() >= 2).await?;
+            let p = a.progress(t1, Some(1), 3).await?;
+            assert!(rejection(&p).is_some_and(|r| r.starts_with("stale_token")), "{p:?}");
+            let s = a.session_opened(t1, "late-session").await?;
+            assert!(rejection(&s).is_some_and(|r| r.starts_with("stale_token")), "{s:?}");
+            let rel = a.release(t1, vec![], pb::ReleaseReason::Shutdown).await?;
+            assert!(rejection(&rel).is_some_and(|r| r.starts_with("stale_token")), "{rel:?}");
+            let st = q.status().await?;
+            let g = group_of(&st).expect("group");
+            assert!(g.stale_sessions.contains(&"late-session".to_string()), "{:?}", g.stale_sessions);
+            assert_eq!(g.holder, b.opts.member_id);
+            b.wait_for("told to delete the late session", WAIT, |r| {
+                r.delete_sessions.iter().any(|d| d.session_ids.contains(&"late-session".to_string()))
+            })
+            .await?;
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l_a_one_sided_close_never_brings_the_grant_before_the_fence_bound() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let s = q.status().await?;
+            let leader_addr = q.voters.iter().find(|v| v.id == s.leader).expect("leader").addr();
+            let proxy = FaultProxy::start(leader_addr.parse()?).await?;
+            let a = TestAgent::start(AgentOptions::new(vec![proxy.addr().to_string()], q.certs.agent("a")?, "a"));
+            a.joined(WAIT).await?;
+            let (_, t1) = wait_holder(&q, &[&a]).await?;
+            let b = agent(&q, "b");
+            b.joined(WAIT).await?;
+            q.wait_status("two members", WAIT, |s| s.members.len() == 2).await?;
+            let cut = Instant::now();
+            proxy.set_mode(Mode::ResetUpstreamBlackholeDownstream);
+            b.wait_for("a grant", WAIT, |r| !r.grants.is_empty()).await?;
+            let g = b.rec().last_grant().cloned().expect("grant");
+            assert!(g.token > t1);
+            let last_ka = a.rec().sent.values().copied().filter(|t| *t <= cut).max().expect("a sent keepalives");
+            // TTL × (1 − margin) × (1 + 2ρ) with TTL 3 s, margin 0.333, ρ 0.01.
+            let bound = Duration::from_millis(3000 * 667 / 1000 * 1020 / 1000);
+            assert!(
+                g.received_at >= last_ka + bound,
+                "grant {:?} after the last keepalive, below the bound {bound:?}",
+                g.received_at.duration_since(last_ka)
+            );
+            assert!(g.received_at >= a.rec().fence_end(t1).expect("fence"));
+            let _ = free_port();
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
