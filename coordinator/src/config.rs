@@ -52,7 +52,8 @@ pub struct LogArgs {
     #[arg(long, env = "ARCFED_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `arcfed_coordinator=debug,info`.
-    #[arg(long, env = "ARCFED_LOG_LEVEL", default_value = "info")]
+    /// The default also logs refused TLS handshakes (unknown CA, missing client certificate).
+    #[arg(long, env = "ARCFED_LOG_LEVEL", default_value = "info,tonic::transport::server::io_stream=debug")]
     pub log_level: String,
 }
 

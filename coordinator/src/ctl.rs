@@ -102,6 +102,9 @@ pub enum CertsCmd {
     Init {
         #[arg(long, env = "ARCFED_CERTS_OUT", value_name = "DIR")]
         out: PathBuf,
+        /// Replace an existing CA (every certificate it signed stops being trusted).
+        #[arg(long, env = "ARCFED_CERTS_FORCE")]
+        force: bool,
     },
     /// Issue a leaf certificate signed by the CA in --ca: writes tls.crt, tls.key, ca.crt into --out.
     Issue {
@@ -130,9 +133,8 @@ pub enum CertsCmd {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    match &cli.cmd {
-        Cmd::Certs { cmd } => return certs_cmd(cmd),
-        _ => {}
+    if let Cmd::Certs { cmd } = &cli.cmd {
+        return certs_cmd(cmd);
     }
     let mut admin = Admin::connect(&cli).await?;
     match cli.cmd {
@@ -174,8 +176,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn certs_cmd(cmd: &CertsCmd) -> anyhow::Result<()> {
     match cmd {
-        CertsCmd::Init { out } => {
-            certs::init_ca(out)?;
+        CertsCmd::Init { out, force } => {
+            certs::init_ca_with(out, *force)?;
             println!("wrote {}/ca.crt and {}/ca.key", out.display(), out.display());
         }
         CertsCmd::Issue { ca, role, name, dns, ip, out, days } => {
@@ -329,7 +331,7 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
         s.applied_index,
         ms(s.quorum_contact_age_ms)
     );
-    let _ = writeln!(o, "\nVOTERS\n  {:<4} {:<24} {}", "ID", "ADDRESS", "ROLE");
+    let _ = writeln!(o, "\nVOTERS\n  {:<4} {:<24} ROLE", "ID", "ADDRESS");
     for v in &s.voters {
         let _ = writeln!(o, "  {:<4} {:<24} {}", v.id, v.address, v.role);
     }

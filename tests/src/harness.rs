@@ -113,7 +113,7 @@ impl Voter {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(bin_path("arcfed-coordinator"))
             .args(&self.args)
-            .env("ARCFED_LOG_LEVEL", std::env::var("ARCFED_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .env("ARCFED_LOG_LEVEL", std::env::var("ARCFED_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn,tonic::transport::server::io_stream=debug".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
