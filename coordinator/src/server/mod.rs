@@ -406,29 +406,37 @@ async fn grant_holderless(ctx: &Arc<Ctx>) {
             l.remove(&id);
         }
     }
+    // Pick every holderless group's next holder, then propose the grants together so
+    // openraft batches them into few log writes (one fsync each) instead of one per group.
+    let mut picks = Vec::new();
     for g in state.groups.values() {
         if g.holder.is_some() {
             lock(&ctx.holderless_since).remove(&g.key);
             continue;
         }
+        let since = *lock(&ctx.holderless_since).entry(g.key.clone()).or_insert_with(Instant::now);
         let pick = {
             let l = ctx.lessor();
             state.choose_holder(&g.key, ts, &|m| l.is_live(m, now))
         };
-        let Some(member) = pick else {
-            lock(&ctx.holderless_since).entry(g.key.clone()).or_insert_with(Instant::now);
-            continue;
-        };
-        let since = *lock(&ctx.holderless_since).entry(g.key.clone()).or_insert_with(Instant::now);
-        match ctx.propose(Command::Grant { group: g.key.clone(), member: member.clone() }).await {
+        if let Some(member) = pick {
+            picks.push((g.key.clone(), member, since));
+        }
+    }
+    let proposals = picks.into_iter().map(|(group, member, since)| async move {
+        let r = ctx.propose(Command::Grant { group: group.clone(), member: member.clone() }).await;
+        (group, member, since, r)
+    });
+    for (group, member, since, r) in futures::future::join_all(proposals).await {
+        match r {
             Ok(applied) => {
                 if let crate::core::Outcome::Granted { token } = applied.outcome {
                     ctx.metrics.grant_latency.observe(since.elapsed().as_secs_f64());
-                    lock(&ctx.holderless_since).remove(&g.key);
-                    info!(group = %g.key, member = %member, token, "granted");
+                    lock(&ctx.holderless_since).remove(&group);
+                    info!(group = %group, member = %member, token, "granted");
                 }
             }
-            Err(e) => warn!(group = %g.key, error = %e, "grant proposal failed"),
+            Err(e) => warn!(group = %group, error = %e, "grant proposal failed"),
         }
     }
 }
