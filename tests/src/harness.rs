@@ -22,8 +22,11 @@ pub fn bin_path(name: &str) -> PathBuf {
         return PathBuf::from(dir).join(name);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // Test executables live in target/<profile>/deps/, binaries in target/<profile>/.
+    let mut dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     dir.join(name)
 }
 
@@ -176,6 +179,7 @@ impl Drop for Voter {
 
 /// A quorum of real coordinator processes.
 pub struct Quorum {
+    pub opts: QuorumOptions,
     pub dir: PathBuf,
     pub certs: Certs,
     pub voters: Vec<Voter>,
@@ -237,7 +241,44 @@ impl Quorum {
             v.spawn()?;
             voters.push(v);
         }
-        Ok(Quorum { dir: dir.to_path_buf(), certs, voters, proxies, admin })
+        Ok(Quorum { opts, dir: dir.to_path_buf(), certs, voters, proxies, admin })
+    }
+
+    /// Starts one more coordinator process (not yet a member): its `--peer` list names the
+    /// current voters and itself, and it waits to be added with `arcfedctl voters add`.
+    pub fn spawn_extra_voter(&mut self, id: u64) -> anyhow::Result<&Voter> {
+        let tls = self.certs.coordinator(id)?;
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let data_dir = self.dir.join(format!("voter-{id}"));
+        let mut args: Vec<String> = vec![
+            "--node-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            grpc.to_string(),
+            "--admin-listen".into(),
+            http.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--tls-cert".into(),
+            tls.cert.display().to_string(),
+            "--tls-key".into(),
+            tls.key.display().to_string(),
+            "--tls-ca".into(),
+            tls.ca.display().to_string(),
+            "--lease-ttl".into(),
+            self.opts.lease_ttl.into(),
+            "--peer".into(),
+            format!("{id}={grpc}"),
+        ];
+        for v in &self.voters {
+            args.push("--peer".into());
+            args.push(format!("{}={}", v.id, v.grpc));
+        }
+        let mut v = Voter { id, grpc, http, log: self.dir.join(format!("voter-{id}.log")), data_dir, args, child: None };
+        v.spawn()?;
+        self.voters.push(v);
+        Ok(self.voters.last().expect("just pushed"))
     }
 
     pub fn endpoints(&self) -> Vec<String> {

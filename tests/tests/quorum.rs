@@ -474,3 +474,49 @@ async fn l_a_one_sided_close_never_brings_the_grant_before_the_fence_bound() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m_voters_are_added_and_removed_through_admin_and_sigterm_is_graceful() {
+    with_quorum(QuorumOptions::default(), |mut q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            let (_, t) = wait_holder(&q, &[&a]).await?;
+            // The admin HTTP port: /live, /ready and the metrics the issue lists.
+            let leader = q.status().await?.leader;
+            let http = q.voters.iter().find(|v| v.id == leader).expect("leader").http;
+            let get = |path: &'static str| async move {
+                let body = reqwest::get(format!("http://{http}{path}")).await?;
+                let code = body.status();
+                anyhow::Ok((code, body.text().await?))
+            };
+            assert!(get("/live").await?.0.is_success());
+            assert!(get("/ready").await?.0.is_success());
+            let (_, metrics) = get("/metrics").await?;
+            for name in [
+                "arcfed_raft_term", "arcfed_raft_leader", "arcfed_raft_commit_index", "arcfed_raft_applied_index",
+                "arcfed_quorum_contact_age_ms", "arcfed_members{status=\"live\"} 1", "arcfed_holders 1",
+                "arcfed_grants_total_replicated", "arcfed_expirations_total_replicated",
+                "arcfed_stale_token_rejections_total_replicated", "arcfed_handovers_total_replicated",
+                "arcfed_grant_latency_seconds_bucket",
+            ] {
+                assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+            }
+            // Add a fourth voter, then remove it again.
+            let addr = q.spawn_extra_voter(4)?.addr();
+            let out = ctl(&q, &["voters", "add", "--id", "4", "--address", &addr])?;
+            assert!(out.contains("voter"), "{out}");
+            q.wait_status("four voters", WAIT, |s| s.voters.len() == 4 && s.voters.iter().all(|v| v.role != "learner")).await?;
+            ctl(&q, &["voters", "remove", "--id", "4"])?;
+            q.wait_status("three voters", WAIT, |s| s.voters.len() == 3 && s.voters.iter().all(|v| v.id != 4)).await?;
+            // SIGTERM: the leader exits cleanly and promptly; a new leader serves; no holder change.
+            let code = q.voter(leader).terminate(Duration::from_secs(10));
+            assert_eq!(code, Some(0), "SIGTERM exit code");
+            let s = q.wait_status("a new leader", WAIT, |s| s.leader != leader && s.leader != 4).await?;
+            assert_eq!(holder_of(&s), Some((a.opts.member_id.clone(), t)));
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}

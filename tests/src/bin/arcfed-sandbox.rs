@@ -1,0 +1,333 @@
+//! arcfed-sandbox: a local arcfed world started by one command.
+//!
+//! It mints certificates, starts the actions-emulator (in-process) with one scale set,
+//! three `arcfed-coordinator` voters (real processes), and one region per `--regions`
+//! entry, each running the library agent (`arcfed_tests::agent_client`) joined to the
+//! scale set's group. Then it prints the quorum's status until Ctrl-C, or runs a drill and
+//! prints its JSON report.
+//!
+//! Today the regions run the library agent, which holds leases but does not yet talk to
+//! GitHub; the real agent (the ARC listener drop-in) replaces it with the agent issue, and
+//! the drill report's GitHub-side fields will then come from the emulator's timeline.
+use anyhow::{Context, bail};
+use arcfed_tests::agent_client::{AgentOptions, TestAgent};
+use arcfed_tests::emulator::{Emulator, EmulatorConfig};
+use arcfed_tests::harness::{Quorum, QuorumOptions, bin_path};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Drill {
+    /// Kill the holder's agent (its stream dies); measure until another region holds.
+    KillHolder,
+    /// SIGKILL the Raft leader; check that no holder changes and every region is served again.
+    KillLeader,
+    /// `arcfedctl handover` to another region; the holder releases; measure until the target holds.
+    Handover,
+}
+
+/// arcfed-sandbox: a local quorum, regions and an emulated GitHub, in one command.
+#[derive(Parser, Debug)]
+#[command(name = "arcfed-sandbox", version, about, long_about)]
+struct Args {
+    /// Working directory for certificates, data dirs and logs (default: a new temp dir, kept).
+    #[arg(long, env = "ARCFED_SANDBOX_DIR")]
+    dir: Option<PathBuf>,
+    /// Regions (clusters), one agent each.
+    #[arg(long, env = "ARCFED_SANDBOX_REGIONS", value_delimiter = ',', default_value = "a,b,c")]
+    regions: Vec<String>,
+    /// Lease TTL of the quorum.
+    #[arg(long, env = "ARCFED_SANDBOX_LEASE_TTL", default_value = "3s")]
+    lease_ttl: String,
+    /// Run a drill instead of printing status until Ctrl-C.
+    #[arg(long, env = "ARCFED_SANDBOX_DRILL", value_enum)]
+    drill: Option<Drill>,
+    /// Drill repetitions.
+    #[arg(long, env = "ARCFED_SANDBOX_RUNS", default_value = "3")]
+    runs: usize,
+    /// Print the drill report as one JSON object (DESIGN §11 shape).
+    #[arg(long, env = "ARCFED_SANDBOX_JSON")]
+    json: bool,
+    /// Stop after this long instead of waiting for Ctrl-C (0 = run until Ctrl-C).
+    #[arg(long, env = "ARCFED_SANDBOX_DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
+    duration: Duration,
+    /// How often to print the status table.
+    #[arg(long, env = "ARCFED_SANDBOX_EVERY", value_parser = humantime::parse_duration, default_value = "5s")]
+    every: Duration,
+}
+
+fn log(json: bool, msg: impl AsRef<str>) {
+    if json {
+        eprintln!("{}", msg.as_ref());
+    } else {
+        println!("{}", msg.as_ref());
+    }
+}
+
+/// `cargo run -p arcfed-tests --bin arcfed-sandbox` builds only this package; build the
+/// coordinator binaries it starts too (a no-op when they are fresh).
+fn ensure_binaries() -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let release = exe.components().any(|c| c.as_os_str() == "release");
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "arcfed-coordinator", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().context("cargo build -p arcfed-coordinator")?;
+        if !st.success() {
+            bail!("building arcfed-coordinator failed");
+        }
+    }
+    for b in ["arcfed-coordinator", "arcfedctl"] {
+        if !bin_path(b).exists() {
+            bail!("{} not found: run `cargo build --workspace` first (or set ARCFED_BIN_DIR)", bin_path(b).display());
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    if args.regions.len() < 2 {
+        bail!("--regions needs at least two regions");
+    }
+    ensure_binaries()?;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("--dir {}", d.display()))?;
+            d.clone()
+        }
+        None => tempfile::Builder::new().prefix("arcfed-sandbox-").tempdir()?.keep(),
+    };
+    let json = args.json;
+
+    // Emulated GitHub with one scale set.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let emu = Emulator::start(EmulatorConfig::default(), listener).await?;
+    let set = emu.create_scale_set("arcfed-sandbox", 1).map_err(|e| anyhow::anyhow!("create scale set: {e:?}"))?;
+    let config_url = emu.config_url();
+
+    // The quorum.
+    let ttl: &'static str = Box::leak(args.lease_ttl.clone().into_boxed_str());
+    let mut q = Quorum::start(&dir, QuorumOptions { lease_ttl: ttl, ..QuorumOptions::default() }).await?;
+    q.wait_serving(Duration::from_secs(30)).await.with_context(|| format!("quorum did not start; logs in {}", dir.display()))?;
+
+    // The regions.
+    let mut agents: BTreeMap<String, TestAgent> = BTreeMap::new();
+    for r in &args.regions {
+        agents.insert(r.clone(), start_agent(&q, r, &config_url, set.id)?);
+    }
+    for a in agents.values() {
+        a.joined(Duration::from_secs(30)).await?;
+    }
+    let s = q.wait_status("a holder", Duration::from_secs(30), |s| s.groups.iter().any(|g| !g.holder.is_empty())).await?;
+
+    log(json, format!("arcfed sandbox is up in {}", dir.display()));
+    log(json, format!("  emulated GitHub: githubConfigUrl={config_url} (PAT {}), scale set id {}", emu.pat(), set.id));
+    log(json, format!("  quorum: {} (leader {})", q.endpoints().join(","), s.leader));
+    log(json, format!("  regions: {}", args.regions.join(", ")));
+    log(
+        json,
+        format!(
+            "  try: ARCFED_ENDPOINTS={} ARCFED_TLS_CERT={} ARCFED_TLS_KEY={} ARCFED_TLS_CA={} {} status",
+            q.endpoints().join(","),
+            q.admin.cert.display(),
+            q.admin.key.display(),
+            q.admin.ca.display(),
+            bin_path("arcfedctl").display()
+        ),
+    );
+
+    match args.drill {
+        Some(d) => {
+            let report = drill(d, args.runs, &mut q, &mut agents, &config_url, set.id).await;
+            let report = match report {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("drill failed: {e:#}\nlogs: {}", dir.display());
+                    return Err(e);
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+        }
+        None => {
+            let end = (args.duration > Duration::ZERO).then(|| Instant::now() + args.duration);
+            loop {
+                if let Ok(s) = q.status().await {
+                    println!("\n{}", arcfed_coordinator_table(&s));
+                }
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = tokio::time::sleep(args.every) => {}
+                }
+                if end.is_some_and(|e| Instant::now() >= e) {
+                    break;
+                }
+            }
+            println!("stopping; files kept in {}", dir.display());
+        }
+    }
+    drop(agents);
+    drop(q);
+    emu.shutdown().await;
+    Ok(())
+}
+
+fn start_agent(q: &Quorum, region: &str, config_url: &str, set: i64) -> anyhow::Result<TestAgent> {
+    let mut o = AgentOptions::new(q.endpoints(), q.certs.agent(region)?, region);
+    o.configure_url = config_url.to_string();
+    o.scale_set_id = set;
+    o.ers_name = format!("arcfed-sandbox-{region}");
+    Ok(TestAgent::start(o))
+}
+
+/// A compact status table (arcfedctl's full table is `arcfedctl status`).
+fn arcfed_coordinator_table(s: &arcfed_proto::StatusResponse) -> String {
+    let mut o = format!("leader {}  term {}  applied {}\n", s.leader, s.term, s.applied_index);
+    for g in &s.groups {
+        let holder = if g.holder.is_empty() { "(none)".into() } else { format!("{} ({})", g.holder_cluster, &g.holder[..8.min(g.holder.len())]) };
+        o.push_str(&format!("  {}  holder {holder}  token {}  lease {}ms\n", g.key, g.token, g.lease_remaining_ms));
+        for m in s.members.iter().filter(|m| m.group == g.key) {
+            let n = g.assignments.iter().find(|a| a.member == m.id).map(|a| a.runners).unwrap_or(0);
+            o.push_str(&format!("    {:<8} {:<8} epoch {:<6} runners {n}\n", m.cluster, m.status, m.epoch));
+        }
+    }
+    o
+}
+
+fn summary(mut v: Vec<f64>) -> serde_json::Value {
+    if v.is_empty() {
+        return serde_json::Value::Null;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| v[(((v.len() - 1) as f64) * p).round() as usize];
+    json!({"p50": at(0.5), "p99": at(0.99), "max": at(1.0)})
+}
+
+fn holder_of(s: &arcfed_proto::StatusResponse) -> Option<(String, String, u64)> {
+    s.groups.first().filter(|g| !g.holder.is_empty()).map(|g| (g.holder.clone(), g.holder_cluster.clone(), g.token))
+}
+
+async fn drill(
+    d: Drill,
+    runs: usize,
+    q: &mut Quorum,
+    agents: &mut BTreeMap<String, TestAgent>,
+    config_url: &str,
+    set: i64,
+) -> anyhow::Result<serde_json::Value> {
+    let wait = Duration::from_secs(60);
+    let mut per_run = Vec::new();
+    let mut detect = Vec::new();
+    let mut grant = Vec::new();
+    let mut tokens = Vec::new();
+    let mut regressions = 0u64;
+    for run in 0..runs {
+        let s = q.wait_status("a holder", wait, |s| holder_of(s).is_some()).await?;
+        let (holder, region, token) = holder_of(&s).context("holder")?;
+        if tokens.last().is_some_and(|t| token < *t) {
+            regressions += 1;
+        }
+        tokens.push(token);
+        let fault = Instant::now();
+        let (detect_ms, grant_ms, note) = match d {
+            Drill::KillHolder => {
+                let dead = agents.remove(&region).context("holder region")?;
+                drop(dead); // the agent's stream dies with it, as with a SIGKILLed pod
+                let s2 = q.wait_status("another holder", wait, |s| holder_of(s).is_some_and(|h| h.0 != holder)).await?;
+                let detect_ms = fault.elapsed().as_secs_f64() * 1000.0;
+                let (_, new_region, new_token) = holder_of(&s2).context("holder")?;
+                if new_token < token {
+                    regressions += 1;
+                }
+                let a = agents.get(&new_region).context("new holder region")?;
+                a.wait_for("grant", wait, |r| r.grants.iter().any(|g| g.token == new_token)).await?;
+                let g = a.rec().grants.iter().find(|g| g.token == new_token).map(|g| g.received_at).context("grant")?;
+                // The killed region comes back (its pod is recreated) as a standby.
+                agents.insert(region.clone(), start_agent(q, &region, config_url, set)?);
+                (Some(detect_ms), Some(g.duration_since(fault).as_secs_f64() * 1000.0), format!("{region} → {new_region}"))
+            }
+            Drill::KillLeader => {
+                q.voter(s.leader).kill();
+                let s2 = q.wait_status("a new leader", wait, |x| x.leader != s.leader).await?;
+                for a in agents.values() {
+                    a.wait_for("served again", wait, |r| r.acks.last().is_some_and(|k| k.received_at > fault)).await?;
+                }
+                let served = fault.elapsed().as_secs_f64() * 1000.0;
+                if holder_of(&s2).map(|h| h.0) != Some(holder.clone()) {
+                    bail!("the holder changed after a leader change (invariant 5)");
+                }
+                q.voter(s.leader).restart()?;
+                q.wait_status("the old leader back", wait, |x| x.voters.len() == 3).await?;
+                (None, None, format!("leader {} → {}; all regions served again after {served:.0} ms", s.leader, s2.leader))
+            }
+            Drill::Handover => {
+                let target = agents.iter().find(|(r, _)| **r != region).map(|(r, a)| (r.clone(), a.opts.member_id.clone())).context("target")?;
+                let from = agents.get(&region).context("holder agent")?;
+                let mut args: Vec<String> = vec![
+                    "--endpoints".into(), q.endpoints().join(","), "--tls-cert".into(), q.admin.cert.display().to_string(),
+                    "--tls-key".into(), q.admin.key.display().to_string(), "--tls-ca".into(), q.admin.ca.display().to_string(),
+                    "handover".into(), s.groups[0].key.clone(), "--to".into(), target.1.clone(),
+                ];
+                let n = from.rec().handovers.len();
+                let refs: Vec<&str> = args.iter_mut().map(|s| s.as_str()).collect();
+                arcfed_tests::harness::arcfedctl(&refs)?;
+                from.wait_for("handover request", wait, |r| r.handovers.len() > n).await?;
+                from.release(token, vec![], arcfed_proto::ReleaseReason::Handover).await?;
+                let s2 = q.wait_status("the target holds", wait, |s| holder_of(s).is_some_and(|h| h.0 == target.1)).await?;
+                let detect_ms = fault.elapsed().as_secs_f64() * 1000.0;
+                if holder_of(&s2).is_some_and(|h| h.2 < token) {
+                    regressions += 1;
+                }
+                (Some(detect_ms), None, format!("{region} → {}", target.0))
+            }
+        };
+        if let Some(v) = detect_ms {
+            detect.push(v);
+        }
+        if let Some(v) = grant_ms {
+            grant.push(v);
+        }
+        per_run.push(json!({"run": run, "detect_ms": detect_ms, "grant_ms": grant_ms, "token_before": token, "what": note}));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let scenario = match d {
+        Drill::KillHolder => "kill-holder",
+        Drill::KillLeader => "kill-leader",
+        Drill::Handover => "handover",
+    };
+    Ok(json!({
+        "scenario": scenario,
+        "runs": per_run,
+        "detect_ms": summary(detect),
+        "grant_ms": summary(grant),
+        // Filled from the emulator's timeline once the real agent holds GitHub sessions.
+        "failover_ms": null, "first_poll_ms": null, "sessions_overlap_ms": null, "zombie_requests": null,
+        "conflicts_409": null, "messages_lost": null, "acquire_repeats": null, "jobs_acquired_twice": null,
+        "stale_token_rejections": stale_token_rejections(q).await,
+        "token_regressions": regressions,
+        "tokens": tokens,
+    }))
+}
+
+/// The coordinator's replicated stale-token rejection counter, read from the leader's /metrics.
+async fn stale_token_rejections(q: &Quorum) -> Option<u64> {
+    let leader = q.status().await.ok()?.leader;
+    let http = q.voters.iter().find(|v| v.id == leader)?.http;
+    let body = reqwest::get(format!("http://{http}/metrics")).await.ok()?.text().await.ok()?;
+    body.lines()
+        .find(|l| l.starts_with("arcfed_stale_token_rejections_total_replicated "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}

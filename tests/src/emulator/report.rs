@@ -1,0 +1,177 @@
+//! The timeline (one [`Event`] per request) and the report (DESIGN.md §11). Times are
+//! milliseconds on the emulator's clock, which starts at 0 when the emulator starts;
+//! `started_unix_ms` converts them to wall time.
+
+use super::faults::PathClass;
+use super::model::Statistics;
+use serde::{Deserialize, Serialize};
+
+/// How a request authenticated, as the emulator saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthKind {
+    None,
+    Pat,
+    AppJwt,
+    Installation,
+    RemoteAuth,
+    Admin,
+    Queue,
+    /// Something was presented that the emulator does not know or no longer accepts.
+    Invalid,
+}
+
+/// One request as received.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    /// When the request arrived.
+    pub at_ms: u64,
+    /// How long the emulator took to answer (long polls included).
+    pub duration_ms: u64,
+    pub method: String,
+    pub path: String,
+    /// Decoded `key=value` pairs, sorted by key, joined with `&`.
+    pub query: String,
+    pub class: PathClass,
+    pub auth: AuthKind,
+    /// `X-ScaleSetMaxCapacity`, when sent.
+    pub capacity: Option<i64>,
+    pub user_agent: Option<String>,
+    pub status: u16,
+    pub scale_set_id: Option<i64>,
+    pub session_id: Option<String>,
+    pub owner: Option<String>,
+    /// Made with the queue token of a session that had already closed.
+    pub zombie: bool,
+    /// Set when an injected fault answered or delayed the request.
+    pub fault: Option<String>,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// Still open.
+    Open,
+    /// `DELETE …/sessions/{id}`.
+    Deleted,
+    /// Not polled within the session TTL (abandoned).
+    Expired,
+    /// Evicted by `POST /_emulator/sessions/{id}/evict` (GitHub losing it server-side).
+    Evicted,
+    /// Its scale set was deleted.
+    ScaleSetDeleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionReport {
+    pub session_id: String,
+    pub owner: String,
+    /// The credential that opened it (`pat#1`, `installation:42`).
+    pub credential: String,
+    pub opened_at: u64,
+    pub closed_at: Option<u64>,
+    pub close_reason: CloseReason,
+    /// First and last holder-only request attributed to this session (open/delete session,
+    /// poll, ack, acquire), zombie requests included.
+    pub first_holder_request_at: u64,
+    pub last_holder_request_at: u64,
+    pub polls: u64,
+    pub zombie_requests: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaleSetReport {
+    pub id: i64,
+    pub name: String,
+    pub runner_group_id: i64,
+    pub deleted: bool,
+    /// Most sessions whose holder-only activity overlapped in time. The service never has
+    /// more than one *open* session, so above 1 means a closed session's holder kept acting
+    /// (zombie requests) after its successor started.
+    pub max_concurrent_sessions: u64,
+    pub conflicts_409: u64,
+    /// Time since the first session opened during which no session was open.
+    pub no_session_ms: u64,
+    pub messages_delivered: u64,
+    pub messages_deleted: u64,
+    /// Deliveries of a message id that had been delivered before (to any session).
+    pub messages_redelivered: u64,
+    /// Job ids in `acquirejobs` requests that had already been acquired.
+    pub acquire_repeats: u64,
+    /// Jobs returned as acquired by more than one successful `acquirejobs` response.
+    pub jobs_acquired_twice: u64,
+    /// Requests made with the queue token of a closed session.
+    pub zombie_requests: u64,
+    /// Σ over consecutive sessions of max(0, last holder-only request of the predecessor −
+    /// first holder-only request of the successor) (DESIGN.md §11).
+    pub sessions_overlap_ms: u64,
+    pub jobs_enqueued: u64,
+    pub jobs_completed: u64,
+    pub statistics: Statistics,
+    pub sessions: Vec<SessionReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub started_unix_ms: u64,
+    pub now_ms: u64,
+    pub requests: u64,
+    pub scale_sets: Vec<ScaleSetReport>,
+}
+
+impl Report {
+    pub fn scale_set(&self, id: i64) -> Option<&ScaleSetReport> {
+        self.scale_sets.iter().find(|s| s.id == id)
+    }
+}
+
+/// DESIGN.md §11's overlap over sessions in opening order.
+pub fn overlap_ms(sessions: &[SessionReport]) -> u64 {
+    sessions.windows(2).map(|w| w[0].last_holder_request_at.saturating_sub(w[1].first_holder_request_at)).sum()
+}
+
+/// The most holder-activity intervals `[first, last]` that cover one instant.
+pub fn max_concurrent(sessions: &[SessionReport]) -> u64 {
+    // Starts sort before ends at the same instant: touching intervals count as concurrent,
+    // which only happens when a successor's open lands in the predecessor's last millisecond.
+    let mut edges: Vec<(u64, i64)> =
+        sessions.iter().flat_map(|s| [(s.first_holder_request_at, 1), (s.last_holder_request_at, -1)]).collect();
+    edges.sort_by_key(|&(t, d)| (t, -d));
+    let (mut cur, mut max) = (0i64, 0i64);
+    for (_, d) in edges {
+        cur += d;
+        max = max.max(cur);
+    }
+    max as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(first: u64, last: u64) -> SessionReport {
+        SessionReport {
+            session_id: String::new(),
+            owner: String::new(),
+            credential: String::new(),
+            opened_at: first,
+            closed_at: None,
+            close_reason: CloseReason::Open,
+            first_holder_request_at: first,
+            last_holder_request_at: last,
+            polls: 0,
+            zombie_requests: 0,
+        }
+    }
+
+    #[test]
+    fn overlap_sums_only_positive_takeovers() {
+        // clean handover, then a zombie predecessor acting 300 ms into its successor
+        let ss = [s(0, 100), s(200, 1000), s(700, 900)];
+        assert_eq!(overlap_ms(&ss), 300);
+        assert_eq!(max_concurrent(&ss), 2);
+        assert_eq!(max_concurrent(&ss[..2]), 1);
+    }
+}
