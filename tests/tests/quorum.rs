@@ -286,6 +286,10 @@ async fn f_identity_comes_from_the_certificate_and_roles_are_enforced() {
             let (_tx2, rx2) = tokio::sync::mpsc::channel(1);
             let err = as_agent.attach(tokio_stream::wrappers::ReceiverStream::new(rx2)).await.expect_err("admin as agent");
             assert_eq!(err.code(), tonic::Code::PermissionDenied);
+            // Refusals are logged: wrong roles and the impostor's Join.
+            let logs = q.dump_logs();
+            assert!(logs.contains("refused client: wrong role"), "no wrong-role refusal in the logs");
+            assert!(logs.contains("tried to act for a member of cluster a"), "no impostor refusal in the logs");
             Ok(())
         }
         .await;

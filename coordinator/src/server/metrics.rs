@@ -104,7 +104,7 @@ impl Metrics {
         r.register("acks_withheld", "Keepalives not acked for lack of recent quorum contact", m.acks_withheld.clone());
         r.register("expired_replies", "EXPIRED answers to keepalives", m.expired_replies.clone());
         r.register("agent_streams_open", "Open agent streams on this node", m.streams_open.clone());
-        r.register("lessor_late_ticks", "Lessor ticks that fired more than 100ms late", m.lessor_late.clone());
+        r.register("lessor_late_ticks", "Lessor ticks that fired late enough (>20ms) to extend every deadline", m.lessor_late.clone());
         r.register("proposal_errors", "Raft proposals that failed", m.proposal_errors.clone());
         Metrics { registry: r, ..m }
     }

@@ -329,25 +329,30 @@ async fn promote(ctx: Arc<Ctx>, term: u64) {
 
 /// Tick period of the lessor.
 const TICK: Duration = Duration::from_millis(50);
+/// Timer lateness below this is jitter, not a stall.
+const LATE_SLACK_MS: u64 = 20;
 
 /// The leader's lease loop: expiries, silences and overdue handovers go through the log,
 /// then holderless groups get a Grant.
 async fn lessor_loop(ctx: Arc<Ctx>) {
-    let mut expected = ctx.now() + TICK.as_millis() as u64;
     loop {
+        // `expected` is taken right before sleeping, so the time spent proposing below is
+        // not mistaken for timer lateness.
+        let expected = ctx.now() + TICK.as_millis() as u64;
         tokio::time::sleep(TICK).await;
         let now = ctx.now();
         if ctx.serving_term().is_none() {
-            expected = now + TICK.as_millis() as u64;
             continue;
         }
         // Let stream tasks that are ready run first, so queued keepalives land before
         // deadlines are judged (the inbox drain).
         tokio::task::yield_now().await;
         let now = ctx.now().max(now);
+        // Scheduler jitter below LATE_SLACK counts as on time; beyond it the leader was
+        // stalled and every deadline is extended by the whole lateness.
+        let expected = if now.saturating_sub(expected) < LATE_SLACK_MS { now } else { expected };
         let out = ctx.lessor().tick(now, expected);
-        expected = now + TICK.as_millis() as u64;
-        if out.late_ms > 100 {
+        if out.late_ms > 0 {
             ctx.metrics.lessor_late.inc();
             warn!(late_ms = out.late_ms, "lessor tick fired late; extended every deadline by the lateness");
         }
