@@ -10,8 +10,5 @@ pub fn boottime_ms() -> u64 {
 /// Wall-clock milliseconds since the Unix epoch: for display and the leader's log
 /// timestamps only, never for safety.
 pub fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -201,7 +201,9 @@ impl Cli {
             return Err(format!("--fence-margin {} must be within 0.05..=0.9", self.fence_margin));
         }
         if hb == 0 || hb >= emin {
-            return Err(format!("--heartbeat-interval ({hb}ms) must be > 0 and below --election-timeout-min ({emin}ms)"));
+            return Err(format!(
+                "--heartbeat-interval ({hb}ms) must be > 0 and below --election-timeout-min ({emin}ms)"
+            ));
         }
         if emin >= emax {
             return Err(format!("--election-timeout-min ({emin}ms) must be below --election-timeout-max ({emax}ms)"));
@@ -249,9 +251,25 @@ mod tests {
 
     fn base() -> Vec<&'static str> {
         vec![
-            "arcfed-coordinator", "--node-id", "1", "--listen", "127.0.0.1:7001", "--admin-listen", "127.0.0.1:8001",
-            "--data-dir", "/tmp/x", "--peer", "1=127.0.0.1:7001", "--peer", "2=127.0.0.1:7002",
-            "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a",
+            "arcfed-coordinator",
+            "--node-id",
+            "1",
+            "--listen",
+            "127.0.0.1:7001",
+            "--admin-listen",
+            "127.0.0.1:8001",
+            "--data-dir",
+            "/tmp/x",
+            "--peer",
+            "1=127.0.0.1:7001",
+            "--peer",
+            "2=127.0.0.1:7002",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--tls-ca",
+            "a",
         ]
     }
 

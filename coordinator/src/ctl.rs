@@ -151,21 +151,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 to_member: to.unwrap_or_default(),
                 deadline_ms: deadline.map(|d| d.as_millis() as u64).unwrap_or(0),
             };
-            let r = admin.call(|mut c| { let call = call.clone(); async move { c.handover(call).await } }).await?;
+            let r = admin
+                .call(|mut c| {
+                    let call = call.clone();
+                    async move { c.handover(call).await }
+                })
+                .await?;
             println!("{}", r.message);
         }
         Cmd::Drain { member } => {
-            let r = admin.call(|mut c| { let member = member.clone(); async move { c.drain(pb::DrainCall { member }).await } }).await?;
+            let r = admin
+                .call(|mut c| {
+                    let member = member.clone();
+                    async move { c.drain(pb::DrainCall { member }).await }
+                })
+                .await?;
             println!("{}", r.message);
         }
         Cmd::Voters { cmd } => {
             let r = match cmd {
                 VotersCmd::Add { id, address } => {
                     admin
-                        .call(|mut c| { let address = address.clone(); async move { c.add_voter(pb::AddVoterCall { id, address }).await } })
+                        .call(|mut c| {
+                            let address = address.clone();
+                            async move { c.add_voter(pb::AddVoterCall { id, address }).await }
+                        })
                         .await?
                 }
-                VotersCmd::Remove { id } => admin.call(|mut c| async move { c.remove_voter(pb::RemoveVoterCall { id }).await }).await?,
+                VotersCmd::Remove { id } => {
+                    admin.call(|mut c| async move { c.remove_voter(pb::RemoveVoterCall { id }).await }).await?
+                }
             };
             println!("{}", r.message);
         }
@@ -211,7 +226,9 @@ impl Admin {
             bail!("--endpoints is required (a coordinator's HOST:PORT)");
         }
         let (Some(cert), Some(key), Some(ca)) = (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) else {
-            bail!("--tls-cert, --tls-key and --tls-ca are required (an admin certificate from `arcfedctl certs issue --role admin`)");
+            bail!(
+                "--tls-cert, --tls-key and --tls-ca are required (an admin certificate from `arcfedctl certs issue --role admin`)"
+            );
         };
         let tls = TlsPaths { cert: cert.clone(), key: key.clone(), ca: ca.clone() }.load()?;
         Ok(Admin { tls, endpoints: cli.endpoints.clone(), timeout: cli.timeout, current: None })
@@ -367,8 +384,11 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
     }
     let _ = writeln!(o, "\nGROUPS");
     for g in &s.groups {
-        let holder =
-            if g.holder.is_empty() { "(none)".to_string() } else { format!("{}/{}", g.holder_cluster, short(&g.holder)) };
+        let holder = if g.holder.is_empty() {
+            "(none)".to_string()
+        } else {
+            format!("{}/{}", g.holder_cluster, short(&g.holder))
+        };
         let _ = writeln!(o, "  {}", g.key);
         let _ = writeln!(
             o,

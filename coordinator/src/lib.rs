@@ -10,10 +10,10 @@
 //!  config    clap flags → validated Config
 //! ```
 pub mod certs;
-pub mod core;
-pub mod raft;
-pub mod tls;
 pub mod clock;
 pub mod config;
+pub mod core;
 pub mod ctl;
+pub mod raft;
 pub mod server;
+pub mod tls;

@@ -21,8 +21,18 @@ fn certs(dir: &Path) -> std::path::PathBuf {
     let out = dir.join("coord");
     assert!(ctl(&["certs", "init", "--out", ca.to_str().unwrap()]).status.success());
     let o = ctl(&[
-        "certs", "issue", "--ca", ca.to_str().unwrap(), "--role", "coordinator", "--name", "1", "--ip", "127.0.0.1",
-        "--out", out.to_str().unwrap(),
+        "certs",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--role",
+        "coordinator",
+        "--name",
+        "1",
+        "--ip",
+        "127.0.0.1",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     out
@@ -31,10 +41,22 @@ fn certs(dir: &Path) -> std::path::PathBuf {
 fn base_args(dir: &Path, tls: &Path, data: &Path) -> Vec<String> {
     let _ = dir;
     vec![
-        "--node-id".into(), "1".into(), "--listen".into(), "127.0.0.1:0".into(), "--admin-listen".into(),
-        "127.0.0.1:0".into(), "--data-dir".into(), data.display().to_string(), "--peer".into(), "1=127.0.0.1:1".into(),
-        "--tls-cert".into(), tls.join("tls.crt").display().to_string(), "--tls-key".into(),
-        tls.join("tls.key").display().to_string(), "--tls-ca".into(), tls.join("ca.crt").display().to_string(),
+        "--node-id".into(),
+        "1".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--admin-listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--peer".into(),
+        "1=127.0.0.1:1".into(),
+        "--tls-cert".into(),
+        tls.join("tls.crt").display().to_string(),
+        "--tls-key".into(),
+        tls.join("tls.key").display().to_string(),
+        "--tls-ca".into(),
+        tls.join("ca.crt").display().to_string(),
     ]
 }
 
@@ -93,8 +115,20 @@ fn help_explains_every_flag_and_its_env_var() {
     assert!(o.status.success());
     let h = String::from_utf8_lossy(&o.stdout);
     for flag in [
-        "--node-id", "--listen", "--admin-listen", "--data-dir", "--peer", "--tls-cert", "--tls-key", "--tls-ca", "--profile",
-        "--lease-ttl", "--reconnect-grace", "--heartbeat-interval", "--election-timeout-min", "--election-timeout-max",
+        "--node-id",
+        "--listen",
+        "--admin-listen",
+        "--data-dir",
+        "--peer",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-ca",
+        "--profile",
+        "--lease-ttl",
+        "--reconnect-grace",
+        "--heartbeat-interval",
+        "--election-timeout-min",
+        "--election-timeout-max",
         "--advertise",
     ] {
         assert!(h.contains(flag), "--help lacks {flag}");
@@ -118,12 +152,34 @@ fn arcfedctl_needs_endpoints_and_names_them() {
 #[test]
 fn certs_issue_refuses_a_bad_role_or_missing_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let o = ctl(&["certs", "issue", "--ca", dir.path().join("nope").to_str().unwrap(), "--role", "agent", "--name", "a", "--out", dir.path().join("o").to_str().unwrap()]);
+    let o = ctl(&[
+        "certs",
+        "issue",
+        "--ca",
+        dir.path().join("nope").to_str().unwrap(),
+        "--role",
+        "agent",
+        "--name",
+        "a",
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
     let ca = dir.path().join("ca");
     assert!(ctl(&["certs", "init", "--out", ca.to_str().unwrap()]).status.success());
-    let o = ctl(&["certs", "issue", "--ca", ca.to_str().unwrap(), "--role", "king", "--name", "a", "--out", dir.path().join("o").to_str().unwrap()]);
+    let o = ctl(&[
+        "certs",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--role",
+        "king",
+        "--name",
+        "a",
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--role"), "{}", stderr(&o));
 }

@@ -194,7 +194,10 @@ impl TestAgent {
                 return Ok(());
             }
             if Instant::now() > end {
-                anyhow::bail!("timed out after {deadline:?} waiting for {what}; record: {:?}", short_record(&self.rec()));
+                anyhow::bail!(
+                    "timed out after {deadline:?} waiting for {what}; record: {:?}",
+                    short_record(&self.rec())
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -216,10 +219,21 @@ impl TestAgent {
         self.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub async fn progress(&self, token: u64, message_id: Option<i64>, assigned_jobs: i64) -> anyhow::Result<pb::CommandResult> {
+    pub async fn progress(
+        &self,
+        token: u64,
+        message_id: Option<i64>,
+        assigned_jobs: i64,
+    ) -> anyhow::Result<pb::CommandResult> {
         let stats = pb::Statistics { total_assigned_jobs: assigned_jobs, ..Default::default() };
-        self.command(In::Progress(pb::Progress { request_id: self.rid(), token, message_id, statistics: Some(stats), events: vec![] }))
-            .await
+        self.command(In::Progress(pb::Progress {
+            request_id: self.rid(),
+            token,
+            message_id,
+            statistics: Some(stats),
+            events: vec![],
+        }))
+        .await
     }
 
     pub async fn session_opened(&self, token: u64, session_id: &str) -> anyhow::Result<pb::CommandResult> {
@@ -232,9 +246,20 @@ impl TestAgent {
         .await
     }
 
-    pub async fn release(&self, token: u64, deleted: Vec<String>, reason: pb::ReleaseReason) -> anyhow::Result<pb::CommandResult> {
-        self.command(In::Release(pb::Release { request_id: self.rid(), token, deleted, reason: reason as i32, detail: String::new() }))
-            .await
+    pub async fn release(
+        &self,
+        token: u64,
+        deleted: Vec<String>,
+        reason: pb::ReleaseReason,
+    ) -> anyhow::Result<pb::CommandResult> {
+        self.command(In::Release(pb::Release {
+            request_id: self.rid(),
+            token,
+            deleted,
+            reason: reason as i32,
+            detail: String::new(),
+        }))
+        .await
     }
 }
 

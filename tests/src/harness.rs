@@ -116,7 +116,11 @@ impl Voter {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(bin_path("arcfed-coordinator"))
             .args(&self.args)
-            .env("ARCFED_LOG_LEVEL", std::env::var("ARCFED_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn,tonic::transport::server::io_stream=debug".into()))
+            .env(
+                "ARCFED_LOG_LEVEL",
+                std::env::var("ARCFED_TEST_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn,tonic::transport::server::io_stream=debug".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -237,7 +241,15 @@ impl Quorum {
                 args.push(format!("{peer}={addr}"));
             }
             args.extend(opts.extra_args.iter().cloned());
-            let mut v = Voter { id: *id, grpc: grpc[id], http, log: dir.join(format!("voter-{id}.log")), data_dir, args, child: None };
+            let mut v = Voter {
+                id: *id,
+                grpc: grpc[id],
+                http,
+                log: dir.join(format!("voter-{id}.log")),
+                data_dir,
+                args,
+                child: None,
+            };
             v.spawn()?;
             voters.push(v);
         }
@@ -275,7 +287,8 @@ impl Quorum {
             args.push("--peer".into());
             args.push(format!("{}={}", v.id, v.grpc));
         }
-        let mut v = Voter { id, grpc, http, log: self.dir.join(format!("voter-{id}.log")), data_dir, args, child: None };
+        let mut v =
+            Voter { id, grpc, http, log: self.dir.join(format!("voter-{id}.log")), data_dir, args, child: None };
         v.spawn()?;
         self.voters.push(v);
         Ok(self.voters.last().expect("just pushed"))

@@ -49,7 +49,8 @@ fn holder_of(s: &pb::StatusResponse) -> Option<(String, u64)> {
 async fn wait_holder(q: &Quorum, agents: &[&TestAgent]) -> anyhow::Result<(usize, u64)> {
     let s = q.wait_status("a holder", WAIT, |s| holder_of(s).is_some()).await?;
     let (h, t) = holder_of(&s).expect("holder");
-    let i = agents.iter().position(|a| a.opts.member_id == h).ok_or_else(|| anyhow::anyhow!("holder {h} is not ours"))?;
+    let i =
+        agents.iter().position(|a| a.opts.member_id == h).ok_or_else(|| anyhow::anyhow!("holder {h} is not ours"))?;
     agents[i].wait_for("an ack listing the grant", WAIT, |r| r.held_token() == Some(t)).await?;
     Ok((i, t))
 }
@@ -82,7 +83,9 @@ async fn a_three_voters_elect_a_leader_and_exactly_one_member_is_granted() {
             let b = agent(&q, "b");
             a.joined(WAIT).await?;
             b.joined(WAIT).await?;
-            let s = q.wait_status("two live members", WAIT, |s| s.members.iter().filter(|m| m.status == "live").count() == 2).await?;
+            let s = q
+                .wait_status("two live members", WAIT, |s| s.members.iter().filter(|m| m.status == "live").count() == 2)
+                .await?;
             assert!(s.leader > 0 && s.term > 0);
             assert_eq!(s.voters.len(), 3);
             let (h, t) = wait_holder(&q, &[&a, &b]).await?;
@@ -94,7 +97,10 @@ async fn a_three_voters_elect_a_leader_and_exactly_one_member_is_granted() {
             assert!(other.rec().acks.iter().all(|x| x.held.is_empty()), "the other member's acks list nothing");
             // arcfedctl status: a readable table and the documented JSON.
             let table = ctl(&q, &["status"])?;
-            assert!(table.contains("VOTERS") && table.contains("GROUPS") && table.contains(&format!("token {t}")), "{table}");
+            assert!(
+                table.contains("VOTERS") && table.contains("GROUPS") && table.contains(&format!("token {t}")),
+                "{table}"
+            );
             let json: serde_json::Value = serde_json::from_str(&ctl(&q, &["status", "-o", "json"])?)?;
             assert_eq!(json["leader"].as_u64(), Some(s.leader));
             assert_eq!(json["voters"].as_array().map(Vec::len), Some(3));
@@ -155,17 +161,25 @@ async fn c_killing_the_raft_leader_changes_no_holder() {
             assert_ne!(s.leader, old);
             // Every agent is served again by the new leader.
             for x in [&a, &b] {
-                x.wait_for("an ack from the new leader", WAIT, |r| r.acks.last().is_some_and(|k| k.received_at > killed_at)).await?;
+                x.wait_for("an ack from the new leader", WAIT, |r| {
+                    r.acks.last().is_some_and(|k| k.received_at > killed_at)
+                })
+                .await?;
             }
-            holder.wait_for("an ack listing the same token", WAIT, |r| {
-                r.acks.last().is_some_and(|k| k.received_at > killed_at && k.held.iter().any(|x| x.1 == t))
-            })
-            .await?;
+            holder
+                .wait_for("an ack listing the same token", WAIT, |r| {
+                    r.acks.last().is_some_and(|k| k.received_at > killed_at && k.held.iter().any(|x| x.1 == t))
+                })
+                .await?;
             // Over two more TTLs, the holder and token stay put.
             let until = Instant::now() + 2 * TTL;
             while Instant::now() < until {
                 let s = q.status().await?;
-                assert_eq!(holder_of(&s), Some((holder.opts.member_id.clone(), t)), "holder changed after a leader change");
+                assert_eq!(
+                    holder_of(&s),
+                    Some((holder.opts.member_id.clone(), t)),
+                    "holder changed after a leader change"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             // Reconnecting to the new leader re-sends the same grant; no other token appeared.
@@ -231,7 +245,8 @@ async fn e_a_follower_redirects_an_agent_to_the_leader() {
             let mut c = pb::agent_service_client::AgentServiceClient::new(tls.channel(&follower)?);
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             drop(tx);
-            let err = c.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect_err("follower must refuse");
+            let err =
+                c.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect_err("follower must refuse");
             assert_eq!(err.code(), tonic::Code::Unavailable);
             let hint = err.metadata().get("x-arcfed-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
             assert_eq!(hint.as_deref(), Some(leader_addr.as_str()), "{err:?}");
@@ -284,7 +299,8 @@ async fn f_identity_comes_from_the_certificate_and_roles_are_enforced() {
             // An admin certificate cannot attach as an agent.
             let mut as_agent = pb::agent_service_client::AgentServiceClient::new(q.admin.channel(&leader)?);
             let (_tx2, rx2) = tokio::sync::mpsc::channel(1);
-            let err = as_agent.attach(tokio_stream::wrappers::ReceiverStream::new(rx2)).await.expect_err("admin as agent");
+            let err =
+                as_agent.attach(tokio_stream::wrappers::ReceiverStream::new(rx2)).await.expect_err("admin as agent");
             assert_eq!(err.code(), tonic::Code::PermissionDenied);
             // Refusals are logged: wrong roles and the impostor's Join.
             let logs = q.dump_logs();
@@ -329,10 +345,19 @@ async fn h_handover_grants_after_release_or_after_deadline_plus_ttl() {
             assert!(g.token > t2);
             assert!(g.received_at >= asked + Duration::from_secs(2), "granted before the handover deadline");
             let fence = b.rec().fence_end(t2).expect("b had a fence");
-            assert!(g.received_at >= fence, "grant at {:?} precedes the ignoring holder's fence end {:?}", g.received_at, fence);
+            assert!(
+                g.received_at >= fence,
+                "grant at {:?} precedes the ignoring holder's fence end {:?}",
+                g.received_at,
+                fence
+            );
             // After the deadline, b's acks stop listing t2.
-            let last_listing = b.rec().acks.iter().rev().find(|k| k.held.iter().any(|h| h.1 == t2)).map(|k| k.received_at);
-            assert!(last_listing.is_some_and(|l| l <= asked + Duration::from_secs(3)), "acks kept listing t2 long after the deadline");
+            let last_listing =
+                b.rec().acks.iter().rev().find(|k| k.held.iter().any(|h| h.1 == t2)).map(|k| k.received_at);
+            assert!(
+                last_listing.is_some_and(|l| l <= asked + Duration::from_secs(3)),
+                "acks kept listing t2 long after the deadline"
+            );
             Ok(())
         }
         .await;
@@ -367,7 +392,12 @@ async fn i_an_isolated_leader_stops_acking_and_the_majority_grants_after_the_fen
             let g = b.rec().last_grant().cloned().expect("grant");
             assert!(g.token > t1);
             let fence = a.rec().fence_end(t1).expect("a had a fence");
-            assert!(g.received_at > fence, "grant {:?} came before the isolated holder's fence end {:?}", g.received_at, fence);
+            assert!(
+                g.received_at > fence,
+                "grant {:?} came before the isolated holder's fence end {:?}",
+                g.received_at,
+                fence
+            );
             // The isolated leader stopped acking: its last ack answered a keepalive sent
             // within TTL×margin (+ one keepalive period of slack) of the cut.
             let window = Duration::from_millis(1000) + Duration::from_millis(750);
@@ -399,7 +429,8 @@ async fn j_a_keepalive_after_the_deadline_gets_expired_and_rejoin_gives_a_new_ep
             a.wait_for("EXPIRED then a new Joined", WAIT, |r| !r.expired.is_empty() && r.joined.len() >= 2).await?;
             let e2 = a.rec().epoch().unwrap_or(0);
             assert!(e2 > e1, "epoch {e2} must exceed {e1}");
-            q.wait_status("a live again", WAIT, |s| s.members.iter().any(|m| m.status == "live" && m.epoch == e2)).await?;
+            q.wait_status("a live again", WAIT, |s| s.members.iter().any(|m| m.status == "live" && m.epoch == e2))
+                .await?;
             Ok(())
         }
         .await;
@@ -497,10 +528,17 @@ async fn m_voters_are_added_and_removed_through_admin_and_sigterm_is_graceful() 
             assert!(get("/ready").await?.0.is_success());
             let (_, metrics) = get("/metrics").await?;
             for name in [
-                "arcfed_raft_term", "arcfed_raft_leader", "arcfed_raft_commit_index", "arcfed_raft_applied_index",
-                "arcfed_quorum_contact_age_ms", "arcfed_members{status=\"live\"} 1", "arcfed_holders 1",
-                "arcfed_grants_total_replicated", "arcfed_expirations_total_replicated",
-                "arcfed_stale_token_rejections_total_replicated", "arcfed_handovers_total_replicated",
+                "arcfed_raft_term",
+                "arcfed_raft_leader",
+                "arcfed_raft_commit_index",
+                "arcfed_raft_applied_index",
+                "arcfed_quorum_contact_age_ms",
+                "arcfed_members{status=\"live\"} 1",
+                "arcfed_holders 1",
+                "arcfed_grants_total_replicated",
+                "arcfed_expirations_total_replicated",
+                "arcfed_stale_token_rejections_total_replicated",
+                "arcfed_handovers_total_replicated",
                 "arcfed_grant_latency_seconds_bucket",
             ] {
                 assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
@@ -509,7 +547,8 @@ async fn m_voters_are_added_and_removed_through_admin_and_sigterm_is_graceful() 
             let addr = q.spawn_extra_voter(4)?.addr();
             let out = ctl(&q, &["voters", "add", "--id", "4", "--address", &addr])?;
             assert!(out.contains("voter"), "{out}");
-            q.wait_status("four voters", WAIT, |s| s.voters.len() == 4 && s.voters.iter().all(|v| v.role != "learner")).await?;
+            q.wait_status("four voters", WAIT, |s| s.voters.len() == 4 && s.voters.iter().all(|v| v.role != "learner"))
+                .await?;
             ctl(&q, &["voters", "remove", "--id", "4"])?;
             q.wait_status("three voters", WAIT, |s| s.voters.len() == 3 && s.voters.iter().all(|v| v.id != 4)).await?;
             // SIGTERM: the leader exits cleanly and promptly; a new leader serves; no holder change.

@@ -36,9 +36,8 @@ fn main() -> ExitCode {
 async fn run(cfg: arcfed_coordinator::config::Config) -> anyhow::Result<()> {
     // Fail early, with the flag's name, on unreadable or corrupt certificates.
     cfg.tls.load()?;
-    let grpc = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
+    let grpc =
+        tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
     let http = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .map_err(|e| anyhow::anyhow!("--admin-listen {}: {e}", cfg.admin_listen))?;

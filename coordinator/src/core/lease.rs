@@ -292,7 +292,10 @@ mod tests {
         let mut t = table();
         t.on_join(&mid("a"), 7, 0);
         assert_eq!(t.on_keepalive(&mid("a"), 7, 1000, Some(0)), KeepaliveVerdict::Ack);
-        assert_eq!(t.on_keepalive(&mid("a"), 7, 4000, Some(0)), KeepaliveVerdict::Expired("lease deadline passed; join again"));
+        assert_eq!(
+            t.on_keepalive(&mid("a"), 7, 4000, Some(0)),
+            KeepaliveVerdict::Expired("lease deadline passed; join again")
+        );
         // Still expired, however fast the next one comes.
         assert!(matches!(t.on_keepalive(&mid("a"), 7, 4001, Some(0)), KeepaliveVerdict::Expired(_)));
         // A new Join (new epoch) starts a new lease.

@@ -27,10 +27,7 @@ pub fn split(total_assigned_jobs: i64, members: &[SplitInput], policy: SplitPoli
     let busy_sum = members.iter().fold(0i64, |a, m| a.saturating_add(m.busy.max(0)));
     let mut waiting = total_assigned_jobs.max(0).saturating_sub(busy_sum).max(0);
     // The floor each member keeps no matter what: min + busy, capped at max.
-    let floor: Vec<i64> = members
-        .iter()
-        .map(|m| min_of(m).saturating_add(m.busy.max(0)).min(max_of(m)))
-        .collect();
+    let floor: Vec<i64> = members.iter().map(|m| min_of(m).saturating_add(m.busy.max(0)).min(max_of(m))).collect();
     let room: Vec<i64> = members.iter().zip(&floor).map(|(m, f)| max_of(m).saturating_sub(*f).max(0)).collect();
     let mut share = vec![0i64; n];
 
@@ -57,7 +54,8 @@ pub fn split(total_assigned_jobs: i64, members: &[SplitInput], policy: SplitPoli
             // floors hand out nothing, the remainder goes one by one in cluster order.
             // Every round hands out at least one runner or caps a member out, and after one
             // uncapped round the remainder is below n: O(n) rounds, whatever the demand.
-            let mut active: Vec<usize> = order.iter().copied().filter(|&i| room[i] > 0 && members[i].weight > 0).collect();
+            let mut active: Vec<usize> =
+                order.iter().copied().filter(|&i| room[i] > 0 && members[i].weight > 0).collect();
             while waiting > 0 && !active.is_empty() {
                 let total_w: i128 = active.iter().map(|&i| i128::from(members[i].weight)).sum();
                 let mut given = 0i64;
@@ -107,17 +105,83 @@ mod tests {
             want: Vec<i64>,
         }
         let cases = vec![
-            Case { name: "no demand gives min", jobs: 0, members: vec![m("a", 1, 1, 10, 0), m("b", 1, 2, 10, 0)], policy: SplitPolicy::Spread, want: vec![1, 2] },
-            Case { name: "even split", jobs: 10, members: vec![m("a", 1, 0, 10, 0), m("b", 1, 0, 10, 0)], policy: SplitPolicy::Spread, want: vec![5, 5] },
-            Case { name: "odd remainder goes to first cluster by name", jobs: 3, members: vec![m("b", 1, 0, 10, 0), m("a", 1, 0, 10, 0)], policy: SplitPolicy::Spread, want: vec![1, 2] },
-            Case { name: "weights 3:1", jobs: 8, members: vec![m("a", 3, 0, 10, 0), m("b", 1, 0, 10, 0)], policy: SplitPolicy::Spread, want: vec![6, 2] },
-            Case { name: "cap spills to others", jobs: 10, members: vec![m("a", 1, 0, 2, 0), m("b", 1, 0, 20, 0)], policy: SplitPolicy::Spread, want: vec![2, 8] },
-            Case { name: "busy is pinned", jobs: 4, members: vec![m("a", 1, 0, 10, 4), m("b", 1, 0, 10, 0)], policy: SplitPolicy::Spread, want: vec![4, 0] },
-            Case { name: "busy plus waiting", jobs: 6, members: vec![m("a", 1, 0, 10, 4), m("b", 1, 0, 10, 0)], policy: SplitPolicy::Spread, want: vec![5, 1] },
-            Case { name: "demand beyond capacity", jobs: 100, members: vec![m("a", 1, 0, 3, 0), m("b", 1, 0, 4, 0)], policy: SplitPolicy::Spread, want: vec![3, 4] },
-            Case { name: "weight zero takes only its floor", jobs: 5, members: vec![m("a", 0, 1, 10, 0), m("b", 1, 0, 10, 0)], policy: SplitPolicy::Spread, want: vec![1, 5] },
-            Case { name: "prefer fills first", jobs: 5, members: vec![m("a", 1, 0, 3, 0), m("b", 1, 0, 10, 0)], policy: SplitPolicy::Prefer, want: vec![3, 2] },
-            Case { name: "i32 max capacities", jobs: i64::from(i32::MAX), members: vec![m("a", 1, 0, i64::from(i32::MAX), 0), m("b", 1, 0, i64::from(i32::MAX), 0)], policy: SplitPolicy::Spread, want: vec![1073741824, 1073741823] },
+            Case {
+                name: "no demand gives min",
+                jobs: 0,
+                members: vec![m("a", 1, 1, 10, 0), m("b", 1, 2, 10, 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![1, 2],
+            },
+            Case {
+                name: "even split",
+                jobs: 10,
+                members: vec![m("a", 1, 0, 10, 0), m("b", 1, 0, 10, 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![5, 5],
+            },
+            Case {
+                name: "odd remainder goes to first cluster by name",
+                jobs: 3,
+                members: vec![m("b", 1, 0, 10, 0), m("a", 1, 0, 10, 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![1, 2],
+            },
+            Case {
+                name: "weights 3:1",
+                jobs: 8,
+                members: vec![m("a", 3, 0, 10, 0), m("b", 1, 0, 10, 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![6, 2],
+            },
+            Case {
+                name: "cap spills to others",
+                jobs: 10,
+                members: vec![m("a", 1, 0, 2, 0), m("b", 1, 0, 20, 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![2, 8],
+            },
+            Case {
+                name: "busy is pinned",
+                jobs: 4,
+                members: vec![m("a", 1, 0, 10, 4), m("b", 1, 0, 10, 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![4, 0],
+            },
+            Case {
+                name: "busy plus waiting",
+                jobs: 6,
+                members: vec![m("a", 1, 0, 10, 4), m("b", 1, 0, 10, 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![5, 1],
+            },
+            Case {
+                name: "demand beyond capacity",
+                jobs: 100,
+                members: vec![m("a", 1, 0, 3, 0), m("b", 1, 0, 4, 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![3, 4],
+            },
+            Case {
+                name: "weight zero takes only its floor",
+                jobs: 5,
+                members: vec![m("a", 0, 1, 10, 0), m("b", 1, 0, 10, 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![1, 5],
+            },
+            Case {
+                name: "prefer fills first",
+                jobs: 5,
+                members: vec![m("a", 1, 0, 3, 0), m("b", 1, 0, 10, 0)],
+                policy: SplitPolicy::Prefer,
+                want: vec![3, 2],
+            },
+            Case {
+                name: "i32 max capacities",
+                jobs: i64::from(i32::MAX),
+                members: vec![m("a", 1, 0, i64::from(i32::MAX), 0), m("b", 1, 0, i64::from(i32::MAX), 0)],
+                policy: SplitPolicy::Spread,
+                want: vec![1073741824, 1073741823],
+            },
             Case { name: "no members", jobs: 5, members: vec![], policy: SplitPolicy::Spread, want: vec![] },
         ];
         for c in cases {
@@ -126,8 +190,9 @@ mod tests {
     }
 
     fn arb_member() -> impl Strategy<Value = SplitInput> {
-        (0i64..4, 0i64..5, prop_oneof![0i64..50, Just(i64::from(i32::MAX))], 0i64..20, 0i64..3, "[a-d]")
-            .prop_map(|(weight, min, max, busy, priority, cluster)| SplitInput { cluster, weight, min, max, busy, priority })
+        (0i64..4, 0i64..5, prop_oneof![0i64..50, Just(i64::from(i32::MAX))], 0i64..20, 0i64..3, "[a-d]").prop_map(
+            |(weight, min, max, busy, priority, cluster)| SplitInput { cluster, weight, min, max, busy, priority },
+        )
     }
 
     proptest! {

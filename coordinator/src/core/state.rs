@@ -254,7 +254,10 @@ impl State {
                     return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
                 };
                 if g.holder.is_none() || g.token != *token {
-                    return Outcome::rejected(RejectReason::StaleToken, format!("token {token} is not current ({})", g.token));
+                    return Outcome::rejected(
+                        RejectReason::StaleToken,
+                        format!("token {token} is not current ({})", g.token),
+                    );
                 }
                 g.clear_holder();
                 self.counters.revocations = self.counters.revocations.saturating_add(1);
@@ -363,7 +366,10 @@ impl State {
                 }
                 let in_group = self.members.get(member).is_some_and(|m| &m.group == group && m.status.has_lease());
                 if !in_group {
-                    return Outcome::rejected(RejectReason::NotEligible, format!("member {member} has no lease in {group}"));
+                    return Outcome::rejected(
+                        RejectReason::NotEligible,
+                        format!("member {member} has no lease in {group}"),
+                    );
                 }
                 let Some(g) = self.groups.get_mut(group) else {
                     return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
@@ -371,7 +377,10 @@ impl State {
                 match &g.holder {
                     None => {
                         if index <= g.token {
-                            return Outcome::rejected(RejectReason::StaleToken, "log index not above the current token");
+                            return Outcome::rejected(
+                                RejectReason::StaleToken,
+                                "log index not above the current token",
+                            );
                         }
                         if let Some(old) = g.session_id.replace(session_id.clone())
                             && &old != session_id
@@ -500,10 +509,8 @@ impl State {
                 format!("ERS name {} is already used by cluster {} in this group", spec.ers_name, c.cluster),
             );
         }
-        let group = self
-            .groups
-            .entry(spec.group.clone())
-            .or_insert_with(|| Group::new(spec.group.clone(), spec.policy));
+        let group =
+            self.groups.entry(spec.group.clone()).or_insert_with(|| Group::new(spec.group.clone(), spec.policy));
         if let Some(allow) = &group.allow_clusters
             && !allow.contains(&spec.cluster)
         {
@@ -627,7 +634,12 @@ impl State {
             .values()
             .filter(|m| &m.group == group && ok(&m.id))
             .min_by(|a, b| {
-                (a.priority, load(&a.cluster), &a.cluster, &a.id).cmp(&(b.priority, load(&b.cluster), &b.cluster, &b.id))
+                (a.priority, load(&a.cluster), &a.cluster, &a.id).cmp(&(
+                    b.priority,
+                    load(&b.cluster),
+                    &b.cluster,
+                    &b.id,
+                ))
             })
             .map(|m| m.id.clone())
     }
@@ -658,16 +670,13 @@ impl State {
     pub fn busy_of(&self, member: &MemberId) -> i64 {
         let Some(m) = self.members.get(member) else { return 0 };
         let Some(g) = self.groups.get(&m.group) else { return 0 };
-        g.busy_runners
-            .keys()
-            .filter(|r| route_runner(&self.members, &m.group, r).as_ref() == Some(member))
-            .count() as i64
+        g.busy_runners.keys().filter(|r| route_runner(&self.members, &m.group, r).as_ref() == Some(member)).count()
+            as i64
     }
 
     /// Recomputes the split of one group and bumps its revision.
     fn recompute(&mut self, group: &GroupKey, dirty: BTreeSet<MemberId>) {
-        let live: Vec<&Member> =
-            self.members.values().filter(|m| &m.group == group && m.counts_for_split()).collect();
+        let live: Vec<&Member> = self.members.values().filter(|m| &m.group == group && m.counts_for_split()).collect();
         let Some(g) = self.groups.get(group) else { return };
         let inputs: Vec<SplitInput> = live
             .iter()

@@ -117,17 +117,33 @@ fn old_tokens_are_rejected_and_a_stale_session_lands_in_the_stale_set() {
     w.apply(Command::Expire { members: vec![(mid("a1"), ea)] });
     let t2 = w.grant("b1");
     let stats = Statistics::default();
-    let p = w.apply(Command::Progress { member: mid("a1"), group: gk(), token: t1, message_id: Some(1), statistics: stats, events: vec![] });
+    let p = w.apply(Command::Progress {
+        member: mid("a1"),
+        group: gk(),
+        token: t1,
+        message_id: Some(1),
+        statistics: stats,
+        events: vec![],
+    });
     assert!(matches!(p.outcome, Outcome::Rejected { reason: RejectReason::StaleToken, .. }));
-    let r = w.apply(Command::Release { member: mid("a1"), group: gk(), token: t1, deleted: vec![], reason: ReleaseReason::Shutdown });
+    let r = w.apply(Command::Release {
+        member: mid("a1"),
+        group: gk(),
+        token: t1,
+        deleted: vec![],
+        reason: ReleaseReason::Shutdown,
+    });
     assert!(matches!(r.outcome, Outcome::Rejected { reason: RejectReason::StaleToken, .. }));
-    let s = w.apply(Command::SessionOpened { member: mid("a1"), group: gk(), token: t1, session_id: "late".into(), statistics: stats });
+    let s = w.apply(Command::SessionOpened {
+        member: mid("a1"),
+        group: gk(),
+        token: t1,
+        session_id: "late".into(),
+        statistics: stats,
+    });
     assert!(matches!(s.outcome, Outcome::Rejected { reason: RejectReason::StaleToken, .. }));
     assert!(w.group().stale_sessions.contains("late"));
-    assert_eq!(
-        s.effects,
-        vec![Effect::DeleteSessions { group: gk(), token: t2, session_ids: vec!["late".into()] }]
-    );
+    assert_eq!(s.effects, vec![Effect::DeleteSessions { group: gk(), token: t2, session_ids: vec!["late".into()] }]);
     assert_eq!(w.group().holder, Some(mid("b1")));
     assert_eq!(w.state.counters.stale_token_rejections, 3);
 }
@@ -138,7 +154,14 @@ fn duplicate_progress_changes_nothing() {
     w.apply(join("a1", "a", 10));
     let t = w.grant("a1");
     let stats = Statistics { total_assigned_jobs: 4, ..Statistics::default() };
-    let p = |m: i64, s: Statistics| Command::Progress { member: mid("a1"), group: gk(), token: t, message_id: Some(m), statistics: s, events: vec![] };
+    let p = |m: i64, s: Statistics| Command::Progress {
+        member: mid("a1"),
+        group: gk(),
+        token: t,
+        message_id: Some(m),
+        statistics: s,
+        events: vec![],
+    };
     assert_eq!(w.apply(p(5, stats)).outcome, Outcome::Accepted { duplicate: false });
     let before = w.group().clone();
     assert_eq!(w.apply(p(5, Statistics::default())).outcome, Outcome::Accepted { duplicate: true });
@@ -167,7 +190,14 @@ fn job_events_pin_busy_runners_and_are_routed_by_ers_prefix() {
         result: String::new(),
     };
     let stats = Statistics { total_assigned_jobs: 1, ..Statistics::default() };
-    let out = w.apply(Command::Progress { member: mid("a1"), group: gk(), token: t, message_id: Some(1), statistics: stats, events: vec![started.clone()] });
+    let out = w.apply(Command::Progress {
+        member: mid("a1"),
+        group: gk(),
+        token: t,
+        message_id: Some(1),
+        statistics: stats,
+        events: vec![started.clone()],
+    });
     assert_eq!(out.effects, vec![Effect::JobEvent { member: mid("b1"), group: gk(), event: started }]);
     assert_eq!(w.state.busy_of(&mid("b1")), 1);
     assert_eq!(w.group().assignments[&mid("b1")], 1);
@@ -208,7 +238,13 @@ fn stall_release_puts_the_cluster_in_cooldown() {
     w.apply(join("a1", "a", 10));
     w.apply(join("b1", "b", 10));
     let t = w.grant("a1");
-    w.apply(Command::Release { member: mid("a1"), group: gk(), token: t, deleted: vec![], reason: ReleaseReason::Stall });
+    w.apply(Command::Release {
+        member: mid("a1"),
+        group: gk(),
+        token: t,
+        deleted: vec![],
+        reason: ReleaseReason::Stall,
+    });
     let ts = w.state.last_ts_ms;
     assert!(w.state.eligible(&gk(), &mid("a1"), ts).is_err());
     assert_eq!(w.state.choose_holder(&gk(), ts, &|_| true), Some(mid("b1")));
@@ -222,9 +258,18 @@ fn handover_then_release_grants_the_target() {
     w.apply(join("b1", "b", 10));
     w.apply(join("c1", "c", 10));
     let t = w.grant("a1");
-    assert_eq!(w.apply(Command::RequestHandover { group: gk(), to: Some(mid("c1")), deadline_ms: 10_000 }).outcome, Outcome::Done);
+    assert_eq!(
+        w.apply(Command::RequestHandover { group: gk(), to: Some(mid("c1")), deadline_ms: 10_000 }).outcome,
+        Outcome::Done
+    );
     assert_eq!(w.group().handover.as_ref().map(|h| h.token), Some(t));
-    w.apply(Command::Release { member: mid("a1"), group: gk(), token: t, deleted: vec![], reason: ReleaseReason::Handover });
+    w.apply(Command::Release {
+        member: mid("a1"),
+        group: gk(),
+        token: t,
+        deleted: vec![],
+        reason: ReleaseReason::Handover,
+    });
     let h = w.group().holder.clone();
     assert_eq!(h, None);
     // The handover target comes first, ahead of b by cluster name.
@@ -250,10 +295,20 @@ fn adopt_takes_a_holderless_group_and_conflicts_otherwise() {
     let mut w = World::new();
     w.apply(join("a1", "a", 10));
     w.apply(join("b1", "b", 10));
-    let o = w.apply(Command::Adopt { member: mid("a1"), group: gk(), session_id: "fallback".into(), statistics: Statistics::default() });
+    let o = w.apply(Command::Adopt {
+        member: mid("a1"),
+        group: gk(),
+        session_id: "fallback".into(),
+        statistics: Statistics::default(),
+    });
     assert!(matches!(o.outcome, Outcome::Granted { .. }));
     assert_eq!(w.group().session_id.as_deref(), Some("fallback"));
-    let o = w.apply(Command::Adopt { member: mid("b1"), group: gk(), session_id: "other".into(), statistics: Statistics::default() });
+    let o = w.apply(Command::Adopt {
+        member: mid("b1"),
+        group: gk(),
+        session_id: "other".into(),
+        statistics: Statistics::default(),
+    });
     assert!(matches!(o.outcome, Outcome::Rejected { reason: RejectReason::Conflict, .. }));
     assert!(w.group().stale_sessions.contains("other"));
 }
@@ -293,25 +348,30 @@ fn arb_member() -> impl Strategy<Value = MemberId> {
 
 fn arb_cmd() -> impl Strategy<Value = Command> {
     let cluster = prop_oneof![Just("a"), Just("b"), Just("c")];
-    let stats = (prop_oneof![Just(-3i64), 0i64..50, Just(i64::MAX)], 0i64..5)
-        .prop_map(|(a, r)| Statistics { total_assigned_jobs: a, total_running_jobs: r, ..Statistics::default() });
-    let event = (any::<bool>(), prop_oneof![Just("set-a-runner-1"), Just("set-b-runner-2"), Just("zzz")])
-        .prop_map(|(s, r)| JobEvent {
-            kind: if s { JobEventKind::Started } else { JobEventKind::Completed },
-            runner_name: r.into(),
-            runner_id: 1,
-            job_id: "j".into(),
-            runner_request_id: 0,
-            repository_name: String::new(),
-            owner_name: String::new(),
-            job_workflow_ref: String::new(),
-            job_display_name: String::new(),
-            workflow_run_id: 0,
-            result: String::new(),
+    let stats = (prop_oneof![Just(-3i64), 0i64..50, Just(i64::MAX)], 0i64..5).prop_map(|(a, r)| Statistics {
+        total_assigned_jobs: a,
+        total_running_jobs: r,
+        ..Statistics::default()
+    });
+    let event =
+        (any::<bool>(), prop_oneof![Just("set-a-runner-1"), Just("set-b-runner-2"), Just("zzz")]).prop_map(|(s, r)| {
+            JobEvent {
+                kind: if s { JobEventKind::Started } else { JobEventKind::Completed },
+                runner_name: r.into(),
+                runner_id: 1,
+                job_id: "j".into(),
+                runner_request_id: 0,
+                repository_name: String::new(),
+                owner_name: String::new(),
+                job_workflow_ref: String::new(),
+                job_display_name: String::new(),
+                workflow_run_id: 0,
+                result: String::new(),
+            }
         });
     prop_oneof![
-        (arb_member(), cluster, prop_oneof![Just(-1i64), 0i64..20, Just(i64::from(i32::MAX))], 0i64..3, any::<bool>()).prop_map(
-            |(m, c, max, min, ready)| Command::Join(JoinSpec {
+        (arb_member(), cluster, prop_oneof![Just(-1i64), 0i64..20, Just(i64::from(i32::MAX))], 0i64..3, any::<bool>())
+            .prop_map(|(m, c, max, min, ready)| Command::Join(JoinSpec {
                 member: m,
                 cluster: c.into(),
                 group: gk(),
@@ -323,16 +383,27 @@ fn arb_cmd() -> impl Strategy<Value = Command> {
                 priority: 0,
                 github_ready: ready,
                 policy: SplitPolicy::Spread,
-            })
-        ),
+            })),
         arb_member().prop_map(|m| Command::Leave { member: m }),
         (arb_member(), 0u64..40).prop_map(|(m, e)| Command::Expire { members: vec![(m, e)] }),
         (arb_member(), 0u64..40).prop_map(|(m, e)| Command::MarkSilent { members: vec![(m, e)] }),
         arb_member().prop_map(|m| Command::Grant { group: gk(), member: m }),
         (0u64..40).prop_map(|t| Command::Revoke { group: gk(), token: t }),
-        (arb_member(), 0u64..40, proptest::option::of(-2i64..30), stats.clone(), proptest::collection::vec(event, 0..3)).prop_map(
-            |(m, t, mid_, s, ev)| Command::Progress { member: m, group: gk(), token: t, message_id: mid_, statistics: s, events: ev }
-        ),
+        (
+            arb_member(),
+            0u64..40,
+            proptest::option::of(-2i64..30),
+            stats.clone(),
+            proptest::collection::vec(event, 0..3)
+        )
+            .prop_map(|(m, t, mid_, s, ev)| Command::Progress {
+                member: m,
+                group: gk(),
+                token: t,
+                message_id: mid_,
+                statistics: s,
+                events: ev
+            }),
         (arb_member(), 0u64..40, "[a-c]{0,2}", stats.clone()).prop_map(|(m, t, s, st)| Command::SessionOpened {
             member: m,
             group: gk(),
@@ -347,8 +418,17 @@ fn arb_cmd() -> impl Strategy<Value = Command> {
             deleted: vec!["a".into()],
             reason: if stall { ReleaseReason::Stall } else { ReleaseReason::Shutdown }
         }),
-        (arb_member(), "[a-c]{0,2}").prop_map(|(m, s)| Command::Adopt { member: m, group: gk(), session_id: s, statistics: Statistics::default() }),
-        (proptest::option::of(arb_member()), -5i64..20_000).prop_map(|(to, d)| Command::RequestHandover { group: gk(), to, deadline_ms: d }),
+        (arb_member(), "[a-c]{0,2}").prop_map(|(m, s)| Command::Adopt {
+            member: m,
+            group: gk(),
+            session_id: s,
+            statistics: Statistics::default()
+        }),
+        (proptest::option::of(arb_member()), -5i64..20_000).prop_map(|(to, d)| Command::RequestHandover {
+            group: gk(),
+            to,
+            deadline_ms: d
+        }),
         arb_member().prop_map(|m| Command::Drain { member: m, handover_deadline_ms: 100 }),
     ]
 }

@@ -142,17 +142,32 @@ pub struct JoinSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Join(JoinSpec),
-    Leave { member: MemberId },
+    Leave {
+        member: MemberId,
+    },
     /// Proposed by the leader's lessor when deadlines pass.
-    Expire { members: Vec<(MemberId, u64)> },
+    Expire {
+        members: Vec<(MemberId, u64)>,
+    },
     /// Proposed by the leader for members with no stream for TTL·(1−margin)·(1+2ρ).
-    MarkSilent { members: Vec<(MemberId, u64)> },
+    MarkSilent {
+        members: Vec<(MemberId, u64)>,
+    },
     /// Readiness (admin token fresh, last GET ok) changed; carried by keepalives, written only on change.
-    SetReady { member: MemberId, ready: bool },
+    SetReady {
+        member: MemberId,
+        ready: bool,
+    },
     /// Proposed by the leader for a holderless group. The token is this entry's log index.
-    Grant { group: GroupKey, member: MemberId },
+    Grant {
+        group: GroupKey,
+        member: MemberId,
+    },
     /// Proposed by the leader when a handover deadline + TTL passed without a Release.
-    Revoke { group: GroupKey, token: u64 },
+    Revoke {
+        group: GroupKey,
+        token: u64,
+    },
     Progress {
         member: MemberId,
         group: GroupKey,
@@ -161,13 +176,40 @@ pub enum Command {
         statistics: Statistics,
         events: Vec<JobEvent>,
     },
-    SessionOpened { member: MemberId, group: GroupKey, token: u64, session_id: String, statistics: Statistics },
-    Release { member: MemberId, group: GroupKey, token: u64, deleted: Vec<String>, reason: ReleaseReason },
-    Adopt { member: MemberId, group: GroupKey, session_id: String, statistics: Statistics },
-    RequestHandover { group: GroupKey, to: Option<MemberId>, deadline_ms: i64 },
-    Drain { member: MemberId, handover_deadline_ms: i64 },
+    SessionOpened {
+        member: MemberId,
+        group: GroupKey,
+        token: u64,
+        session_id: String,
+        statistics: Statistics,
+    },
+    Release {
+        member: MemberId,
+        group: GroupKey,
+        token: u64,
+        deleted: Vec<String>,
+        reason: ReleaseReason,
+    },
+    Adopt {
+        member: MemberId,
+        group: GroupKey,
+        session_id: String,
+        statistics: Statistics,
+    },
+    RequestHandover {
+        group: GroupKey,
+        to: Option<MemberId>,
+        deadline_ms: i64,
+    },
+    Drain {
+        member: MemberId,
+        handover_deadline_ms: i64,
+    },
     /// The leader records its agent-facing address so followers can redirect agents to it.
-    Advertise { node: u64, addr: String },
+    Advertise {
+        node: u64,
+        addr: String,
+    },
 }
 
 impl Command {
@@ -214,10 +256,19 @@ pub enum Effect {
 pub enum Outcome {
     #[default]
     None,
-    Joined { epoch: u64 },
-    Granted { token: u64 },
-    Accepted { duplicate: bool },
-    Rejected { reason: RejectReason, detail: String },
+    Joined {
+        epoch: u64,
+    },
+    Granted {
+        token: u64,
+    },
+    Accepted {
+        duplicate: bool,
+    },
+    Rejected {
+        reason: RejectReason,
+        detail: String,
+    },
     Done,
 }
 

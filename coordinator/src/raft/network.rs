@@ -8,13 +8,13 @@ use crate::tls::TlsMaterial;
 use arcfed_proto::RaftPayload;
 use arcfed_proto::raft_service_client::RaftServiceClient;
 use arcfed_proto::raft_service_server::RaftService;
+use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::BasicNode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -90,8 +90,8 @@ impl PeerClient {
             }
             _ => RPCError::Network(NetworkError::new(&std::io::Error::other(format!("{}: {}", s.code(), s.message())))),
         })?;
-        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&payload.into_inner().json)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&payload.into_inner().json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

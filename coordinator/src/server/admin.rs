@@ -138,7 +138,12 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     revision: g.revision,
                     last_acked_message_id: g.last_acked_message_id,
                     total_assigned_jobs: g.statistics.total_assigned_jobs,
-                    handover_to: g.handover.as_ref().and_then(|h| h.to.as_ref()).map(|t| t.0.clone()).unwrap_or_default(),
+                    handover_to: g
+                        .handover
+                        .as_ref()
+                        .and_then(|h| h.to.as_ref())
+                        .map(|t| t.0.clone())
+                        .unwrap_or_default(),
                     handover_deadline_unix_ms: g.handover.as_ref().map(|h| h.deadline_ms).unwrap_or(0),
                 })
                 .collect();

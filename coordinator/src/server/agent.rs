@@ -234,7 +234,11 @@ async fn keepalive(ctx: &Arc<Ctx>, j: &Joined, k: pb::Keepalive, tx: &OutTx) {
             };
             let ttl = ctx.cfg.lease.ttl_ms as i64;
             let _ = tx
-                .send(out(Out::Ack(pb::Ack { seq: k.seq, held, deadline_unix_ms: clock::wall_ms().saturating_add(ttl) })))
+                .send(out(Out::Ack(pb::Ack {
+                    seq: k.seq,
+                    held,
+                    deadline_unix_ms: clock::wall_ms().saturating_add(ttl),
+                })))
                 .await;
         }
         KeepaliveVerdict::Expired(why) => {

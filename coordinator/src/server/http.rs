@@ -75,7 +75,13 @@ pub fn commit_index(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> u64 
     let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
     let mut matched: Vec<u64> = voters
         .iter()
-        .map(|v| if *v == m.id { m.last_log_index.unwrap_or(0) } else { rep.get(v).cloned().flatten().map(|l| l.index).unwrap_or(0) })
+        .map(|v| {
+            if *v == m.id {
+                m.last_log_index.unwrap_or(0)
+            } else {
+                rep.get(v).cloned().flatten().map(|l| l.index).unwrap_or(0)
+            }
+        })
         .collect();
     matched.sort_unstable_by(|a, b| b.cmp(a));
     matched.get(voters.len() / 2).copied().unwrap_or(applied).max(applied)

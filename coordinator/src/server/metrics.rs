@@ -91,7 +91,11 @@ impl Metrics {
         r.register("groups", "Federated scale sets (groups)", m.groups.clone());
         r.register("holders", "Groups that have a holder", m.holders.clone());
         r.register("grants_total_replicated", "Grants applied (replicated counter)", m.grants.clone());
-        r.register("expirations_total_replicated", "Lease expirations applied (replicated counter)", m.expirations.clone());
+        r.register(
+            "expirations_total_replicated",
+            "Lease expirations applied (replicated counter)",
+            m.expirations.clone(),
+        );
         r.register(
             "stale_token_rejections_total_replicated",
             "Commands rejected for a stale fencing token (replicated counter)",
@@ -99,12 +103,20 @@ impl Metrics {
         );
         r.register("handovers_total_replicated", "Handovers requested (replicated counter)", m.handovers.clone());
         r.register("revocations_total_replicated", "Holders revoked after an ignored handover", m.revocations.clone());
-        r.register("grant_latency_seconds", "Leader time from a group seen holderless to its Grant applied", m.grant_latency.clone());
+        r.register(
+            "grant_latency_seconds",
+            "Leader time from a group seen holderless to its Grant applied",
+            m.grant_latency.clone(),
+        );
         r.register("keepalives", "Keepalives received by this leader", m.keepalives.clone());
         r.register("acks_withheld", "Keepalives not acked for lack of recent quorum contact", m.acks_withheld.clone());
         r.register("expired_replies", "EXPIRED answers to keepalives", m.expired_replies.clone());
         r.register("agent_streams_open", "Open agent streams on this node", m.streams_open.clone());
-        r.register("lessor_late_ticks", "Lessor ticks that fired late enough (>20ms) to extend every deadline", m.lessor_late.clone());
+        r.register(
+            "lessor_late_ticks",
+            "Lessor ticks that fired late enough (>20ms) to extend every deadline",
+            m.lessor_late.clone(),
+        );
         r.register("proposal_errors", "Raft proposals that failed", m.proposal_errors.clone());
         Metrics { registry: r, ..m }
     }

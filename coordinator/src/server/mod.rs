@@ -122,7 +122,9 @@ impl Ctx {
     pub fn not_leader(&self) -> tonic::Status {
         let hint = self.leader_hint().filter(|(id, _)| *id != self.id);
         let mut st = tonic::Status::unavailable(match &hint {
-            Some((id, addr)) => format!("node {} is not the serving leader; the leader is node {id} at {addr}", self.id),
+            Some((id, addr)) => {
+                format!("node {} is not the serving leader; the leader is node {id} at {addr}", self.id)
+            }
             None => format!("node {} is not the serving leader and knows no leader yet", self.id),
         });
         if let Some((id, addr)) = hint {
@@ -222,12 +224,13 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
     .validate()
     .map_err(|e| Error::Raft(format!("config: {e}")))?;
     let network = PeerNetwork {
-        overrides: Arc::new(cfg.peers.iter().filter(|(id, _)| **id != cfg.node_id).map(|(k, v)| (*k, v.clone())).collect()),
+        overrides: Arc::new(
+            cfg.peers.iter().filter(|(id, _)| **id != cfg.node_id).map(|(k, v)| (*k, v.clone())).collect(),
+        ),
         tls,
     };
-    let raft = Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm)
-        .await
-        .map_err(|e| Error::Raft(e.to_string()))?;
+    let raft =
+        Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm).await.map_err(|e| Error::Raft(e.to_string()))?;
 
     // The lowest id bootstraps an empty quorum; the others wait to be contacted.
     let lowest = cfg.peers.keys().next().copied();
@@ -270,12 +273,16 @@ async fn track_leadership(ctx: Arc<Ctx>) {
         let m = rx.borrow_and_update().clone();
         {
             let mut q = lock(&ctx.quorum);
-            *q = QuorumSeen { at: Instant::now(), millis: if m.state == ServerState::Leader { m.millis_since_quorum_ack } else { None } };
+            *q = QuorumSeen {
+                at: Instant::now(),
+                millis: if m.state == ServerState::Leader { m.millis_since_quorum_ack } else { None },
+            };
         }
         let leads = m.state == ServerState::Leader && m.current_leader == Some(ctx.id);
         let term = m.current_term;
         if leads {
-            let already = ctx.serving_term() == Some(term) || promoting.as_ref().is_some_and(|(t, h)| *t == term && !h.is_finished());
+            let already = ctx.serving_term() == Some(term)
+                || promoting.as_ref().is_some_and(|(t, h)| *t == term && !h.is_finished());
             if !already {
                 if let Some((_, h)) = promoting.take() {
                     h.abort();

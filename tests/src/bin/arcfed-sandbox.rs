@@ -117,7 +117,9 @@ async fn main() -> anyhow::Result<()> {
     // The quorum.
     let ttl: &'static str = Box::leak(args.lease_ttl.clone().into_boxed_str());
     let mut q = Quorum::start(&dir, QuorumOptions { lease_ttl: ttl, ..QuorumOptions::default() }).await?;
-    q.wait_serving(Duration::from_secs(30)).await.with_context(|| format!("quorum did not start; logs in {}", dir.display()))?;
+    q.wait_serving(Duration::from_secs(30))
+        .await
+        .with_context(|| format!("quorum did not start; logs in {}", dir.display()))?;
 
     // The regions.
     let mut agents: BTreeMap<String, TestAgent> = BTreeMap::new();
@@ -127,7 +129,8 @@ async fn main() -> anyhow::Result<()> {
     for a in agents.values() {
         a.joined(Duration::from_secs(30)).await?;
     }
-    let s = q.wait_status("a holder", Duration::from_secs(30), |s| s.groups.iter().any(|g| !g.holder.is_empty())).await?;
+    let s =
+        q.wait_status("a holder", Duration::from_secs(30), |s| s.groups.iter().any(|g| !g.holder.is_empty())).await?;
 
     log(json, format!("arcfed sandbox is up in {}", dir.display()));
     log(json, format!("  emulated GitHub: githubConfigUrl={config_url} (PAT {}), scale set id {}", emu.pat(), set.id));
@@ -196,7 +199,11 @@ fn start_agent(q: &Quorum, region: &str, config_url: &str, set: i64) -> anyhow::
 fn arcfed_coordinator_table(s: &arcfed_proto::StatusResponse) -> String {
     let mut o = format!("leader {}  term {}  applied {}\n", s.leader, s.term, s.applied_index);
     for g in &s.groups {
-        let holder = if g.holder.is_empty() { "(none)".into() } else { format!("{} ({})", g.holder_cluster, &g.holder[..8.min(g.holder.len())]) };
+        let holder = if g.holder.is_empty() {
+            "(none)".into()
+        } else {
+            format!("{} ({})", g.holder_cluster, &g.holder[..8.min(g.holder.len())])
+        };
         o.push_str(&format!("  {}  holder {holder}  token {}  lease {}ms\n", g.key, g.token, g.lease_remaining_ms));
         for m in s.members.iter().filter(|m| m.group == g.key) {
             let n = g.assignments.iter().find(|a| a.member == m.id).map(|a| a.runners).unwrap_or(0);
@@ -256,7 +263,11 @@ async fn drill(
                 let g = a.rec().grants.iter().find(|g| g.token == new_token).map(|g| g.received_at).context("grant")?;
                 // The killed region comes back (its pod is recreated) as a standby.
                 agents.insert(region.clone(), start_agent(q, &region, config_url, set)?);
-                (Some(detect_ms), Some(g.duration_since(fault).as_secs_f64() * 1000.0), format!("{region} → {new_region}"))
+                (
+                    Some(detect_ms),
+                    Some(g.duration_since(fault).as_secs_f64() * 1000.0),
+                    format!("{region} → {new_region}"),
+                )
             }
             Drill::KillLeader => {
                 q.voter(s.leader).kill();
@@ -270,22 +281,40 @@ async fn drill(
                 }
                 q.voter(s.leader).restart()?;
                 q.wait_status("the old leader back", wait, |x| x.voters.len() == 3).await?;
-                (None, None, format!("leader {} → {}; all regions served again after {served:.0} ms", s.leader, s2.leader))
+                (
+                    None,
+                    None,
+                    format!("leader {} → {}; all regions served again after {served:.0} ms", s.leader, s2.leader),
+                )
             }
             Drill::Handover => {
-                let target = agents.iter().find(|(r, _)| **r != region).map(|(r, a)| (r.clone(), a.opts.member_id.clone())).context("target")?;
+                let target = agents
+                    .iter()
+                    .find(|(r, _)| **r != region)
+                    .map(|(r, a)| (r.clone(), a.opts.member_id.clone()))
+                    .context("target")?;
                 let from = agents.get(&region).context("holder agent")?;
                 let mut args: Vec<String> = vec![
-                    "--endpoints".into(), q.endpoints().join(","), "--tls-cert".into(), q.admin.cert.display().to_string(),
-                    "--tls-key".into(), q.admin.key.display().to_string(), "--tls-ca".into(), q.admin.ca.display().to_string(),
-                    "handover".into(), s.groups[0].key.clone(), "--to".into(), target.1.clone(),
+                    "--endpoints".into(),
+                    q.endpoints().join(","),
+                    "--tls-cert".into(),
+                    q.admin.cert.display().to_string(),
+                    "--tls-key".into(),
+                    q.admin.key.display().to_string(),
+                    "--tls-ca".into(),
+                    q.admin.ca.display().to_string(),
+                    "handover".into(),
+                    s.groups[0].key.clone(),
+                    "--to".into(),
+                    target.1.clone(),
                 ];
                 let n = from.rec().handovers.len();
                 let refs: Vec<&str> = args.iter_mut().map(|s| s.as_str()).collect();
                 arcfed_tests::harness::arcfedctl(&refs)?;
                 from.wait_for("handover request", wait, |r| r.handovers.len() > n).await?;
                 from.release(token, vec![], arcfed_proto::ReleaseReason::Handover).await?;
-                let s2 = q.wait_status("the target holds", wait, |s| holder_of(s).is_some_and(|h| h.0 == target.1)).await?;
+                let s2 =
+                    q.wait_status("the target holds", wait, |s| holder_of(s).is_some_and(|h| h.0 == target.1)).await?;
                 let detect_ms = fault.elapsed().as_secs_f64() * 1000.0;
                 if holder_of(&s2).is_some_and(|h| h.2 < token) {
                     regressions += 1;
@@ -299,7 +328,9 @@ async fn drill(
         if let Some(v) = grant_ms {
             grant.push(v);
         }
-        per_run.push(json!({"run": run, "detect_ms": detect_ms, "grant_ms": grant_ms, "token_before": token, "what": note}));
+        per_run.push(
+            json!({"run": run, "detect_ms": detect_ms, "grant_ms": grant_ms, "token_before": token, "what": note}),
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let scenario = match d {

@@ -88,8 +88,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // 2. Keepalives: extra agents in one group, plus the holders.
-    let extra: Vec<TestAgent> =
-        (0..args.agents).map(|i| opts(&q, &format!("k{}", i % 20), 1).map(TestAgent::start)).collect::<Result<_, _>>()?;
+    let extra: Vec<TestAgent> = (0..args.agents)
+        .map(|i| opts(&q, &format!("k{}", i % 20), 1).map(TestAgent::start))
+        .collect::<Result<_, _>>()?;
     for a in &extra {
         a.joined(Duration::from_secs(60)).await?;
     }
@@ -132,10 +133,7 @@ async fn main() -> anyhow::Result<()> {
             .args(["--child", &q.endpoints().join(","), &certdir, &format!("{member}:{set}")])
             .stdout(std::process::Stdio::null())
             .spawn()?;
-        q.wait_status("child holds", Duration::from_secs(30), |s| {
-            s.groups.iter().any(|g| g.holder == member)
-        })
-        .await?;
+        q.wait_status("child holds", Duration::from_secs(30), |s| s.groups.iter().any(|g| g.holder == member)).await?;
         let other = TestAgent::start(opts(&q, "b", set)?);
         other.joined(Duration::from_secs(30)).await?;
         q.wait_status("two members", Duration::from_secs(30), |s| {
