@@ -142,6 +142,8 @@ impl Record {
 
 enum Ctl {
     Command(In, oneshot::Sender<pb::CommandResult>),
+    /// Send a keepalive now (fence (c): a fresh ack after a decision to POST).
+    KeepaliveNow,
 }
 
 /// A running test agent. Dropping it stops it (the stream closes).
@@ -215,6 +217,11 @@ impl TestAgent {
         Ok(tokio::time::timeout(Duration::from_secs(10), rx).await??)
     }
 
+    /// Sends a keepalive at once instead of at the next TTL/4 tick.
+    pub async fn keepalive_now(&self) {
+        let _ = self.ctl.send(Ctl::KeepaliveNow).await;
+    }
+
     fn rid(&self) -> u64 {
         self.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
@@ -232,6 +239,39 @@ impl TestAgent {
             message_id,
             statistics: Some(stats),
             events: vec![],
+        }))
+        .await
+    }
+
+    /// A Progress with everything: message id (None = idle 202), statistics and job events.
+    pub async fn progress_full(
+        &self,
+        token: u64,
+        message_id: Option<i64>,
+        statistics: pb::Statistics,
+        events: Vec<pb::JobEvent>,
+    ) -> anyhow::Result<pb::CommandResult> {
+        self.command(In::Progress(pb::Progress {
+            request_id: self.rid(),
+            token,
+            message_id,
+            statistics: Some(statistics),
+            events,
+        }))
+        .await
+    }
+
+    pub async fn session_opened_with(
+        &self,
+        token: u64,
+        session_id: &str,
+        statistics: pb::Statistics,
+    ) -> anyhow::Result<pb::CommandResult> {
+        self.command(In::SessionOpened(pb::SessionOpened {
+            request_id: self.rid(),
+            token,
+            session_id: session_id.into(),
+            statistics: Some(statistics),
         }))
         .await
     }
@@ -386,6 +426,7 @@ async fn one_stream(
                     pending.insert(rid, reply);
                     if out_tx.send(pb::AgentMessage { msg: Some(msg) }).await.is_err() { return StreamEnd::Failed }
                 }
+                Some(Ctl::KeepaliveNow) => next_ka = Instant::now(),
                 None => return StreamEnd::Stopped,
             },
             _ = tick.tick() => {

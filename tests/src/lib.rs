@@ -15,3 +15,4 @@ pub mod agent_client;
 pub mod emulator;
 pub mod fault_proxy;
 pub mod harness;
+pub mod holder;

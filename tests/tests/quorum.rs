@@ -563,3 +563,91 @@ async fn m_voters_are_added_and_removed_through_admin_and_sigterm_is_graceful() 
     })
     .await;
 }
+
+/// The mission end to end: two regions, the emulated GitHub with the adversarial knob values,
+/// the holder SIGKILLed (its stream and tasks die, its session is orphaned). The successor
+/// deletes the orphan by its replicated id and opens its own session: no 409, no overlap, no
+/// zombie request, one session at a time, tokens only grow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_a_killed_holders_github_session_is_revoked_and_taken_over_cleanly() {
+    use arcfed_tests::emulator::{CloseReason, Cursor, Emulator, EmulatorConfig, SessionTtlFrom};
+    use arcfed_tests::holder::{self, GitHubSide};
+    use std::sync::Arc;
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let mut cfg = EmulatorConfig::default();
+            cfg.settings.long_poll = Duration::from_secs(2);
+            cfg.settings.queue_token_survives_session_delete = true;
+            cfg.settings.session_ttl_from = SessionTtlFrom::Creation;
+            cfg.settings.cursor = Cursor::PerScaleSet;
+            let emu = Emulator::start(cfg, tokio::net::TcpListener::bind("127.0.0.1:0").await?).await?;
+            let set = emu.create_scale_set("federated", 1).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let start = |cluster: &str| -> anyhow::Result<(Arc<TestAgent>, tokio::task::JoinHandle<()>)> {
+                let mut o = AgentOptions::new(q.endpoints(), q.certs.agent(cluster)?, cluster);
+                o.configure_url = emu.config_url();
+                o.scale_set_id = set.id;
+                let a = Arc::new(TestAgent::start(o));
+                let gh = GitHubSide {
+                    config_url: emu.config_url(),
+                    pat: emu.pat().to_string(),
+                    scale_set_id: set.id,
+                    cluster: cluster.into(),
+                };
+                let t = tokio::spawn(holder::run(a.clone(), gh));
+                Ok((a, t))
+            };
+            let (a, ta) = start("a")?;
+            let (_, t1) = wait_holder(&q, &[&a]).await?;
+            let (b, tb) = start("b")?;
+            let owner_a = format!("/t{t1}");
+            let wait_polling = |suffix: String| {
+                let emu = &emu;
+                async move {
+                    let end = Instant::now() + WAIT;
+                    loop {
+                        let rep = emu.report();
+                        if let Some(s) = rep
+                            .scale_set(set.id)
+                            .and_then(|s| s.sessions.iter().find(|x| x.owner.ends_with(&suffix) && x.polls > 0))
+                        {
+                            return anyhow::Ok(s.session_id.clone());
+                        }
+                        anyhow::ensure!(Instant::now() < end, "no polling session for {suffix}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            };
+            let sa = wait_polling(owner_a).await?;
+            let st = q.status().await?;
+            assert_eq!(group_of(&st).map(|g| g.session_id.clone()), Some(sa.clone()), "the session id is replicated");
+            emu.enqueue_jobs(set.id, 2, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            b.joined(WAIT).await?;
+            // SIGKILL of the holder's pod: its holder loop and stream die together.
+            ta.abort();
+            a.stop();
+            b.wait_for("the grant", WAIT, |r| !r.grants.is_empty()).await?;
+            let g = b.rec().last_grant().cloned().expect("grant");
+            assert!(g.token > t1);
+            assert!(g.stale_sessions.contains(&sa), "the orphan is in the grant's stale set");
+            let sb = wait_polling(format!("/t{}", g.token)).await?;
+            let rep = emu.report();
+            let ss = rep.scale_set(set.id).expect("scale set");
+            let orphan = ss.sessions.iter().find(|s| s.session_id == sa).expect("orphan session");
+            assert_eq!(orphan.close_reason, CloseReason::Deleted, "the successor deleted the orphan");
+            assert_eq!(ss.conflicts_409, 0, "no 409: the orphan was revoked before the create");
+            assert_eq!(ss.max_concurrent_sessions, 1);
+            assert_eq!(ss.zombie_requests, 0);
+            assert_eq!(ss.sessions_overlap_ms, 0);
+            let st = q
+                .wait_status("the new session replicated", WAIT, |s| group_of(s).is_some_and(|g| g.session_id == sb))
+                .await?;
+            assert!(group_of(&st).is_some_and(|g| g.stale_sessions.is_empty()), "the revocation was reported");
+            tb.abort();
+            emu.shutdown().await;
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}

@@ -6,17 +6,21 @@
 //! scale set's group. Then it prints the quorum's status until Ctrl-C, or runs a drill and
 //! prints its JSON report.
 //!
-//! Today the regions run the library agent, which holds leases but does not yet talk to
-//! GitHub; the real agent (the ARC listener drop-in) replaces it with the agent issue, and
-//! the drill report's GitHub-side fields will then come from the emulator's timeline.
+//! Each region runs the library agent (`arcfed_tests::agent_client`) plus the holder side of
+//! the session protocol (`arcfed_tests::holder`): whichever region holds the lease revokes
+//! stale sessions, opens the GitHub session, polls, reports and acks. The real agent (the
+//! ARC listener drop-in) replaces both with the agent issue. Drill reports take their
+//! GitHub-side fields from the emulator's timeline.
 use anyhow::{Context, bail};
 use arcfed_tests::agent_client::{AgentOptions, TestAgent};
-use arcfed_tests::emulator::{Emulator, EmulatorConfig};
+use arcfed_tests::emulator::{Cursor, Emulator, EmulatorConfig, EmulatorHandle, PathClass, SessionTtlFrom};
 use arcfed_tests::harness::{Quorum, QuorumOptions, bin_path};
+use arcfed_tests::holder::{self, GitHubSide};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -54,6 +58,14 @@ struct Args {
     /// Stop after this long instead of waiting for Ctrl-C (0 = run until Ctrl-C).
     #[arg(long, env = "ARCFED_SANDBOX_DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
     duration: Duration,
+    /// Run the emulator with the adversarial values of the undocumented knobs (a deleted
+    /// session's queue token keeps working, the abandoned-session TTL counts from creation,
+    /// the message cursor is per scale set).
+    #[arg(long, env = "ARCFED_SANDBOX_ADVERSARIAL")]
+    adversarial: bool,
+    /// Jobs enqueued per minute on the emulated scale set (0 = none).
+    #[arg(long, env = "ARCFED_SANDBOX_JOBS_PER_MINUTE", default_value = "30")]
+    jobs_per_minute: u32,
     /// How often to print the status table.
     #[arg(long, env = "ARCFED_SANDBOX_EVERY", value_parser = humantime::parse_duration, default_value = "5s")]
     every: Duration,
@@ -110,7 +122,14 @@ async fn main() -> anyhow::Result<()> {
 
     // Emulated GitHub with one scale set.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let emu = Emulator::start(EmulatorConfig::default(), listener).await?;
+    let mut ecfg = EmulatorConfig::default();
+    ecfg.settings.long_poll = Duration::from_secs(10);
+    if args.adversarial {
+        ecfg.settings.queue_token_survives_session_delete = true;
+        ecfg.settings.session_ttl_from = SessionTtlFrom::Creation;
+        ecfg.settings.cursor = Cursor::PerScaleSet;
+    }
+    let emu = Emulator::start(ecfg, listener).await?;
     let set = emu.create_scale_set("arcfed-sandbox", 1).map_err(|e| anyhow::anyhow!("create scale set: {e:?}"))?;
     let config_url = emu.config_url();
 
@@ -122,9 +141,27 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("quorum did not start; logs in {}", dir.display()))?;
 
     // The regions.
-    let mut agents: BTreeMap<String, TestAgent> = BTreeMap::new();
+    let gh = |region: &str| GitHubSide {
+        config_url: config_url.clone(),
+        pat: emu.pat().to_string(),
+        scale_set_id: set.id,
+        cluster: region.to_string(),
+    };
+    let mut agents: BTreeMap<String, Region> = BTreeMap::new();
     for r in &args.regions {
-        agents.insert(r.clone(), start_agent(&q, r, &config_url, set.id)?);
+        agents.insert(r.clone(), Region::start(&q, gh(r))?);
+    }
+    if args.jobs_per_minute > 0 {
+        let every = Duration::from_secs_f64(60.0 / f64::from(args.jobs_per_minute));
+        let url = format!("{}/_emulator/jobs", emu.base_url());
+        let http = reqwest::Client::new();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let body = json!({"scaleSetId": set.id, "count": 1, "durationSeconds": 20});
+                let _ = http.post(&url).json(&body).send().await;
+            }
+        });
     }
     for a in agents.values() {
         a.joined(Duration::from_secs(30)).await?;
@@ -150,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
 
     match args.drill {
         Some(d) => {
-            let report = drill(d, args.runs, &mut q, &mut agents, &config_url, set.id).await;
+            let report = drill(d, args.runs, &mut q, &mut agents, &gh, &emu, set.id).await;
             let report = match report {
                 Ok(r) => r,
                 Err(e) => {
@@ -187,12 +224,38 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_agent(q: &Quorum, region: &str, config_url: &str, set: i64) -> anyhow::Result<TestAgent> {
-    let mut o = AgentOptions::new(q.endpoints(), q.certs.agent(region)?, region);
-    o.configure_url = config_url.to_string();
-    o.scale_set_id = set;
-    o.ers_name = format!("arcfed-sandbox-{region}");
-    Ok(TestAgent::start(o))
+/// One region: the library agent plus its holder loop. Dropping it kills both, as a
+/// SIGKILLed pod would (its stream dies, its GitHub session is orphaned).
+struct Region {
+    agent: Arc<TestAgent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Region {
+    fn start(q: &Quorum, gh: GitHubSide) -> anyhow::Result<Region> {
+        let region = gh.cluster.clone();
+        let mut o = AgentOptions::new(q.endpoints(), q.certs.agent(&region)?, &region);
+        o.configure_url = gh.config_url.clone();
+        o.scale_set_id = gh.scale_set_id;
+        o.ers_name = format!("arcfed-sandbox-{region}");
+        let agent = Arc::new(TestAgent::start(o));
+        let task = tokio::spawn(holder::run(agent.clone(), gh));
+        Ok(Region { agent, task })
+    }
+}
+
+impl std::ops::Deref for Region {
+    type Target = TestAgent;
+    fn deref(&self) -> &TestAgent {
+        &self.agent
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.agent.stop();
+    }
 }
 
 /// A compact status table (arcfedctl's full table is `arcfedctl status`).
@@ -230,10 +293,13 @@ async fn drill(
     d: Drill,
     runs: usize,
     q: &mut Quorum,
-    agents: &mut BTreeMap<String, TestAgent>,
-    config_url: &str,
+    agents: &mut BTreeMap<String, Region>,
+    gh: &dyn Fn(&str) -> GitHubSide,
+    emu: &EmulatorHandle,
     set: i64,
 ) -> anyhow::Result<serde_json::Value> {
+    let mut failover = Vec::new();
+    let mut first_poll = Vec::new();
     let wait = Duration::from_secs(60);
     let mut per_run = Vec::new();
     let mut detect = Vec::new();
@@ -247,7 +313,10 @@ async fn drill(
             regressions += 1;
         }
         tokens.push(token);
+        // The current holder has its session open before the fault.
+        wait_session(emu, set, token, wait).await?;
         let fault = Instant::now();
+        let fault_emu = emu.now_ms();
         let (detect_ms, grant_ms, note) = match d {
             Drill::KillHolder => {
                 let dead = agents.remove(&region).context("holder region")?;
@@ -261,8 +330,12 @@ async fn drill(
                 let a = agents.get(&new_region).context("new holder region")?;
                 a.wait_for("grant", wait, |r| r.grants.iter().any(|g| g.token == new_token)).await?;
                 let g = a.rec().grants.iter().find(|g| g.token == new_token).map(|g| g.received_at).context("grant")?;
+                // The successor's session, opened after revoking the orphan by its id.
+                let (opened, polled) = wait_session(emu, set, new_token, wait).await?;
+                failover.push(opened.saturating_sub(fault_emu) as f64);
+                first_poll.push(polled.saturating_sub(fault_emu) as f64);
                 // The killed region comes back (its pod is recreated) as a standby.
-                agents.insert(region.clone(), start_agent(q, &region, config_url, set)?);
+                agents.insert(region.clone(), Region::start(q, gh(&region))?);
                 (
                     Some(detect_ms),
                     Some(g.duration_since(fault).as_secs_f64() * 1000.0),
@@ -311,14 +384,18 @@ async fn drill(
                 let n = from.rec().handovers.len();
                 let refs: Vec<&str> = args.iter_mut().map(|s| s.as_str()).collect();
                 arcfed_tests::harness::arcfedctl(&refs)?;
+                // The holder loop answers the request: it deletes its session and releases.
                 from.wait_for("handover request", wait, |r| r.handovers.len() > n).await?;
-                from.release(token, vec![], arcfed_proto::ReleaseReason::Handover).await?;
                 let s2 =
                     q.wait_status("the target holds", wait, |s| holder_of(s).is_some_and(|h| h.0 == target.1)).await?;
                 let detect_ms = fault.elapsed().as_secs_f64() * 1000.0;
-                if holder_of(&s2).is_some_and(|h| h.2 < token) {
+                let new_token = holder_of(&s2).map(|h| h.2).unwrap_or(0);
+                if new_token < token {
                     regressions += 1;
                 }
+                let (opened, polled) = wait_session(emu, set, new_token, wait).await?;
+                failover.push(opened.saturating_sub(fault_emu) as f64);
+                first_poll.push(polled.saturating_sub(fault_emu) as f64);
                 (Some(detect_ms), None, format!("{region} → {}", target.0))
             }
         };
@@ -338,14 +415,28 @@ async fn drill(
         Drill::KillLeader => "kill-leader",
         Drill::Handover => "handover",
     };
+    let rep = emu.report();
+    let ss = rep.scale_sets.iter().find(|x| x.id == set).context("scale set in the emulator report")?;
     Ok(json!({
         "scenario": scenario,
         "runs": per_run,
         "detect_ms": summary(detect),
         "grant_ms": summary(grant),
-        // Filled from the emulator's timeline once the real agent holds GitHub sessions.
-        "failover_ms": null, "first_poll_ms": null, "sessions_overlap_ms": null, "zombie_requests": null,
-        "conflicts_409": null, "messages_lost": null, "acquire_repeats": null, "jobs_acquired_twice": null,
+        "failover_ms": summary(failover),
+        "first_poll_ms": summary(first_poll),
+        "sessions_overlap_ms": ss.sessions_overlap_ms,
+        "zombie_requests": ss.zombie_requests,
+        "conflicts_409": ss.conflicts_409,
+        "max_concurrent_sessions": ss.max_concurrent_sessions,
+        "no_session_ms": ss.no_session_ms,
+        "messages_delivered": ss.messages_delivered,
+        "messages_deleted": ss.messages_deleted,
+        "messages_redelivered": ss.messages_redelivered,
+        // A message is acked only after its Progress was accepted, so none is lost by the
+        // protocol; the emulator's per-scale-set log keeps undeleted ones for redelivery.
+        "messages_lost": serde_json::Value::Null,
+        "acquire_repeats": ss.acquire_repeats,
+        "jobs_acquired_twice": ss.jobs_acquired_twice,
         "stale_token_rejections": stale_token_rejections(q).await,
         "token_regressions": regressions,
         "tokens": tokens,
@@ -361,4 +452,36 @@ async fn stale_token_rejections(q: &Quorum) -> Option<u64> {
         .find(|l| l.starts_with("arcfed_stale_token_rejections_total_replicated "))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
+}
+
+/// Waits until the emulator shows a session of the holder with `token` (its owner name
+/// ends in `/t<token>`) that has polled; returns (opened_at, first poll) on the emulator clock.
+async fn wait_session(emu: &EmulatorHandle, set: i64, token: u64, wait: Duration) -> anyhow::Result<(u64, u64)> {
+    let end = Instant::now() + wait;
+    let suffix = format!("/t{token}");
+    loop {
+        let rep = emu.report();
+        let sess = rep
+            .scale_sets
+            .iter()
+            .filter(|x| x.id == set)
+            .flat_map(|x| x.sessions.iter())
+            .find(|s| s.owner.ends_with(&suffix))
+            .cloned();
+        if let Some(s) = sess {
+            let first_poll = emu
+                .timeline()
+                .iter()
+                .filter(|e| e.class == PathClass::Poll && e.session_id.as_deref() == Some(s.session_id.as_str()))
+                .map(|e| e.at_ms)
+                .min();
+            if let Some(p) = first_poll {
+                return Ok((s.opened_at, p));
+            }
+        }
+        if Instant::now() > end {
+            bail!("no polling GitHub session for token {token} within {wait:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
