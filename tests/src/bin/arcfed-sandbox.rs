@@ -60,7 +60,7 @@ struct Args {
     duration: Duration,
     /// Run the emulator with the adversarial values of the undocumented knobs (a deleted
     /// session's queue token keeps working, the abandoned-session TTL counts from creation,
-    /// the message cursor is per scale set).
+    /// the message cursor is per scale set). Drills always use them.
     #[arg(long, env = "ARCFED_SANDBOX_ADVERSARIAL")]
     adversarial: bool,
     /// Jobs enqueued per minute on the emulated scale set (0 = none).
@@ -124,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mut ecfg = EmulatorConfig::default();
     ecfg.settings.long_poll = Duration::from_secs(10);
-    if args.adversarial {
+    if args.adversarial || args.drill.is_some() {
         ecfg.settings.queue_token_survives_session_delete = true;
         ecfg.settings.session_ttl_from = SessionTtlFrom::Creation;
         ecfg.settings.cursor = Cursor::PerScaleSet;
@@ -173,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
     log(json, format!("  emulated GitHub: githubConfigUrl={config_url} (PAT {}), scale set id {}", emu.pat(), set.id));
     log(json, format!("  quorum: {} (leader {})", q.endpoints().join(","), s.leader));
     log(json, format!("  regions: {}", args.regions.join(", ")));
+    let adversarial = args.adversarial || args.drill.is_some();
+    log(json, format!("  emulator knobs: {}", if adversarial { "adversarial" } else { "documented defaults" }));
     log(
         json,
         format!(
@@ -419,6 +421,7 @@ async fn drill(
     let ss = rep.scale_sets.iter().find(|x| x.id == set).context("scale set in the emulator report")?;
     Ok(json!({
         "scenario": scenario,
+        "emulator_settings": emu.settings(),
         "runs": per_run,
         "detect_ms": summary(detect),
         "grant_ms": summary(grant),
