@@ -651,3 +651,33 @@ async fn n_a_killed_holders_github_session_is_revoked_and_taken_over_cleanly() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn o_five_voters_bootstrap_from_flags_and_survive_losing_two() {
+    let opts = QuorumOptions { voters: 5, ..QuorumOptions::default() };
+    with_quorum(opts, |mut q| async move {
+        let r = async {
+            let s = q.wait_status("five voters", WAIT, |s| s.voters.len() == 5).await?;
+            let a = agent(&q, "a");
+            let b = agent(&q, "b");
+            let (h, t) = wait_holder(&q, &[&a, &b]).await?;
+            let holder = if h == 0 { &a } else { &b };
+            // Lose the leader and one follower: three of five still form a quorum.
+            let follower = s.voters.iter().find(|v| v.id != s.leader).map(|v| v.id).expect("follower");
+            let killed = Instant::now();
+            q.voter(s.leader).kill();
+            q.voter(follower).kill();
+            let s2 = q.wait_status("a new leader", WAIT, |x| x.leader != s.leader && x.leader != follower).await?;
+            assert_eq!(holder_of(&s2), Some((holder.opts.member_id.clone(), t)), "no holder change");
+            holder
+                .wait_for("served by the new leader", WAIT, |r| {
+                    r.acks.last().is_some_and(|k| k.received_at > killed && k.held.iter().any(|x| x.1 == t))
+                })
+                .await?;
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
