@@ -467,9 +467,11 @@ async fn one_stream(
                             }
                             Out::Ack(a) => {
                                 last_ack = now;
-                                let sent_at = r.sent.get(&a.seq).copied().unwrap_or(now);
-                                let held = a.held.into_iter().map(|h| (h.group_key, h.token)).collect();
-                                r.acks.push(AckSeen { seq: a.seq, sent_at, received_at: now, held });
+                                // An ack for a keepalive this agent never sent proves nothing.
+                                if let Some(sent_at) = r.sent.get(&a.seq).copied() {
+                                    let held = a.held.into_iter().map(|h| (h.group_key, h.token)).collect();
+                                    r.acks.push(AckSeen { seq: a.seq, sent_at, received_at: now, held });
+                                }
                             }
                             Out::Expired(e) => {
                                 r.expired.push((e.reason, now));

@@ -10,7 +10,7 @@
 
 use crate::agent_client::{TestAgent, is_accepted};
 use crate::emulator::client::ArcClient;
-use crate::emulator::model::{JobMessage, MessageEnvelope, Statistics};
+use crate::emulator::model::{JobMessage, MessageEnvelope, Session, Statistics};
 use arcfed_proto as pb;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -95,16 +95,24 @@ pub async fn run(agent: Arc<TestAgent>, gh: GitHubSide) {
         backoff = (backoff * 2).min(Duration::from_secs(5));
     };
     let mut done: BTreeSet<u64> = BTreeSet::new();
+    // The session opened under a token, kept across fence gaps: after a gap the holder
+    // resumes polling it instead of opening another (which would meet its own 409).
+    let mut current: Option<(u64, Session)> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let Some(token) = agent.rec().last_grant().map(|g| g.token) else { continue };
         if done.contains(&token) || !fence_ok(&agent, token) {
             continue;
         }
-        let stop = session(&agent, &client, &gh, token).await;
+        let stop = session(&agent, &client, &gh, token, &mut current).await;
         tracing::info!(cluster = %gh.cluster, token, ?stop, "session loop ended");
-        if stop != Stop::Error {
+        // Only a release ends a token for good. After a fence gap (say a leader change) the
+        // holder resumes as soon as a fresh ack lists the token again; a stale token is
+        // never listed again, so it is skipped without bookkeeping.
+        if stop == Stop::Handover {
             done.insert(token);
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
@@ -122,7 +130,45 @@ async fn fresh_ack(agent: &TestAgent, token: u64, since: Instant) -> bool {
     false
 }
 
-async fn session(agent: &TestAgent, client: &ArcClient, gh: &GitHubSide, token: u64) -> Stop {
+async fn session(
+    agent: &TestAgent,
+    client: &ArcClient,
+    gh: &GitHubSide,
+    token: u64,
+    current: &mut Option<(u64, Session)>,
+) -> Stop {
+    let set = gh.scale_set_id;
+    let resumed = current.as_ref().filter(|(t, _)| *t == token).map(|(_, s)| s.clone());
+    let session = match resumed {
+        Some(s) => s,
+        None => match open(agent, client, gh, token).await {
+            Ok(s) => {
+                *current = Some((token, s.clone()));
+                s
+            }
+            Err(stop) => return stop,
+        },
+    };
+    let stop = poll_loop(agent, client, token, &session).await;
+    if stop == Stop::Error {
+        // The session may be gone server-side (expired, evicted): open a fresh one next time.
+        *current = None;
+    }
+    if stop == Stop::Handover {
+        *current = None;
+        // Orderly release: delete our session, then tell the coordinator.
+        let path = format!("_apis/runtime/runnerscalesets/{set}/sessions/{}", session.session_id);
+        let deleted = match client.admin(reqwest::Method::DELETE, &path, &[], None).await {
+            Ok(r) if matches!(r.status, 204 | 404 | 400) => vec![session.session_id.clone()],
+            _ => vec![],
+        };
+        let _ = agent.release(token, deleted, pb::ReleaseReason::Handover).await;
+    }
+    stop
+}
+
+/// Revokes the predecessors' sessions, opens ours and commits its id (fences (a)–(c)).
+async fn open(agent: &TestAgent, client: &ArcClient, gh: &GitHubSide, token: u64) -> Result<Session, Stop> {
     let set = gh.scale_set_id;
     // Revoke the predecessors' sessions by their replicated ids.
     let stale: BTreeSet<String> = {
@@ -135,7 +181,7 @@ async fn session(agent: &TestAgent, client: &ArcClient, gh: &GitHubSide, token: 
     let mut deleted = Vec::new();
     for id in stale {
         if !fence_ok(agent, token) {
-            return Stop::Fenced;
+            return Err(Stop::Fenced);
         }
         let path = format!("_apis/runtime/runnerscalesets/{set}/sessions/{id}");
         match client.admin(reqwest::Method::DELETE, &path, &[], None).await {
@@ -155,16 +201,16 @@ async fn session(agent: &TestAgent, client: &ArcClient, gh: &GitHubSide, token: 
     let session = loop {
         let decided = Instant::now();
         if !fresh_ack(agent, token, decided).await || !fence_ok(agent, token) {
-            return Stop::Fenced;
+            return Err(Stop::Fenced);
         }
         if handover_asked(agent, token) {
             let _ = agent.release(token, vec![], pb::ReleaseReason::Handover).await;
-            return Stop::Handover;
+            return Err(Stop::Handover);
         }
         match client.create_session(set, &owner).await {
-            Ok(r) if r.status == 200 => match r.json::<crate::emulator::model::Session>() {
+            Ok(r) if r.status == 200 => match r.json::<Session>() {
                 Ok(s) => break s,
-                Err(_) => return Stop::Error,
+                Err(_) => return Err(Stop::Error),
             },
             Ok(r) => tracing::info!(status = r.status, "session create refused; backing off"),
             Err(e) => tracing::warn!(error = %e, "session create failed (possible orphan); backing off"),
@@ -176,10 +222,15 @@ async fn session(agent: &TestAgent, client: &ArcClient, gh: &GitHubSide, token: 
     // Commit the session id before the first poll.
     let opened = agent.session_opened_with(token, &session.session_id, stats_pb(&session.statistics)).await;
     if !opened.as_ref().is_ok_and(is_accepted) {
-        return Stop::Rejected;
+        return Err(Stop::Rejected);
     }
+    Ok(session)
+}
+
+/// Long-polls behind the fence; acks a message only after its Progress was accepted.
+async fn poll_loop(agent: &TestAgent, client: &ArcClient, token: u64, session: &Session) -> Stop {
     let mut last = 0i64;
-    let stop = loop {
+    loop {
         if handover_asked(agent, token) {
             break Stop::Handover;
         }
@@ -235,15 +286,5 @@ async fn session(agent: &TestAgent, client: &ArcClient, gh: &GitHubSide, token: 
             }
             _ => break Stop::Error,
         }
-    };
-    if stop == Stop::Handover {
-        // Orderly release: delete our session, then tell the coordinator.
-        let path = format!("_apis/runtime/runnerscalesets/{set}/sessions/{}", session.session_id);
-        let deleted = match client.admin(reqwest::Method::DELETE, &path, &[], None).await {
-            Ok(r) if matches!(r.status, 204 | 404 | 400) => vec![session.session_id.clone()],
-            _ => vec![],
-        };
-        let _ = agent.release(token, deleted, pb::ReleaseReason::Handover).await;
     }
-    stop
 }

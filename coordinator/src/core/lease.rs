@@ -93,6 +93,12 @@ impl LeaseTable {
         LeaseTable { cfg, entries: BTreeMap::new(), handovers: BTreeMap::new() }
     }
 
+    /// Forget everything (this node stopped leading); the next promotion rebuilds the table.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.handovers.clear();
+    }
+
     pub fn entry(&self, m: &MemberId) -> Option<&LeaseEntry> {
         self.entries.get(m)
     }
@@ -214,6 +220,10 @@ impl LeaseTable {
     pub fn promote(&mut self, now: u64, members: impl IntoIterator<Item = (MemberId, u64, bool)>) {
         self.entries.clear();
         self.handovers.clear();
+        // A deposed leader may still ack for up to TTL×margin after its last quorum contact,
+        // and this leader cannot see those acks. So the no-stream (Silent) clock starts only
+        // after that window: MarkSilent never lands before a stale ack's fence has ended.
+        let silent_clock = now.saturating_add(self.cfg.quorum_window_ms());
         for (id, epoch, silent) in members {
             let deadline = now.saturating_add(if silent { self.cfg.reconnect_grace_ms } else { self.cfg.ttl_ms });
             self.entries.insert(
@@ -223,7 +233,7 @@ impl LeaseTable {
                     deadline,
                     last_keepalive: None,
                     stream_open: false,
-                    closed_at: Some(now),
+                    closed_at: Some(silent_clock),
                     expire_proposed: false,
                     silent_proposed: silent,
                 },
@@ -336,6 +346,22 @@ mod tests {
         assert_eq!(t.tick(floor, floor).expire.len(), 1);
         // ~TTL·(1−margin) after the last keepalive instead of a full TTL.
         assert!(floor < 1000 + cfg.ttl_ms);
+    }
+
+    #[test]
+    fn after_promotion_silence_is_judged_only_after_a_stale_leaders_ack_window() {
+        let mut t = table();
+        let cfg = t.cfg;
+        t.promote(10_000, vec![(mid("m"), 1, false)]);
+        let silent_at = 10_000 + cfg.quorum_window_ms() + cfg.fence_bound_ms();
+        let mut now = 10_000;
+        while now < silent_at.min(10_000 + cfg.ttl_ms) {
+            assert!(t.tick(now, now).silent.is_empty(), "marked silent at {now}, before {silent_at}");
+            now += 50;
+        }
+        // window + fence bound exceeds a TTL, so a member that never reconnects after a
+        // promotion is expired at the fresh deadline rather than marked silent first.
+        assert_eq!(t.tick(10_000 + cfg.ttl_ms, 10_000 + cfg.ttl_ms).expire, vec![(mid("m"), 1)]);
     }
 
     #[test]

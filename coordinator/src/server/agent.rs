@@ -102,7 +102,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
     loop {
         tokio::select! {
             msg = inbound.message() => match msg {
-                Ok(Some(pb::AgentMessage { msg: Some(In::Keepalive(k)) })) => keepalive(&ctx, &joined, k, &tx).await,
+                Ok(Some(pb::AgentMessage { msg: Some(In::Keepalive(k)) })) => keepalive(&ctx, term, &joined, k, &tx).await,
                 Ok(Some(pb::AgentMessage { msg: Some(In::Join(j)) })) => match join(&ctx, &cluster, j, &tx).await {
                     Some(j) if j.member == joined.member => {
                         joined = j;
@@ -207,11 +207,19 @@ async fn join(ctx: &Arc<Ctx>, cluster: &str, j: pb::Join, tx: &OutTx) -> Option<
 }
 
 /// Keepalives never touch the log: the lessor judges them in memory.
-async fn keepalive(ctx: &Arc<Ctx>, j: &Joined, k: pb::Keepalive, tx: &OutTx) {
+async fn keepalive(ctx: &Arc<Ctx>, term: u64, j: &Joined, k: pb::Keepalive, tx: &OutTx) {
     ctx.metrics.keepalives.inc();
     let now = ctx.now();
     let quorum = ctx.quorum_age_ms();
-    let verdict = ctx.lessor().on_keepalive(&j.member, j.epoch, now, quorum);
+    let verdict = {
+        let mut l = ctx.lessor();
+        // Only a stream of the term this node serves may ack: a stream opened in an earlier
+        // term of this node must not ack holdings from a state it no longer serves.
+        if ctx.serving_term() != Some(term) {
+            return;
+        }
+        l.on_keepalive(&j.member, j.epoch, now, quorum)
+    };
     match verdict {
         KeepaliveVerdict::Ack => {
             let held: Vec<pb::HeldGroup> = {
@@ -417,7 +425,9 @@ async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: 
                     }
                 }
                 Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => warn!(skipped = n, "effects lagged; state-derived pushes resync"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(skipped = n, "effects lagged: grants and assignments resync from state; skipped job events and session deletions are lost for this stream");
+                }
                 Err(_) => return,
             },
         }

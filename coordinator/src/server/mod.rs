@@ -296,7 +296,10 @@ async fn track_leadership(ctx: Arc<Ctx>) {
             }
             if ctx.serving_term().is_some() {
                 info!(term, leader = ?m.current_leader, "no longer the leader: closing agent streams");
+                // Under the lessor lock, so no keepalive of the old term is judged after this.
+                let mut l = ctx.lessor();
                 ctx.serving.send_replace(None);
+                l.clear();
             }
         }
         if rx.changed().await.is_err() {
@@ -379,8 +382,13 @@ async fn lessor_loop(ctx: Arc<Ctx>) {
         }
         for (g, token) in out.revoke {
             info!(group = %g, token, "handover deadline + TTL passed without Release: revoking");
-            let _ = ctx.propose(Command::Revoke { group: g.clone(), token }).await;
-            ctx.lessor().handover_done(&g, token);
+            // On a failed proposal keep the timer: the next tick retries the Revoke.
+            if let Ok(a) = ctx.propose(Command::Revoke { group: g.clone(), token }).await {
+                ctx.lessor().handover_done(&g, token);
+                if a.outcome.is_rejected() {
+                    info!(group = %g, token, "revoke found the token already replaced");
+                }
+            }
         }
         grant_holderless(&ctx).await;
     }
@@ -409,9 +417,13 @@ async fn grant_holderless(ctx: &Arc<Ctx>) {
             }
         }
         // Lease entries of members that no longer hold a lease are dropped.
+        // An entry whose Join was applied after `state` was read (epoch = that Join's log
+        // index, above the snapshot's last index) is new, not gone.
         let gone: Vec<_> = l
             .members()
-            .filter(|(id, _)| !state.members.get(*id).is_some_and(|m| m.status.has_lease()))
+            .filter(|(id, e)| {
+                e.epoch <= state.last_index && !state.members.get(*id).is_some_and(|m| m.status.has_lease())
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
