@@ -417,6 +417,8 @@ async fn drill(
         Drill::KillLeader => "kill-leader",
         Drill::Handover => "handover",
     };
+    // Let an in-flight message settle before counting undeleted ones.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let rep = emu.report();
     let ss = rep.scale_sets.iter().find(|x| x.id == set).context("scale set in the emulator report")?;
     Ok(json!({
@@ -435,9 +437,9 @@ async fn drill(
         "messages_delivered": ss.messages_delivered,
         "messages_deleted": ss.messages_deleted,
         "messages_redelivered": ss.messages_redelivered,
-        // A message is acked only after its Progress was accepted, so none is lost by the
-        // protocol; the emulator's per-scale-set log keeps undeleted ones for redelivery.
-        "messages_lost": serde_json::Value::Null,
+        // Messages delivered but never deleted (an undeleted message is redelivered only
+        // with a per-session cursor; drills use the adversarial per-scale-set one).
+        "messages_lost": ss.messages_delivered.saturating_sub(ss.messages_redelivered).saturating_sub(ss.messages_deleted),
         "acquire_repeats": ss.acquire_repeats,
         "jobs_acquired_twice": ss.jobs_acquired_twice,
         "stale_token_rejections": stale_token_rejections(q).await,
