@@ -681,3 +681,71 @@ async fn o_five_voters_bootstrap_from_flags_and_survive_losing_two() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p_drain_moves_the_holder_and_bad_agent_input_is_named() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            a.joined(WAIT).await?;
+            let (_, t1) = wait_holder(&q, &[&a]).await?;
+            let b = agent(&q, "b");
+            b.joined(WAIT).await?;
+            // Drain the holder: it is asked to hand over, and its assignment drops to zero.
+            let out = ctl(&q, &["drain", &a.opts.member_id[..8]])?;
+            assert!(out.contains("draining"), "{out}");
+            a.wait_for("a handover request", WAIT, |r| r.handovers.iter().any(|h| h.0.token == t1)).await?;
+            a.wait_for("a zero assignment with force_zero", WAIT, |r| {
+                r.assignments.last().is_some_and(|x| x.0.runners == 0 && x.0.force_zero_patch)
+            })
+            .await?;
+            assert!(is_accepted(&a.release(t1, vec![], pb::ReleaseReason::Handover).await?));
+            b.wait_for("the grant", WAIT, |r| !r.grants.is_empty()).await?;
+            let s = q.status().await?;
+            assert!(s.members.iter().any(|m| m.id == a.opts.member_id && m.draining));
+            // Bad protobuf input is refused with the field's name; state stays intact.
+            let leader = s.voters.iter().find(|v| v.role == "leader").expect("leader").address.clone();
+            let tls = q.certs.agent("c")?;
+            for (join, want) in [
+                (pb::Join { member_id: "c1".into(), group: None, ..Default::default() }, "join.group"),
+                (
+                    pb::Join {
+                        member_id: "bad id!".into(),
+                        group: Some(pb::GroupRef { configure_url: "https://x/o".into(), scale_set_id: 1 }),
+                        ..Default::default()
+                    },
+                    "join.member_id",
+                ),
+                (
+                    pb::Join {
+                        member_id: "c2".into(),
+                        group: Some(pb::GroupRef { configure_url: a.opts.configure_url.clone(), scale_set_id: 1 }),
+                        ers_namespace: "ns".into(),
+                        ers_name: "set-c".into(),
+                        min_runners: 5,
+                        max_runners: 1,
+                        ..Default::default()
+                    },
+                    "min_runners",
+                ),
+            ] {
+                let mut c = pb::agent_service_client::AgentServiceClient::new(tls.channel(&leader)?);
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Join(join)) }).await?;
+                let res = c.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+                let err = match res {
+                    Err(e) => e,
+                    Ok(resp) => resp.into_inner().message().await.expect_err("a refusal on the stream"),
+                };
+                assert!(err.message().contains(want), "{want}: {err:?}");
+                drop(tx);
+            }
+            let after = q.status().await?;
+            assert_eq!(after.members.len(), 2, "refused joins left no member behind");
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
