@@ -25,6 +25,9 @@ pub struct GitHubSide {
     pub cluster: String,
 }
 
+/// How long before the fence's end an in-flight long poll is abandoned (see `poll_loop`).
+const POLL_MARGIN: Duration = Duration::from_millis(400);
+
 /// Why the session loop stopped.
 #[derive(Debug, PartialEq, Eq)]
 enum Stop {
@@ -242,8 +245,12 @@ async fn poll_loop(agent: &TestAgent, client: &ArcClient, token: u64, session: &
             tokio::select! {
                 r = &mut poll => break Some(r),
                 _ = tick.tick() => {
-                    // The fence deadline moves with every ack; re-check it while polling.
-                    if !fence_ok(agent, token) || handover_asked(agent, token) {
+                    // The fence deadline moves with every ack; re-check it while polling. A
+                    // healthy holder always has more than TTL×(1−margin) − TTL/4 left; when
+                    // acks stop, stop polling POLL_MARGIN before the fence ends, so a 200 is
+                    // not delivered (and, with a per-scale-set cursor, lost) after it.
+                    let near_end = agent.rec().fence_end(token).is_none_or(|e| Instant::now() + POLL_MARGIN >= e);
+                    if near_end || handover_asked(agent, token) {
                         break None;
                     }
                 }
