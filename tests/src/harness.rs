@@ -106,6 +106,35 @@ pub struct Voter {
 }
 
 impl Voter {
+    /// A voter's command line: `peers` are (id, address this voter dials), itself included.
+    fn new(dir: &Path, id: u64, grpc: SocketAddr, tls: &TlsFiles, lease_ttl: &str, peers: &[(u64, String)]) -> Voter {
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let data_dir = dir.join(format!("voter-{id}"));
+        let mut args: Vec<String> = vec![
+            "--node-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            grpc.to_string(),
+            "--admin-listen".into(),
+            http.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--tls-cert".into(),
+            tls.cert.display().to_string(),
+            "--tls-key".into(),
+            tls.key.display().to_string(),
+            "--tls-ca".into(),
+            tls.ca.display().to_string(),
+            "--lease-ttl".into(),
+            lease_ttl.into(),
+        ];
+        for (peer, addr) in peers {
+            args.push("--peer".into());
+            args.push(format!("{peer}={addr}"));
+        }
+        Voter { id, grpc, http, log: dir.join(format!("voter-{id}.log")), data_dir, args, child: None }
+    }
+
     pub fn addr(&self) -> String {
         self.grpc.to_string()
     }
@@ -212,44 +241,15 @@ impl Quorum {
         let mut voters = Vec::new();
         for id in &ids {
             let tls = certs.coordinator(*id)?;
-            let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let data_dir = dir.join(format!("voter-{id}"));
-            let mut args: Vec<String> = vec![
-                "--node-id".into(),
-                id.to_string(),
-                "--listen".into(),
-                grpc[id].to_string(),
-                "--admin-listen".into(),
-                http.to_string(),
-                "--data-dir".into(),
-                data_dir.display().to_string(),
-                "--tls-cert".into(),
-                tls.cert.display().to_string(),
-                "--tls-key".into(),
-                tls.key.display().to_string(),
-                "--tls-ca".into(),
-                tls.ca.display().to_string(),
-                "--lease-ttl".into(),
-                opts.lease_ttl.into(),
-            ];
-            for peer in &ids {
-                let addr = match proxies.get(&(*id, *peer)) {
-                    Some(p) => p.addr().to_string(),
-                    None => grpc[peer].to_string(),
-                };
-                args.push("--peer".into());
-                args.push(format!("{peer}={addr}"));
-            }
-            args.extend(opts.extra_args.iter().cloned());
-            let mut v = Voter {
-                id: *id,
-                grpc: grpc[id],
-                http,
-                log: dir.join(format!("voter-{id}.log")),
-                data_dir,
-                args,
-                child: None,
-            };
+            let peers: Vec<(u64, String)> = ids
+                .iter()
+                .map(|peer| match proxies.get(&(*id, *peer)) {
+                    Some(p) => (*peer, p.addr().to_string()),
+                    None => (*peer, grpc[peer].to_string()),
+                })
+                .collect();
+            let mut v = Voter::new(dir, *id, grpc[id], &tls, opts.lease_ttl, &peers);
+            v.args.extend(opts.extra_args.iter().cloned());
             v.spawn()?;
             voters.push(v);
         }
@@ -261,34 +261,9 @@ impl Quorum {
     pub fn spawn_extra_voter(&mut self, id: u64) -> anyhow::Result<&Voter> {
         let tls = self.certs.coordinator(id)?;
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let data_dir = self.dir.join(format!("voter-{id}"));
-        let mut args: Vec<String> = vec![
-            "--node-id".into(),
-            id.to_string(),
-            "--listen".into(),
-            grpc.to_string(),
-            "--admin-listen".into(),
-            http.to_string(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-            "--tls-cert".into(),
-            tls.cert.display().to_string(),
-            "--tls-key".into(),
-            tls.key.display().to_string(),
-            "--tls-ca".into(),
-            tls.ca.display().to_string(),
-            "--lease-ttl".into(),
-            self.opts.lease_ttl.into(),
-            "--peer".into(),
-            format!("{id}={grpc}"),
-        ];
-        for v in &self.voters {
-            args.push("--peer".into());
-            args.push(format!("{}={}", v.id, v.grpc));
-        }
-        let mut v =
-            Voter { id, grpc, http, log: self.dir.join(format!("voter-{id}.log")), data_dir, args, child: None };
+        let mut peers = vec![(id, grpc.to_string())];
+        peers.extend(self.voters.iter().map(|v| (v.id, v.grpc.to_string())));
+        let mut v = Voter::new(&self.dir, id, grpc, &tls, self.opts.lease_ttl, &peers);
         v.spawn()?;
         self.voters.push(v);
         Ok(self.voters.last().expect("just pushed"))

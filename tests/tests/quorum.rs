@@ -55,6 +55,16 @@ async fn wait_holder(q: &Quorum, agents: &[&TestAgent]) -> anyhow::Result<(usize
     Ok((i, t))
 }
 
+/// Agent `a` joins first and holds; then `b` joins. Returns (a, a's token, b).
+async fn holder_and_standby(q: &Quorum) -> anyhow::Result<(TestAgent, u64, TestAgent)> {
+    let a = agent(q, "a");
+    a.joined(WAIT).await?;
+    let (_, t1) = wait_holder(q, &[&a]).await?;
+    let b = agent(q, "b");
+    b.joined(WAIT).await?;
+    Ok((a, t1, b))
+}
+
 fn admin_args(q: &Quorum) -> Vec<String> {
     vec![
         "--endpoints".into(),
@@ -121,11 +131,7 @@ async fn a_three_voters_elect_a_leader_and_exactly_one_member_is_granted() {
 async fn b_a_silent_holder_expires_through_the_log_and_the_other_member_is_granted() {
     with_quorum(QuorumOptions::default(), |q| async move {
         let r = async {
-            let a = agent(&q, "a");
-            a.joined(WAIT).await?;
-            let (_, t1) = wait_holder(&q, &[&a]).await?;
-            let b = agent(&q, "b");
-            b.joined(WAIT).await?;
+            let (a, t1, b) = holder_and_standby(&q).await?;
             assert!(is_accepted(&a.session_opened(t1, "session-of-a").await?));
             a.set_silent(true);
             b.wait_for("a grant", WAIT, |r| !r.grants.is_empty()).await?;
@@ -198,11 +204,7 @@ async fn c_killing_the_raft_leader_changes_no_holder() {
 async fn d_state_and_tokens_survive_a_full_sigkill_restart() {
     with_quorum(QuorumOptions::default(), |mut q| async move {
         let r = async {
-            let a = agent(&q, "a");
-            a.joined(WAIT).await?;
-            let (_, t1) = wait_holder(&q, &[&a]).await?;
-            let b = agent(&q, "b");
-            b.joined(WAIT).await?;
+            let (a, t1, b) = holder_and_standby(&q).await?;
             assert!(is_accepted(&a.session_opened(t1, "session-d").await?));
             q.wait_status("two members", WAIT, |s| s.members.len() == 2).await?;
             for v in q.voters.iter_mut() {
@@ -318,11 +320,7 @@ async fn f_identity_comes_from_the_certificate_and_roles_are_enforced() {
 async fn h_handover_grants_after_release_or_after_deadline_plus_ttl() {
     with_quorum(QuorumOptions::default(), |q| async move {
         let r = async {
-            let a = agent(&q, "a");
-            a.joined(WAIT).await?;
-            let (_, t1) = wait_holder(&q, &[&a]).await?;
-            let b = agent(&q, "b");
-            b.joined(WAIT).await?;
+            let (a, t1, b) = holder_and_standby(&q).await?;
             let group = group_of(&q.status().await?).expect("group").key.clone();
             // 1. The holder cooperates: Release, then the target is granted.
             let out = ctl(&q, &["handover", &group, "--to", &b.opts.member_id])?;
@@ -443,11 +441,7 @@ async fn j_a_keepalive_after_the_deadline_gets_expired_and_rejoin_gives_a_new_ep
 async fn k_old_tokens_are_rejected_and_a_late_session_lands_in_the_stale_set() {
     with_quorum(QuorumOptions::default(), |q| async move {
         let r = async {
-            let a = agent(&q, "a");
-            a.joined(WAIT).await?;
-            let (_, t1) = wait_holder(&q, &[&a]).await?;
-            let b = agent(&q, "b");
-            b.joined(WAIT).await?;
+            let (a, t1, b) = holder_and_standby(&q).await?;
             a.set_silent(true);
             b.wait_for("a grant", WAIT, |r| !r.grants.is_empty()).await?;
             a.set_silent(false);
@@ -686,11 +680,7 @@ async fn o_five_voters_bootstrap_from_flags_and_survive_losing_two() {
 async fn p_drain_moves_the_holder_and_bad_agent_input_is_named() {
     with_quorum(QuorumOptions::default(), |q| async move {
         let r = async {
-            let a = agent(&q, "a");
-            a.joined(WAIT).await?;
-            let (_, t1) = wait_holder(&q, &[&a]).await?;
-            let b = agent(&q, "b");
-            b.joined(WAIT).await?;
+            let (a, t1, b) = holder_and_standby(&q).await?;
             // Drain the holder: it is asked to hand over, and its assignment drops to zero.
             let out = ctl(&q, &["drain", &a.opts.member_id[..8]])?;
             assert!(out.contains("draining"), "{out}");
