@@ -399,9 +399,15 @@ async fn one_stream(
     let mut client = AgentServiceClient::new(channel);
     let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(64);
     let _ = out_tx.send(join_msg(opts)).await;
-    let mut inbound = match client.attach(tokio_stream::wrappers::ReceiverStream::new(out_rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(st) => return status_end(record, st),
+    // Bounded: a frozen coordinator accepts TCP but never completes the handshake.
+    let attach = client.attach(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    let mut inbound = match tokio::time::timeout(Duration::from_secs(3), attach).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(st)) => return status_end(record, st),
+        Err(_) => {
+            lock(record).errors.push((tonic::Code::DeadlineExceeded, format!("attach to {addr} timed out"), None));
+            return StreamEnd::Failed;
+        }
     };
     let mut pending: BTreeMap<u64, oneshot::Sender<pb::CommandResult>> = BTreeMap::new();
     let mut last_ack = Instant::now();

@@ -283,7 +283,12 @@ impl Quorum {
         let mut c = AdminServiceClient::new(ch);
         let mut req = tonic::Request::new(pb::StatusRequest {});
         req.set_timeout(Duration::from_secs(2));
-        c.status(req).await.map(|r| r.into_inner())
+        // A frozen (SIGSTOPped) voter accepts TCP but never finishes the TLS handshake, and
+        // tonic does not enforce grpc-timeout on the client: bound the whole call here.
+        match tokio::time::timeout(Duration::from_secs(2), c.status(req)).await {
+            Ok(r) => r.map(|r| r.into_inner()),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("{addr}: no answer within 2s"))),
+        }
     }
 
     /// Status from whichever running voter serves it.
