@@ -79,10 +79,18 @@ impl PeerClient {
         let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = Request::new(RaftPayload { json });
         request.set_timeout(option.hard_ttl());
-        let reply = match which {
-            "vote" => client.vote(request).await,
-            "append" => client.append(request).await,
-            _ => client.snapshot(request).await,
+        // grpc-timeout is only a hint to the server; a frozen peer never answers, so the
+        // deadline is enforced here too.
+        let call = async {
+            match which {
+                "vote" => client.vote(request).await,
+                "append" => client.append(request).await,
+                _ => client.snapshot(request).await,
+            }
+        };
+        let reply = match tokio::time::timeout(option.hard_ttl(), call).await {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("no reply within {:?}", option.hard_ttl()))),
         };
         let payload = reply.map_err(|s| match s.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
