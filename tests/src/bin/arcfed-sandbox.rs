@@ -24,6 +24,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Credentials {
+    Shared,
+    PerRegion,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Drill {
     /// Kill the holder's agent (its stream dies); measure until another region holds.
     KillHolder,
@@ -60,9 +66,19 @@ struct Args {
     duration: Duration,
     /// Run the emulator with the adversarial values of the undocumented knobs (a deleted
     /// session's queue token keeps working, the abandoned-session TTL counts from creation,
-    /// the message cursor is per scale set). Drills always use them.
+    /// the message cursor is per scale set, a session cannot be deleted with another
+    /// credential). Drills always use them.
     #[arg(long, env = "ARCFED_SANDBOX_ADVERSARIAL")]
     adversarial: bool,
+    /// GitHub credentials of the regions: `shared` (one GitHub App / PAT for every cluster,
+    /// the usual setup) or `per-region` (each region its own). With `per-region` and the
+    /// adversarial `cross-credential-delete deny`, a successor cannot revoke its
+    /// predecessor's session and waits for GitHub's abandoned-session TTL.
+    #[arg(long, env = "ARCFED_SANDBOX_CREDENTIALS", value_enum, default_value = "shared")]
+    credentials: Credentials,
+    /// The emulator's abandoned-session TTL (GitHub's is about 90 s).
+    #[arg(long, env = "ARCFED_SANDBOX_SESSION_TTL", value_parser = humantime::parse_duration, default_value = "90s")]
+    session_ttl: Duration,
     /// Jobs enqueued per minute on the emulated scale set (0 = none).
     #[arg(long, env = "ARCFED_SANDBOX_JOBS_PER_MINUTE", default_value = "30")]
     jobs_per_minute: u32,
@@ -124,7 +140,12 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mut ecfg = EmulatorConfig::default();
     ecfg.settings.long_poll = Duration::from_secs(10);
+    ecfg.settings.session_ttl = args.session_ttl;
+    if args.credentials == Credentials::PerRegion {
+        ecfg.pats = args.regions.iter().map(|r| format!("pat-{r}")).collect();
+    }
     if args.adversarial || args.drill.is_some() {
+        ecfg.settings.cross_credential_delete = arcfed_tests::emulator::CrossCredentialDelete::Deny;
         ecfg.settings.queue_token_survives_session_delete = true;
         ecfg.settings.session_ttl_from = SessionTtlFrom::Creation;
         ecfg.settings.cursor = Cursor::PerScaleSet;
@@ -141,9 +162,11 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("quorum did not start; logs in {}", dir.display()))?;
 
     // The regions.
+    let shared_pat = emu.pat().to_string();
+    let per_region = args.credentials == Credentials::PerRegion;
     let gh = |region: &str| GitHubSide {
         config_url: config_url.clone(),
-        pat: emu.pat().to_string(),
+        pat: if per_region { format!("pat-{region}") } else { shared_pat.clone() },
         scale_set_id: set.id,
         cluster: region.to_string(),
     };
