@@ -13,8 +13,8 @@ use tonic::transport::{Channel, Endpoint};
 
 /// arcfedctl: operate an arcfed coordinator quorum.
 ///
-/// Every flag has an `ARCFED_<FLAG>` env var. `certs` works offline; every other command
-/// needs --endpoints and an admin certificate (role admin).
+/// Every flag can also come from the env var shown in brackets. `certs` works offline; every
+/// other command needs --endpoints and an admin certificate (role admin).
 #[derive(Parser, Debug)]
 #[command(name = "arcfedctl", version, about, long_about)]
 pub struct Cli {
@@ -56,7 +56,8 @@ pub enum Cmd {
         #[arg(long, env = "ARCFED_HANDOVER_DEADLINE", value_parser = humantime::parse_duration)]
         deadline: Option<Duration>,
     },
-    /// Drain a member: assignment 0, and a handover if it holds its group.
+    /// Drain a member: assignment 0, and a handover if it holds its group. One-way for that
+    /// agent process: a restarted agent is a new member and is not draining.
     Drain {
         /// Member id (or unique prefix).
         member: String,
@@ -83,6 +84,7 @@ pub enum Output {
 pub enum VotersCmd {
     /// Add a voter (it joins as a learner, catches up, then becomes a voter).
     Add {
+        /// The new voter's Raft node id (its --node-id).
         #[arg(long, env = "ARCFED_VOTER_ID")]
         id: u64,
         /// The new voter's gRPC address as the other voters reach it.
@@ -91,6 +93,7 @@ pub enum VotersCmd {
     },
     /// Remove a voter.
     Remove {
+        /// The voter's Raft node id.
         #[arg(long, env = "ARCFED_VOTER_ID")]
         id: u64,
     },
@@ -100,6 +103,7 @@ pub enum VotersCmd {
 pub enum CertsCmd {
     /// Create a CA: writes ca.crt and ca.key into --out.
     Init {
+        /// Directory to write ca.crt and ca.key (0600) into.
         #[arg(long, env = "ARCFED_CERTS_OUT", value_name = "DIR")]
         out: PathBuf,
         /// Replace an existing CA (every certificate it signed stops being trusted).

@@ -425,6 +425,10 @@ impl State {
                     if !ok {
                         return Outcome::rejected(RejectReason::NotEligible, format!("member {t} is not in {group}"));
                     }
+                    let holds = self.groups.get(group).is_some_and(|g| g.holder.as_ref() == Some(t));
+                    if !holds && let Err(why) = self.eligible(group, t, ts) {
+                        return Outcome::rejected(RejectReason::NotEligible, why);
+                    }
                 }
                 let Some(g) = self.groups.get_mut(group) else {
                     return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());

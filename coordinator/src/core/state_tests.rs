@@ -279,6 +279,18 @@ fn handover_then_release_grants_the_target() {
 }
 
 #[test]
+fn handover_to_an_ineligible_member_is_refused() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    w.apply(join("b1", "b", 10));
+    w.grant("a1");
+    w.apply(Command::Drain { member: mid("b1"), handover_deadline_ms: 1 });
+    let o = w.apply(Command::RequestHandover { group: gk(), to: Some(mid("b1")), deadline_ms: 10_000 }).outcome;
+    assert!(matches!(o, Outcome::Rejected { reason: RejectReason::NotEligible, .. }), "{o:?}");
+    assert!(w.group().handover.is_none());
+}
+
+#[test]
 fn drain_zeroes_the_member_and_starts_a_handover() {
     let mut w = World::new();
     w.apply(join("a1", "a", 10));

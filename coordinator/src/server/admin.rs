@@ -1,6 +1,6 @@
 //! AdminService (arcfedctl): status, handover, drain, voter changes. Leader only.
 use super::{Ctx, ProposeError};
-use crate::core::{Command, GroupKey, MemberId, Outcome, State};
+use crate::core::{Command, GroupKey, MemberId, Outcome, RejectReason, State};
 use arcfed_proto as pb;
 use openraft::{BasicNode, ChangeMembers};
 use std::collections::BTreeSet;
@@ -21,6 +21,9 @@ fn status_of(ctx: &Ctx, e: ProposeError) -> Status {
 
 fn outcome_to_reply(o: Outcome, ok: String) -> Result<Response<pb::AdminReply>, Status> {
     match o {
+        Outcome::Rejected { reason: RejectReason::InvalidInput, detail } => {
+            Err(Status::invalid_argument(format!("invalid_input: {detail}")))
+        }
         Outcome::Rejected { reason, detail } => Err(Status::failed_precondition(format!("{reason}: {detail}"))),
         _ => Ok(Response::new(pb::AdminReply { message: ok })),
     }
@@ -177,7 +180,13 @@ impl pb::admin_service_server::AdminService for AdminSvc {
             .await
             .map_err(|e| status_of(&self.ctx, e))?;
         let target = to.map(|t| t.0).unwrap_or_else(|| "the coordinator's choice".into());
-        outcome_to_reply(a.outcome, format!("handover of {group} to {target} requested; deadline {timeout} ms"))
+        outcome_to_reply(
+            a.outcome,
+            format!(
+                "handover of {group} to {target} requested; deadline {}",
+                humantime::format_duration(std::time::Duration::from_millis(timeout.max(0) as u64))
+            ),
+        )
     }
 
     async fn drain(&self, req: Request<pb::DrainCall>) -> Result<Response<pb::AdminReply>, Status> {

@@ -66,16 +66,21 @@ struct Args {
     duration: Duration,
     /// Run the emulator with the adversarial values of the undocumented knobs (a deleted
     /// session's queue token keeps working, the abandoned-session TTL counts from creation,
-    /// the message cursor is per scale set, a session cannot be deleted with another
-    /// credential). Drills always use them.
+    /// the message cursor is per scale set, any credential may delete any session; see
+    /// tests/EMULATOR.md). Drills always use them.
     #[arg(long, env = "ARCFED_SANDBOX_ADVERSARIAL")]
     adversarial: bool,
     /// GitHub credentials of the regions: `shared` (one GitHub App / PAT for every cluster,
-    /// the usual setup) or `per-region` (each region its own). With `per-region` and the
-    /// adversarial `cross-credential-delete deny`, a successor cannot revoke its
-    /// predecessor's session and waits for GitHub's abandoned-session TTL.
+    /// the usual setup) or `per-region` (each region its own). With `per-region` and
+    /// `--cross-credential-delete deny`, a successor cannot revoke its predecessor's session
+    /// and waits for GitHub's abandoned-session TTL.
     #[arg(long, env = "ARCFED_SANDBOX_CREDENTIALS", value_enum, default_value = "shared")]
     credentials: Credentials,
+    /// Whether GitHub lets one credential delete another credential's session (undocumented):
+    /// `allow` (the emulator's adversarial value: a zombie could kill its successor's
+    /// session) or `deny` (a successor cannot revoke a predecessor of another credential).
+    #[arg(long, env = "ARCFED_SANDBOX_CROSS_CREDENTIAL_DELETE", value_enum, default_value = "allow")]
+    cross_credential_delete: arcfed_tests::emulator::CrossCredentialDelete,
     /// The emulator's abandoned-session TTL (GitHub's is about 90 s).
     #[arg(long, env = "ARCFED_SANDBOX_SESSION_TTL", value_parser = humantime::parse_duration, default_value = "90s")]
     session_ttl: Duration,
@@ -144,8 +149,8 @@ async fn main() -> anyhow::Result<()> {
     if args.credentials == Credentials::PerRegion {
         ecfg.pats = args.regions.iter().map(|r| format!("pat-{r}")).collect();
     }
+    ecfg.settings.cross_credential_delete = args.cross_credential_delete;
     if args.adversarial || args.drill.is_some() {
-        ecfg.settings.cross_credential_delete = arcfed_tests::emulator::CrossCredentialDelete::Deny;
         ecfg.settings.queue_token_survives_session_delete = true;
         ecfg.settings.session_ttl_from = SessionTtlFrom::Creation;
         ecfg.settings.cursor = Cursor::PerScaleSet;
@@ -307,7 +312,7 @@ fn summary(mut v: Vec<f64>) -> serde_json::Value {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let at = |p: f64| v[(((v.len() - 1) as f64) * p).round() as usize];
-    json!({"p50": at(0.5), "p99": at(0.99), "max": at(1.0)})
+    json!({"p50": at(0.5).round(), "p99": at(0.99).round(), "max": at(1.0).round()})
 }
 
 fn holder_of(s: &arcfed_proto::StatusResponse) -> Option<(String, String, u64)> {
@@ -342,6 +347,7 @@ async fn drill(
         wait_session(emu, set, token, wait).await?;
         let fault = Instant::now();
         let fault_emu = emu.now_ms();
+        let mut run_gh: Option<(u64, u64)> = None;
         let (detect_ms, grant_ms, note) = match d {
             Drill::KillHolder => {
                 let dead = agents.remove(&region).context("holder region")?;
@@ -359,6 +365,7 @@ async fn drill(
                 let (opened, polled) = wait_session(emu, set, new_token, wait).await?;
                 failover.push(opened.saturating_sub(fault_emu) as f64);
                 first_poll.push(polled.saturating_sub(fault_emu) as f64);
+                run_gh = Some((opened.saturating_sub(fault_emu), polled.saturating_sub(fault_emu)));
                 // The killed region comes back (its pod is recreated) as a standby.
                 agents.insert(region.clone(), Region::start(q, gh(&region))?);
                 (
@@ -421,6 +428,7 @@ async fn drill(
                 let (opened, polled) = wait_session(emu, set, new_token, wait).await?;
                 failover.push(opened.saturating_sub(fault_emu) as f64);
                 first_poll.push(polled.saturating_sub(fault_emu) as f64);
+                run_gh = Some((opened.saturating_sub(fault_emu), polled.saturating_sub(fault_emu)));
                 (Some(detect_ms), None, format!("{region} → {}", target.0))
             }
         };
@@ -430,9 +438,9 @@ async fn drill(
         if let Some(v) = grant_ms {
             grant.push(v);
         }
-        per_run.push(
-            json!({"run": run, "detect_ms": detect_ms, "grant_ms": grant_ms, "token_before": token, "what": note}),
-        );
+        per_run.push(json!({"run": run, "detect_ms": detect_ms.map(f64::round), "grant_ms": grant_ms.map(f64::round),
+                   "failover_ms": run_gh.map(|g| g.0), "first_poll_ms": run_gh.map(|g| g.1),
+                   "token_before": token, "what": note}));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let scenario = match d {
@@ -467,7 +475,7 @@ async fn drill(
         "jobs_acquired_twice": ss.jobs_acquired_twice,
         "stale_token_rejections": stale_token_rejections(q).await,
         "token_regressions": regressions,
-        "tokens": tokens,
+        "tokens_before": tokens,
     }))
 }
 
