@@ -280,7 +280,7 @@ impl Admin {
                     return Ok(r.into_inner());
                 }
                 Err(st) if st.code() == tonic::Code::Unavailable => {
-                    let leader = st.metadata().get("x-arcfed-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
+                    let leader = arcfed_proto::leader::leader_hint(&st);
                     last_err = anyhow!("{addr}: {}", st.message());
                     if let Some(l) = leader
                         && hops < 3

@@ -10,10 +10,12 @@
 //!  config    clap flags → validated Config
 //! ```
 pub mod certs;
-pub mod clock;
 pub mod config;
-pub mod core;
 pub mod ctl;
 pub mod raft;
 pub mod server;
-pub mod tls;
+
+/// The pure core lives in its own crate (`coordinator/core`), so it cannot reach I/O.
+pub use arcfed_core as core;
+/// Identities, mTLS material and the BOOTTIME clock are shared with the agent and arcfedctl.
+pub use arcfed_proto::{clock, tls};

@@ -1,15 +1,24 @@
-//! Generated protobuf and gRPC code for arcfed's three services.
+//! arcfed-proto: the contract between arcfed's processes.
 //!
 //! ```text
-//!  agent  ──AgentService.Connect (bidi stream)──▶  coordinator leader
-//!  arcfedctl ──AdminService (unary)──────────────▶  coordinator leader
+//!  agent  ──AgentService.Attach (bidi stream)──▶  coordinator leader
+//!  arcfedctl ──AdminService (unary)─────────────▶  coordinator leader
 //!  voter ──RaftService (unary, serde-JSON payloads)─▶ voter
+//!
+//!  v1      generated protobuf + gRPC code (proto/arcfed/v1/*.proto, build.rs with protox)
+//!  tls     mTLS material and SPIFFE identities (coordinator, agent, arcfedctl)
+//!  leader  the `x-arcfed-leader` hint a follower returns, read in one place
+//!  clock   CLOCK_BOOTTIME milliseconds, the clock both ends measure fences on
 //! ```
-//! The `.proto` files live in `proto/arcfed/v1/`. Conversions to domain types live in the
-//! coordinator's `grpc::convert` module, not here.
-#![allow(clippy::all)]
+//! Conversions between protobuf and domain types live in the coordinator's `server::convert`
+//! and the agent's `link` module, not here.
 
+#[allow(clippy::all)]
 pub mod v1 {
     tonic::include_proto!("arcfed.v1");
 }
 pub use v1::*;
+
+pub mod clock;
+pub mod leader;
+pub mod tls;

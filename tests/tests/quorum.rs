@@ -250,7 +250,7 @@ async fn e_a_follower_redirects_an_agent_to_the_leader() {
             let err =
                 c.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect_err("follower must refuse");
             assert_eq!(err.code(), tonic::Code::Unavailable);
-            let hint = err.metadata().get("x-arcfed-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let hint = arcfed_proto::leader::leader_hint(&err);
             assert_eq!(hint.as_deref(), Some(leader_addr.as_str()), "{err:?}");
             // The library agent follows it and gets served.
             let a = TestAgent::start(AgentOptions::new(vec![follower.clone()], tls, "a"));

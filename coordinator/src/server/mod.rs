@@ -128,12 +128,7 @@ impl Ctx {
             None => format!("node {} is not the serving leader and knows no leader yet", self.id),
         });
         if let Some((id, addr)) = hint {
-            if let Ok(v) = addr.parse() {
-                st.metadata_mut().insert("x-arcfed-leader", v);
-            }
-            if let Ok(v) = id.to_string().parse() {
-                st.metadata_mut().insert("x-arcfed-leader-id", v);
-            }
+            arcfed_proto::leader::set_leader_hint(&mut st, &addr, Some(id));
         }
         st
     }

@@ -1,6 +1,6 @@
 //! Table-driven tests and property tests of `State::apply` (DESIGN §3, §5, §6).
-use super::state::*;
-use super::types::*;
+use crate::state::*;
+use crate::types::*;
 use proptest::prelude::*;
 
 fn gk() -> GroupKey {

@@ -4,8 +4,8 @@
 //! every voter and take the quorum down for good. Invalid or stale commands return
 //! `Outcome::Rejected`. Arithmetic is i64 and saturating.
 
-use super::split::{SplitInput, split};
-use super::types::*;
+use crate::split::{SplitInput, split};
+use crate::types::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 

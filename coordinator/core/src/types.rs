@@ -65,17 +65,8 @@ impl fmt::Display for MemberId {
     }
 }
 
-/// GitHub's seven scale-set counters, kept as i64 so sums never overflow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Statistics {
-    pub total_available_jobs: i64,
-    pub total_acquired_jobs: i64,
-    pub total_assigned_jobs: i64,
-    pub total_running_jobs: i64,
-    pub total_registered_runners: i64,
-    pub total_busy_runners: i64,
-    pub total_idle_runners: i64,
-}
+/// GitHub's seven scale-set counters, kept as i64 so sums never overflow: the wire type itself.
+pub use crate::github::Statistics;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobEventKind {

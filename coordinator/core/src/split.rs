@@ -6,7 +6,7 @@
 //! assignment below `min_i + busy_i` (clamped to max_i): a running job is pinned to the
 //! cluster that runs it. Pure and total: i64, saturating, no panics.
 
-use super::types::SplitPolicy;
+use crate::types::SplitPolicy;
 
 /// One live member's inputs to the split.
 #[derive(Clone, Debug, PartialEq, Eq)]

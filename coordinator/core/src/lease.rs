@@ -5,7 +5,7 @@
 //! are milliseconds of a monotonic clock that keeps counting during suspend
 //! (`CLOCK_BOOTTIME`), passed in by the driver: this module never reads a clock.
 
-use super::types::{GroupKey, MemberId};
+use crate::types::{GroupKey, MemberId};
 use std::collections::BTreeMap;
 
 /// Lease timing. Ratios are in permille so everything stays integer.
@@ -28,11 +28,11 @@ impl Default for LeaseConfig {
 impl LeaseConfig {
     /// TTL × (1 − margin): how long after sending keepalive k an agent may act on its ack.
     pub fn fence_ms(&self) -> u64 {
-        self.ttl_ms.saturating_mul(1000 - self.margin_permille.min(1000)) / 1000
+        crate::fence::fence_ms(self.ttl_ms, self.margin_permille)
     }
     /// TTL × (1 − margin) × (1 + 2ρ): after this, the agent's fence has surely ended.
     pub fn fence_bound_ms(&self) -> u64 {
-        self.fence_ms().saturating_mul(1000 + 2 * self.rho_permille) / 1000
+        crate::fence::fence_bound_ms(self.ttl_ms, self.margin_permille, self.rho_permille)
     }
     /// TTL × margin: a keepalive is acked only with quorum contact this recent.
     pub fn quorum_window_ms(&self) -> u64 {
