@@ -8,4 +8,7 @@
 //! Nothing here reads a clock, does I/O or depends on tokio: the driver in `arcfed-agent` passes
 //! `now` in and executes the actions that come out. The crate's Cargo.toml cannot reach tokio,
 //! reqwest or kube, and its clippy.toml refuses `Instant::now`/`SystemTime::now`.
+pub mod holder;
+pub mod link;
 pub mod scaler;
+pub mod sim;
