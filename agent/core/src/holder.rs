@@ -1,0 +1,982 @@
+//! The holder's session state machine (DESIGN §5.2–§5.9), pure.
+//!
+//! ```text
+//!  Standby ─Grant{T}─▶ Revoke stale ids ─▶ WaitAck (fence (c)) ─▶ Create ─200─▶ Commit ─Accepted─▶ Poll ◀─┐
+//!                                            ▲                     │409                              │      │
+//!                                            └──── Backoff ◀───────┘                     200: [Acquire] → Progress → Ack
+//!  Handover / Shutdown: stop polling → delete our session → Release{T, deleted, reason}
+//!  Token lost (EXPIRED, newer token, not listed): drop everything at once → Standby
+//! ```
+//! One GitHub or coordinator operation is in flight at a time; the driver executes the
+//! [`Action`]s and feeds each result back as an [`Input`]. The invariant the property tests
+//! check: **every holder-only action is emitted only while the fence allows it** (DESIGN §4),
+//! and an in-flight holder-only request is cancelled before the fence ends; a result that
+//! arrives after the fence is dropped (a polled message is then neither reported nor acked).
+//!
+//! In standalone and fallback mode the driver passes [`FenceView::open`]: GitHub's one-session
+//! rule is then the only mutex, "commit" records the session id on the agent's own ERS
+//! (DESIGN §5.12) and "progress" is decided locally.
+
+use crate::link::FenceView;
+use std::collections::BTreeSet;
+
+#[derive(Clone, Debug)]
+pub struct HolderConfig {
+    /// `ownerName` = `arcfed/<cluster>/<member>/t<token>` (DESIGN §5.3).
+    pub cluster: String,
+    pub member_id: String,
+    /// An in-flight long poll is abandoned this long before the fence ends when acks stop,
+    /// so a 200 is not delivered (and, with a per-scale-set cursor, lost) after it.
+    pub poll_margin_ms: u64,
+    /// No successful create or poll for this long, for a local reason → release (§5.9).
+    pub holder_stall_ms: u64,
+    /// Continuous 409s for this long raise an alert (past GitHub's ~90 s orphan expiry).
+    pub conflict_alert_ms: u64,
+    pub seed: u64,
+}
+
+/// Holder-only GitHub requests (DESIGN §2): only inside the fence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GitHubOp {
+    DeleteSession { id: String },
+    CreateSession { owner: String },
+    /// Long poll. The driver drops it when `Holder::next_wakeup` passes while it runs: the
+    /// deadline moves with every ack, so it is asked again after every event.
+    Poll { last_message_id: i64 },
+    /// Acquire the listed JobAvailable jobs of the message just polled.
+    Acquire { message_id: i64 },
+    AckMessage { message_id: i64 },
+}
+
+/// Requests to the coordinator (or, open fence, to the local record).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoordOp {
+    /// `SessionOpened{token, id}`, committed before the first poll.
+    Commit { token: u64, session_id: String },
+    /// `Progress{token, message id}`: `None` is the idle Progress of a 202.
+    Progress { token: u64, message_id: Option<i64> },
+    Release { token: u64, deleted: Vec<String>, reason: ReleaseReason },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseReason {
+    StaleRevoked,
+    Shutdown,
+    Handover,
+    Stall,
+}
+
+/// What the driver counts in metrics and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Note {
+    Conflict { foreign: bool },
+    RevocationIneffective,
+    ConflictAlert,
+    SelfFenced,
+    LostLease,
+    SessionOpened,
+    TookOver { token: u64 },
+    Released { reason: ReleaseReason },
+    StaleTokenRejected,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    GitHub(GitHubOp),
+    Coord(CoordOp),
+    /// Drop the in-flight GitHub request (fence deadline, handover).
+    Cancel,
+    /// Send a keepalive now (fence (c) needs an ack for one sent after the decision to POST).
+    KeepaliveNow,
+    /// The session `id` is no longer ours to use (lost lease): forget its URL and token.
+    Forget { session_id: String },
+    Note(Note),
+}
+
+/// How a create attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Opened { session_id: String },
+    Conflict { foreign: bool },
+    /// No session known to exist (4xx other than 409): back off.
+    Failed { local: bool },
+    /// Transport error or 5xx after sending: a session may exist (a possible orphan).
+    Ambiguous { local: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PollOutcome {
+    /// 202: no message within the server's window.
+    Empty,
+    Message { message_id: i64, job_available: bool },
+    /// The session is gone server-side (refresh 404, 404 on the queue): open another.
+    Gone,
+    /// An empty 200 or a retryable glitch: poll again.
+    Glitch,
+    Failed { local: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    Tick,
+    /// A Grant (or an ack listing a token first seen): we hold `token`.
+    Granted { token: u64, stale_sessions: Vec<String>, last_acked_message_id: i64 },
+    /// The coordinator asks the holder to delete these sessions (stale SessionOpened, Adopt race).
+    DeleteSessions { token: u64, ids: Vec<String> },
+    Handover { token: u64 },
+    Shutdown,
+    /// Results of the in-flight operation.
+    Deleted { id: String, done: bool },
+    Created(CreateOutcome),
+    Committed { accepted: bool },
+    Polled(PollOutcome),
+    Acquired,
+    Reported { accepted: bool, duplicate: bool },
+    Acked { ok: bool },
+    ReleaseSent,
+    /// The coordinator operation in flight got no answer (stream down, timeout): its outcome
+    /// is unknown, so it is sent again later (Commit and Progress are idempotent in `apply`).
+    CoordUnavailable,
+}
+
+/// What is in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    None,
+    /// A GitHub request; `poll` = a long poll, the only one cancelled at the fence deadline.
+    GitHub { poll: bool },
+    Coord,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Standby,
+    /// Deleting the predecessors' sessions, one id at a time (`pending` is this round's list).
+    Revoke { pending: Vec<String> },
+    /// Fence (c): a session is POSTed only after an ack lists (group, token) for a keepalive
+    /// sent after `decided_at`.
+    WaitAck { decided_at: u64 },
+    Create,
+    Backoff { until: u64 },
+    Commit { session_id: String },
+    Poll { session_id: String },
+    Acquire { session_id: String, message_id: i64 },
+    Report { session_id: String, message_id: Option<i64> },
+    Ack { session_id: String, message_id: i64 },
+    /// Deleting our own session before a release.
+    Closing { session_id: Option<String>, reason: ReleaseReason },
+    Releasing,
+    /// Shut down for good.
+    Done,
+}
+
+#[derive(Clone, Debug)]
+pub struct Holder {
+    cfg: HolderConfig,
+    pub phase: Phase,
+    pub token: Option<u64>,
+    op: Op,
+    /// Session ids still to delete (stale_sessions of the Grant, DeleteSessions effects).
+    stale: BTreeSet<String>,
+    /// Deleted and not yet reported to the coordinator.
+    deleted: Vec<String>,
+    /// Tokens given up: never used again.
+    done_tokens: BTreeSet<u64>,
+    /// Whether an ack has listed our token yet (a Grant can arrive before that ack).
+    listed: bool,
+    last_acked: i64,
+    last_message: i64,
+    backoff_ms: u64,
+    /// Polls and acks that failed wait until then (no hot loop on a persistent error).
+    retry_at: u64,
+    retry_ms: u64,
+    conflict_since: Option<u64>,
+    alerted: bool,
+    revoked_recently: bool,
+    last_success: u64,
+    local_failure_since: Option<u64>,
+    pending_release: Option<ReleaseReason>,
+    /// The coordinator operation in flight (or to resend after `CoordUnavailable`).
+    last_coord: Option<CoordOp>,
+    shutdown: bool,
+    rng: u64,
+}
+
+const BACKOFF_MIN_MS: u64 = 250;
+const BACKOFF_MAX_MS: u64 = 5000;
+/// With no fresh ack this long after asking, ask again.
+const REASK_MS: u64 = 2_000;
+
+impl Holder {
+    pub fn new(cfg: HolderConfig, now: u64) -> Holder {
+        let rng = cfg.seed | 1;
+        Holder {
+            cfg,
+            phase: Phase::Standby,
+            token: None,
+            op: Op::None,
+            stale: BTreeSet::new(),
+            deleted: Vec::new(),
+            done_tokens: BTreeSet::new(),
+            listed: false,
+            last_acked: 0,
+            last_message: 0,
+            backoff_ms: BACKOFF_MIN_MS,
+            retry_at: 0,
+            retry_ms: BACKOFF_MIN_MS,
+            conflict_since: None,
+            alerted: false,
+            revoked_recently: false,
+            last_success: now,
+            local_failure_since: None,
+            pending_release: None,
+            last_coord: None,
+            shutdown: false,
+            rng,
+        }
+    }
+
+    /// `arcfed/<cluster>/<member>/t<token>`: a 409 then shows whose session it is.
+    pub fn owner_name(&self, token: u64) -> String {
+        format!("arcfed/{}/{}/t{token}", self.cfg.cluster, self.cfg.member_id)
+    }
+
+    /// The session this holder has open, if any.
+    pub fn session_id(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Commit { session_id }
+            | Phase::Poll { session_id }
+            | Phase::Acquire { session_id, .. }
+            | Phase::Report { session_id, .. }
+            | Phase::Ack { session_id, .. } => Some(session_id),
+            Phase::Closing { session_id, .. } => session_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub fn is_holding(&self) -> bool {
+        !matches!(self.phase, Phase::Standby | Phase::Done)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    pub fn last_message_id(&self) -> i64 {
+        self.last_message
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.op != Op::None
+    }
+
+    /// When the driver must call `step(Tick)` at the latest (it also steps on every event).
+    pub fn next_wakeup(&self, fence: &FenceView) -> Option<u64> {
+        if self.op == (Op::GitHub { poll: true }) && !fence.open {
+            // The long poll ends before the fence does; no fence means cancel now.
+            return Some(fence.fence_end.map_or(0, |e| e.saturating_sub(self.cfg.poll_margin_ms)));
+        }
+        if self.op != Op::None {
+            return None;
+        }
+        match &self.phase {
+            Phase::Backoff { until } => Some(*until),
+            Phase::WaitAck { decided_at } => Some(decided_at + REASK_MS),
+            Phase::Poll { .. } | Phase::Ack { .. } | Phase::Commit { .. } | Phase::Report { .. } | Phase::Releasing
+                if self.retry_at > 0 =>
+            {
+                Some(self.retry_at)
+            }
+            _ => None,
+        }
+    }
+
+    fn jitter(&mut self, max: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        if max == 0 { 0 } else { self.rng % max }
+    }
+
+    /// Emits a holder-only request only inside the fence (a long poll only while it can still
+    /// end before the fence does); otherwise emits nothing and waits for the fence.
+    fn github(&mut self, fence: &FenceView, now: u64, op: GitHubOp, out: &mut Vec<Action>) -> bool {
+        let Some(t) = self.token else { return false };
+        if !fence.allows(t, now) {
+            return false;
+        }
+        let poll = matches!(op, GitHubOp::Poll { .. });
+        if poll && !fence.open && fence.fence_end.is_none_or(|e| now + self.cfg.poll_margin_ms >= e) {
+            return false;
+        }
+        self.op = Op::GitHub { poll };
+        out.push(Action::GitHub(op));
+        true
+    }
+
+    fn coord(&mut self, op: CoordOp, out: &mut Vec<Action>) {
+        self.op = Op::Coord;
+        self.last_coord = Some(op.clone());
+        out.push(Action::Coord(op));
+    }
+
+    /// Lost the lease: stop at once, forget the session, stand by (DESIGN §5.8). The session
+    /// is not deleted: that would be a holder-only request outside the fence. The successor
+    /// revokes it by its replicated id.
+    fn lose(&mut self, out: &mut Vec<Action>) {
+        if matches!(self.op, Op::GitHub { .. }) {
+            out.push(Action::Cancel);
+        }
+        if let Some(s) = self.session_id() {
+            out.push(Action::Forget { session_id: s.to_string() });
+        }
+        out.push(Action::Note(Note::LostLease));
+        self.reset_to_standby();
+    }
+
+    fn reset_to_standby(&mut self) {
+        if let Some(t) = self.token.take() {
+            self.done_tokens.insert(t);
+        }
+        self.phase = if self.shutdown { Phase::Done } else { Phase::Standby };
+        self.op = Op::None;
+        self.stale.clear();
+        self.deleted.clear();
+        self.listed = false;
+        self.conflict_since = None;
+        self.alerted = false;
+        self.revoked_recently = false;
+        self.pending_release = None;
+        self.backoff_ms = BACKOFF_MIN_MS;
+        self.retry_at = 0;
+        self.retry_ms = BACKOFF_MIN_MS;
+    }
+
+    fn success(&mut self, now: u64) {
+        self.last_success = now;
+        self.local_failure_since = None;
+        self.retry_at = 0;
+        self.retry_ms = BACKOFF_MIN_MS;
+    }
+
+    fn failure(&mut self, now: u64, local: bool) {
+        if local {
+            self.local_failure_since.get_or_insert(now);
+        }
+        let j = self.jitter(self.retry_ms / 2 + 1);
+        self.retry_at = now + self.retry_ms + j;
+        self.retry_ms = (self.retry_ms * 2).min(BACKOFF_MAX_MS);
+    }
+
+    fn back_off(&mut self, now: u64) {
+        let j = self.jitter(self.backoff_ms / 2 + 1);
+        self.phase = Phase::Backoff { until: now + self.backoff_ms + j };
+        self.backoff_ms = (self.backoff_ms * 2).min(BACKOFF_MAX_MS);
+    }
+
+    pub fn step(&mut self, now: u64, fence: &FenceView, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.on_input(now, fence, input, &mut out);
+        self.advance(now, fence, &mut out);
+        out
+    }
+
+    fn on_input(&mut self, now: u64, fence: &FenceView, input: Input, out: &mut Vec<Action>) {
+        match input {
+            Input::Tick => {}
+            Input::Granted { token, stale_sessions, last_acked_message_id } => {
+                if self.done_tokens.contains(&token) || self.shutdown || self.token.is_some_and(|t| t > token) {
+                    return;
+                }
+                if self.token == Some(token) {
+                    let mine = self.session_id().map(str::to_string);
+                    self.stale.extend(stale_sessions.into_iter().filter(|i| Some(i) != mine.as_ref()));
+                    return;
+                }
+                if self.token.is_some() {
+                    self.lose(out);
+                }
+                self.token = Some(token);
+                self.stale = stale_sessions.into_iter().collect();
+                self.last_acked = last_acked_message_id;
+                self.last_success = now;
+                self.local_failure_since = None;
+                self.phase = Phase::Revoke { pending: self.stale.iter().cloned().collect() };
+                out.push(Action::Note(Note::TookOver { token }));
+            }
+            Input::DeleteSessions { token, ids } => {
+                if self.token == Some(token) {
+                    let mine = self.session_id().map(str::to_string);
+                    self.stale.extend(ids.into_iter().filter(|i| Some(i) != mine.as_ref()));
+                }
+            }
+            Input::Handover { token } => {
+                if self.token == Some(token) && self.pending_release.is_none() {
+                    self.pending_release = Some(ReleaseReason::Handover);
+                }
+            }
+            Input::Shutdown => {
+                self.shutdown = true;
+                if self.token.is_some() {
+                    self.pending_release.get_or_insert(ReleaseReason::Shutdown);
+                } else {
+                    self.phase = Phase::Done;
+                }
+            }
+            Input::Deleted { id, done } => {
+                self.op = Op::None;
+                if done {
+                    self.stale.remove(&id);
+                    self.deleted.push(id.clone());
+                }
+                match &mut self.phase {
+                    Phase::Revoke { pending } => {
+                        pending.retain(|p| *p != id);
+                        self.revoked_recently |= done;
+                    }
+                    // Best effort: if it failed, GitHub frees it after its orphan TTL and a
+                    // successor revokes it by the replicated id.
+                    Phase::Closing { session_id, .. } if session_id.as_deref() == Some(id.as_str()) => *session_id = None,
+                    _ => {}
+                }
+            }
+            Input::Created(outcome) => {
+                self.op = Op::None;
+                let Some(token) = self.token else { return };
+                if self.phase != Phase::Create {
+                    return;
+                }
+                match outcome {
+                    CreateOutcome::Opened { session_id } => {
+                        self.success(now);
+                        self.conflict_since = None;
+                        self.alerted = false;
+                        self.backoff_ms = BACKOFF_MIN_MS;
+                        out.push(Action::Note(Note::SessionOpened));
+                        self.phase = Phase::Commit { session_id: session_id.clone() };
+                        // Committed before the first poll (§5.3), whatever the fence says now:
+                        // apply rejects a stale token, and the id then joins stale_sessions.
+                        self.coord(CoordOp::Commit { token, session_id }, out);
+                    }
+                    CreateOutcome::Conflict { foreign } => {
+                        out.push(Action::Note(Note::Conflict { foreign }));
+                        if std::mem::take(&mut self.revoked_recently) {
+                            out.push(Action::Note(Note::RevocationIneffective));
+                        }
+                        let since = *self.conflict_since.get_or_insert(now);
+                        if !self.alerted && now.saturating_sub(since) >= self.cfg.conflict_alert_ms {
+                            self.alerted = true;
+                            out.push(Action::Note(Note::ConflictAlert));
+                        }
+                        self.back_off(now);
+                    }
+                    CreateOutcome::Failed { local } | CreateOutcome::Ambiguous { local } => {
+                        if local {
+                            self.local_failure_since.get_or_insert(now);
+                        }
+                        self.back_off(now);
+                    }
+                }
+            }
+            Input::Committed { accepted } => {
+                self.op = Op::None;
+                self.retry_at = 0;
+                if let Phase::Commit { session_id } = self.phase.clone() {
+                    if accepted {
+                        self.phase = Phase::Poll { session_id };
+                        // A new session long-polls from lastMessageId 0 (§5.4).
+                        self.last_message = 0;
+                    } else {
+                        out.push(Action::Note(Note::StaleTokenRejected));
+                        self.lose(out);
+                    }
+                }
+            }
+            Input::Polled(outcome) => {
+                self.op = Op::None;
+                let (Phase::Poll { session_id }, Some(token)) = (self.phase.clone(), self.token) else { return };
+                // A 200 after the fence deadline is dropped without being reported or acked.
+                if !fence.allows(token, now) {
+                    if matches!(outcome, PollOutcome::Message { .. }) {
+                        out.push(Action::Note(Note::SelfFenced));
+                    }
+                    return;
+                }
+                match outcome {
+                    PollOutcome::Empty => {
+                        self.success(now);
+                        self.phase = Phase::Report { session_id, message_id: None };
+                        self.coord(CoordOp::Progress { token, message_id: None }, out);
+                    }
+                    PollOutcome::Message { message_id, job_available } => {
+                        self.success(now);
+                        if job_available && message_id > self.last_acked {
+                            self.phase = Phase::Acquire { session_id, message_id };
+                        } else {
+                            // Already accepted once (≤ last acked): ack it without acquiring again.
+                            self.phase = Phase::Report { session_id, message_id: Some(message_id) };
+                            self.coord(CoordOp::Progress { token, message_id: Some(message_id) }, out);
+                        }
+                    }
+                    PollOutcome::Gone => {
+                        out.push(Action::Forget { session_id });
+                        self.phase = Phase::WaitAck { decided_at: now };
+                        out.push(Action::KeepaliveNow);
+                    }
+                    PollOutcome::Glitch => self.failure(now, false),
+                    PollOutcome::Failed { local } => self.failure(now, local),
+                }
+            }
+            Input::Acquired => {
+                self.op = Op::None;
+                if let (Phase::Acquire { session_id, message_id }, Some(token)) = (self.phase.clone(), self.token) {
+                    self.phase = Phase::Report { session_id, message_id: Some(message_id) };
+                    self.coord(CoordOp::Progress { token, message_id: Some(message_id) }, out);
+                }
+            }
+            Input::Reported { accepted, duplicate: _ } => {
+                self.op = Op::None;
+                self.retry_at = 0;
+                if let Phase::Report { session_id, message_id } = self.phase.clone() {
+                    if !accepted {
+                        out.push(Action::Note(Note::StaleTokenRejected));
+                        self.lose(out);
+                        return;
+                    }
+                    match message_id {
+                        Some(m) => {
+                            self.last_acked = self.last_acked.max(m);
+                            self.phase = Phase::Ack { session_id, message_id: m };
+                        }
+                        None => self.phase = Phase::Poll { session_id },
+                    }
+                }
+            }
+            Input::Acked { ok } => {
+                self.op = Op::None;
+                if let Phase::Ack { session_id, message_id } = self.phase.clone() {
+                    if ok {
+                        self.success(now);
+                        self.last_message = self.last_message.max(message_id);
+                        self.phase = Phase::Poll { session_id };
+                    } else {
+                        // The Progress is committed: retry the ack (inside the fence) later.
+                        self.failure(now, true);
+                    }
+                }
+            }
+            Input::CoordUnavailable => {
+                if self.op == Op::Coord {
+                    self.op = Op::None;
+                    self.retry_at = now + 200;
+                }
+            }
+            Input::ReleaseSent => {
+                self.op = Op::None;
+                self.last_coord = None;
+                if self.phase == Phase::Releasing {
+                    if let Some(r) = self.pending_release {
+                        out.push(Action::Note(Note::Released { reason: r }));
+                    }
+                    self.reset_to_standby();
+                }
+            }
+        }
+    }
+
+    /// Starts whatever the current phase needs next.
+    fn advance(&mut self, now: u64, fence: &FenceView, out: &mut Vec<Action>) {
+        let Some(token) = self.token else { return };
+        if fence.token == Some(token) {
+            self.listed = true;
+        }
+        // Lost lease: the acks stopped listing our token, or list a newer one (EXPIRED clears
+        // the link's holdings). A stream gap keeps the listing; only the fence end moves.
+        if !fence.open && (fence.token.is_some_and(|t| t > token) || (self.listed && fence.token != Some(token))) {
+            self.lose(out);
+            return;
+        }
+        // The fence deadline (less the poll margin) cancels an in-flight long poll.
+        if self.op == (Op::GitHub { poll: true })
+            && !fence.open
+            && fence.fence_end.is_none_or(|e| now + self.cfg.poll_margin_ms >= e)
+        {
+            out.push(Action::Cancel);
+            out.push(Action::Note(Note::SelfFenced));
+            self.op = Op::None;
+        }
+        if self.op != Op::None {
+            return;
+        }
+        // Holder stall (§5.9): no success, for a local reason, for too long.
+        if self.pending_release.is_none()
+            && self.local_failure_since.is_some()
+            && now.saturating_sub(self.last_success) >= self.cfg.holder_stall_ms
+        {
+            self.pending_release = Some(ReleaseReason::Stall);
+        }
+        if let Some(reason) = self.pending_release
+            && !matches!(self.phase, Phase::Closing { .. } | Phase::Releasing)
+        {
+            let session_id = self.session_id().map(str::to_string);
+            self.phase = Phase::Closing { session_id, reason };
+        }
+        match self.phase.clone() {
+            Phase::Standby | Phase::Done | Phase::Create => {}
+            Phase::Commit { .. } | Phase::Report { .. } | Phase::Releasing => {
+                // Resend what got no answer (the result of a previous CoordUnavailable).
+                if now >= self.retry_at
+                    && let Some(op) = self.last_coord.clone()
+                {
+                    self.coord(op, out);
+                }
+            }
+            Phase::Revoke { pending } => {
+                if let Some(id) = pending.first().cloned() {
+                    self.github(fence, now, GitHubOp::DeleteSession { id }, out);
+                } else {
+                    self.phase = Phase::WaitAck { decided_at: now };
+                    out.push(Action::KeepaliveNow);
+                    if !self.deleted.is_empty() {
+                        let deleted = std::mem::take(&mut self.deleted);
+                        self.coord(CoordOp::Release { token, deleted, reason: ReleaseReason::StaleRevoked }, out);
+                    }
+                }
+            }
+            Phase::WaitAck { decided_at } => {
+                if fence.listed_since(token, decided_at) {
+                    self.phase = Phase::Create;
+                    let owner = self.owner_name(token);
+                    if !self.github(fence, now, GitHubOp::CreateSession { owner }, out) {
+                        self.phase = Phase::WaitAck { decided_at: now };
+                        out.push(Action::KeepaliveNow);
+                    }
+                } else if now >= decided_at + REASK_MS {
+                    self.phase = Phase::WaitAck { decided_at: now };
+                    out.push(Action::KeepaliveNow);
+                }
+            }
+            Phase::Backoff { until } => {
+                if now >= until {
+                    // Late stale sessions are revoked, not waited out (issue 6, item 4).
+                    self.phase = Phase::Revoke { pending: self.stale.iter().cloned().collect() };
+                    self.advance(now, fence, out);
+                }
+            }
+            Phase::Poll { session_id } => {
+                if let Some(id) = self.stale.iter().find(|i| **i != session_id).cloned() {
+                    // A stale session that appears while we hold is deleted between polls.
+                    self.github(fence, now, GitHubOp::DeleteSession { id }, out);
+                } else if !self.deleted.is_empty() {
+                    let deleted = std::mem::take(&mut self.deleted);
+                    self.coord(CoordOp::Release { token, deleted, reason: ReleaseReason::StaleRevoked }, out);
+                } else if now >= self.retry_at {
+                    let last_message_id = self.last_message;
+                    self.github(fence, now, GitHubOp::Poll { last_message_id }, out);
+                }
+            }
+            Phase::Acquire { message_id, .. } => {
+                self.github(fence, now, GitHubOp::Acquire { message_id }, out);
+            }
+            Phase::Ack { message_id, .. } => {
+                if now >= self.retry_at {
+                    self.github(fence, now, GitHubOp::AckMessage { message_id }, out);
+                }
+            }
+            Phase::Closing { session_id, reason } => match session_id {
+                Some(id) if fence.allows(token, now) => {
+                    self.github(fence, now, GitHubOp::DeleteSession { id }, out);
+                }
+                _ => {
+                    // Deleted, or it cannot be deleted outside the fence: report and let go.
+                    let deleted = std::mem::take(&mut self.deleted);
+                    self.phase = Phase::Releasing;
+                    self.coord(CoordOp::Release { token, deleted, reason }, out);
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg() -> HolderConfig {
+        HolderConfig {
+            cluster: "a".into(),
+            member_id: "m1".into(),
+            poll_margin_ms: 400,
+            holder_stall_ms: 15_000,
+            conflict_alert_ms: 120_000,
+            seed: 3,
+        }
+    }
+
+    fn fence(token: u64, end: u64, listed: u64) -> FenceView {
+        FenceView { open: false, token: Some(token), fence_end: Some(end), listed_sent_at: Some(listed) }
+    }
+
+    fn gh(a: &[Action]) -> Vec<GitHubOp> {
+        a.iter().filter_map(|x| if let Action::GitHub(op) = x { Some(op.clone()) } else { None }).collect()
+    }
+
+    #[test]
+    fn takeover_revokes_then_waits_for_a_fresh_ack_then_opens_commits_and_polls() {
+        let mut h = Holder::new(cfg(), 0);
+        let f = fence(7, 2000, 0);
+        let a = h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec!["old".into()], last_acked_message_id: 4 });
+        assert_eq!(gh(&a), vec![GitHubOp::DeleteSession { id: "old".into() }]);
+        let a = h.step(20, &f, Input::Deleted { id: "old".into(), done: true });
+        assert!(a.contains(&Action::KeepaliveNow), "{a:?}");
+        assert!(a.contains(&Action::Coord(CoordOp::Release {
+            token: 7,
+            deleted: vec!["old".into()],
+            reason: ReleaseReason::StaleRevoked
+        })));
+        h.step(21, &f, Input::ReleaseSent);
+        // The ack in `f` is for a keepalive sent at 0, before the decision: no POST yet.
+        assert!(gh(&h.step(30, &f, Input::Tick)).is_empty());
+        let fresh = fence(7, 2800, 25);
+        let a = h.step(40, &fresh, Input::Tick);
+        assert_eq!(gh(&a), vec![GitHubOp::CreateSession { owner: "arcfed/a/m1/t7".into() }]);
+        let a = h.step(50, &fresh, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
+        assert!(a.contains(&Action::Coord(CoordOp::Commit { token: 7, session_id: "s1".into() })));
+        assert!(gh(&a).is_empty(), "no poll before the commit: {a:?}");
+        let a = h.step(60, &fresh, Input::Committed { accepted: true });
+        assert_eq!(gh(&a), vec![GitHubOp::Poll { last_message_id: 0 }]);
+    }
+
+    #[test]
+    fn message_is_acked_only_after_progress_is_accepted() {
+        let mut h = Holder::new(cfg(), 0);
+        let f = fence(7, 2800, 25);
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(30, &f, Input::Tick);
+        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
+        h.step(50, &f, Input::Committed { accepted: true });
+        let a = h.step(60, &f, Input::Polled(PollOutcome::Message { message_id: 5, job_available: true }));
+        assert_eq!(gh(&a), vec![GitHubOp::Acquire { message_id: 5 }]);
+        let a = h.step(70, &f, Input::Acquired);
+        assert_eq!(a, vec![Action::Coord(CoordOp::Progress { token: 7, message_id: Some(5) })]);
+        let a = h.step(80, &f, Input::CoordUnavailable);
+        assert!(gh(&a).is_empty(), "no ack without an accepted Progress: {a:?}");
+        let a = h.step(300, &f, Input::Tick);
+        assert_eq!(a, vec![Action::Coord(CoordOp::Progress { token: 7, message_id: Some(5) })]);
+        let a = h.step(310, &f, Input::Reported { accepted: true, duplicate: false });
+        assert_eq!(gh(&a), vec![GitHubOp::AckMessage { message_id: 5 }]);
+        let a = h.step(320, &f, Input::Acked { ok: true });
+        assert_eq!(gh(&a), vec![GitHubOp::Poll { last_message_id: 5 }]);
+        // A rejected Progress (stale token) loses the lease: nothing is acked.
+        let a = h.step(330, &f, Input::Polled(PollOutcome::Message { message_id: 6, job_available: false }));
+        assert_eq!(a, vec![Action::Coord(CoordOp::Progress { token: 7, message_id: Some(6) })]);
+        let a = h.step(340, &f, Input::Reported { accepted: false, duplicate: false });
+        assert!(gh(&a).is_empty() && a.contains(&Action::Note(Note::LostLease)), "{a:?}");
+        assert_eq!(h.phase, Phase::Standby);
+    }
+
+    #[test]
+    fn a_poll_is_cancelled_before_the_fence_ends_and_a_late_200_is_dropped() {
+        let mut h = Holder::new(cfg(), 0);
+        let f = fence(7, 2000, 25);
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(30, &f, Input::Tick);
+        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
+        h.step(50, &f, Input::Committed { accepted: true });
+        assert_eq!(h.next_wakeup(&f), Some(1600));
+        let a = h.step(1600, &f, Input::Tick);
+        assert!(a.contains(&Action::Cancel), "{a:?}");
+        // Too close to the fence end to start another poll.
+        assert!(gh(&h.step(1700, &f, Input::Tick)).is_empty());
+        // A fresh ack moves the fence: polling resumes on the same session.
+        let f2 = fence(7, 3500, 1500);
+        assert_eq!(gh(&h.step(1710, &f2, Input::Tick)), vec![GitHubOp::Poll { last_message_id: 0 }]);
+        // The stream drops (fence_end None): the poll is cancelled at once.
+        let down = FenceView { fence_end: None, ..f2 };
+        let a = h.step(1720, &down, Input::Tick);
+        assert!(a.contains(&Action::Cancel), "{a:?}");
+        // A 200 arriving outside the fence is neither reported nor acked.
+        let a = h.step(1730, &down, Input::Polled(PollOutcome::Message { message_id: 9, job_available: false }));
+        assert!(!a.iter().any(|x| matches!(x, Action::Coord(_) | Action::GitHub(_))), "{a:?}");
+    }
+
+    #[test]
+    fn conflicts_back_off_with_jitter_and_never_give_up() {
+        let mut h = Holder::new(cfg(), 0);
+        let mut now = 10;
+        let mut f = fence(7, now + 2000, now);
+        h.step(now, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        let mut waits = vec![];
+        for _ in 0..12 {
+            now += 5;
+            f = fence(7, now + 2000, now);
+            let a = h.step(now, &f, Input::Tick);
+            assert!(matches!(gh(&a).as_slice(), [GitHubOp::CreateSession { .. }]), "{a:?}");
+            let a = h.step(now + 1, &f, Input::Created(CreateOutcome::Conflict { foreign: true }));
+            assert!(a.contains(&Action::Note(Note::Conflict { foreign: true })));
+            let Phase::Backoff { until } = h.phase else { panic!("{:?}", h.phase) };
+            waits.push(until - now - 1);
+            now = until;
+            h.step(now, &f, Input::Tick);
+        }
+        assert!(waits[0] >= 250 && waits[0] < 400, "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= 7_500), "{waits:?}");
+        assert!(waits.last().copied().unwrap_or(0) >= 5_000, "{waits:?}");
+    }
+
+    #[test]
+    fn handover_deletes_our_session_then_releases() {
+        let mut h = Holder::new(cfg(), 0);
+        let f = fence(7, 2800, 25);
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(30, &f, Input::Tick);
+        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
+        h.step(50, &f, Input::Committed { accepted: true });
+        let a = h.step(60, &f, Input::Handover { token: 7 });
+        assert!(a.is_empty(), "the poll in flight finishes or is cancelled first: {a:?}");
+        let a = h.step(70, &f, Input::Polled(PollOutcome::Empty));
+        assert_eq!(a, vec![Action::Coord(CoordOp::Progress { token: 7, message_id: None })]);
+        let a = h.step(80, &f, Input::Reported { accepted: true, duplicate: false });
+        assert_eq!(gh(&a), vec![GitHubOp::DeleteSession { id: "s1".into() }]);
+        let a = h.step(90, &f, Input::Deleted { id: "s1".into(), done: true });
+        assert_eq!(
+            a,
+            vec![Action::Coord(CoordOp::Release {
+                token: 7,
+                deleted: vec!["s1".into()],
+                reason: ReleaseReason::Handover
+            })]
+        );
+        let a = h.step(100, &f, Input::ReleaseSent);
+        assert!(a.contains(&Action::Note(Note::Released { reason: ReleaseReason::Handover })));
+        assert_eq!(h.phase, Phase::Standby);
+        // The released token is never used again.
+        let a = h.step(110, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn holder_stall_for_a_local_reason_releases() {
+        let mut h = Holder::new(cfg(), 0);
+        let mut now = 10;
+        h.step(now, &fence(7, now + 2000, now), Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        let mut released = false;
+        while now < 40_000 && !released {
+            now += 100;
+            let f = fence(7, now + 2000, now);
+            for a in h.step(now, &f, Input::Tick) {
+                match a {
+                    Action::GitHub(GitHubOp::CreateSession { .. }) => {
+                        h.step(now, &f, Input::Created(CreateOutcome::Failed { local: true }));
+                    }
+                    Action::Coord(CoordOp::Release { reason: ReleaseReason::Stall, .. }) => released = true,
+                    _ => {}
+                }
+            }
+        }
+        assert!(released && now >= 15_000, "released={released} at {now}");
+    }
+
+    #[test]
+    fn lost_listing_drops_the_session_without_a_request() {
+        let mut h = Holder::new(cfg(), 0);
+        let f = fence(7, 2800, 25);
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(30, &f, Input::Tick);
+        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
+        h.step(50, &f, Input::Committed { accepted: true });
+        let gone = FenceView::default();
+        let a = h.step(60, &gone, Input::Tick);
+        assert!(a.contains(&Action::Cancel) && a.contains(&Action::Forget { session_id: "s1".into() }), "{a:?}");
+        assert!(gh(&a).is_empty());
+        assert_eq!(h.phase, Phase::Standby);
+    }
+
+    fn arb_input() -> impl Strategy<Value = Input> {
+        let ids = prop_oneof![Just("s1".to_string()), Just("s2".to_string()), Just("old".to_string())];
+        prop_oneof![
+            4 => Just(Input::Tick),
+            1 => (1u64..5, proptest::collection::vec(ids.clone(), 0..3), 0i64..5).prop_map(|(token, stale_sessions, last_acked_message_id)| Input::Granted { token, stale_sessions, last_acked_message_id }),
+            1 => (1u64..5, proptest::collection::vec(ids.clone(), 0..2)).prop_map(|(token, ids)| Input::DeleteSessions { token, ids }),
+            1 => (1u64..5).prop_map(|token| Input::Handover { token }),
+            1 => Just(Input::Shutdown),
+            2 => (ids.clone(), any::<bool>()).prop_map(|(id, done)| Input::Deleted { id, done }),
+            2 => prop_oneof![
+                ids.clone().prop_map(|session_id| CreateOutcome::Opened { session_id }),
+                any::<bool>().prop_map(|foreign| CreateOutcome::Conflict { foreign }),
+                any::<bool>().prop_map(|local| CreateOutcome::Failed { local }),
+                any::<bool>().prop_map(|local| CreateOutcome::Ambiguous { local }),
+            ].prop_map(Input::Created),
+            2 => any::<bool>().prop_map(|accepted| Input::Committed { accepted }),
+            3 => prop_oneof![
+                Just(PollOutcome::Empty),
+                (1i64..8, any::<bool>()).prop_map(|(message_id, job_available)| PollOutcome::Message { message_id, job_available }),
+                Just(PollOutcome::Gone),
+                Just(PollOutcome::Glitch),
+                any::<bool>().prop_map(|local| PollOutcome::Failed { local }),
+            ].prop_map(Input::Polled),
+            1 => Just(Input::Acquired),
+            2 => (any::<bool>(), any::<bool>()).prop_map(|(accepted, duplicate)| Input::Reported { accepted, duplicate }),
+            2 => any::<bool>().prop_map(|ok| Input::Acked { ok }),
+            1 => Just(Input::ReleaseSent),
+            1 => Just(Input::CoordUnavailable),
+        ]
+    }
+
+    /// A fence as the link could present it at `now`: any token, up or down, any deadline.
+    fn arb_fence() -> impl Strategy<Value = (Option<u64>, Option<i64>, Option<u64>)> {
+        (prop::option::weighted(0.8, 1u64..5), prop::option::weighted(0.8, -3000i64..3000), prop::option::of(0u64..3000))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        /// DESIGN §4: no interleaving of acks, time, EXPIRED (token cleared) and stream loss
+        /// (fence_end None) lets the machine emit a holder-only request outside the fence, or
+        /// start a long poll that could outlive it; at most one GitHub request is in flight;
+        /// a message is acked only after a Progress for it was accepted (§5.2 fence (b)).
+        #[test]
+        fn no_holder_only_request_outside_the_fence(
+            script in proptest::collection::vec((0u64..700, arb_fence(), arb_input()), 1..120)
+        ) {
+            let mut h = Holder::new(cfg(), 0);
+            let mut now = 1_000u64;
+            let mut accepted: BTreeSet<i64> = BTreeSet::new();
+            for (dt, (token, end, listed), input) in script {
+                now += dt;
+                let f = FenceView {
+                    open: false,
+                    token,
+                    fence_end: end.map(|d| (now as i64 + d).max(0) as u64),
+                    listed_sent_at: listed.map(|l| now.saturating_sub(l)),
+                };
+                let reported = match (&h.phase, &input) {
+                    (Phase::Report { message_id: Some(m), .. }, Input::Reported { accepted: true, .. }) if h.in_flight() => Some(*m),
+                    _ => None,
+                };
+                let in_flight_before = h.in_flight();
+                let actions = h.step(now, &f, input.clone());
+                if let Some(m) = reported { accepted.insert(m); }
+                let mut cancelled = false;
+                for a in &actions {
+                    match a {
+                        Action::Cancel => cancelled = true,
+                        Action::GitHub(op) => {
+                            let t = h.token.expect("a holder-only request needs a token");
+                            prop_assert!(f.allows(t, now), "{op:?} outside the fence {f:?} at {now}");
+                            if let GitHubOp::Poll { .. } = op {
+                                prop_assert!(f.fence_end.is_some_and(|e| now + 400 < e), "poll too close to the fence end");
+                            }
+                            if let GitHubOp::AckMessage { message_id } = op {
+                                prop_assert!(accepted.contains(message_id), "ack of {message_id} without an accepted Progress");
+                            }
+                            let _ = in_flight_before && !cancelled;
+                        }
+                        _ => {}
+                    }
+                }
+                prop_assert!(actions.iter().filter(|a| matches!(a, Action::GitHub(_))).count() <= 1);
+            }
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The coordinator link (DESIGN §4, agent side), as a pure state machine.
+//!
+//! ```text
+//!   Down ──Connect{addr}──▶ Connecting ──Connected──▶ Joining ──Joined{epoch,ttl}──▶ Up
+//!    ▲                                                                               │
+//!    └──── StreamFailed{redirect?} / no ack for 1.5 keepalive periods / Expired ─────┘
+//! ```
+//! Up, it sends a keepalive every TTL/4 with a sequence number and remembers when each was
+//! sent. An ack echoes the sequence number and lists the (group, token) pairs held; the fence
+//! for (G, T) then ends at `sent_at(k) + TTL × (1 − margin)` for the latest such k
+//! ([`arcfed_core::fence`], the formula the coordinator's lessor uses too). A closed stream ends
+//! every fence at once. A follower's redirect is followed at once; other failures rotate
+//! through the endpoints with a short, jittered backoff, so a new leader is found within a few
+//! hundred milliseconds of its promotion.
+//!
+//! `now` is milliseconds of `CLOCK_BOOTTIME`, passed in by the driver.
+
+use arcfed_core::fence;
+use std::collections::{BTreeMap, VecDeque};
+
+/// Settings known before the first Join. The coordinator's `Joined` overrides TTL and margin.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    pub endpoints: Vec<String>,
+    /// TTL assumed until `Joined` names the coordinator's (for the keepalive cadence only).
+    pub initial_ttl_ms: u64,
+    /// A connect + Join that takes longer than this is abandoned (a frozen coordinator
+    /// accepts TCP but never answers).
+    pub attach_timeout_ms: u64,
+    /// Seed of the backoff jitter (pure: no randomness is read here).
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not connected; the next attempt is at `retry_at`.
+    Down { retry_at: u64 },
+    /// A stream to `addr` is being opened (and the Join sent).
+    Attaching { addr: String, since: u64 },
+    /// Joined with lease epoch `epoch`.
+    Up { addr: String, epoch: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// Time passed.
+    Tick,
+    /// The coordinator answered the Join.
+    Joined { epoch: u64, ttl_ms: u64, margin_permille: u64 },
+    /// An ack of keepalive `seq`, listing the (group key, token) pairs this member holds.
+    Ack { seq: u64, held: Vec<(String, u64)> },
+    /// A Grant that doubles as the ack of keepalive `seq` (DESIGN §4).
+    GrantAck { seq: u64, held: Vec<(String, u64)> },
+    /// The lease is gone: Join again for a new epoch (DESIGN §4 "No renewal past death").
+    Expired,
+    /// The stream ended or could not be opened. `redirect`: a follower named the leader.
+    StreamFailed { redirect: Option<String> },
+    /// Send a keepalive now instead of at the next TTL/4 tick (fence (c) of DESIGN §5.2).
+    KeepaliveNow,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkAction {
+    /// Open a stream to `addr` and send a Join on it.
+    Attach { addr: String },
+    /// Send a Join on the open stream (after `Expired`).
+    SendJoin,
+    SendKeepalive { seq: u64 },
+    /// Close the current stream (no ack in time, attach timed out).
+    Close { reason: &'static str },
+}
+
+/// What the holder may rely on for one group, at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FenceView {
+    /// No coordinator at all (standalone or fallback): GitHub's one-session rule is the mutex.
+    pub open: bool,
+    /// The token the latest ack lists for the group.
+    pub token: Option<u64>,
+    /// End of the fence for `token` (BOOTTIME ms); `None` when the stream is down.
+    pub fence_end: Option<u64>,
+    /// When the latest keepalive whose ack lists (group, token) was sent.
+    pub listed_sent_at: Option<u64>,
+}
+
+impl FenceView {
+    /// The fence of standalone and fallback mode: nothing to ask.
+    pub fn open() -> FenceView {
+        FenceView { open: true, ..FenceView::default() }
+    }
+
+    /// May a holder-only request for `token` be sent at `now`?
+    pub fn allows(&self, token: u64, now: u64) -> bool {
+        self.open || (self.token == Some(token) && self.fence_end.is_some_and(|e| now < e))
+    }
+
+    /// Has an ack listing `token` arrived for a keepalive sent after `t`? (fence (c))
+    pub fn listed_since(&self, token: u64, t: u64) -> bool {
+        self.open || (self.token == Some(token) && self.listed_sent_at.is_some_and(|s| s > t))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Held {
+    token: u64,
+    /// Sent-at of the latest keepalive whose ack listed this (group, token).
+    listed_sent_at: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Link {
+    cfg: LinkConfig,
+    pub phase: Phase,
+    next_endpoint: usize,
+    redirect: Option<String>,
+    failures: u32,
+    ttl_ms: u64,
+    margin_permille: u64,
+    seq: u64,
+    /// Keepalives sent and not yet acked: (seq, sent_at). Bounded.
+    sent: VecDeque<(u64, u64)>,
+    next_keepalive_at: u64,
+    held: BTreeMap<String, Held>,
+    /// Since when no stream has been up (for `coordinator_lost_for`).
+    down_since: Option<u64>,
+    rng: u64,
+    /// Epoch of the latest Join answered on any stream (a re-Join after Expired gets a new one).
+    pub epoch: Option<u64>,
+}
+
+/// Keepalives remembered while unacked. Acks for older ones prove nothing we still need.
+const SENT_WINDOW: usize = 64;
+
+impl Link {
+    pub fn new(cfg: LinkConfig, now: u64) -> Link {
+        let ttl = cfg.initial_ttl_ms.max(40);
+        let rng = cfg.seed | 1;
+        Link {
+            cfg,
+            phase: Phase::Down { retry_at: now },
+            next_endpoint: 0,
+            redirect: None,
+            failures: 0,
+            ttl_ms: ttl,
+            margin_permille: 333,
+            seq: 0,
+            sent: VecDeque::new(),
+            next_keepalive_at: now,
+            held: BTreeMap::new(),
+            down_since: Some(now),
+            rng,
+            epoch: None,
+        }
+    }
+
+    pub fn ttl_ms(&self) -> u64 {
+        self.ttl_ms
+    }
+
+    pub fn keepalive_interval_ms(&self) -> u64 {
+        (self.ttl_ms / 4).max(10)
+    }
+
+    /// An unacked keepalive older than this closes the stream: the fence is TTL×(1−margin)
+    /// and a keepalive goes out every TTL/4, so 1.5 periods leaves room to find another
+    /// leader before a healthy holder's fence ends.
+    pub fn no_ack_timeout_ms(&self) -> u64 {
+        self.keepalive_interval_ms() * 3 / 2
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(self.phase, Phase::Up { .. })
+    }
+
+    /// How long no stream has been up, if none is.
+    pub fn down_for(&self, now: u64) -> Option<u64> {
+        self.down_since.map(|s| now.saturating_sub(s))
+    }
+
+    /// The holder's view of `group` at `now`.
+    pub fn fence(&self, group: &str) -> FenceView {
+        let Some(h) = self.held.get(group) else { return FenceView::default() };
+        let up = self.is_up();
+        FenceView {
+            open: false,
+            token: Some(h.token),
+            fence_end: up.then(|| fence::fence_end(h.listed_sent_at, self.ttl_ms, self.margin_permille)),
+            listed_sent_at: Some(h.listed_sent_at),
+        }
+    }
+
+    /// When the driver must call `step(Tick)` at the latest.
+    pub fn next_wakeup(&self) -> u64 {
+        match &self.phase {
+            Phase::Down { retry_at } => *retry_at,
+            Phase::Attaching { since, .. } => since.saturating_add(self.cfg.attach_timeout_ms),
+            Phase::Up { .. } => {
+                let no_ack = self.sent.front().map(|(_, t)| t + self.no_ack_timeout_ms()).unwrap_or(u64::MAX);
+                self.next_keepalive_at.min(no_ack)
+            }
+        }
+    }
+
+    fn jitter(&mut self, max: u64) -> u64 {
+        // xorshift64: deterministic for a seed, good enough to spread reconnects.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        if max == 0 { 0 } else { self.rng % max }
+    }
+
+    fn go_down(&mut self, now: u64, immediate: bool) {
+        self.sent.clear();
+        if self.down_since.is_none() {
+            self.down_since = Some(now);
+        }
+        let delay = if immediate {
+            0
+        } else {
+            // 50 ms, 100 ms, … capped at 1 s, plus up to 50 % jitter: a leader change is found
+            // in a few hundred milliseconds, and a dead quorum is not hammered.
+            let base = 50u64.saturating_mul(1 << self.failures.min(5)).min(1000);
+            base + self.jitter(base / 2 + 1)
+        };
+        self.failures = self.failures.saturating_add(1);
+        self.phase = Phase::Down { retry_at: now.saturating_add(delay) };
+    }
+
+    fn record_ack(&mut self, seq: u64, held: Vec<(String, u64)>) {
+        // An ack for a keepalive this stream never sent (or one already superseded) proves nothing.
+        let Some(pos) = self.sent.iter().position(|(s, _)| *s == seq) else { return };
+        let sent_at = self.sent[pos].1;
+        self.sent.drain(..=pos);
+        let listed: BTreeMap<String, u64> = held.into_iter().collect();
+        // A group no longer listed is no longer held: its fence ends now.
+        self.held.retain(|g, _| listed.contains_key(g));
+        for (g, token) in listed {
+            match self.held.get_mut(&g) {
+                Some(h) if h.token == token => h.listed_sent_at = h.listed_sent_at.max(sent_at),
+                Some(h) if h.token > token => {} // an older token never comes back
+                _ => {
+                    self.held.insert(g, Held { token, listed_sent_at: sent_at });
+                }
+            }
+        }
+        self.failures = 0;
+    }
+
+    pub fn step(&mut self, now: u64, ev: LinkEvent) -> Vec<LinkAction> {
+        let mut out = Vec::new();
+        match ev {
+            LinkEvent::Tick | LinkEvent::KeepaliveNow => {
+                if ev == LinkEvent::KeepaliveNow && self.is_up() {
+                    self.next_keepalive_at = now;
+                }
+            }
+            LinkEvent::Joined { epoch, ttl_ms, margin_permille } => {
+                if let Phase::Attaching { addr, .. } | Phase::Up { addr, .. } = &self.phase {
+                    let addr = addr.clone();
+                    // A new epoch is a new lease: nothing held under the old one carries over.
+                    if self.epoch != Some(epoch) {
+                        self.held.clear();
+                    }
+                    self.epoch = Some(epoch);
+                    self.ttl_ms = ttl_ms.max(40);
+                    self.margin_permille = margin_permille.min(999);
+                    self.phase = Phase::Up { addr, epoch };
+                    self.down_since = None;
+                    self.next_keepalive_at = now;
+                }
+            }
+            LinkEvent::Ack { seq, held } | LinkEvent::GrantAck { seq, held } => {
+                if self.is_up() {
+                    self.record_ack(seq, held);
+                }
+            }
+            LinkEvent::Expired => {
+                // No renewal past death: drop every holding, Join again on this stream.
+                self.held.clear();
+                self.sent.clear();
+                if let Phase::Up { addr, .. } = &self.phase {
+                    self.phase = Phase::Attaching { addr: addr.clone(), since: now };
+                    out.push(LinkAction::SendJoin);
+                }
+            }
+            LinkEvent::StreamFailed { redirect } => {
+                let follow = redirect.is_some();
+                self.redirect = redirect;
+                if !follow {
+                    self.next_endpoint = self.next_endpoint.wrapping_add(1);
+                }
+                self.go_down(now, follow && self.failures < 3);
+            }
+        }
+        // Timers. A second round lets a close be followed by the next attach in one step.
+        for _ in 0..2 {
+            let before = self.phase.clone();
+            match self.phase.clone() {
+                Phase::Down { retry_at } if now >= retry_at => {
+                    let addr = match self.redirect.take() {
+                        Some(a) => a,
+                        None if self.cfg.endpoints.is_empty() => break,
+                        None => self.cfg.endpoints[self.next_endpoint % self.cfg.endpoints.len()].clone(),
+                    };
+                    self.phase = Phase::Attaching { addr: addr.clone(), since: now };
+                    out.push(LinkAction::Attach { addr });
+                }
+                Phase::Attaching { since, .. } if now >= since.saturating_add(self.cfg.attach_timeout_ms) => {
+                    out.push(LinkAction::Close { reason: "attach timed out" });
+                    self.next_endpoint = self.next_endpoint.wrapping_add(1);
+                    self.go_down(now, true);
+                }
+                Phase::Up { .. } => {
+                    if self.sent.front().is_some_and(|(_, t)| now >= t + self.no_ack_timeout_ms()) {
+                        out.push(LinkAction::Close { reason: "no ack in time" });
+                        self.next_endpoint = self.next_endpoint.wrapping_add(1);
+                        self.go_down(now, true);
+                    } else if now >= self.next_keepalive_at {
+                        self.seq += 1;
+                        self.sent.push_back((self.seq, now));
+                        if self.sent.len() > SENT_WINDOW {
+                            self.sent.pop_front();
+                        }
+                        self.next_keepalive_at = now + self.keepalive_interval_ms();
+                        out.push(LinkAction::SendKeepalive { seq: self.seq });
+                    }
+                }
+                _ => {}
+            }
+            if self.phase == before {
+                break;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link() -> Link {
+        Link::new(
+            LinkConfig {
+                endpoints: vec!["a:1".into(), "b:1".into(), "c:1".into()],
+                initial_ttl_ms: 3000,
+                attach_timeout_ms: 1000,
+                seed: 7,
+            },
+            0,
+        )
+    }
+
+    /// Attaches and Joins at `now`; the first keepalive (seq 1) goes out with the Join's answer.
+    fn up(l: &mut Link, now: u64) {
+        let a = l.step(now, LinkEvent::Tick);
+        assert!(matches!(a.as_slice(), [LinkAction::Attach { .. }]), "{a:?}");
+        let a = l.step(now, LinkEvent::Joined { epoch: 1, ttl_ms: 3000, margin_permille: 333 });
+        assert_eq!(a, vec![LinkAction::SendKeepalive { seq: 1 }]);
+    }
+
+    #[test]
+    fn fence_runs_from_the_send_time_of_the_acked_keepalive() {
+        let mut l = link();
+        up(&mut l, 100);
+        assert!(l.step(200, LinkEvent::Tick).is_empty());
+        l.step(150, LinkEvent::Ack { seq: 1, held: vec![("g".into(), 9)] });
+        let f = l.fence("g");
+        assert_eq!(f.token, Some(9));
+        assert_eq!(f.fence_end, Some(100 + 2001));
+        assert!(f.allows(9, 2100) && !f.allows(9, 2101) && !f.allows(8, 200));
+        assert!(f.listed_since(9, 99) && !f.listed_since(9, 100));
+        assert_eq!(l.step(850, LinkEvent::Tick), vec![LinkAction::SendKeepalive { seq: 2 }]);
+    }
+
+    #[test]
+    fn closed_stream_ends_the_fence_at_once_and_redirect_is_followed() {
+        let mut l = link();
+        up(&mut l, 0);
+        l.step(10, LinkEvent::Ack { seq: 1, held: vec![("g".into(), 3)] });
+        let a = l.step(20, LinkEvent::StreamFailed { redirect: Some("leader:9".into()) });
+        assert_eq!(a, vec![LinkAction::Attach { addr: "leader:9".into() }]);
+        assert_eq!(l.fence("g").fence_end, None);
+        assert!(!l.fence("g").allows(3, 21));
+        assert_eq!(l.fence("g").token, Some(3), "a gap keeps the holding; only the fence ends");
+    }
+
+    #[test]
+    fn no_ack_rotates_endpoints_before_the_fence_ends() {
+        let mut l = link();
+        up(&mut l, 0); // ka 1 at 0
+        l.step(5, LinkEvent::Ack { seq: 1, held: vec![("g".into(), 3)] });
+        assert_eq!(l.step(750, LinkEvent::Tick), vec![LinkAction::SendKeepalive { seq: 2 }]); // never acked
+        let at = 750 + l.no_ack_timeout_ms();
+        assert!(at < l.fence("g").fence_end.unwrap_or(0) + 750);
+        let a = l.step(at, LinkEvent::Tick);
+        assert!(a.contains(&LinkAction::Close { reason: "no ack in time" }), "{a:?}");
+        assert!(a.iter().any(|x| matches!(x, LinkAction::Attach { addr } if addr == "b:1")), "{a:?}");
+    }
+
+    #[test]
+    fn expired_drops_holdings_and_rejoins() {
+        let mut l = link();
+        up(&mut l, 0);
+        l.step(1, LinkEvent::Ack { seq: 1, held: vec![("g".into(), 3)] });
+        assert_eq!(l.step(2, LinkEvent::Expired), vec![LinkAction::SendJoin]);
+        assert_eq!(l.fence("g").token, None);
+    }
+
+    #[test]
+    fn an_ack_that_no_longer_lists_the_group_ends_the_holding() {
+        let mut l = link();
+        up(&mut l, 0);
+        l.step(1, LinkEvent::Ack { seq: 1, held: vec![("g".into(), 3)] });
+        l.step(750, LinkEvent::Tick);
+        l.step(751, LinkEvent::Ack { seq: 2, held: vec![] });
+        assert!(!l.fence("g").allows(3, 752));
+    }
+
+    #[test]
+    fn unknown_ack_sequence_proves_nothing() {
+        let mut l = link();
+        up(&mut l, 0);
+        l.step(1, LinkEvent::Ack { seq: 42, held: vec![("g".into(), 3)] });
+        assert_eq!(l.fence("g").token, None);
+    }
+}
