@@ -118,7 +118,9 @@ pub struct MessageEnvelope {
 }
 
 /// One element of an envelope's `body` (reference §4.2). Optional fields are omitted when
-/// empty, as the captured github.com `JobAssigned` shows.
+/// empty, as the captured github.com `JobAssigned` shows: github.com leaves out unset times
+/// (its `JobAssigned` has no `queueTime`), GHES sends them as [`ZERO_TIME`]. A reader treats
+/// an absent time and [`ZERO_TIME`] alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobMessage {
@@ -132,10 +134,14 @@ pub struct JobMessage {
     pub workflow_run_id: i64,
     pub event_name: String,
     pub request_labels: Vec<String>,
-    pub queue_time: String,
-    pub scale_set_assign_time: String,
-    pub runner_assign_time: String,
-    pub finish_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_set_assign_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_assign_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acquire_job_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
