@@ -10,4 +10,7 @@
 //!  http        /live /ready /metrics
 //! ```
 pub mod github;
+pub mod kube;
+pub mod runners;
+pub mod sim;
 pub use arcfed_agent_core::scaler;

@@ -243,6 +243,18 @@ impl ErsModel {
         self.reconcile()
     }
 
+    /// A `Remove` failed for another reason (transport, 5xx after retries). ARC returns the error
+    /// and requeues: the runner stays as it was, and a later reconcile decides again. Nothing is
+    /// retried from here, so a persistent failure cannot spin the driver.
+    pub fn on_remove_failed(&mut self, name: &str) {
+        if let Some(r) = self.runners.get_mut(name) {
+            r.remove_in_flight = false;
+            if r.phase != Phase::Finished {
+                r.deleting = false;
+            }
+        }
+    }
+
     /// After a restart of the driver: the actions that were in flight when it stopped.
     ///
     /// A runner whose JIT config may or may not have been generated is given a fresh name (a
