@@ -1,10 +1,12 @@
 //! `actions-emulator`: GitHub's runner scale-set service, for drills, the sandbox and staging
-//! rehearsals. Prints `githubConfigUrl=<url>` as its first stdout line, then serves until
-//! SIGINT/SIGTERM. See tests/EMULATOR.md.
+//! rehearsals. Prints `githubConfigUrl=<url>` as its first stdout line (with `--layout dotcom`
+//! then `brokerUrl=<url>` and `resolve=<host:port:addr,…>`), then serves until SIGINT/SIGTERM.
+//! See tests/EMULATOR.md.
 
 use anyhow::Context;
 use arcfed_tests::emulator::{
-    CrossCredentialDelete, Cursor, Emulator, EmulatorConfig, Mode, SessionTtlFrom, Settings, TlsFiles,
+    AppKey, CrossCredentialDelete, Cursor, Emulator, EmulatorConfig, Layout, Mode, RateLimitStatus, SessionTtlFrom,
+    Settings, TlsFiles,
 };
 use clap::Parser;
 use std::io::Write;
@@ -15,9 +17,9 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 50s or 300ms: {e}"))
 }
 
-/// Emulates GitHub's runner scale-set service (GHES API layout) for ARC listeners and arcfed
-/// agents. Use the printed githubConfigUrl with `--pat`'s token, or with any GitHub App
-/// credentials (any app JWT is accepted).
+/// Emulates GitHub's runner scale-set service for ARC listeners and arcfed agents, in GHES's
+/// layout or github.com's (--layout). Use the printed githubConfigUrl with `--pat`'s token, or
+/// with the GitHub App given by --app-id and --app-key.
 #[derive(Debug, Parser)]
 #[command(name = "actions-emulator", version)]
 struct Args {
@@ -36,6 +38,37 @@ struct Args {
     /// Organization in the githubConfigUrl (`<base>/<org>`).
     #[arg(long, env = "ARCFED_EMULATOR_ORG", default_value = "arcfed")]
     org: String,
+
+    /// Repository scope: the githubConfigUrl is `<base>/<org>/<repo>` and only
+    /// `repos/<org>/<repo>/actions/runners/registration-token` mints registration tokens.
+    #[arg(long, env = "ARCFED_EMULATOR_REPO")]
+    repo: Option<String>,
+
+    /// Enterprise scope: the githubConfigUrl is `<base>/enterprises/<name>` (wins over --org/--repo).
+    #[arg(long, env = "ARCFED_EMULATOR_ENTERPRISE")]
+    enterprise: Option<String>,
+
+    /// ghes: one listener, REST under /api/v3, queue URLs carry the scale set and session ids.
+    /// dotcom: githubConfigUrl is http://github.localhost:<port>/<org>, REST at the root of
+    /// api.github.localhost:<port>, and the Actions service and message queue on a second
+    /// listener, broker.github.localhost:<broker port>. Clients must resolve those names
+    /// themselves (the printed resolve= line).
+    #[arg(long, env = "ARCFED_EMULATOR_LAYOUT", value_enum, default_value = "ghes")]
+    layout: Layout,
+
+    /// dotcom layout: address of the broker listener (port 0 picks a free port).
+    #[arg(long, env = "ARCFED_EMULATOR_BROKER_LISTEN")]
+    broker_listen: Option<String>,
+
+    /// The GitHub App whose JWTs are accepted: the `iss` they carry (App ID or Client ID).
+    #[arg(long, env = "ARCFED_EMULATOR_APP_ID", requires = "app_key")]
+    app_id: Option<String>,
+
+    /// PEM file with the App's RSA public key (`openssl pkey -in app.pem -pubout`); the App's
+    /// private key file also works. App JWTs must be RS256 with iat, exp at most 10 min after
+    /// iat, and iss = --app-id; others get 401. Without --app-id every App JWT gets 401.
+    #[arg(long, env = "ARCFED_EMULATOR_APP_KEY", requires = "app_id")]
+    app_key: Option<PathBuf>,
 
     /// Personal access token accepted as `Authorization: Bearer <pat>`; other tokens get 401.
     /// Repeat (or comma-separate in the env var) to model several clusters: each PAT is its
@@ -106,7 +139,46 @@ struct Args {
     )]
     auto_runners: bool,
 
+    /// dotcom layout: whether a queue URL keeps working after a session refresh gave a new
+    /// one (false: the old URL gets 404).
+    #[arg(
+        long,
+        env = "ARCFED_EMULATOR_QUEUE_URL_SURVIVES_REFRESH",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_name = "true|false"
+    )]
+    queue_url_survives_refresh: bool,
+
+    /// Admin and queue calls without an api-version (query parameter, or the Accept header on
+    /// queue calls) get 400 VssVersionNotSpecifiedException.
+    #[arg(long, env = "ARCFED_EMULATOR_STRICT_API_VERSION")]
+    strict_api_version: bool,
+
+    /// An assigned job no runner starts within this is cancelled (JobCompleted, result
+    /// canceled) and offered again, up to 3 times. 0s: never.
+    #[arg(long, env = "ARCFED_EMULATOR_ASSIGN_TIMEOUT", default_value = "0s", value_parser = duration)]
+    assign_timeout: Duration,
+
+    /// Every Nth envelope is preceded by one with an empty body and carries a job message of
+    /// an unknown messageType (github.com does both now and then). 0: never.
+    #[arg(long, env = "ARCFED_EMULATOR_ODD_MESSAGES_EVERY", default_value_t = 0)]
+    odd_messages_every: u32,
+
+    /// Secondary rate limit: REST and admin requests per credential per minute (0: off).
+    #[arg(long, env = "ARCFED_EMULATOR_RATE_LIMIT_PER_MINUTE", default_value_t = 0)]
+    rate_limit_per_minute: u32,
+
+    /// Status over the secondary rate limit, always with Retry-After (GitHub sends both).
+    #[arg(long, env = "ARCFED_EMULATOR_RATE_LIMIT_STATUS", value_enum, default_value = "403")]
+    rate_limit_status: RateLimitStatus,
+
+    /// acquirablejobs answers 404, as a service without the legacy endpoint would.
+    #[arg(long, env = "ARCFED_EMULATOR_NO_ACQUIRABLE_JOBS")]
+    no_acquirable_jobs: bool,
+
     /// Advertise this scheme://host:port instead of the listener's address (behind a proxy).
+    /// GHES layout only.
     #[arg(long, env = "ARCFED_EMULATOR_ADVERTISE_URL")]
     advertise_url: Option<String>,
 
@@ -127,8 +199,16 @@ async fn main() -> anyhow::Result<()> {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         _ => None,
     };
+    let app = match (&a.app_id, &a.app_key) {
+        (Some(id), Some(key)) => Some(AppKey::from_pem_file(id, key).map_err(|e| anyhow::anyhow!("--app-key {e}"))?),
+        _ => None,
+    };
     let config = EmulatorConfig {
         org: a.org,
+        repo: a.repo,
+        enterprise: a.enterprise,
+        layout: a.layout,
+        app,
         pats: a.pat,
         tls,
         advertise_url: a.advertise_url,
@@ -144,15 +224,38 @@ async fn main() -> anyhow::Result<()> {
             cursor: a.cursor,
             cross_credential_delete: a.cross_credential_delete,
             auto_runners: a.auto_runners,
+            queue_url_survives_refresh: a.queue_url_survives_refresh,
+            strict_api_version: a.strict_api_version,
+            assign_timeout: a.assign_timeout,
+            odd_messages_every: a.odd_messages_every,
+            rate_limit_per_minute: a.rate_limit_per_minute,
+            rate_limit_status: a.rate_limit_status,
+            acquirable_jobs: !a.no_acquirable_jobs,
         },
     };
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("--listen {}: cannot bind", a.listen))?;
-    let handle = Emulator::start(config, listener).await.context("starting the emulator")?;
+    let broker = match (&a.broker_listen, a.layout) {
+        (Some(addr), Layout::Dotcom) => Some(
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--broker-listen {addr}: cannot bind"))?,
+        ),
+        (Some(_), Layout::Ghes) => anyhow::bail!("--broker-listen needs --layout dotcom"),
+        (None, _) => None,
+    };
+    let handle = Emulator::start_with_broker(config, listener, broker).await.context("starting the emulator")?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "githubConfigUrl={}", handle.config_url())?;
+        if let Some(b) = handle.broker_url() {
+            writeln!(out, "brokerUrl={b}")?;
+            let resolve: Vec<String> = handle
+                .resolve_overrides()
+                .iter()
+                .map(|(host, addr)| format!("{host}:{}:{}", addr.port(), addr.ip()))
+                .collect();
+            writeln!(out, "resolve={}", resolve.join(","))?;
+        }
         out.flush()?;
     }
     tracing::info!(url = %handle.config_url(), service = %handle.service_url(), "actions-emulator serving");

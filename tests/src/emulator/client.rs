@@ -119,15 +119,64 @@ impl ArcClient {
         })
     }
 
-    /// `scheme://host/api/v3` (GHES layout, reference §1.1).
+    /// A client for the dotcom layout: `resolve` maps `github.localhost`, `api.…` and
+    /// `broker.…` to where the emulator listens ([`super::EmulatorHandle::resolve_overrides`]),
+    /// as curl's `--resolve` or the agent's `--github-resolve` do.
+    pub fn with_resolve(config_url: &str, pat: &str, resolve: &[(String, std::net::SocketAddr)]) -> Result<Self> {
+        let mut b = Self::builder();
+        for (host, addr) in resolve {
+            b = b.resolve(host, *addr);
+        }
+        Self::with_http(config_url, pat, b.build()?)
+    }
+
+    /// The REST API base (reference §1.1): `scheme://api.<host>` for github.com,
+    /// `github.localhost` and `*.ghe.com`, otherwise `scheme://host/api/v3` (GHES).
     pub fn api_base(&self) -> String {
         let after_scheme = self.config_url.find("://").map_or(0, |i| i + 3);
         let host_end = self.config_url[after_scheme..].find('/').map_or(self.config_url.len(), |i| i + after_scheme);
-        format!("{}/api/v3", &self.config_url[..host_end])
+        let authority = &self.config_url[after_scheme..host_end];
+        let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_ascii_lowercase();
+        let scheme = &self.config_url[..after_scheme];
+        if host == "github.com" || host == "github.localhost" || host.ends_with(".ghe.com") {
+            format!("{scheme}api.{authority}")
+        } else if host == "www.github.com" {
+            format!("{scheme}api.github.com")
+        } else {
+            format!("{}/api/v3", &self.config_url[..host_end])
+        }
     }
 
-    fn org(&self) -> &str {
-        self.config_url.rsplit('/').next().unwrap_or("")
+    /// The config URL's path: `org`, `org/repo` or `enterprises/e`.
+    fn scope(&self) -> &str {
+        let after_scheme = self.config_url.find("://").map_or(0, |i| i + 3);
+        self.config_url[after_scheme..].split_once('/').map_or("", |(_, p)| p)
+    }
+
+    /// The registration-token path for the config URL's scope (reference §1.4).
+    pub fn registration_token_path(&self) -> String {
+        let scope = self.scope();
+        match scope.split('/').collect::<Vec<_>>().as_slice() {
+            [e, name] if e.eq_ignore_ascii_case("enterprises") => {
+                format!("enterprises/{name}/actions/runners/registration-token")
+            }
+            [org, repo] => format!("repos/{org}/{repo}/actions/runners/registration-token"),
+            _ => format!("orgs/{scope}/actions/runners/registration-token"),
+        }
+    }
+
+    /// `POST /app/installations/{id}/access_tokens` with an App JWT; on 201 the installation
+    /// token becomes this client's credential (used by [`ArcClient::auth`]).
+    pub async fn app_installation_token(&mut self, app_jwt: &str, installation: u64) -> Result<Resp> {
+        let url = format!("{}/app/installations/{installation}/access_tokens", self.api_base());
+        let r =
+            self.send(Method::POST, &url, &format!("Bearer {app_jwt}"), None, "application/vnd.github+json").await?;
+        if r.status == 201
+            && let Some(t) = r.value()["token"].as_str()
+        {
+            self.pat = t.to_string();
+        }
+        Ok(r)
     }
 
     async fn send(
@@ -155,9 +204,10 @@ impl ArcClient {
         Ok(Resp { status, headers, body })
     }
 
-    /// `POST /orgs/{org}/actions/runners/registration-token` with the PAT.
+    /// `POST /{orgs/O|repos/O/R|enterprises/E}/actions/runners/registration-token` with the
+    /// PAT (or installation token).
     pub async fn registration_token(&self) -> Result<Resp> {
-        let url = format!("{}/orgs/{}/actions/runners/registration-token", self.api_base(), self.org());
+        let url = format!("{}/{}", self.api_base(), self.registration_token_path());
         self.send(Method::POST, &url, &format!("Bearer {}", self.pat), None, "application/vnd.github.v3+json").await
     }
 
@@ -289,7 +339,9 @@ impl ArcClient {
 
     /// A `/_emulator/` side-channel call.
     pub async fn emulator(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> Result<Resp> {
-        let base = self.config_url.rsplit_once('/').map_or(self.config_url.as_str(), |(b, _)| b);
+        let after_scheme = self.config_url.find("://").map_or(0, |i| i + 3);
+        let host_end = self.config_url[after_scheme..].find('/').map_or(self.config_url.len(), |i| i + after_scheme);
+        let base = &self.config_url[..host_end];
         let url = format!("{base}/_emulator/{}", path.trim_start_matches('/'));
         self.send(method, &url, "", body, "application/json").await
     }

@@ -15,6 +15,39 @@ pub enum Mode {
     Ghes,
 }
 
+/// Where the emulated GitHub serves its APIs (reference §1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// GitHub Enterprise Server: one host, REST under `/api/v3`, the Actions service under
+    /// `/_services/actions/`, queue URLs that carry the scale set and session ids.
+    Ghes,
+    /// github.com: the config URL is `http://github.localhost:<api port>/<org>`, REST is served
+    /// at the root as `api.github.localhost` serves it, and the Actions service (`/rest/`) and
+    /// the message queue live on a second listener, `broker.github.localhost:<broker port>`.
+    Dotcom,
+}
+
+/// What a credential over its secondary rate limit gets (GitHub sends both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum RateLimitStatus {
+    #[serde(rename = "403")]
+    #[value(name = "403")]
+    Forbidden,
+    #[serde(rename = "429")]
+    #[value(name = "429")]
+    TooMany,
+}
+
+impl RateLimitStatus {
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Forbidden => 403,
+            Self::TooMany => 429,
+        }
+    }
+}
+
 /// What the abandoned-session TTL counts from (undocumented by GitHub, reference §3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -72,7 +105,28 @@ pub struct Settings {
     /// Registered runners come online, take assigned jobs and finish them after the job's
     /// duration without anyone calling `/_emulator/runners/...`.
     pub auto_runners: bool,
+    /// dotcom layout: whether a queue URL keeps working after a refresh gave a new one
+    /// (false: the old URL gets 404, adversarial).
+    pub queue_url_survives_refresh: bool,
+    /// Admin and queue calls without an api-version (query, or the `Accept` header on queue
+    /// calls) get 400 `VssVersionNotSpecifiedException`.
+    pub strict_api_version: bool,
+    /// An assigned job that no runner starts within this is cancelled (`JobCompleted`,
+    /// `result: canceled`) and offered again, at most [`MAX_REASSIGNMENTS`] times. 0 = never.
+    #[serde(with = "humantime_serde_ms")]
+    pub assign_timeout: Duration,
+    /// Every Nth envelope is preceded by one whose `body` is `""`, and carries a job message
+    /// of an unknown `messageType` (github.com does both now and then). 0 = never.
+    pub odd_messages_every: u32,
+    /// Secondary rate limit: REST and admin requests per credential per sliding minute. 0 = off.
+    pub rate_limit_per_minute: u32,
+    pub rate_limit_status: RateLimitStatus,
+    /// `acquirablejobs` exists (204/200); false: 404, as a service without it would answer.
+    pub acquirable_jobs: bool,
 }
+
+/// How often a cancelled job is offered again (actions/scaleset's README: up to three times).
+pub const MAX_REASSIGNMENTS: u32 = 3;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -87,6 +141,13 @@ impl Default for Settings {
             cursor: Cursor::PerSession,
             cross_credential_delete: CrossCredentialDelete::Allow,
             auto_runners: true,
+            queue_url_survives_refresh: false,
+            strict_api_version: false,
+            assign_timeout: Duration::ZERO,
+            odd_messages_every: 0,
+            rate_limit_per_minute: 0,
+            rate_limit_status: RateLimitStatus::Forbidden,
+            acquirable_jobs: true,
         }
     }
 }
@@ -109,6 +170,14 @@ pub struct SettingsPatch {
     pub cursor: Option<Cursor>,
     pub cross_credential_delete: Option<CrossCredentialDelete>,
     pub auto_runners: Option<bool>,
+    pub queue_url_survives_refresh: Option<bool>,
+    pub strict_api_version: Option<bool>,
+    #[serde(default, with = "humantime_serde_ms_opt")]
+    pub assign_timeout: Option<Duration>,
+    pub odd_messages_every: Option<u32>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit_status: Option<RateLimitStatus>,
+    pub acquirable_jobs: Option<bool>,
 }
 
 impl Settings {
@@ -126,7 +195,14 @@ impl Settings {
             session_ttl_from,
             cursor,
             cross_credential_delete,
-            auto_runners
+            auto_runners,
+            queue_url_survives_refresh,
+            strict_api_version,
+            assign_timeout,
+            odd_messages_every,
+            rate_limit_per_minute,
+            rate_limit_status,
+            acquirable_jobs
         );
     }
 }
@@ -136,6 +212,14 @@ impl Settings {
 pub struct EmulatorConfig {
     /// Organization in the printed `githubConfigUrl` (`<base>/<org>`).
     pub org: String,
+    /// Repository scope: the config URL is `<base>/<org>/<repo>`.
+    pub repo: Option<String>,
+    /// Enterprise scope (wins over org and repo): the config URL is `<base>/enterprises/<name>`.
+    pub enterprise: Option<String>,
+    pub layout: Layout,
+    /// The one GitHub App whose JWTs the installation-token endpoint accepts. None: every
+    /// App JWT gets 401.
+    pub app: Option<AppKey>,
     /// PATs accepted as `Bearer <pat>`. Each PAT is its own credential identity, so two
     /// "clusters" with different PATs are told apart by `cross_credential_delete`.
     pub pats: Vec<String>,
@@ -156,10 +240,52 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// A GitHub App as the emulator knows it: the `iss` its JWTs carry (App ID or Client ID) and
+/// its RSA public key (DER `RSAPublicKey`), read from a PEM file by [`AppKey::from_pem_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppKey {
+    pub id: String,
+    pub public_key: Vec<u8>,
+}
+
+impl AppKey {
+    /// `id` is what the App's JWTs carry as `iss`; `path` a PEM public key (or the App's
+    /// private key, whose public half is used). See [`super::token::rsa_public_key_from_pem`].
+    pub fn from_pem_file(id: &str, path: &std::path::Path) -> Result<Self, String> {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let public_key = super::token::rsa_public_key_from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Self { id: id.to_string(), public_key })
+    }
+}
+
+impl EmulatorConfig {
+    /// The config URL's path: `enterprises/<e>`, `<org>/<repo>` or `<org>`.
+    pub fn scope_path(&self) -> String {
+        match (&self.enterprise, &self.repo) {
+            (Some(e), _) => format!("enterprises/{e}"),
+            (None, Some(r)) => format!("{}/{r}", self.org),
+            (None, None) => self.org.clone(),
+        }
+    }
+
+    /// The registration-token path that matches the scope (reference §1.4), without the API base.
+    pub fn registration_token_path(&self) -> String {
+        match (&self.enterprise, &self.repo) {
+            (Some(e), _) => format!("enterprises/{e}/actions/runners/registration-token"),
+            (None, Some(r)) => format!("repos/{}/{r}/actions/runners/registration-token", self.org),
+            (None, None) => format!("orgs/{}/actions/runners/registration-token", self.org),
+        }
+    }
+}
+
 impl Default for EmulatorConfig {
     fn default() -> Self {
         Self {
             org: "arcfed".into(),
+            repo: None,
+            enterprise: None,
+            layout: Layout::Ghes,
+            app: None,
             pats: vec!["emulator-pat".into()],
             tls: None,
             advertise_url: None,

@@ -10,7 +10,7 @@
 //!             removed only by DELETE; a poll returns the first one above the cursor
 //! ```
 
-use super::config::{CrossCredentialDelete, Cursor, Mode, SessionTtlFrom, Settings};
+use super::config::{AppKey, CrossCredentialDelete, Cursor, MAX_REASSIGNMENTS, Mode, SessionTtlFrom, Settings};
 use super::faults::{FaultTarget, Faults};
 use super::model::*;
 use super::report::{AuthKind, CloseReason, Event, Report, ScaleSetReport, SessionReport, max_concurrent, overlap_ms};
@@ -77,6 +77,19 @@ impl ApiError {
             format!("The session identifier {id} is not valid."),
         )
     }
+    /// 400 for an admin or queue call without an api-version (`--strict-api-version`).
+    pub fn version_not_specified(method: &str) -> Self {
+        Self::actions(
+            400,
+            "GitHub.Services.WebApi",
+            "VssVersionNotSpecifiedException",
+            format!(
+                "No api-version was supplied for the \"{method}\" request. The version must be supplied either as part \
+                 of the Accept header (e.g. \"application/json; api-version=1.0\") or as a query parameter (e.g. \
+                 '?api-version=1.0')."
+            ),
+        )
+    }
     pub fn session_evicted() -> Self {
         Self::actions(404, RT, "RunnerAdminException", "runner referenced a session ID that doesn't exist in redis")
     }
@@ -108,6 +121,8 @@ struct Job {
     runner_assigned_at: Option<u64>,
     acquired_by: Option<Uuid>,
     grants: u32,
+    /// Times this job was cancelled for want of a runner and offered again.
+    reassignments: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +152,10 @@ struct Counters {
     zombie_requests: u64,
     jobs_enqueued: u64,
     jobs_completed: u64,
+    jobs_cancelled: u64,
+    jobs_reassigned: u64,
+    session_refreshes: u64,
+    envelopes: u64,
 }
 
 #[derive(Debug)]
@@ -182,6 +201,9 @@ struct SessionState {
     last_holder: u64,
     polls: u64,
     zombie_requests: u64,
+    refreshes: u64,
+    /// dotcom layout: the opaque id in the queue URL the session was last given.
+    queue_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -236,6 +258,18 @@ pub struct Attribution {
     pub zombie: bool,
 }
 
+/// What differs between the GHES and github.com forms, fixed at start.
+#[derive(Debug, Clone, Default)]
+pub struct GitHubSide {
+    /// The only registration-token path accepted (`orgs/<org>/actions/runners/registration-token`,
+    /// …), compared case-insensitively; other scopes get 404.
+    pub registration_token_path: String,
+    pub app: Option<AppKey>,
+    /// dotcom layout: the broker's `scheme://host:port`; queue URLs are
+    /// `<broker>/scalesets/<opaque>/message`, a new opaque id on every create and refresh.
+    pub broker_url: Option<String>,
+}
+
 /// The whole emulated service.
 pub struct Core {
     pub settings: Settings,
@@ -262,6 +296,16 @@ pub struct Core {
     max_events: usize,
     seq: u64,
     rng: StdRng,
+    github: GitHubSide,
+    /// dotcom queue URL id → (session, scale set).
+    queue_urls: HashMap<String, (Uuid, i64)>,
+    /// Every 409 so far, to alternate between the two texts seen in the wild.
+    conflicts_total: u64,
+    /// Secondary rate limit: per credential, the times of its counted requests in the last minute.
+    rate_windows: HashMap<String, VecDeque<u64>>,
+    requests_by_credential: BTreeMap<String, u64>,
+    rate_limited_by_credential: BTreeMap<String, u64>,
+    faults_fired: BTreeMap<String, u64>,
 }
 
 fn rfc3339(unix_ms: u64) -> String {
@@ -299,7 +343,19 @@ impl Core {
             max_events,
             seq: 0,
             rng: StdRng::from_os_rng(),
+            github: GitHubSide::default(),
+            queue_urls: HashMap::new(),
+            conflicts_total: 0,
+            rate_windows: HashMap::new(),
+            requests_by_credential: BTreeMap::new(),
+            rate_limited_by_credential: BTreeMap::new(),
+            faults_fired: BTreeMap::new(),
         }
+    }
+
+    /// Sets the registration scope, the App and the layout's broker (see [`GitHubSide`]).
+    pub fn set_github(&mut self, g: GitHubSide) {
+        self.github = g;
     }
 
     pub fn org(&self) -> &str {
@@ -320,16 +376,22 @@ impl Core {
 
     // ---------------------------------------------------------------- GitHub REST auth chain
 
-    /// `POST /app/installations/{id}/access_tokens` with any App JWT.
+    /// `POST /app/installations/{id}/access_tokens` with a JWT of the configured App (401
+    /// otherwise, in GitHub's words).
     pub fn installation_token(&mut self, bearer: &str, installation: &str, now: u64) -> R<(String, String)> {
-        if !token::looks_like_jwt(bearer) {
-            return Err(ApiError::rest(401, "A JSON web token could not be decoded"));
-        }
+        self.app_issuer(bearer, now).map_err(|e| ApiError::rest(401, &e.to_string()))?;
         let exp = now + 3_600_000;
         let t = token::opaque("ghs_");
         self.installation_tokens
             .insert(t.clone(), TokenInfo { credential: format!("installation:{installation}"), exp_ms: exp });
         Ok((t, self.time(exp)))
+    }
+
+    /// The App an App JWT belongs to, verified as GitHub verifies it.
+    pub fn app_issuer(&self, jwt: &str, now: u64) -> Result<String, token::AppJwtError> {
+        let app = self.github.app.as_ref().ok_or(token::AppJwtError::UnknownIssuer)?;
+        let now_s = (self.unix_ms(now) / 1000) as i64;
+        token::verify_app_jwt(jwt, &app.id, &app.public_key, now_s)
     }
 
     /// The credential behind a PAT or installation token.
@@ -343,10 +405,16 @@ impl Core {
             .map(|t| (t.credential.clone(), AuthKind::Installation))
     }
 
-    /// `POST …/actions/runners/registration-token` for any scope.
-    pub fn registration_token(&mut self, bearer: &str, now: u64) -> R<(String, String)> {
+    /// `POST …/actions/runners/registration-token`: 401 for an unknown credential, 404 when
+    /// `path` (`orgs/<org>/…`, `repos/<o>/<r>/…`, `enterprises/<e>/…`) is not the configured scope.
+    pub fn registration_token(&mut self, bearer: &str, path: &str, now: u64) -> R<(String, String)> {
         let (credential, _) =
             self.github_credential(bearer, now).ok_or_else(|| ApiError::rest(401, "Bad credentials"))?;
+        if !self.github.registration_token_path.is_empty()
+            && !path.eq_ignore_ascii_case(&self.github.registration_token_path)
+        {
+            return Err(ApiError::rest(404, "Not Found"));
+        }
         let exp = now + 3_600_000;
         let t = token::opaque("AREG");
         self.registration_tokens.insert(t.clone(), TokenInfo { credential, exp_ms: exp });
@@ -368,6 +436,65 @@ impl Core {
         let t = token::mint_jwt(&info.credential, iat, exp_s);
         self.admin_tokens.insert(t.clone(), TokenInfo { credential: info.credential, exp_ms: exp });
         Ok((self.service_url.clone(), t))
+    }
+
+    /// The credential a registration token was minted for (expired or not).
+    pub fn registration_credential(&self, token: &str) -> Option<String> {
+        self.registration_tokens.get(token).map(|t| t.credential.clone())
+    }
+
+    /// The credential an admin token was minted for (expired or not).
+    pub fn admin_credential(&self, token: &str) -> Option<String> {
+        self.admin_tokens.get(token).map(|t| t.credential.clone())
+    }
+
+    /// The credential that opened the session a queue token belongs to.
+    pub fn queue_credential(&self, token: &str) -> Option<String> {
+        let q = self.queue_tokens.get(token)?;
+        self.sessions.get(&q.session).map(|s| s.credential.clone())
+    }
+
+    /// Secondary rate limit: counts a request of `credential` and answers `Some(retry after
+    /// seconds)` when it is over `rate_limit_per_minute` in the last minute. Refused requests
+    /// do not count.
+    pub fn rate_limit(&mut self, credential: &str, now: u64) -> Option<u64> {
+        let limit = self.settings.rate_limit_per_minute as usize;
+        if limit == 0 {
+            return None;
+        }
+        let w = self.rate_windows.entry(credential.to_string()).or_default();
+        while w.front().is_some_and(|&t| t + 60_000 <= now) {
+            w.pop_front();
+        }
+        if w.len() >= limit {
+            *self.rate_limited_by_credential.entry(credential.to_string()).or_default() += 1;
+            let oldest = w.front().copied().unwrap_or(now);
+            return Some((oldest + 60_000).saturating_sub(now).div_ceil(1000).max(1));
+        }
+        w.push_back(now);
+        None
+    }
+
+    /// Counts a request for the report's `requests_by_credential` and the fired faults.
+    pub fn count_request(&mut self, credential: Option<&str>, faults: &[&str]) {
+        if let Some(c) = credential {
+            *self.requests_by_credential.entry(c.to_string()).or_default() += 1;
+        }
+        for f in faults {
+            *self.faults_fired.entry((*f).to_string()).or_default() += 1;
+        }
+    }
+
+    /// dotcom layout: the scale set a queue URL id leads to, or 404 when the id is unknown or
+    /// was replaced by a refresh (unless `queue_url_survives_refresh`).
+    pub fn queue_url_scale_set(&self, opaque: &str) -> R<i64> {
+        let &(session, set) = self.queue_urls.get(opaque).ok_or_else(|| ApiError::rest(404, "Not Found"))?;
+        let current = self.sessions.get(&session).and_then(|s| s.queue_url.as_deref()) == Some(opaque);
+        if current || self.settings.queue_url_survives_refresh {
+            Ok(set)
+        } else {
+            Err(ApiError::rest(404, "Not Found"))
+        }
     }
 
     /// The credential an admin token was minted for; 401 when unknown or past `exp`.
@@ -619,14 +746,26 @@ impl Core {
             t.clone(),
             QueueToken { session: id, scale_set: set_id, exp_ms: now + ms(self.settings.queue_token_ttl) },
         );
+        let message_queue_url = match self.github.broker_url.clone() {
+            Some(broker) => {
+                // github.com's broker form: no scale-set or session id, a new URL every time.
+                let opaque = Uuid::new_v4().simple().to_string();
+                self.queue_urls.insert(opaque.clone(), (id, set_id));
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.queue_url = Some(opaque.clone());
+                }
+                format!("{broker}/scalesets/{opaque}/message")
+            }
+            None => format!(
+                "{}_apis/runtime/runnerscalesets/{set_id}/messages?sessionId={id}&api-version=6.0-preview",
+                self.service_url
+            ),
+        };
         Ok(Session {
             session_id: id.to_string(),
             owner_name: owner,
             runner_scale_set: self.get_scale_set(set_id)?,
-            message_queue_url: format!(
-                "{}_apis/runtime/runnerscalesets/{set_id}/messages?sessionId={id}&api-version=6.0-preview",
-                self.service_url
-            ),
+            message_queue_url,
             message_queue_access_token: t,
             statistics: stats(self.live_set(set_id)?),
         })
@@ -640,12 +779,14 @@ impl Core {
             set.c.conflicts_409 += 1;
             let name = set.set.name.clone();
             let holder = self.sessions.get(&active).map(|s| s.owner.clone()).unwrap_or_default();
-            return Err(ApiError::actions(
-                409,
-                RT,
-                "RunnerScaleSetSessionConflictException",
-                format!("The runner scale set {name} already has an active session for owner {holder}."),
-            ));
+            // Both texts are seen in the wild; alternate so that clients match neither.
+            self.conflicts_total += 1;
+            let message = if self.conflicts_total % 2 == 1 {
+                format!("The runner scale set {name} already has an active session for owner {holder}.")
+            } else {
+                format!("The actions runner scaleset {name} already has an active session.")
+            };
+            return Err(ApiError::actions(409, RT, "RunnerScaleSetSessionConflictException", message));
         }
         let id = Uuid::new_v4();
         set.active = Some(id);
@@ -669,6 +810,8 @@ impl Core {
                 last_holder: now,
                 polls: 0,
                 zombie_requests: 0,
+                refreshes: 0,
+                queue_url: None,
             },
         );
         self.session_body(id, now)
@@ -689,6 +832,13 @@ impl Core {
         let id = self
             .open_session_in(set_id, session, now)
             .map_err(|e| if e.status == 404 { e } else { ApiError::session_evicted() })?;
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.refreshes += 1;
+            let set = s.scale_set;
+            if let Some(set) = self.scale_sets.get_mut(&set) {
+                set.c.session_refreshes += 1;
+            }
+        }
         self.session_body(id, now)
     }
 
@@ -797,14 +947,15 @@ impl Core {
         }
         let mode = self.settings.mode;
         let cursor_mode = self.settings.cursor;
-        let clock = Clock { base_unix_ms: self.started_unix_ms, now };
+        let odd_every = self.settings.odd_messages_every;
+        let clock = Clock { base_unix_ms: self.started_unix_ms, now, mode };
         let set = self.live_set_mut(set_id)?;
         if let Some(c) = capacity {
             set.last_capacity = c.max(0);
         }
         let cap = capacity.map_or(set.last_capacity, |c| c.max(0));
         advance_queue(set, mode, cap, now, clock);
-        package(set);
+        package(set, odd_every);
         let cursor = match cursor_mode {
             Cursor::PerSession => last_message_id,
             Cursor::PerScaleSet => last_message_id.max(set.max_delivered),
@@ -994,7 +1145,7 @@ impl Core {
     /// Side channel: the runner takes `job_id` (or the oldest waiting assigned job).
     pub fn runner_start(&mut self, name: &str, job_id: Option<&str>, now: u64) -> R<String> {
         let (set_id, id) = self.find_runner(name)?;
-        let clock = Clock { base_unix_ms: self.started_unix_ms, now };
+        let clock = Clock { base_unix_ms: self.started_unix_ms, now, mode: self.settings.mode };
         let set = self.live_set_mut(set_id)?;
         start_job(set, id, job_id, now, clock)
     }
@@ -1002,7 +1153,7 @@ impl Core {
     /// Side channel: the runner's job ended with `result` (`succeeded`, `failed`, `canceled`).
     pub fn runner_finish(&mut self, name: &str, result: &str, now: u64) -> R<String> {
         let (set_id, id) = self.find_runner(name)?;
-        let clock = Clock { base_unix_ms: self.started_unix_ms, now };
+        let clock = Clock { base_unix_ms: self.started_unix_ms, now, mode: self.settings.mode };
         let set = self.live_set_mut(set_id)?;
         let job_id = set
             .runners
@@ -1039,6 +1190,7 @@ impl Core {
                     runner_assigned_at: None,
                     acquired_by: None,
                     grants: 0,
+                    reassignments: 0,
                 },
             );
             set.c.jobs_enqueued += 1;
@@ -1061,7 +1213,8 @@ impl Core {
     pub fn tick(&mut self, now: u64) {
         self.expire_due(now);
         let auto = self.settings.auto_runners;
-        let clock = Clock { base_unix_ms: self.started_unix_ms, now };
+        let assign_timeout = ms(self.settings.assign_timeout);
+        let clock = Clock { base_unix_ms: self.started_unix_ms, now, mode: self.settings.mode };
         let mut new_jobs = Vec::new();
         for (id, set) in self.scale_sets.iter_mut().filter(|(_, s)| !s.deleted) {
             if let Some(w) = set.workload.as_mut() {
@@ -1073,6 +1226,9 @@ impl Core {
                     let secs = if hi > lo { self.rng.random_range(lo..hi) } else { lo };
                     new_jobs.push((*id, Duration::from_secs_f64(secs)));
                 }
+            }
+            if assign_timeout > 0 {
+                cancel_unstarted(set, assign_timeout, clock);
             }
             if !auto {
                 continue;
@@ -1132,7 +1288,7 @@ impl Core {
         self.timeline.iter().filter(|e| e.seq > since).take(limit).cloned().collect()
     }
 
-    pub fn fire_faults(&mut self, t: &FaultTarget<'_>, now: u64) -> Vec<super::faults::FaultKind> {
+    pub fn fire_faults(&mut self, t: &FaultTarget<'_>, now: u64) -> Vec<super::faults::FaultSpec> {
         self.faults.fire(t, now)
     }
 
@@ -1157,6 +1313,7 @@ impl Core {
                         last_holder_request_at: s.last_holder,
                         polls: s.polls,
                         zombie_requests: s.zombie_requests,
+                        refreshes: s.refreshes,
                     })
                     .collect();
                 let c = &set.c;
@@ -1177,12 +1334,24 @@ impl Core {
                     sessions_overlap_ms: overlap_ms(&sessions),
                     jobs_enqueued: c.jobs_enqueued,
                     jobs_completed: c.jobs_completed,
+                    jobs_cancelled: c.jobs_cancelled,
+                    jobs_reassigned: c.jobs_reassigned,
+                    session_refreshes: c.session_refreshes,
                     statistics: stats(set),
                     sessions,
                 }
             })
             .collect();
-        Report { started_unix_ms: self.started_unix_ms, now_ms: now, requests: self.seq, scale_sets }
+        Report {
+            started_unix_ms: self.started_unix_ms,
+            now_ms: now,
+            requests: self.seq,
+            requests_by_credential: self.requests_by_credential.clone(),
+            rate_limited_by_credential: self.rate_limited_by_credential.clone(),
+            rate_limited_requests: self.rate_limited_by_credential.values().sum(),
+            faults_fired: self.faults_fired.clone(),
+            scale_sets,
+        }
     }
 
     /// Current statistics of a scale set.
@@ -1222,16 +1391,22 @@ fn stats(set: &ScaleSet) -> Statistics {
     s
 }
 
-/// Turns emulator-clock times into the wire's RFC 3339 timestamps.
+/// Turns emulator-clock times into the wire's RFC 3339 timestamps, in the job mode's form:
+/// github.com omits unset times, GHES sends Go's zero time.
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     base_unix_ms: u64,
     now: u64,
+    mode: Mode,
 }
 
 impl Clock {
-    fn at(self, t: Option<u64>) -> String {
-        t.map_or_else(|| ZERO_TIME.to_string(), |t| rfc3339(self.base_unix_ms + t))
+    fn at(self, t: Option<u64>) -> Option<String> {
+        match (t, self.mode) {
+            (Some(t), _) => Some(rfc3339(self.base_unix_ms + t)),
+            (None, Mode::Dotcom) => None,
+            (None, Mode::Ghes) => Some(ZERO_TIME.to_string()),
+        }
     }
 }
 
@@ -1249,10 +1424,11 @@ fn job_message(set: &ScaleSet, j: &Job, kind: &str, clock: Clock) -> JobMessage 
         workflow_run_id: j.workflow_run_id,
         event_name: "workflow_dispatch".into(),
         request_labels: vec![set.set.name.clone()],
-        queue_time: at(Some(j.queued_at)),
+        // The captured github.com JobAssigned has no queueTime.
+        queue_time: if clock.mode == Mode::Dotcom && kind == "JobAssigned" { None } else { at(Some(j.queued_at)) },
         scale_set_assign_time: at(j.assigned_at),
         runner_assign_time: at(j.runner_assigned_at),
-        finish_time: ZERO_TIME.into(),
+        finish_time: at(None),
         acquire_job_url: None,
         runner_id: None,
         runner_name: None,
@@ -1291,16 +1467,68 @@ fn advance_queue(set: &mut ScaleSet, mode: Mode, capacity: i64, now: u64, clock:
     }
 }
 
-/// Packs pending job messages into envelopes of at most 50.
-fn package(set: &mut ScaleSet) {
+/// The `messageType` of the odd job message: one no client knows, which it must skip.
+pub const UNKNOWN_JOB_MESSAGE_TYPE: &str = "JobRunnerLeaseRenewed";
+
+/// Packs pending job messages into envelopes of at most 50. With `odd_every` N > 0, every Nth
+/// envelope is preceded by one with an empty `body` and carries a job message of an unknown type.
+fn package(set: &mut ScaleSet, odd_every: u32) {
     while !set.pending.is_empty() {
         let n = set.pending.len().min(MAX_JOBS_PER_MESSAGE);
-        let batch: Vec<JobMessage> = set.pending.drain(..n).collect();
-        let body = serde_json::to_string(&batch).unwrap_or_else(|_| "[]".into());
+        let mut body = {
+            let batch: Vec<JobMessage> = set.pending.drain(..n).collect();
+            serde_json::to_value(&batch).unwrap_or_else(|_| serde_json::json!([]))
+        };
+        set.c.envelopes += 1;
+        if odd_every > 0 && set.c.envelopes % u64::from(odd_every) == 0 {
+            let id = set.next_message_id;
+            set.next_message_id += 1;
+            set.log.insert(id, StoredMessage { body: String::new(), deliveries: 0 });
+            if let Some(a) = body.as_array_mut() {
+                a.push(serde_json::json!({
+                    "messageType": UNKNOWN_JOB_MESSAGE_TYPE,
+                    "runnerRequestId": 0,
+                    "jobId": Uuid::new_v4().to_string(),
+                }));
+            }
+        }
         let id = set.next_message_id;
         set.next_message_id += 1;
-        set.log.insert(id, StoredMessage { body, deliveries: 0 });
+        set.log.insert(id, StoredMessage { body: body.to_string(), deliveries: 0 });
     }
+}
+
+/// The cancel/re-assign cycle (actions/scaleset README): an assigned job no runner started
+/// within `timeout_ms` gets `JobCompleted` `canceled` (no runner, no assign time) and goes
+/// back to the queue, at most [`MAX_REASSIGNMENTS`] times; after that it is dropped.
+fn cancel_unstarted(set: &mut ScaleSet, timeout_ms: u64, clock: Clock) {
+    let due: Vec<(u64, String)> = set
+        .jobs
+        .iter()
+        .filter(|(_, j)| j.state == JobState::Assigned && j.assigned_at.is_some_and(|a| a + timeout_ms <= clock.now))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+    for k in due {
+        let Some(mut j) = set.jobs.remove(&k) else { continue };
+        j.assigned_at = None;
+        let mut m = job_message(set, &j, "JobCompleted", clock);
+        m.result = Some("canceled".into());
+        m.finish_time = clock.at(Some(clock.now));
+        set.pending.push(m);
+        set.c.jobs_cancelled += 1;
+        if j.reassignments < MAX_REASSIGNMENTS {
+            j.reassignments += 1;
+            j.state = JobState::Queued;
+            j.acquired_by = None;
+            j.grants = 0;
+            set.c.jobs_reassigned += 1;
+            set.jobs.insert(k, j);
+        }
+    }
+    set.notify.notify_waiters();
 }
 
 fn start_job(set: &mut ScaleSet, runner_id: i64, job_id: Option<&str>, now: u64, clock: Clock) -> R<String> {

@@ -52,6 +52,23 @@ pub enum FaultKind {
         #[serde(rename = "ms")]
         ms: u64,
     },
+    /// Send the status line, headers and half the body, then drop the connection.
+    Reset,
+    /// Never answer: the request hangs until the client gives up (its timeout, or it closes).
+    Hang,
+}
+
+impl FaultKind {
+    /// The name used in the report's `faults_fired` and in timeline `fault` notes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Status { .. } => "status",
+            Self::EmptyBody => "empty_body",
+            Self::Latency { .. } => "latency",
+            Self::Reset => "reset",
+            Self::Hang => "hang",
+        }
+    }
 }
 
 /// A fault rule as posted to `POST /_emulator/faults`. All scopes are optional; a rule with
@@ -61,6 +78,11 @@ pub enum FaultKind {
 pub struct FaultSpec {
     #[serde(flatten)]
     pub kind: FaultKind,
+    /// Handle the request first (its side effects happen: the session is created, the message
+    /// deleted, the job acquired), then answer with the fault. Without it the request is
+    /// never handled. Meaningless for `latency`.
+    #[serde(default)]
+    pub handle_first: bool,
     /// Only requests of this class.
     #[serde(default)]
     pub path_class: Option<PathClass>,
@@ -164,7 +186,7 @@ impl Faults {
     /// The rules that fire for this request, consuming one use of each counted rule. Latency
     /// rules all fire (their delays add up); at most one response-replacing rule fires, the
     /// oldest.
-    pub fn fire(&mut self, t: &FaultTarget<'_>, now_ms: u64) -> Vec<FaultKind> {
+    pub fn fire(&mut self, t: &FaultTarget<'_>, now_ms: u64) -> Vec<FaultSpec> {
         self.rules.retain(|f| f.live(now_ms));
         let mut out = Vec::new();
         let mut replaced = false;
@@ -181,7 +203,7 @@ impl Faults {
             if let Some(r) = f.remaining.as_mut() {
                 *r -= 1;
             }
-            out.push(f.spec.kind.clone());
+            out.push(f.spec.clone());
         }
         out
     }
@@ -194,6 +216,7 @@ mod tests {
     fn spec(kind: FaultKind) -> FaultSpec {
         FaultSpec {
             kind,
+            handle_first: false,
             path_class: None,
             owner: None,
             session_id: None,

@@ -15,9 +15,24 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-/// The first path segments of the Actions service; the registration exchange returns
-/// `<base>/_services/actions/` as its `url`.
+/// The first path segments of the Actions service (GHES layout); the registration exchange
+/// returns `<base>/_services/actions/` as its `url`.
 pub const SERVICE_PREFIX: [&str; 2] = ["_services", "actions"];
+
+/// The Actions service's path on the broker (dotcom layout), as github.com's
+/// `https://broker.actions.githubusercontent.com/rest/`.
+pub const BROKER_SERVICE_PREFIX: &str = "rest";
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// GHES layout: one host serves REST under `/api/v3` and the Actions service.
+    Both,
+    /// dotcom layout, `api.github.localhost`: REST at the root.
+    Api,
+    /// dotcom layout, `broker.github.localhost`: the Actions service and the message queue.
+    Broker,
+}
 
 /// Shared by every connection. A std `Mutex` because no lock is held across an `.await`.
 pub struct Shared {
@@ -36,11 +51,19 @@ impl Shared {
     }
 }
 
+/// A listener's router state: the shared service and which listener this is.
+#[derive(Clone)]
+pub struct Ctx {
+    pub sh: Arc<Shared>,
+    pub side: Side,
+}
+
 /// One endpoint, with the ids from its path.
 #[derive(Debug, Clone, PartialEq)]
 enum Route {
     InstallationToken(String),
-    RegistrationToken,
+    /// The path after the API base, e.g. `orgs/acme/actions/runners/registration-token`.
+    RegistrationToken(String),
     RunnerRegistration,
     RunnerGroups,
     ScaleSets,
@@ -49,6 +72,9 @@ enum Route {
     Session(i64, String),
     Messages(i64),
     Message(i64, i64),
+    /// dotcom queue URL `/scalesets/{opaque}/message`, before the opaque id is resolved.
+    QueueMessages(String),
+    QueueMessage(String, i64),
     Acquire(i64),
     Acquirable(i64),
     Jit(i64),
@@ -58,37 +84,57 @@ enum Route {
     NotFound,
 }
 
-fn classify(segs: &[&str]) -> Route {
+fn classify_rest(segs: &[&str]) -> Option<Route> {
+    use Route::*;
+    Some(match segs {
+        ["app", "installations", i, "access_tokens"] => InstallationToken((*i).into()),
+        ["orgs", _, "actions", "runners", "registration-token"]
+        | ["enterprises", _, "actions", "runners", "registration-token"]
+        | ["repos", _, _, "actions", "runners", "registration-token"] => RegistrationToken(segs.join("/")),
+        ["actions", "runner-registration"] => RunnerRegistration,
+        _ => return None,
+    })
+}
+
+fn classify_service(segs: &[&str]) -> Route {
     use Route::*;
     let id = |s: &str| s.parse::<i64>().ok();
     match segs {
-        ["api", "v3", "app", "installations", i, "access_tokens"] => InstallationToken((*i).into()),
-        ["api", "v3", "orgs", _, "actions", "runners", "registration-token"]
-        | ["api", "v3", "enterprises", _, "actions", "runners", "registration-token"]
-        | ["api", "v3", "repos", _, _, "actions", "runners", "registration-token"] => RegistrationToken,
-        ["api", "v3", "actions", "runner-registration"] => RunnerRegistration,
-        ["_emulator", rest @ ..] => Emulator(rest.iter().map(|s| s.to_string()).collect()),
-        [a, b, rest @ ..] if [*a, *b] == SERVICE_PREFIX => match rest {
-            ["_apis", "runtime", "runnergroups"] => RunnerGroups,
-            ["_apis", "runtime", "runnerscalesets"] => ScaleSets,
-            ["_apis", "runtime", "runnerscalesets", s, tail @ ..] => {
-                let Some(s) = id(s) else { return NotFound };
-                match tail {
-                    [] => ScaleSet(s),
-                    ["sessions"] => Sessions(s),
-                    ["sessions", sid] => Session(s, (*sid).into()),
-                    ["messages"] => Messages(s),
-                    ["messages", m] => id(m).map_or(NotFound, |m| Message(s, m)),
-                    ["acquirejobs"] => Acquire(s),
-                    ["acquirablejobs"] => Acquirable(s),
-                    ["generatejitconfig"] => Jit(s),
-                    _ => NotFound,
-                }
+        ["_apis", "runtime", "runnergroups"] => RunnerGroups,
+        ["_apis", "runtime", "runnerscalesets"] => ScaleSets,
+        ["_apis", "runtime", "runnerscalesets", s, tail @ ..] => {
+            let Some(s) = id(s) else { return NotFound };
+            match tail {
+                [] => ScaleSet(s),
+                ["sessions"] => Sessions(s),
+                ["sessions", sid] => Session(s, (*sid).into()),
+                ["messages"] => Messages(s),
+                ["messages", m] => id(m).map_or(NotFound, |m| Message(s, m)),
+                ["acquirejobs"] => Acquire(s),
+                ["acquirablejobs"] => Acquirable(s),
+                ["generatejitconfig"] => Jit(s),
+                _ => NotFound,
             }
-            ["_apis", "distributedtask", "pools", "0", "agents"] => Agents,
-            ["_apis", "distributedtask", "pools", "0", "agents", r] => id(r).map_or(NotFound, Agent),
-            _ => NotFound,
-        },
+        }
+        ["_apis", "distributedtask", "pools", "0", "agents"] => Agents,
+        ["_apis", "distributedtask", "pools", "0", "agents", r] => id(r).map_or(NotFound, Agent),
+        _ => NotFound,
+    }
+}
+
+fn classify(segs: &[&str], side: Side) -> Route {
+    use Route::*;
+    if let ["_emulator", rest @ ..] = segs {
+        return Emulator(rest.iter().map(|s| s.to_string()).collect());
+    }
+    match (side, segs) {
+        (Side::Both, ["api", "v3", rest @ ..]) | (Side::Api, rest) => classify_rest(rest).unwrap_or(NotFound),
+        (Side::Both, [a, b, rest @ ..]) if [*a, *b] == SERVICE_PREFIX => classify_service(rest),
+        (Side::Broker, [p, rest @ ..]) if *p == BROKER_SERVICE_PREFIX => classify_service(rest),
+        (Side::Broker, ["scalesets", q, "message"]) => QueueMessages((*q).into()),
+        (Side::Broker, ["scalesets", q, "message", m]) => {
+            m.parse().map_or(NotFound, |m| QueueMessage((*q).into(), m))
+        }
         _ => NotFound,
     }
 }
@@ -97,14 +143,14 @@ impl Route {
     fn class(&self, m: &Method) -> PathClass {
         use Route::*;
         match self {
-            InstallationToken(_) | RegistrationToken | RunnerRegistration => PathClass::Auth,
+            InstallationToken(_) | RegistrationToken(_) | RunnerRegistration => PathClass::Auth,
             RunnerGroups => PathClass::RunnerGroups,
             ScaleSets | ScaleSet(_) => PathClass::ScaleSets,
             Sessions(_) => PathClass::SessionCreate,
             Session(..) if m == Method::DELETE => PathClass::SessionDelete,
             Session(..) => PathClass::SessionRefresh,
-            Messages(_) => PathClass::Poll,
-            Message(..) => PathClass::Ack,
+            Messages(_) | QueueMessages(_) => PathClass::Poll,
+            Message(..) | QueueMessage(..) => PathClass::Ack,
             Acquire(_) | Acquirable(_) => PathClass::Acquire,
             Jit(_) => PathClass::Jit,
             Agents | Agent(_) => PathClass::Runners,
@@ -128,11 +174,18 @@ impl Route {
         }
     }
 
+    fn is_rest(&self) -> bool {
+        matches!(self, Route::InstallationToken(_) | Route::RegistrationToken(_) | Route::RunnerRegistration)
+    }
+
     fn is_service(&self) -> bool {
-        !matches!(
-            self,
-            Route::InstallationToken(_) | Route::RegistrationToken | Route::RunnerRegistration | Route::Emulator(_)
-        )
+        !self.is_rest() && !matches!(self, Route::Emulator(_))
+    }
+
+    /// Calls made with the queue token.
+    fn is_queue(&self) -> bool {
+        use Route::*;
+        matches!(self, Messages(_) | Message(..) | QueueMessages(_) | QueueMessage(..) | Acquire(_))
     }
 }
 
@@ -145,6 +198,9 @@ struct Req {
     remote_auth: Option<String>,
     capacity: Option<i64>,
     user_agent: Option<String>,
+    accept: Option<String>,
+    /// The request came in on a dotcom queue URL (which carries no api-version).
+    queue_url_form: bool,
     body: axum::body::Bytes,
 }
 
@@ -204,6 +260,7 @@ struct Reply {
     retry_after: Option<String>,
     /// A session this request opened (create session), for attribution.
     opened: Option<Uuid>,
+    rate_limited: bool,
 }
 
 impl Reply {
@@ -214,10 +271,11 @@ impl Reply {
             empty: false,
             retry_after: None,
             opened: None,
+            rate_limited: false,
         }
     }
     fn status(status: u16) -> Self {
-        Self { status, body: None, empty: false, retry_after: None, opened: None }
+        Self { status, body: None, empty: false, retry_after: None, opened: None, rate_limited: false }
     }
     fn err(e: ApiError) -> Self {
         if e.is_rest() {
@@ -265,7 +323,8 @@ impl Reply {
 }
 
 /// The fallback handler: every request comes through here.
-pub async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
+pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
+    let sh = &ctx.sh;
     let at_ms = sh.now();
     let clock = Instant::now();
     let (parts, body) = req.into_parts();
@@ -274,7 +333,7 @@ pub async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     let (scheme, cred) = auth.split_once(' ').unwrap_or((auth.as_str(), ""));
     let mut query = form_decode(parts.uri.query().unwrap_or(""));
     query.sort();
-    let r = Req {
+    let mut r = Req {
         method: parts.method.clone(),
         path: parts.uri.path().to_string(),
         query,
@@ -282,16 +341,33 @@ pub async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         remote_auth: scheme.eq_ignore_ascii_case("remoteauth").then(|| cred.trim().to_string()),
         capacity: header_str(&parts.headers, "x-scalesetmaxcapacity").and_then(|v| v.trim().parse().ok()),
         user_agent: header_str(&parts.headers, "user-agent"),
+        accept: header_str(&parts.headers, "accept"),
+        queue_url_form: false,
         body,
     };
     let decoded: Vec<String> = r.path.split('/').filter(|s| !s.is_empty()).map(pct_decode).collect();
     let segs: Vec<&str> = decoded.iter().map(String::as_str).collect();
-    let route = classify(&segs);
+    let mut route = classify(&segs, ctx.side);
     let class = route.class(&r.method);
     let service = route.is_service();
 
     if let Route::Emulator(rest) = &route {
-        return emulator(&sh, &r, rest).await.into_response(false);
+        return emulator(sh, &r, rest).await.into_response(false);
+    }
+
+    // A dotcom queue URL leads to its scale set only while it is current.
+    let mut dead_queue_url = None;
+    if let Route::QueueMessages(q) | Route::QueueMessage(q, _) = &route {
+        r.queue_url_form = true;
+        match sh.lock().queue_url_scale_set(q) {
+            Ok(set) => {
+                route = match route {
+                    Route::QueueMessage(_, m) => Route::Message(set, m),
+                    _ => Route::Messages(set),
+                }
+            }
+            Err(e) => dead_queue_url = Some(Reply::err(e)),
+        }
     }
 
     let body_owner = (class == PathClass::SessionCreate)
@@ -302,10 +378,11 @@ pub async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         Route::Session(_, s) => Some(s.as_str()),
         _ => None,
     };
-    let (mut attr, auth_kind, faults) = {
+    let (mut attr, auth_kind, credential, faults) = {
         let mut c = sh.lock();
         let attr = c.attribute(session_in_path, r.bearer.as_deref(), body_owner.as_deref());
         let auth_kind = auth_kind(&c, &r, &route, at_ms);
+        let credential = credential_of(&c, &r, &route, at_ms);
         let sid = attr.session.map(|s| s.to_string());
         let target = FaultTarget {
             class: Some(class),
@@ -313,31 +390,56 @@ pub async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             session_id: sid.as_deref(),
             scale_set_id: route.scale_set(),
         };
-        let f = c.fire_faults(&target, at_ms);
-        (attr, auth_kind, f)
+        let f = if dead_queue_url.is_some() { Vec::new() } else { c.fire_faults(&target, at_ms) };
+        (attr, auth_kind, credential, f)
     };
 
     let mut fault_note = Vec::new();
-    let mut replaced = None;
+    let mut fault_names = Vec::new();
+    let mut terminal = None;
     for f in faults {
-        match f {
+        fault_names.push(f.kind.name());
+        match f.kind {
             FaultKind::Latency { ms } => {
                 fault_note.push(format!("latency {ms}ms"));
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            FaultKind::EmptyBody => {
-                fault_note.push("empty_body".into());
-                replaced = Some(Reply { status: 200, body: None, empty: true, retry_after: None, opened: None });
-            }
-            FaultKind::Status { status, retry_after, type_name, message } => {
-                fault_note.push(format!("status {status}"));
-                replaced = Some(fault_reply(class, status, retry_after, type_name, message));
-            }
+            _ => terminal = Some(f),
         }
     }
-    let reply = match replaced {
-        Some(r) => r,
-        None => serve(&sh, &r, &route, at_ms).await,
+    let mut reset = false;
+    let mut hang = false;
+    let reply = match (dead_queue_url, terminal) {
+        (Some(reply), _) => reply,
+        (None, None) => gated_serve(sh, &r, &route, credential.as_deref(), at_ms).await,
+        (None, Some(f)) => {
+            let served = if f.handle_first {
+                Some(gated_serve(sh, &r, &route, credential.as_deref(), at_ms).await)
+            } else {
+                None
+            };
+            let first = if f.handle_first { "handled, then " } else { "" };
+            match f.kind {
+                FaultKind::Status { status, retry_after, type_name, message } => {
+                    fault_note.push(format!("{first}status {status}"));
+                    fault_reply(class, status, retry_after, type_name, message)
+                }
+                FaultKind::EmptyBody => {
+                    fault_note.push(format!("{first}empty_body"));
+                    Reply { empty: true, ..Reply::status(200) }
+                }
+                FaultKind::Reset => {
+                    fault_note.push(format!("{first}reset"));
+                    reset = true;
+                    served.unwrap_or_else(|| fault_reply(class, 500, None, None, None))
+                }
+                FaultKind::Hang | FaultKind::Latency { .. } => {
+                    fault_note.push(format!("{first}hang"));
+                    hang = true;
+                    Reply::status(0)
+                }
+            }
+        }
     };
     if let Some(id) = reply.opened {
         attr = Attribution { session: Some(id), owner: body_owner.clone(), zombie: false };
@@ -360,9 +462,114 @@ pub async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         owner: attr.owner.clone(),
         zombie: attr.zombie,
         fault: (!fault_note.is_empty()).then(|| fault_note.join(", ")),
+        credential: credential.clone(),
+        rate_limited: reply.rate_limited,
     };
-    sh.lock().record(event, &attr);
-    reply.into_response(service)
+    {
+        let mut c = sh.lock();
+        c.count_request(credential.as_deref(), &fault_names);
+        c.record(event, &attr);
+    }
+    if hang {
+        // Until the client gives up and hyper drops this future, or the emulator stops.
+        return std::future::pending().await;
+    }
+    let resp = reply.into_response(service);
+    if reset { reset_mid_body(resp).await } else { resp }
+}
+
+/// The response's status and headers with its full `Content-Length`, half its body, then a
+/// dropped connection (the body stream fails, so hyper aborts the connection).
+async fn reset_mid_body(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let mut bytes = axum::body::to_bytes(body, 4 << 20).await.unwrap_or_default().to_vec();
+    if bytes.len() < 2 {
+        bytes = br#"{"message":"this body is never sent in full"}"#.to_vec();
+    }
+    if parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::ACCEPTED {
+        parts.status = StatusCode::OK;
+    }
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let half = axum::body::Bytes::from(bytes[..bytes.len() / 2].to_vec());
+    let stream = futures::stream::unfold(0u8, move |step| {
+        let half = half.clone();
+        async move {
+            match step {
+                0 => Some((Ok::<_, std::io::Error>(half), 1)),
+                1 => {
+                    // Let the first half reach the client before the connection drops.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Some((Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset")), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// The credential behind a request, whatever token carried it.
+fn credential_of(c: &Core, r: &Req, route: &Route, now: u64) -> Option<String> {
+    if let Some(ra) = r.remote_auth.as_deref() {
+        return c.registration_credential(ra);
+    }
+    let b = r.bearer.as_deref()?;
+    if let Some((cred, _)) = c.github_credential(b, now) {
+        return Some(cred);
+    }
+    if let Some(cred) = c.admin_credential(b).or_else(|| c.queue_credential(b)) {
+        return Some(cred);
+    }
+    match route {
+        Route::InstallationToken(_) => c.app_issuer(b, now).ok().map(|iss| format!("app:{iss}")),
+        _ => None,
+    }
+}
+
+fn has_api_version(r: &Req) -> bool {
+    r.q("api-version").is_some_and(|v| !v.is_empty())
+        || r.accept.as_deref().is_some_and(|a| a.to_ascii_lowercase().contains("api-version="))
+}
+
+/// GitHub's checks before it handles a request: a `User-Agent` on REST calls, the
+/// api-version under `strict_api_version`, and the secondary rate limit.
+async fn gated_serve(sh: &Arc<Shared>, r: &Req, route: &Route, credential: Option<&str>, now: u64) -> Reply {
+    if route.is_rest() && r.user_agent.as_deref().is_none_or(|u| u.trim().is_empty()) {
+        return Reply::err(ApiError::rest(
+            403,
+            "Request forbidden by administrative rules. Please make sure your request has a User-Agent header \
+             (https://docs.github.com/en/rest/overview/resources-in-the-rest-api#user-agent-required). \
+             Check https://developer.github.com for other possible causes.",
+        ));
+    }
+    let (strict, limited) = {
+        let mut c = sh.lock();
+        let limited = match credential {
+            Some(cred) if route.is_rest() || (route.is_service() && !route.is_queue()) => c.rate_limit(cred, now),
+            _ => None,
+        };
+        (c.settings.strict_api_version, limited.map(|s| (s, c.settings.rate_limit_status.code())))
+    };
+    let versioned = route.is_service() && *route != Route::NotFound && !(r.queue_url_form && r.method == Method::DELETE);
+    if strict && versioned && !has_api_version(r) {
+        return Reply::err(ApiError::version_not_specified(r.method.as_str()));
+    }
+    if let Some((retry, status)) = limited {
+        let mut reply = if route.is_rest() {
+            Reply::err(ApiError::rest(
+                status,
+                "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.",
+            ))
+        } else {
+            fault_reply(PathClass::Unknown, 429, None, None, None)
+        };
+        reply.status = status;
+        reply.retry_after = Some(retry.to_string());
+        reply.rate_limited = true;
+        return reply;
+    }
+    serve(sh, r, route, now).await
 }
 
 fn auth_kind(c: &Core, r: &Req, route: &Route, now: u64) -> AuthKind {
@@ -441,11 +648,28 @@ async fn serve(sh: &Arc<Shared>, r: &Req, route: &Route, now: u64) -> Reply {
             Ok((token, exp)) => Reply::json(201, serde_json::json!({"token": token, "expires_at": exp})),
             Err(e) => Reply::err(e),
         },
-        (RegistrationToken, Method::POST) => match c.registration_token(bearer, now) {
+        (RegistrationToken(path), Method::POST) => match c.registration_token(bearer, path, now) {
             Ok((token, exp)) => Reply::json(201, serde_json::json!({"token": token, "expires_at": exp})),
             Err(e) => Reply::err(e),
         },
         (RunnerRegistration, Method::POST) => {
+            // ARC sends {"url": <githubConfigUrl>, "runner_event": "register"} (reference §1.5).
+            #[derive(Deserialize, Default)]
+            struct Body {
+                #[serde(default)]
+                url: String,
+                #[serde(default)]
+                runner_event: String,
+            }
+            match r.json::<Body>() {
+                Ok(b) if !b.url.trim().is_empty() && b.runner_event == "register" => {}
+                _ => {
+                    return Reply::err(ApiError::rest(
+                        400,
+                        "Invalid request: the body must carry \"url\" and \"runner_event\": \"register\".",
+                    ));
+                }
+            }
             match c.runner_registration(r.remote_auth.as_deref().unwrap_or(""), now) {
                 Ok((url, token)) => Reply::json(
                     200,
@@ -506,6 +730,7 @@ async fn serve(sh: &Arc<Shared>, r: &Req, route: &Route, now: u64) -> Reply {
             };
             Reply::from(200, c.acquire(*id, bearer, &ids, now))
         }
+        (Acquirable(_), Method::GET) if !c.settings.acquirable_jobs => Reply::err(ApiError::rest(404, "Not Found")),
         (Acquirable(id), Method::GET) => match c.acquirable(*id) {
             Ok(Some(v)) => Reply::json(200, v),
             Ok(None) => Reply::status(204),
@@ -747,11 +972,26 @@ mod tests {
 
     #[test]
     fn routes_cover_the_reference_table() {
-        let r = |p: &str| classify(&p.split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>());
+        let r = |p: &str| classify(&p.split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>(), Side::Both);
         assert_eq!(r("/_services/actions/_apis/runtime/runnergroups/"), Route::RunnerGroups);
         assert_eq!(r("/_services/actions/_apis/runtime/runnerscalesets/3/messages/9"), Route::Message(3, 9));
         assert_eq!(r("/_services/actions/_apis/distributedtask/pools/0/agents/5"), Route::Agent(5));
-        assert_eq!(r("/api/v3/repos/o/r/actions/runners/registration-token"), Route::RegistrationToken);
+        assert_eq!(
+            r("/api/v3/repos/o/r/actions/runners/registration-token"),
+            Route::RegistrationToken("repos/o/r/actions/runners/registration-token".into())
+        );
         assert_eq!(r("/_services/actions/_apis/runtime/runnerscalesets/x"), Route::NotFound);
+    }
+
+    #[test]
+    fn dotcom_routes_split_between_api_and_broker() {
+        let r = |p: &str, side| classify(&p.split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>(), side);
+        assert_eq!(r("/actions/runner-registration", Side::Api), Route::RunnerRegistration);
+        assert_eq!(r("/api/v3/actions/runner-registration", Side::Api), Route::NotFound);
+        assert_eq!(r("/actions/runner-registration", Side::Broker), Route::NotFound);
+        assert_eq!(r("/rest/_apis/runtime/runnerscalesets/3/sessions", Side::Broker), Route::Sessions(3));
+        assert_eq!(r("/_services/actions/_apis/runtime/runnergroups", Side::Broker), Route::NotFound);
+        assert_eq!(r("/scalesets/abc/message/7", Side::Broker), Route::QueueMessage("abc".into(), 7));
+        assert_eq!(r("/rest/_apis/runtime/runnergroups", Side::Api), Route::NotFound);
     }
 }

@@ -26,8 +26,9 @@ pub mod token;
 
 pub use self::core::{ApiError, Workload};
 pub use config::{
+    AppKey, Layout, MAX_REASSIGNMENTS, RateLimitStatus,
     CrossCredentialDelete, Cursor, EmulatorConfig, Mode, SessionTtlFrom, Settings, SettingsPatch, TlsFiles,
 };
 pub use faults::{Fault, FaultKind, FaultSpec, PathClass};
 pub use report::{CloseReason, Event, Report, ScaleSetReport, SessionReport};
-pub use server::{Emulator, EmulatorHandle, Error};
+pub use server::{DOTCOM_HOST, Emulator, EmulatorHandle, Error};

@@ -5,6 +5,7 @@
 use super::faults::PathClass;
 use super::model::Statistics;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// How a request authenticated, as the emulator saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +47,13 @@ pub struct Event {
     pub zombie: bool,
     /// Set when an injected fault answered or delayed the request.
     pub fault: Option<String>,
+    /// The credential behind the request (`pat#1`, `installation:42`, `app:123`), whatever
+    /// token carried it (PAT, installation, registration, admin or queue token).
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// Refused by the secondary rate limit.
+    #[serde(default)]
+    pub rate_limited: bool,
 }
 
 /// How a session ended.
@@ -79,6 +87,9 @@ pub struct SessionReport {
     pub last_holder_request_at: u64,
     pub polls: u64,
     pub zombie_requests: u64,
+    /// Successful `PATCH …/sessions/{id}`.
+    #[serde(default)]
+    pub refreshes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +120,15 @@ pub struct ScaleSetReport {
     pub sessions_overlap_ms: u64,
     pub jobs_enqueued: u64,
     pub jobs_completed: u64,
+    /// Assigned jobs cancelled because no runner started them in `assign_timeout`.
+    #[serde(default)]
+    pub jobs_cancelled: u64,
+    /// Of those, the ones offered again.
+    #[serde(default)]
+    pub jobs_reassigned: u64,
+    /// Successful session refreshes on this scale set.
+    #[serde(default)]
+    pub session_refreshes: u64,
     pub statistics: Statistics,
     pub sessions: Vec<SessionReport>,
 }
@@ -118,6 +138,17 @@ pub struct Report {
     pub started_unix_ms: u64,
     pub now_ms: u64,
     pub requests: u64,
+    /// Requests (recorded ones) per credential.
+    #[serde(default)]
+    pub requests_by_credential: BTreeMap<String, u64>,
+    /// Requests refused by the secondary rate limit, per credential.
+    #[serde(default)]
+    pub rate_limited_by_credential: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub rate_limited_requests: u64,
+    /// Injected faults that fired, by kind (`status`, `empty_body`, `latency`, `reset`, `hang`).
+    #[serde(default)]
+    pub faults_fired: BTreeMap<String, u64>,
     pub scale_sets: Vec<ScaleSetReport>,
 }
 
@@ -163,6 +194,7 @@ mod tests {
             last_holder_request_at: last,
             polls: 0,
             zombie_requests: 0,
+            refreshes: 0,
         }
     }
 

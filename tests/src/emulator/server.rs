@@ -2,10 +2,10 @@
 //! The caller binds the socket (mini-redis style), so tests bind port 0 and run many
 //! emulators in one process.
 
-use super::config::{EmulatorConfig, Settings, SettingsPatch};
-use super::core::{ApiError, Core};
+use super::config::{EmulatorConfig, Layout, Settings, SettingsPatch};
+use super::core::{ApiError, Core, GitHubSide};
 use super::faults::{Fault, FaultSpec};
-use super::http::{SERVICE_PREFIX, Shared, handle};
+use super::http::{BROKER_SERVICE_PREFIX, Ctx, SERVICE_PREFIX, Shared, Side, handle};
 use super::model::{RunnerScaleSet, ScaleSetInput, Statistics};
 use super::report::{Event, Report};
 use axum::Router;
@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,48 +42,134 @@ pub enum Error {
     Tls(#[from] rustls::Error),
     #[error("--advertise-url {0:?} must start with http:// or https://")]
     AdvertiseUrl(String),
+    #[error("--advertise-url applies to --layout ghes only; the dotcom layout advertises github.localhost")]
+    AdvertiseUrlDotcom,
+    #[error("binding the broker listener: {0}")]
+    BrokerBind(#[source] std::io::Error),
+}
+
+/// The host the dotcom layout plays github.com on (reference §1.1 lists it as a hosted host,
+/// so clients map it to `api.github.localhost`).
+pub const DOTCOM_HOST: &str = "github.localhost";
+
+/// 0.0.0.0 and :: shown as loopback: where a local client connects.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(v) if v.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        std::net::IpAddr::V6(v) if v.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        _ => addr,
+    }
 }
 
 /// Entry point for in-process use.
 pub struct Emulator;
 
 impl Emulator {
-    /// Serves on `listener` until [`EmulatorHandle::shutdown`] or the handle is dropped.
+    /// Serves on `listener` until [`EmulatorHandle::shutdown`] or the handle is dropped. In
+    /// the dotcom layout the broker gets a second listener on the same address, port 0.
     pub async fn start(config: EmulatorConfig, listener: TcpListener) -> Result<EmulatorHandle, Error> {
-        let addr = listener.local_addr().map_err(Error::LocalAddr)?;
+        let broker = match config.layout {
+            Layout::Ghes => None,
+            Layout::Dotcom => {
+                let ip = listener.local_addr().map_err(Error::LocalAddr)?.ip();
+                Some(TcpListener::bind((ip, 0)).await.map_err(Error::BrokerBind)?)
+            }
+        };
+        Self::start_with_broker(config, listener, broker).await
+    }
+
+    /// Like [`Emulator::start`], with the broker's listener given (dotcom layout; ignored in
+    /// the GHES layout).
+    pub async fn start_with_broker(
+        config: EmulatorConfig,
+        listener: TcpListener,
+        broker: Option<TcpListener>,
+    ) -> Result<EmulatorHandle, Error> {
+        let addr = reachable(listener.local_addr().map_err(Error::LocalAddr)?);
         let tls = match &config.tls {
             Some(files) => Some(acceptor(&files.cert, &files.key)?),
             None => None,
         };
-        let base_url = match &config.advertise_url {
-            Some(u) if u.starts_with("http://") || u.starts_with("https://") => u.trim_end_matches('/').to_string(),
-            Some(u) => return Err(Error::AdvertiseUrl(u.clone())),
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let broker = match (config.layout, broker) {
+            (Layout::Ghes, _) => None,
+            (Layout::Dotcom, Some(b)) => Some(b),
+            (Layout::Dotcom, None) => Some(TcpListener::bind((addr.ip(), 0)).await.map_err(Error::BrokerBind)?),
+        };
+        let broker_addr = match &broker {
+            Some(b) => Some(reachable(b.local_addr().map_err(Error::LocalAddr)?)),
+            None => None,
+        };
+        let (base_url, api_url, broker_url, service_url) = match broker_addr {
             None => {
-                let ip = match addr.ip() {
-                    std::net::IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_string(),
-                    std::net::IpAddr::V6(v) if v.is_unspecified() => "[::1]".to_string(),
-                    std::net::IpAddr::V6(v) => format!("[{v}]"),
-                    ip => ip.to_string(),
+                let base_url = match &config.advertise_url {
+                    Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                        u.trim_end_matches('/').to_string()
+                    }
+                    Some(u) => return Err(Error::AdvertiseUrl(u.clone())),
+                    None => format!("{scheme}://{addr}"),
                 };
-                let scheme = if tls.is_some() { "https" } else { "http" };
-                format!("{scheme}://{ip}:{}", addr.port())
+                let service = format!("{base_url}/{}/{}/", SERVICE_PREFIX[0], SERVICE_PREFIX[1]);
+                (base_url.clone(), format!("{base_url}/api/v3"), None, service)
+            }
+            Some(b) => {
+                if config.advertise_url.is_some() {
+                    return Err(Error::AdvertiseUrlDotcom);
+                }
+                let broker_url = format!("{scheme}://broker.{DOTCOM_HOST}:{}", b.port());
+                let service = format!("{broker_url}/{BROKER_SERVICE_PREFIX}/");
+                (
+                    format!("{scheme}://{DOTCOM_HOST}:{}", addr.port()),
+                    format!("{scheme}://api.{DOTCOM_HOST}:{}", addr.port()),
+                    Some(broker_url),
+                    service,
+                )
             }
         };
-        let service_url = format!("{base_url}/{}/{}/", SERVICE_PREFIX[0], SERVICE_PREFIX[1]);
-        let core = Core::new(
+        let mut core = Core::new(
             config.settings.clone(),
             config.org.clone(),
             config.pats.clone(),
             service_url.clone(),
             config.max_timeline_events,
         );
+        core.set_github(GitHubSide {
+            registration_token_path: config.registration_token_path(),
+            app: config.app.clone(),
+            broker_url: broker_url.clone(),
+        });
         let shared = Arc::new(Shared { core: Mutex::new(core), started: Instant::now() });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let router = Router::new().fallback(handle).with_state(shared.clone());
+        let router = |side| Router::new().fallback(handle).with_state(Ctx { sh: shared.clone(), side });
         let mut tasks = JoinSet::new();
-        tasks.spawn(accept_loop(listener, tls, router, stop_rx.clone()));
+        let mut resolve = Vec::new();
+        match broker {
+            Some(b) => {
+                tasks.spawn(accept_loop(listener, tls.clone(), router(Side::Api), stop_rx.clone()));
+                tasks.spawn(accept_loop(b, tls, router(Side::Broker), stop_rx.clone()));
+                resolve.push((DOTCOM_HOST.to_string(), addr));
+                resolve.push((format!("api.{DOTCOM_HOST}"), addr));
+                if let Some(ba) = broker_addr {
+                    resolve.push((format!("broker.{DOTCOM_HOST}"), ba));
+                }
+            }
+            None => {
+                tasks.spawn(accept_loop(listener, tls, router(Side::Both), stop_rx.clone()));
+            }
+        }
         tasks.spawn(tick_loop(shared.clone(), stop_rx));
-        Ok(EmulatorHandle { shared, base_url, service_url, org: config.org, pats: config.pats, stop: stop_tx, tasks })
+        Ok(EmulatorHandle {
+            shared,
+            base_url,
+            api_url,
+            broker_url,
+            service_url,
+            scope: config.scope_path(),
+            pats: config.pats,
+            resolve,
+            stop: stop_tx,
+            tasks,
+        })
     }
 }
 
@@ -163,22 +250,44 @@ async fn tick_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 pub struct EmulatorHandle {
     shared: Arc<Shared>,
     base_url: String,
+    api_url: String,
+    broker_url: Option<String>,
     service_url: String,
-    org: String,
+    /// The config URL's path (`org`, `org/repo` or `enterprises/e`).
+    scope: String,
     pats: Vec<String>,
+    resolve: Vec<(String, SocketAddr)>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
 
 impl EmulatorHandle {
-    /// `scheme://host:port`.
+    /// `scheme://host:port` (dotcom layout: `http://github.localhost:<api port>`).
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
 
-    /// What to give an agent as `githubConfigUrl` (organization scope).
+    /// What to give an agent as `githubConfigUrl` (`<base>/<org>`, `<base>/<org>/<repo>` or
+    /// `<base>/enterprises/<e>`).
     pub fn config_url(&self) -> String {
-        format!("{}/{}", self.base_url, self.org)
+        format!("{}/{}", self.base_url, self.scope)
+    }
+
+    /// The REST API base a client derives from the config URL: `<base>/api/v3` (GHES) or
+    /// `http://api.github.localhost:<api port>` (dotcom).
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+
+    /// dotcom layout: the broker's `scheme://broker.github.localhost:<port>`.
+    pub fn broker_url(&self) -> Option<&str> {
+        self.broker_url.as_deref()
+    }
+
+    /// dotcom layout: the host names a client must resolve itself (`github.localhost`,
+    /// `api.github.localhost`, `broker.github.localhost`) and where they are. Empty for GHES.
+    pub fn resolve_overrides(&self) -> &[(String, SocketAddr)] {
+        &self.resolve
     }
 
     /// The Actions service URL that runner-registration returns (ends in `/`).
