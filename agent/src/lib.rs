@@ -9,7 +9,10 @@
 //!  metrics     gha_* (ARC's names) and arcfed_agent_*
 //!  http        /live /ready /metrics
 //! ```
+pub mod config;
 pub mod github;
+pub mod http;
+pub mod metrics;
 pub mod kube;
 pub mod runners;
 pub mod sim;
