@@ -4,13 +4,15 @@
 //! [`ArcClient`]. Each test starts its own emulator on 127.0.0.1:0. Waits are conditions
 //! with deadlines; no test asserts a duration.
 
-use arcfed_tests::emulator::client::{ArcClient, Resp};
-use arcfed_tests::emulator::model::{JobMessage, MessageEnvelope, Session, Statistics};
+use arcfed_tests::emulator::client::{ArcClient, ClientError, Resp};
+use arcfed_tests::emulator::core::UNKNOWN_JOB_MESSAGE_TYPE;
+use arcfed_tests::emulator::model::{JobMessage, MessageEnvelope, Session, Statistics, ZERO_TIME};
 use arcfed_tests::emulator::{
-    CloseReason, CrossCredentialDelete, Cursor, Emulator, EmulatorConfig, EmulatorHandle, FaultKind, FaultSpec, Mode,
-    PathClass, SessionTtlFrom, Settings, TlsFiles, token,
+    AppKey, CloseReason, CrossCredentialDelete, Cursor, Emulator, EmulatorConfig, EmulatorHandle, FaultKind, FaultSpec,
+    Layout, MAX_REASSIGNMENTS, Mode, PathClass, RateLimitStatus, SessionTtlFrom, Settings, TlsFiles, token,
 };
 use reqwest::Method;
+use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use std::future::Future;
 use std::time::Duration;
@@ -114,31 +116,30 @@ async fn auth_chain_mints_an_admin_jwt_with_exp_and_refuses_unknown_tokens() {
     let r = c.admin_with("emulator-pat", Method::GET, "_apis/runtime/runnergroups/", &[], None).await.unwrap();
     assert_exception(&r, 401, "VssUnauthorizedException");
 
-    // GitHub App flow: any app JWT → installation token (201) → registration token.
+    // Only the configured scope (organization arcfed) mints registration tokens.
     let http = ArcClient::builder().build().unwrap();
-    let app_jwt = token::mint_jwt("12345", now - 60, now + 540);
-    let r = http
-        .post(format!("{}/app/installations/77/access_tokens", c.api_base()))
-        .header("Authorization", format!("Bearer {app_jwt}"))
-        .header("Content-Type", "application/vnd.github+json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    let inst = v["token"].as_str().unwrap().to_string();
-    assert!(v["expires_at"].is_string());
-    for path in ["enterprises/e/actions/runners/registration-token", "repos/o/r/actions/runners/registration-token"] {
+    for path in [
+        "orgs/other/actions/runners/registration-token",
+        "enterprises/e/actions/runners/registration-token",
+        "repos/arcfed/r/actions/runners/registration-token",
+    ] {
         let r = http
             .post(format!("{}/{path}", c.api_base()))
-            .header("Authorization", format!("Bearer {inst}"))
+            .header("Authorization", format!("Bearer {}", h.pat()))
+            .header("User-Agent", "conformance")
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 201, "{path}");
+        assert_eq!(r.status(), 404, "{path}");
     }
-    let mut app = ArcClient::new(&h.config_url(), &inst).unwrap();
-    app.auth().await.expect("installation token works as the chain's credential");
+    let r = http
+        .post(format!("{}/orgs/ARCFED/actions/runners/registration-token", c.api_base()))
+        .header("Authorization", format!("Bearer {}", h.pat()))
+        .header("User-Agent", "conformance")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "organization names are case-insensitive");
 }
 
 #[tokio::test]
@@ -258,15 +259,20 @@ async fn one_session_per_scale_set_and_the_409_whatever_the_owner() {
     assert!(v["messageQueueUrl"].as_str().unwrap().starts_with("http://127.0.0.1:"));
     assert_eq!(v["ownerName"], "owner-a");
 
-    for owner in ["owner-b", "owner-a"] {
+    // Both texts seen in the wild, alternating.
+    let texts = [
+        "The runner scale set gha-rs already has an active session for owner owner-a.",
+        "The actions runner scaleset gha-rs already has an active session.",
+    ];
+    for (i, owner) in ["owner-b", "owner-a", "owner-c"].into_iter().enumerate() {
         let again = c.create_session(set.id, owner).await.unwrap();
         let msg = assert_exception(&again, 409, "RunnerScaleSetSessionConflictException");
         assert_eq!(again.value()["typeName"], format!("{RT}.RunnerScaleSetSessionConflictException, {RT}"),);
-        assert_eq!(msg, "The runner scale set gha-rs already has an active session for owner owner-a.");
+        assert_eq!(msg, texts[i % 2]);
     }
     let rep = h.report();
     let s = rep.scale_set(set.id).unwrap();
-    assert_eq!((s.conflicts_409, s.sessions.len()), (2, 1));
+    assert_eq!((s.conflicts_409, s.sessions.len()), (3, 1));
 }
 
 #[tokio::test]
@@ -703,6 +709,7 @@ async fn faults_inject_statuses_retry_after_empty_bodies_bursts_and_latency() {
 
     h.add_fault(FaultSpec {
         kind: FaultKind::Latency { ms: 20 },
+        handle_first: false,
         path_class: Some(PathClass::RunnerGroups),
         owner: None,
         session_id: None,
@@ -820,4 +827,553 @@ async fn serves_https_with_a_given_certificate() {
     assert!(s.message_queue_url.starts_with("https://"));
     assert_eq!(c.poll(&s.message_queue_url, &s.message_queue_access_token, 0, None).await.unwrap().status, 202);
     h.shutdown().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// issue 7: github.com's shape, GitHub's strictness, faults with side effects
+
+async fn start_config(config: EmulatorConfig) -> EmulatorHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    Emulator::start(config, listener).await.expect("start emulator")
+}
+
+async fn start_dotcom(settings: Settings) -> EmulatorHandle {
+    start_config(EmulatorConfig { layout: Layout::Dotcom, settings, ..EmulatorConfig::default() }).await
+}
+
+/// An authenticated client that resolves github.localhost and its api./broker. hosts.
+async fn dotcom_client(h: &EmulatorHandle) -> ArcClient {
+    let mut c = ArcClient::with_resolve(&h.config_url(), h.pat(), h.resolve_overrides()).expect("client");
+    c.auth().await.expect("auth chain");
+    c
+}
+
+fn http_resolving(h: &EmulatorHandle) -> reqwest::Client {
+    let mut b = ArcClient::builder();
+    for (host, addr) in h.resolve_overrides() {
+        b = b.resolve(host, *addr);
+    }
+    b.build().unwrap()
+}
+
+fn refresh_path(set: i64, s: &Session) -> String {
+    format!("_apis/runtime/runnerscalesets/{set}/sessions/{}", s.session_id)
+}
+
+#[tokio::test]
+async fn dotcom_layout_serves_rest_at_the_api_host_and_the_service_on_the_broker() {
+    let h = start_dotcom(fast()).await;
+    let port = |u: &str| u.rsplit(':').next().unwrap().split('/').next().unwrap().to_string();
+    let config_url = h.config_url();
+    assert!(config_url.starts_with("http://github.localhost:") && config_url.ends_with("/arcfed"), "{config_url}");
+    let broker = h.broker_url().expect("dotcom has a broker").to_string();
+    assert!(broker.starts_with("http://broker.github.localhost:"), "{broker}");
+    assert_ne!(port(&broker), port(&config_url), "the broker is a second listener");
+    assert_eq!(h.api_url(), format!("http://api.github.localhost:{}", port(&config_url)));
+
+    let c = dotcom_client(&h).await;
+    assert_eq!(c.api_base(), h.api_url());
+    assert_eq!(c.service_url, format!("{broker}/rest/"));
+    // GHES paths do not exist on github.com's hosts.
+    let http = http_resolving(&h);
+    let ghes = http
+        .post(format!("{}/api/v3/orgs/arcfed/actions/runners/registration-token", h.api_url()))
+        .header("Authorization", format!("Bearer {}", h.pat()))
+        .header("User-Agent", "conformance")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ghes.status(), 404);
+
+    let set = c.create_scale_set("dotcom", 1).await.unwrap();
+    assert!(set.runner_jit_config_url.starts_with(&broker));
+    let s = c.open_session(set.id, "o").await.unwrap();
+    assert!(s.message_queue_url.starts_with(&format!("{broker}/scalesets/")), "{}", s.message_queue_url);
+    assert!(!s.message_queue_url.contains(&s.session_id) && !s.message_queue_url.contains("runnerscalesets"));
+    h.enqueue_jobs(set.id, 1, Duration::from_secs(1)).unwrap();
+    let env = next_message(&c, &s, 0, Some(1)).await;
+    let raw: Vec<Value> = serde_json::from_str(&env.body).unwrap();
+    assert_eq!(raw[0]["messageType"], "JobAssigned");
+    assert_eq!(raw[0]["runnerRequestId"], 0);
+    assert!(raw[0]["scaleSetAssignTime"].is_string());
+    for absent in ["queueTime", "runnerAssignTime", "finishTime"] {
+        assert!(raw[0].get(absent).is_none(), "github.com's JobAssigned has no {absent}: {}", raw[0]);
+    }
+    assert_eq!(c.ack(&s.message_queue_url, &s.message_queue_access_token, env.message_id).await.unwrap().status, 204);
+    assert_eq!(h.report().scale_set(set.id).unwrap().messages_deleted, 1);
+}
+
+#[tokio::test]
+async fn ghes_job_mode_sends_every_time_with_go_zero_for_unset_ones() {
+    let h = start(Settings { mode: Mode::Ghes, ..fast() }).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    let s = c.open_session(set.id, "o").await.unwrap();
+    h.enqueue_jobs(set.id, 1, Duration::from_secs(1)).unwrap();
+    let env = next_message(&c, &s, 0, Some(1)).await;
+    let m = &jobs_of(&env)[0];
+    assert_eq!(m.message_type, "JobAvailable");
+    assert!(m.queue_time.as_deref().is_some_and(|t| t != ZERO_TIME));
+    assert_eq!(m.runner_assign_time.as_deref(), Some(ZERO_TIME));
+    assert_eq!(m.finish_time.as_deref(), Some(ZERO_TIME));
+}
+
+/// Opens a dotcom session and refreshes it; returns the client, the scale set, the old and
+/// the refreshed session.
+async fn dotcom_refreshed(survives: bool) -> (EmulatorHandle, ArcClient, i64, Session, Session) {
+    let h = start_dotcom(Settings { queue_url_survives_refresh: survives, ..fast() }).await;
+    let c = dotcom_client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    let old = c.open_session(set.id, "o").await.unwrap();
+    let r = c.admin(Method::PATCH, &refresh_path(set.id, &old), &[], None).await.unwrap();
+    assert_eq!(r.status, 200);
+    let new: Session = r.json().unwrap();
+    assert_ne!(new.message_queue_url, old.message_queue_url, "every refresh gives a new queue URL");
+    assert_ne!(new.message_queue_access_token, old.message_queue_access_token);
+    (h, c, set.id, old, new)
+}
+
+#[tokio::test]
+async fn dotcom_pre_refresh_queue_url_and_hard_coded_queue_paths_get_404() {
+    let (h, c, set, old, new) = dotcom_refreshed(false).await;
+    let t = &new.message_queue_access_token;
+    assert_eq!(c.poll(&new.message_queue_url, t, 0, Some(1)).await.unwrap().status, 202);
+    // A client that keeps the pre-refresh URL fails.
+    assert_eq!(c.poll(&old.message_queue_url, t, 0, Some(1)).await.unwrap().status, 404);
+    assert_eq!(c.ack(&old.message_queue_url, t, 1).await.unwrap().status, 404);
+    // A client that builds the queue path itself fails: github.com's observed path, and the
+    // GHES path under the broker's service.
+    let broker = h.broker_url().unwrap();
+    assert_eq!(c.poll(&format!("{broker}/scalesets/message"), t, 0, Some(1)).await.unwrap().status, 404);
+    let ghes_path =
+        format!("{}_apis/runtime/runnerscalesets/{set}/messages?sessionId={}", c.service_url, new.session_id);
+    assert_eq!(c.poll(&ghes_path, t, 0, Some(1)).await.unwrap().status, 404);
+
+    let rep = h.report();
+    let rs = rep.scale_set(set).unwrap();
+    assert_eq!((rs.session_refreshes, rs.sessions[0].refreshes), (1, 1));
+    assert!(rep.requests_by_credential.get("pat#1").is_some_and(|n| *n >= 6), "{:?}", rep.requests_by_credential);
+}
+
+#[tokio::test]
+async fn dotcom_pre_refresh_queue_url_keeps_working_when_the_knob_says_so() {
+    let (_h, c, _set, old, new) = dotcom_refreshed(true).await;
+    let t = &new.message_queue_access_token;
+    assert_eq!(c.poll(&old.message_queue_url, t, 0, Some(1)).await.unwrap().status, 202);
+    assert_eq!(c.poll(&new.message_queue_url, t, 0, Some(1)).await.unwrap().status, 202);
+}
+
+/// A fresh 2048-bit RSA key from `openssl genpkey` (PKCS#8 private, SPKI public, both PEM).
+fn rsa_key(dir: &std::path::Path, name: &str) -> (Vec<u8>, std::path::PathBuf) {
+    let private = dir.join(format!("{name}.pem"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .arg(&private)
+        .status()
+        .expect("openssl must be installed to mint a throwaway App key")
+        .success();
+    assert!(ok, "openssl genpkey");
+    let ok = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl pkey -pubout");
+    let pem = std::fs::read(&private).unwrap();
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(&pem).expect("PKCS#8 PEM");
+    (der.secret_pkcs8_der().to_vec(), public)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+#[tokio::test]
+async fn app_jwts_must_be_rs256_fresh_short_lived_and_from_the_known_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = rsa_key(dir.path(), "app");
+    let (other_key, _) = rsa_key(dir.path(), "other");
+    let app = AppKey::from_pem_file("12345", &public).expect("public key");
+    let h = start_config(EmulatorConfig { app: Some(app), settings: fast(), ..EmulatorConfig::default() }).await;
+    let now = unix_now();
+    let mut c = ArcClient::new(&h.config_url(), "unused").unwrap();
+    let status = |r: Resp| r.status;
+
+    let sign = |k: &[u8], iss: &str, iat: i64, exp: i64| token::sign_app_jwt(k, iss, iat, exp).unwrap();
+    let bad = [
+        ("unsigned (HS256, random signature)", token::mint_jwt("12345", now - 60, now + 540)),
+        ("signed by another key", sign(&other_key, "12345", now - 60, now + 540)),
+        ("unknown iss", sign(&key, "999", now - 60, now + 540)),
+        ("exp more than 10 min after iat", sign(&key, "12345", now - 60, now + 600)),
+        ("expired", sign(&key, "12345", now - 700, now - 100)),
+        ("iat in the future", sign(&key, "12345", now + 300, now + 500)),
+    ];
+    for (what, jwt) in bad {
+        let r = c.app_installation_token(&jwt, 77).await.unwrap();
+        assert_eq!(r.status, 401, "{what}");
+        assert!(r.value()["message"].is_string(), "{what}: GitHub's REST error body");
+    }
+    // What ARC sends: iat = now - 60 s, exp = iat + 9 min, iss = the App ID.
+    let good = sign(&key, "12345", now - 60, now + 480);
+    assert_eq!(status(c.app_installation_token(&good, 77).await.unwrap()), 201);
+    c.auth().await.expect("the installation token is the chain's credential");
+    let set = c.create_scale_set("app", 1).await.unwrap();
+    c.open_session(set.id, "o").await.unwrap();
+    let rep = h.report();
+    assert_eq!(rep.scale_set(set.id).unwrap().sessions[0].credential, "installation:77");
+    assert!(rep.requests_by_credential.contains_key("app:12345"), "{:?}", rep.requests_by_credential);
+}
+
+#[tokio::test]
+async fn without_a_configured_app_every_app_jwt_gets_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _) = rsa_key(dir.path(), "app");
+    let h = start(fast()).await;
+    let mut c = ArcClient::new(&h.config_url(), "unused").unwrap();
+    let now = unix_now();
+    let jwt = token::sign_app_jwt(&key, "12345", now - 60, now + 480).unwrap();
+    assert_eq!(c.app_installation_token(&jwt, 1).await.unwrap().status, 401);
+}
+
+#[tokio::test]
+async fn repository_scope_takes_only_its_registration_path_and_runner_registration_must_register() {
+    let h =
+        start_config(EmulatorConfig { repo: Some("app".into()), settings: fast(), ..EmulatorConfig::default() }).await;
+    assert!(h.config_url().ends_with("/arcfed/app"));
+    let mut c = ArcClient::new(&h.config_url(), h.pat()).unwrap();
+    c.auth().await.expect("repos/arcfed/app/... mints the registration token");
+    let org = ArcClient::new(&format!("{}/arcfed", h.base_url()), h.pat()).unwrap();
+    assert_eq!(org.registration_token().await.unwrap().status, 404, "the organization is not the scope");
+
+    let reg = c.registration_token().await.unwrap().value()["token"].as_str().unwrap().to_string();
+    let http = ArcClient::builder().build().unwrap();
+    for body in [json!({"url": h.config_url()}), json!({"runner_event": "register"}), json!({})] {
+        let r = http
+            .post(format!("{}/actions/runner-registration", c.api_base()))
+            .header("Authorization", format!("RemoteAuth {reg}"))
+            .header("User-Agent", "conformance")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+    }
+    assert_eq!(c.runner_registration(&reg).await.unwrap().status, 200);
+
+    let ent =
+        start_config(EmulatorConfig { enterprise: Some("ent".into()), settings: fast(), ..EmulatorConfig::default() })
+            .await;
+    assert!(ent.config_url().ends_with("/enterprises/ent"));
+    let mut e = ArcClient::new(&ent.config_url(), ent.pat()).unwrap();
+    e.auth().await.expect("enterprise scope");
+}
+
+#[tokio::test]
+async fn rest_calls_without_a_user_agent_get_403() {
+    let h = start(fast()).await;
+    let c = client(&h).await;
+    let http = ArcClient::builder().build().unwrap(); // reqwest sends no User-Agent by default
+    let url = format!("{}/orgs/arcfed/actions/runners/registration-token", c.api_base());
+    let r = http.post(&url).header("Authorization", format!("Bearer {}", h.pat())).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains("User-Agent"), "{v}");
+    let ok = http
+        .post(&url)
+        .header("Authorization", format!("Bearer {}", h.pat()))
+        .header("User-Agent", "x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 201);
+    // The Actions service does not ask for one.
+    let groups = http
+        .get(format!("{}_apis/runtime/runnergroups/?api-version=6.0-preview", c.service_url))
+        .header("Authorization", format!("Bearer {}", c.admin_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(groups.status(), 200);
+}
+
+async fn calls_without_api_version(strict: bool) -> (u16, u16, u16) {
+    let h = start(Settings { strict_api_version: strict, ..fast() }).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    let s = c.open_session(set.id, "o").await.unwrap();
+    let http = ArcClient::builder().build().unwrap();
+    let admin = http
+        .get(format!("{}_apis/runtime/runnergroups/", c.service_url))
+        .header("Authorization", format!("Bearer {}", c.admin_token))
+        .send()
+        .await
+        .unwrap();
+    let (admin_status, admin_body) = (admin.status().as_u16(), admin.text().await.unwrap());
+    if strict {
+        assert!(admin_body.contains("VssVersionNotSpecifiedException"), "{admin_body}");
+    }
+    // The queue URL carries api-version; the poll without the Accept header and without it.
+    let bare = s.message_queue_url.replace("&api-version=6.0-preview", "");
+    let poll = http
+        .get(&bare)
+        .header("Authorization", format!("Bearer {}", s.message_queue_access_token))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    // What ARC sends always works.
+    let arc = c.poll(&bare, &s.message_queue_access_token, 0, Some(1)).await.unwrap().status;
+    (admin_status, poll, arc)
+}
+
+#[tokio::test]
+async fn strict_api_version_refuses_admin_and_queue_calls_without_one() {
+    assert_eq!(calls_without_api_version(true).await, (400, 400, 202));
+}
+
+#[tokio::test]
+async fn without_strict_api_version_calls_without_one_are_served() {
+    assert_eq!(calls_without_api_version(false).await, (200, 202, 202));
+}
+
+/// Polls and acks until `done` holds for the job messages seen so far (a deadline applies).
+async fn collect_jobs(c: &ArcClient, s: &Session, done: impl Fn(&[JobMessage]) -> bool) -> Vec<JobMessage> {
+    let mut seen = Vec::new();
+    let mut last = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done(&seen) {
+        assert!(tokio::time::Instant::now() < deadline, "timed out; seen {seen:?}");
+        let r = c.poll(&s.message_queue_url, &s.message_queue_access_token, last, Some(10)).await.unwrap();
+        if r.status == 200 {
+            let env: MessageEnvelope = r.json().unwrap();
+            last = env.message_id;
+            seen.extend(jobs_of(&env));
+            assert_eq!(c.ack(&s.message_queue_url, &s.message_queue_access_token, last).await.unwrap().status, 204);
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn an_unstarted_job_is_cancelled_and_offered_again_up_to_three_times() {
+    let h = start(Settings { assign_timeout: Duration::from_millis(200), ..fast() }).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    let s = c.open_session(set.id, "o").await.unwrap();
+    let id = h.enqueue_jobs(set.id, 1, Duration::from_secs(1)).unwrap().remove(0);
+    let cancels = |m: &[JobMessage]| m.iter().filter(|m| m.result.as_deref() == Some("canceled")).count();
+    let seen = collect_jobs(&c, &s, |m| cancels(m) == 1 + MAX_REASSIGNMENTS as usize).await;
+    let kinds: Vec<&str> = seen.iter().map(|m| m.message_type.as_str()).collect();
+    assert_eq!(kinds, ["JobAssigned", "JobCompleted"].repeat(1 + MAX_REASSIGNMENTS as usize));
+    for m in seen.iter().filter(|m| m.message_type == "JobCompleted") {
+        assert_eq!((m.job_id.as_str(), m.result.as_deref()), (id.as_str(), Some("canceled")));
+        assert_eq!((m.runner_id, m.runner_name.as_deref(), m.scale_set_assign_time.as_deref()), (None, None, None));
+    }
+    let rs = h.report().scale_set(set.id).unwrap().clone();
+    assert_eq!((rs.jobs_cancelled, rs.jobs_reassigned), (4, 3));
+    assert_eq!(rs.statistics.total_assigned_jobs, 0, "dropped after the last cancellation");
+    // Nothing more comes: a poll holds its window and answers 202.
+    assert_eq!(c.poll(&s.message_queue_url, &s.message_queue_access_token, 99, Some(10)).await.unwrap().status, 202);
+    assert_eq!(h.report().scale_set(set.id).unwrap().jobs_cancelled, 4);
+}
+
+#[tokio::test]
+async fn without_an_assign_timeout_an_unstarted_job_stays_assigned() {
+    let h = start(fast()).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    let s = c.open_session(set.id, "o").await.unwrap();
+    h.enqueue_jobs(set.id, 1, Duration::from_secs(1)).unwrap();
+    let seen = collect_jobs(&c, &s, |m| !m.is_empty()).await;
+    assert_eq!(seen[0].message_type, "JobAssigned");
+    // Three empty long-poll windows later it is still assigned and never cancelled.
+    for _ in 0..3 {
+        assert_eq!(
+            c.poll(&s.message_queue_url, &s.message_queue_access_token, 99, Some(10)).await.unwrap().status,
+            202
+        );
+    }
+    let rs = h.report().scale_set(set.id).unwrap().clone();
+    assert_eq!((rs.jobs_cancelled, rs.statistics.total_assigned_jobs), (0, 1));
+}
+
+#[tokio::test]
+async fn odd_messages_bring_an_empty_body_and_an_unknown_job_type() {
+    let h = start(Settings { odd_messages_every: 1, ..fast() }).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    let s = c.open_session(set.id, "o").await.unwrap();
+    h.enqueue_jobs(set.id, 1, Duration::from_secs(1)).unwrap();
+    let first = next_message(&c, &s, 0, Some(1)).await;
+    assert_eq!(first.body, "", "an envelope with an empty body");
+    let second = next_message(&c, &s, first.message_id, Some(1)).await;
+    let raw: Vec<Value> = serde_json::from_str(&second.body).unwrap();
+    let kinds: Vec<&str> = raw.iter().map(|m| m["messageType"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["JobAssigned", UNKNOWN_JOB_MESSAGE_TYPE]);
+}
+
+async fn add_fault(c: &ArcClient, spec: Value) {
+    let r = c.emulator(Method::POST, "faults", Some(&spec)).await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[tokio::test]
+async fn handled_then_500_session_create_makes_the_retry_meet_its_own_409() {
+    let h = start(fast()).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    add_fault(
+        &c,
+        json!({"kind": "status", "status": 500, "pathClass": "session_create", "handleFirst": true, "count": 1}),
+    )
+    .await;
+    assert_eq!(c.create_session(set.id, "o").await.unwrap().status, 500);
+    let retry = c.create_session(set.id, "o").await.unwrap();
+    let msg = assert_exception(&retry, 409, "RunnerScaleSetSessionConflictException");
+    assert!(msg.contains("already has an active session"), "{msg}");
+    let rep = h.report();
+    let rs = rep.scale_set(set.id).unwrap();
+    assert_eq!(rs.sessions.len(), 1, "the 500 created a session");
+    assert_eq!(rs.sessions[0].close_reason, CloseReason::Open);
+    assert_eq!(rep.faults_fired.get("status"), Some(&1));
+    let ev = h.timeline().into_iter().find(|e| e.status == 500).unwrap();
+    assert_eq!(ev.fault.as_deref(), Some("handled, then status 500"));
+}
+
+#[tokio::test]
+async fn a_500_without_handle_first_creates_nothing() {
+    let h = start(fast()).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    add_fault(&c, json!({"kind": "status", "status": 500, "pathClass": "session_create", "count": 1})).await;
+    assert_eq!(c.create_session(set.id, "o").await.unwrap().status, 500);
+    assert_eq!(c.create_session(set.id, "o").await.unwrap().status, 200);
+    assert_eq!(h.report().scale_set(set.id).unwrap().sessions.len(), 1);
+}
+
+#[tokio::test]
+async fn handled_then_500_ack_and_acquire_took_effect() {
+    let h = start(Settings { mode: Mode::Ghes, ..fast() }).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    let s = c.open_session(set.id, "o").await.unwrap();
+    h.enqueue_jobs(set.id, 1, Duration::from_secs(1)).unwrap();
+    let env = next_message(&c, &s, 0, Some(1)).await;
+    let rid = jobs_of(&env)[0].runner_request_id;
+
+    add_fault(&c, json!({"kind": "status", "status": 502, "pathClass": "acquire", "handleFirst": true, "count": 1}))
+        .await;
+    assert_eq!(c.acquire(set.id, &s.message_queue_access_token, &[rid]).await.unwrap().status, 502);
+    assert_eq!(h.statistics(set.id).unwrap().total_assigned_jobs, 1, "the 502 acquired the job");
+    let retry = c.acquire(set.id, &s.message_queue_access_token, &[rid]).await.unwrap();
+    assert_eq!(retry.value()["value"], json!([rid]), "re-granted to the same session");
+
+    add_fault(&c, json!({"kind": "status", "status": 500, "pathClass": "ack", "handleFirst": true, "count": 1})).await;
+    assert_eq!(c.ack(&s.message_queue_url, &s.message_queue_access_token, env.message_id).await.unwrap().status, 500);
+    let rs = h.report().scale_set(set.id).unwrap().clone();
+    assert_eq!((rs.messages_deleted, rs.acquire_repeats), (1, 1), "the 500 deleted the message");
+    // The retry meets a message that is already gone: 204 all the same.
+    assert_eq!(c.ack(&s.message_queue_url, &s.message_queue_access_token, env.message_id).await.unwrap().status, 204);
+}
+
+#[tokio::test]
+async fn a_reset_mid_response_fails_the_client_after_the_message_was_delivered() {
+    let h = start(fast()).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    let s = c.open_session(set.id, "o").await.unwrap();
+    h.enqueue_jobs(set.id, 1, Duration::from_secs(1)).unwrap();
+    add_fault(&c, json!({"kind": "reset", "pathClass": "poll", "handleFirst": true, "count": 1})).await;
+    let r = c.poll(&s.message_queue_url, &s.message_queue_access_token, 0, Some(1)).await;
+    assert!(r.is_err(), "the body never completes: {r:?}");
+    // The poll happened: the message was delivered once, and comes again from cursor 0.
+    assert_eq!(h.report().scale_set(set.id).unwrap().messages_delivered, 1);
+    let again = next_message(&c, &s, 0, Some(1)).await;
+    assert_eq!(jobs_of(&again)[0].message_type, "JobAssigned");
+    assert_eq!(h.report().scale_set(set.id).unwrap().messages_redelivered, 1);
+    assert_eq!(h.report().faults_fired.get("reset"), Some(&1));
+}
+
+#[tokio::test]
+async fn a_hanging_request_lasts_until_the_client_gives_up() {
+    let h = start(fast()).await;
+    let http = ArcClient::builder().timeout(Duration::from_millis(500)).build().unwrap();
+    let mut c = ArcClient::with_http(&h.config_url(), h.pat(), http).unwrap();
+    c.auth().await.unwrap();
+    add_fault(&c, json!({"kind": "hang", "pathClass": "runner_groups", "count": 1})).await;
+    let err = c.admin(Method::GET, "_apis/runtime/runnergroups/", &[], None).await.unwrap_err();
+    assert!(matches!(&err, ClientError::Http(e) if e.is_timeout()), "{err}");
+    assert_eq!(c.admin(Method::GET, "_apis/runtime/runnergroups/", &[], None).await.unwrap().status, 200);
+    assert!(h.timeline().iter().any(|e| e.fault.as_deref() == Some("hang") && e.class == PathClass::RunnerGroups));
+}
+
+async fn rate_limited(status: RateLimitStatus) -> (EmulatorHandle, Vec<u16>, Option<String>, u16) {
+    let h = start_with(Settings { rate_limit_per_minute: 3, rate_limit_status: status, ..fast() }, &["pat-a", "pat-b"])
+        .await;
+    let a = ArcClient::new(&h.config_url(), "pat-a").unwrap();
+    let b = ArcClient::new(&h.config_url(), "pat-b").unwrap();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..4 {
+        let r = a.registration_token().await.unwrap();
+        statuses.push(r.status);
+        retry_after = r.header("retry-after").map(str::to_string).or(retry_after);
+    }
+    let other = b.registration_token().await.unwrap().status;
+    (h, statuses, retry_after, other)
+}
+
+#[tokio::test]
+async fn secondary_rate_limit_answers_403_with_retry_after_per_credential() {
+    let (h, statuses, retry_after, other) = rate_limited(RateLimitStatus::Forbidden).await;
+    assert_eq!(statuses, [201, 201, 201, 403]);
+    assert!(retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|s| (1..=60).contains(&s))));
+    assert_eq!(other, 201, "another credential has its own budget");
+    let rep = h.report();
+    assert_eq!((rep.rate_limited_requests, rep.rate_limited_by_credential.get("pat#1")), (1, Some(&1)));
+    assert_eq!(rep.requests_by_credential.get("pat#1"), Some(&4));
+    assert!(h.timeline().iter().any(|e| e.rate_limited && e.status == 403));
+}
+
+#[tokio::test]
+async fn secondary_rate_limit_can_answer_429() {
+    let (_h, statuses, retry_after, _) = rate_limited(RateLimitStatus::TooMany).await;
+    assert_eq!(statuses, [201, 201, 201, 429]);
+    assert!(retry_after.is_some());
+}
+
+#[tokio::test]
+async fn secondary_rate_limit_counts_admin_calls_and_is_off_by_default() {
+    let h = start(Settings { rate_limit_per_minute: 5, ..fast() }).await;
+    let c = client(&h).await; // registration-token + runner-registration: 2 of 5
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(c.admin(Method::GET, "_apis/runtime/runnergroups/", &[], None).await.unwrap().status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 403]);
+    let off = start(fast()).await;
+    let c = client(&off).await;
+    for _ in 0..20 {
+        assert_eq!(c.admin(Method::GET, "_apis/runtime/runnergroups/", &[], None).await.unwrap().status, 200);
+    }
+    assert_eq!(off.report().rate_limited_requests, 0);
+}
+
+async fn acquirable(enabled: bool) -> u16 {
+    let h = start(Settings { acquirable_jobs: enabled, ..fast() }).await;
+    let c = client(&h).await;
+    let set = c.create_scale_set("s", 1).await.unwrap();
+    let path = format!("_apis/runtime/runnerscalesets/{}/acquirablejobs", set.id);
+    c.admin(Method::GET, &path, &[], None).await.unwrap().status
+}
+
+#[tokio::test]
+async fn acquirablejobs_answers_204_by_default_and_404_without_it() {
+    assert_eq!(acquirable(true).await, 204);
+    assert_eq!(acquirable(false).await, 404);
 }

@@ -238,7 +238,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("--listen {}: cannot bind", a.listen))?;
     let broker = match (&a.broker_listen, a.layout) {
         (Some(addr), Layout::Dotcom) => Some(
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--broker-listen {addr}: cannot bind"))?,
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--broker-listen {addr}: cannot bind"))?,
         ),
         (Some(_), Layout::Ghes) => anyhow::bail!("--broker-listen needs --layout dotcom"),
         (None, _) => None,

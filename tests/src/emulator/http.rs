@@ -130,11 +130,14 @@ fn classify(segs: &[&str], side: Side) -> Route {
     match (side, segs) {
         (Side::Both, ["api", "v3", rest @ ..]) | (Side::Api, rest) => classify_rest(rest).unwrap_or(NotFound),
         (Side::Both, [a, b, rest @ ..]) if [*a, *b] == SERVICE_PREFIX => classify_service(rest),
-        (Side::Broker, [p, rest @ ..]) if *p == BROKER_SERVICE_PREFIX => classify_service(rest),
+        // The broker's queue lives only at the URLs sessions hand out: a client that builds
+        // the GHES queue path itself gets 404.
+        (Side::Broker, [p, rest @ ..]) if *p == BROKER_SERVICE_PREFIX => match classify_service(rest) {
+            Messages(_) | Message(..) => NotFound,
+            r => r,
+        },
         (Side::Broker, ["scalesets", q, "message"]) => QueueMessages((*q).into()),
-        (Side::Broker, ["scalesets", q, "message", m]) => {
-            m.parse().map_or(NotFound, |m| QueueMessage((*q).into(), m))
-        }
+        (Side::Broker, ["scalesets", q, "message", m]) => m.parse().map_or(NotFound, |m| QueueMessage((*q).into(), m)),
         _ => NotFound,
     }
 }
@@ -551,7 +554,8 @@ async fn gated_serve(sh: &Arc<Shared>, r: &Req, route: &Route, credential: Optio
         };
         (c.settings.strict_api_version, limited.map(|s| (s, c.settings.rate_limit_status.code())))
     };
-    let versioned = route.is_service() && *route != Route::NotFound && !(r.queue_url_form && r.method == Method::DELETE);
+    let versioned =
+        route.is_service() && *route != Route::NotFound && !(r.queue_url_form && r.method == Method::DELETE);
     if strict && versioned && !has_api_version(r) {
         return Reply::err(ApiError::version_not_specified(r.method.as_str()));
     }
@@ -993,5 +997,6 @@ mod tests {
         assert_eq!(r("/_services/actions/_apis/runtime/runnergroups", Side::Broker), Route::NotFound);
         assert_eq!(r("/scalesets/abc/message/7", Side::Broker), Route::QueueMessage("abc".into(), 7));
         assert_eq!(r("/rest/_apis/runtime/runnergroups", Side::Api), Route::NotFound);
+        assert_eq!(r("/rest/_apis/runtime/runnerscalesets/3/messages", Side::Broker), Route::NotFound);
     }
 }

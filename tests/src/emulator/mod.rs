@@ -26,8 +26,8 @@ pub mod token;
 
 pub use self::core::{ApiError, Workload};
 pub use config::{
-    AppKey, Layout, MAX_REASSIGNMENTS, RateLimitStatus,
-    CrossCredentialDelete, Cursor, EmulatorConfig, Mode, SessionTtlFrom, Settings, SettingsPatch, TlsFiles,
+    AppKey, CrossCredentialDelete, Cursor, EmulatorConfig, Layout, MAX_REASSIGNMENTS, Mode, RateLimitStatus,
+    SessionTtlFrom, Settings, SettingsPatch, TlsFiles,
 };
 pub use faults::{Fault, FaultKind, FaultSpec, PathClass};
 pub use report::{CloseReason, Event, Report, ScaleSetReport, SessionReport};
