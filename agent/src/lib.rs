@@ -10,6 +10,8 @@
 //!  http        /live /ready /metrics
 //! ```
 pub mod config;
+pub mod coordinator_client;
+pub mod driver;
 pub mod github;
 pub mod http;
 pub mod metrics;

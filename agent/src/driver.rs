@@ -1,0 +1,1165 @@
+//! The one driver loop: it owns every side effect of the agent.
+//!
+//! ```text
+//!            ┌──────────── select! (biased) ─────────────┐
+//!  shutdown ─┤ timers (link, holder, re-patch)            │
+//!  stream  ──┤ coordinator messages ──▶ core::link ───────┼──▶ Join / Keepalive / Attach / Close
+//!  GitHub  ──┤ result of the one request in flight ─┐     │
+//!            └──────────────────────────────────────┼─────┘
+//!                                                   ▼
+//!                        core::holder ──▶ GitHub request (fence-gated) · SessionOpened/Progress/Release
+//!  Assignment ─▶ core::scaler ─▶ runner task (ERS merge patch, EphemeralRunner status)
+//! ```
+//! The decisions live in `arcfed_agent_core` (pure, property-tested); this file only executes
+//! them and feeds results back. The fence is checked three times: by the holder machine before
+//! it emits a request, by the [`FenceGate`] before every HTTP attempt (retries included), and
+//! by the holder machine again when a result arrives (a 200 after the fence is dropped).
+//!
+//! Modes: **federated** (`--coordinator`): the coordinator grants the session and splits the
+//! runners. **standalone** (no coordinator): the fence is open, GitHub's one-session rule is the
+//! mutex, the session id is recorded on our own ERS (`arcfed.io/session-id`) before the first
+//! poll, and a successor deletes a recorded session that is not its own (DESIGN §5.12).
+//! **fallback**: a federated agent that has had no coordinator for `--coordinator-lost-for`
+//! runs as standalone until the quorum returns, then reports its session with `Adopt`.
+
+use crate::config::{Backend, Config};
+use crate::coordinator_client::{self as cc, JoinInfo, Stream};
+use crate::github::{self, Client, Gate, wire};
+use crate::http::{HttpState, Readiness};
+use crate::kube::{JobStarted, KubeRunners};
+use crate::metrics::Metrics;
+use crate::runners::Runners;
+use crate::sim::{SimGitHub, SimRunners};
+use arcfed_agent_core::holder::{
+    Action, CoordOp, CreateOutcome, GitHubOp, Holder, HolderConfig, Input, Note, PollOutcome, ReleaseReason,
+};
+use arcfed_agent_core::link::{FenceView, Link, LinkAction, LinkConfig, LinkEvent};
+use arcfed_agent_core::scaler::{Patch, Scaler};
+use arcfed_proto as pb;
+use arcfed_proto::clock::boottime_ms;
+use arcfed_proto::coordinator_message::Msg as Out;
+use futures::future::BoxFuture;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// ARC's ERS controller replaces finished runners only on a new patchID: re-patch at least
+/// this often even when nothing changed (DESIGN §5.6).
+const REPATCH_EVERY_MS: u64 = 50_000;
+/// A coordinator request with no answer after this is resent (its outcome is unknown).
+const COORD_TIMEOUT_MS: u64 = 3_000;
+/// On SIGTERM the release must be done well inside ARC's 60 s grace period (DESIGN §5.7).
+const SHUTDOWN_BUDGET_MS: u64 = 30_000;
+/// Attach (connect + TLS + Join) must answer within this.
+const ATTACH_TIMEOUT_MS: u64 = 1_500;
+
+/// The gate every holder-only HTTP attempt passes (DESIGN §4): the driver updates the view
+/// after every event; `check` compares it with the clock at the moment of the attempt.
+#[derive(Default)]
+pub struct FenceGate {
+    view: Mutex<(FenceView, Option<u64>)>,
+}
+
+impl FenceGate {
+    fn set(&self, view: FenceView, token: Option<u64>) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = (view, token);
+    }
+}
+
+impl Gate for FenceGate {
+    fn check(&self) -> Result<(), github::Fenced> {
+        let (view, token) = *self.view.lock().unwrap_or_else(|p| p.into_inner());
+        match token {
+            Some(t) if view.allows(t, boottime_ms()) => Ok(()),
+            _ => Err(github::Fenced),
+        }
+    }
+}
+
+/// The GitHub calls ARC's controller makes for its runners, for the `sim` backend.
+#[derive(Clone)]
+pub struct SimVia(pub Client);
+
+impl SimGitHub for SimVia {
+    async fn generate_jit(&self, name: &str) -> Result<i64, String> {
+        self.0.generate_jit_config(name).await.map(|j| j.runner.id).map_err(|e| e.to_string())
+    }
+    async fn remove_runner(&self, id: i64) -> Result<bool, String> {
+        match self.0.remove_runner(id).await {
+            Ok(()) => Ok(true),
+            Err(github::Error::JobStillRunning { .. }) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Work for the runner task: patches are applied in order, off the driver loop.
+#[derive(Debug)]
+enum RunnerCmd {
+    Patch(Patch),
+    JobStarted(String, JobStarted),
+    JobCompleted(String),
+}
+
+/// Result of the one GitHub request in flight.
+struct GhDone {
+    input: Input,
+    /// The session after the call (a 401 refreshes it: new queue URL and token).
+    session: Option<wire::Session>,
+    message: Option<wire::MessageEnvelope>,
+    opened: Option<wire::Session>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CoordKind {
+    Commit,
+    Progress,
+    Release,
+    Adopt,
+    Leave,
+}
+
+enum Event {
+    Shutdown,
+    Timer,
+    Attached(Result<Stream, cc::AttachError>),
+    Message(Result<Option<pb::CoordinatorMessage>, tonic::Status>),
+    GitHub(GhDone),
+    Local(Input),
+}
+
+pub struct Driver {
+    cfg: Config,
+    client: Client,
+    metrics: Arc<Metrics>,
+    http: Arc<HttpState>,
+    gate: Arc<FenceGate>,
+    github_ready: Arc<AtomicBool>,
+    runners_tx: mpsc::Sender<RunnerCmd>,
+    runners: Arc<Runners<SimVia>>,
+    join: JoinInfo,
+
+    link: Option<Link>,
+    group_key: Option<String>,
+    holder: Holder,
+    /// The mode the holder machine runs in: false = federated (fence from the link).
+    open_fence: bool,
+    fallback: bool,
+    stream: Option<Stream>,
+    attaching: Option<BoxFuture<'static, Result<Stream, cc::AttachError>>>,
+    gh: Option<BoxFuture<'static, GhDone>>,
+    local: Option<BoxFuture<'static, Input>>,
+    coord: Option<(u64, CoordKind, u64)>,
+    next_request: u64,
+
+    session: Option<wire::Session>,
+    message: Option<wire::MessageEnvelope>,
+    stats: wire::Statistics,
+    scaler: Scaler,
+    assignment: Option<pb::Assignment>,
+    capacity: i64,
+    next_repatch: u64,
+    shutdown_at: Option<u64>,
+    pending: VecDeque<Input>,
+}
+
+/// Runs the agent until `shutdown` turns true (SIGTERM) and the session is released.
+pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let metrics = http.metrics.clone();
+    let client = Client::new(cfg.github.clone())?;
+    let runners = match &cfg.runner_backend {
+        Backend::Kube => Runners::Kube(KubeRunners::from_env(&cfg.ers_namespace, &cfg.ers_name).await?),
+        Backend::Sim { state_file } => Runners::Sim(
+            SimRunners::open(&cfg.ers_namespace, &cfg.ers_name, Some(state_file.clone()), SimVia(client.clone()))
+                .await?,
+        ),
+    };
+    let runners = Arc::new(runners);
+    let (runners_tx, runners_rx) = mpsc::channel(256);
+    let runner_task = tokio::spawn(runner_task(runners.clone(), runners_rx, metrics.clone()));
+    let github_ready = Arc::new(AtomicBool::new(false));
+    let ready_task = tokio::spawn(keep_github_ready(client.clone(), github_ready.clone(), metrics.clone()));
+    metrics.set_runner_limits(cfg.min_runners, cfg.max_runners);
+
+    let now = boottime_ms();
+    let member_id = format!("{:032x}", rand::random::<u128>());
+    let standalone = cfg.standalone();
+    let holder_cfg = HolderConfig {
+        cluster: if cfg.cluster.is_empty() { cfg.owner_name.clone() } else { cfg.cluster.clone() },
+        member_id: member_id.clone(),
+        poll_margin_ms: 400,
+        holder_stall_ms: cfg.holder_stall.as_millis() as u64,
+        conflict_alert_ms: 120_000,
+        seed: rand::random(),
+    };
+    let link = (!standalone).then(|| {
+        Link::new(
+            LinkConfig {
+                endpoints: cfg.coordinators.clone(),
+                initial_ttl_ms: cfg.lease_ttl.as_millis() as u64,
+                attach_timeout_ms: ATTACH_TIMEOUT_MS,
+                seed: rand::random(),
+            },
+            now,
+        )
+    });
+    let join = JoinInfo {
+        member_id,
+        configure_url: cfg.github.configure_url.clone(),
+        scale_set_id: cfg.github.scale_set_id,
+        ers_namespace: cfg.ers_namespace.clone(),
+        ers_name: cfg.ers_name.clone(),
+        weight: cfg.weight,
+        min_runners: cfg.min_runners,
+        max_runners: cfg.max_runners,
+        priority: cfg.priority,
+    };
+    tracing::info!(
+        member = %join.member_id, cluster = %cfg.cluster, scale_set = cfg.github.scale_set_id,
+        mode = if standalone { "standalone" } else { "federated" }, "arcfed-agent starting"
+    );
+    let mut d = Driver {
+        scaler: Scaler::new(cfg.min_runners, cfg.max_runners),
+        capacity: cfg.max_runners.clamp(0, i32::MAX as i64),
+        holder: Holder::new(holder_cfg, now),
+        cfg,
+        client,
+        metrics,
+        http,
+        gate: Arc::new(FenceGate::default()),
+        github_ready,
+        runners_tx,
+        runners: runners.clone(),
+        join,
+        link,
+        group_key: None,
+        open_fence: standalone,
+        fallback: false,
+        stream: None,
+        attaching: None,
+        gh: None,
+        local: None,
+        coord: None,
+        next_request: 1,
+        session: None,
+        message: None,
+        stats: wire::Statistics::default(),
+        assignment: None,
+        next_repatch: now + REPATCH_EVERY_MS,
+        shutdown_at: None,
+        pending: VecDeque::new(),
+    };
+    if standalone {
+        d.start_open_holder().await;
+    }
+    let result = d.run_loop(&mut shutdown).await;
+    ready_task.abort();
+    // Let queued ERS patches land (the drain's force-zero patch in particular).
+    drop(d);
+    let _ = tokio::time::timeout(Duration::from_secs(5), runner_task).await;
+    result
+}
+
+impl Driver {
+    /// Standalone and fallback: hold with an open fence; first delete a recorded session
+    /// that is not ours (a SIGKILLed predecessor's), then open our own.
+    async fn start_open_holder(&mut self) {
+        let recorded = match self.runners.session_record().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the session record on the EphemeralRunnerSet; continuing without it");
+                None
+            }
+        };
+        if let Some(id) = &recorded {
+            tracing::info!(session = %id, "a predecessor's session is recorded on our ERS: deleting it first");
+        }
+        self.open_fence = true;
+        self.pending.push_back(Input::Granted {
+            token: 0,
+            stale_sessions: recorded.into_iter().collect(),
+            last_acked_message_id: 0,
+        });
+    }
+
+    fn now(&self) -> u64 {
+        boottime_ms()
+    }
+
+    /// The fence the holder machine and the HTTP gate see now.
+    fn fence(&self) -> FenceView {
+        if self.open_fence {
+            return FenceView::open();
+        }
+        match (&self.link, &self.group_key) {
+            (Some(l), Some(g)) => l.fence(g),
+            _ => FenceView::default(),
+        }
+    }
+
+    fn next_wakeup(&self) -> u64 {
+        let fence = self.fence();
+        let mut t = self.next_repatch;
+        if let Some(l) = &self.link {
+            t = t.min(l.next_wakeup());
+            if !self.fallback && !self.cfg.coordinator_lost_for.is_zero() {
+                // Fallback check (DESIGN §5.11).
+                if let Some(down) = l.down_for(self.now()) {
+                    let left = (self.cfg.coordinator_lost_for.as_millis() as u64).saturating_sub(down);
+                    t = t.min(self.now() + left.max(1));
+                }
+            }
+        }
+        if let Some(h) = self.holder.next_wakeup(&fence) {
+            t = t.min(h);
+        }
+        if let Some((_, _, deadline)) = self.coord {
+            t = t.min(deadline);
+        }
+        if let Some(s) = self.shutdown_at {
+            t = t.min(s);
+        }
+        t
+    }
+
+    async fn next_event(&mut self, shutdown: &mut watch::Receiver<bool>) -> Event {
+        let wake = self.next_wakeup();
+        let sleep_ms = wake.saturating_sub(self.now()).min(60_000);
+        let shutting = self.shutdown_at.is_some();
+        tokio::select! {
+            biased;
+            r = shutdown.changed(), if !shutting => {
+                if r.is_err() || *shutdown.borrow() { Event::Shutdown } else { Event::Timer }
+            }
+            // The fence deadline wins over everything else that is ready.
+            _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => Event::Timer,
+            r = async { match self.attaching.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                self.attaching = None;
+                Event::Attached(r)
+            }
+            m = async { match self.stream.as_mut() { Some(s) => s.rx.message().await, None => std::future::pending().await } } => Event::Message(m),
+            g = async { match self.gh.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                self.gh = None;
+                Event::GitHub(g)
+            }
+            i = async { match self.local.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                self.local = None;
+                Event::Local(i)
+            }
+        }
+    }
+
+    async fn run_loop(&mut self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        loop {
+            self.pump_link(LinkEvent::Tick);
+            self.pump_holder(Input::Tick);
+            self.periodic();
+            self.publish();
+            self.http.beat();
+            if self.holder.is_done() || self.shutdown_at.is_some_and(|s| self.now() >= s) {
+                self.leave().await;
+                return Ok(());
+            }
+            match self.next_event(shutdown).await {
+                Event::Shutdown => {
+                    tracing::info!("shutting down: releasing the session if held");
+                    self.shutdown_at = Some(self.now() + SHUTDOWN_BUDGET_MS);
+                    if self.holder.is_holding() {
+                        self.pump_holder(Input::Shutdown);
+                    } else {
+                        self.leave().await;
+                        return Ok(());
+                    }
+                }
+                Event::Timer => {
+                    if let Some((_, kind, deadline)) = self.coord
+                        && self.now() >= deadline
+                    {
+                        tracing::warn!(?kind, "no answer from the coordinator; will resend");
+                        self.coord = None;
+                        if kind != CoordKind::Adopt && kind != CoordKind::Leave {
+                            self.pump_holder(Input::CoordUnavailable);
+                        }
+                    }
+                }
+                Event::Attached(Ok(stream)) => {
+                    tracing::info!("coordinator stream attached; Join sent");
+                    self.stream = Some(stream);
+                }
+                Event::Attached(Err(e)) => {
+                    tracing::debug!(error = %e.message, redirect = ?e.redirect, "attach failed");
+                    self.stream_failed(e.redirect);
+                }
+                Event::Message(Ok(Some(m))) => self.on_coordinator(m),
+                Event::Message(Ok(None)) => {
+                    tracing::info!("coordinator closed the stream");
+                    self.stream_failed(None);
+                }
+                Event::Message(Err(st)) => {
+                    tracing::info!(code = ?st.code(), message = st.message(), "coordinator stream failed");
+                    self.stream_failed(arcfed_proto::leader::leader_hint(&st));
+                }
+                Event::GitHub(done) => self.on_github(done),
+                Event::Local(input) => self.pump_holder(input),
+            }
+        }
+    }
+
+    fn stream_failed(&mut self, redirect: Option<String>) {
+        self.stream = None;
+        self.metrics.coordinator_connected.set(0);
+        if self.coord.take().is_some_and(|(_, k, _)| k != CoordKind::Adopt && k != CoordKind::Leave) {
+            self.pending.push_back(Input::CoordUnavailable);
+        }
+        self.pump_link(LinkEvent::StreamFailed { redirect });
+    }
+
+    fn send(&mut self, m: pb::agent_message::Msg) -> bool {
+        match &self.stream {
+            Some(s) => s.tx.try_send(cc::msg(m)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Steps the link and executes what it asks for.
+    fn pump_link(&mut self, ev: LinkEvent) {
+        let now = self.now();
+        let Some(link) = self.link.as_mut() else { return };
+        let actions = link.step(now, ev);
+        for a in actions {
+            match a {
+                LinkAction::Attach { addr } => {
+                    let Some(tls) = self.cfg.tls.clone() else { continue };
+                    let join = cc::join(&self.join, self.github_ready.load(Ordering::Relaxed));
+                    tracing::debug!(%addr, "attaching to coordinator");
+                    self.stream = None;
+                    self.attaching = Some(Box::pin(async move {
+                        cc::attach(&tls, &addr, join, Duration::from_millis(ATTACH_TIMEOUT_MS)).await
+                    }));
+                }
+                LinkAction::SendJoin => {
+                    let join = cc::join(&self.join, self.github_ready.load(Ordering::Relaxed));
+                    if let Some(s) = &self.stream {
+                        let _ = s.tx.try_send(join);
+                    }
+                }
+                LinkAction::SendKeepalive { seq } => {
+                    let ready = self.github_ready.load(Ordering::Relaxed);
+                    self.send(pb::agent_message::Msg::Keepalive(pb::Keepalive { seq, github_ready: ready }));
+                }
+                LinkAction::Close { reason } => {
+                    tracing::info!(reason, "leaving this coordinator");
+                    self.attaching = None;
+                    self.stream = None;
+                    self.metrics.coordinator_connected.set(0);
+                    if self.coord.take().is_some_and(|(_, k, _)| k != CoordKind::Adopt && k != CoordKind::Leave) {
+                        self.pending.push_back(Input::CoordUnavailable);
+                    }
+                }
+            }
+        }
+        self.gate.set(self.fence(), self.holder.token);
+    }
+
+    /// Steps the holder with `input` (and anything queued), executing its actions.
+    fn pump_holder(&mut self, input: Input) {
+        self.pending.push_back(input);
+        while let Some(input) = self.pending.pop_front() {
+            let fence = self.fence();
+            let actions = self.holder.step(self.now(), &fence, input);
+            self.gate.set(self.fence(), self.holder.token);
+            for a in actions {
+                self.exec(a);
+            }
+        }
+        self.gate.set(self.fence(), self.holder.token);
+    }
+
+    fn exec(&mut self, a: Action) {
+        match a {
+            Action::GitHub(op) => self.start_github(op),
+            Action::Coord(op) => self.start_coord(op),
+            Action::Cancel => {
+                if self.gh.take().is_some() {
+                    tracing::info!("in-flight GitHub request abandoned at the fence deadline");
+                }
+            }
+            Action::KeepaliveNow => {
+                if self.link.is_some() {
+                    self.pump_link_deferred(LinkEvent::KeepaliveNow);
+                }
+            }
+            Action::Forget { session_id } => {
+                if self.session.as_ref().is_some_and(|s| s.session_id == session_id) {
+                    self.session = None;
+                }
+                self.message = None;
+            }
+            Action::Note(n) => self.note(n),
+        }
+    }
+
+    fn pump_link_deferred(&mut self, ev: LinkEvent) {
+        let now = self.now();
+        if let Some(link) = self.link.as_mut() {
+            let actions = link.step(now, ev);
+            for a in actions {
+                if let LinkAction::SendKeepalive { seq } = a {
+                    let ready = self.github_ready.load(Ordering::Relaxed);
+                    self.send(pb::agent_message::Msg::Keepalive(pb::Keepalive { seq, github_ready: ready }));
+                }
+            }
+        }
+    }
+
+    fn note(&mut self, n: Note) {
+        let m = &self.metrics;
+        match &n {
+            Note::Conflict { foreign } => {
+                m.conflicts_409.inc();
+                m.foreign_session.set(i64::from(*foreign));
+                if *foreign {
+                    tracing::error!("409: the session belongs to a non-arcfed owner; a stock ARC listener still runs somewhere (foreign_session)");
+                } else {
+                    tracing::info!("409: the scale set still has a session; backing off");
+                }
+            }
+            Note::RevocationIneffective => {
+                m.revocation_ineffective.inc();
+                tracing::warn!("409 right after revoking the predecessor's sessions (revocation_ineffective)");
+            }
+            Note::ConflictAlert => {
+                tracing::error!("409s for over 120 s, past GitHub's ~90 s orphan expiry: someone else holds the session")
+            }
+            Note::SelfFenced => {
+                m.self_fence.inc();
+                tracing::warn!(token = ?self.holder.token, "fence reached: holder-only requests stopped");
+            }
+            Note::LostLease => {
+                tracing::warn!("lease lost: stopped holder-only requests; standing by");
+                self.session = None;
+                self.message = None;
+            }
+            Note::SessionOpened => {
+                m.session_creates.inc();
+                m.foreign_session.set(0);
+            }
+            Note::TookOver { token } => {
+                m.takeovers.inc();
+                tracing::info!(token, "granted: taking over the session");
+            }
+            Note::Released { reason } => {
+                tracing::info!(?reason, "session released");
+            }
+            Note::StaleTokenRejected => {
+                m.stale_token_rejections.inc();
+                tracing::warn!("coordinator rejected our token as stale");
+            }
+        }
+    }
+
+    fn start_github(&mut self, op: GitHubOp) {
+        let client = self.client.clone();
+        let gate: Arc<dyn Gate> = if self.open_fence { Arc::new(github::Open) } else { self.gate.clone() };
+        let session = self.session.clone();
+        let message = self.message.clone();
+        let capacity = self.capacity;
+        let metrics = self.metrics.clone();
+        let fut: BoxFuture<'static, GhDone> = match op {
+            GitHubOp::DeleteSession { id } => Box::pin(async move {
+                let r = client.delete_session(gate.as_ref(), &id).await;
+                if let Err(e) = &r {
+                    tracing::warn!(session = %id, error = %e, "session delete failed");
+                    metrics.github_error(error_kind(e));
+                } else {
+                    metrics.session_deletes.inc();
+                }
+                GhDone { input: Input::Deleted { id, done: r.is_ok() }, session, message, opened: None }
+            }),
+            GitHubOp::CreateSession { owner } => Box::pin(async move {
+                let r = client.create_session(gate.as_ref(), &owner).await;
+                let (outcome, opened) = match r {
+                    Ok(s) => (CreateOutcome::Opened { session_id: s.session_id.clone() }, Some(s)),
+                    Err(github::Error::Conflict { foreign, owner, .. }) => {
+                        tracing::info!(?owner, "409 on session create");
+                        (CreateOutcome::Conflict { foreign }, None)
+                    }
+                    Err(e) => {
+                        metrics.github_error(error_kind(&e));
+                        tracing::warn!(error = %e, "session create failed");
+                        let ambiguous = matches!(e, github::Error::Transport { .. })
+                            || matches!(e, github::Error::Status { status, .. } if status >= 500);
+                        let local = e.is_local();
+                        if ambiguous {
+                            (CreateOutcome::Ambiguous { local }, None)
+                        } else {
+                            (CreateOutcome::Failed { local }, None)
+                        }
+                    }
+                };
+                GhDone { input: Input::Created(outcome), session, message, opened }
+            }),
+            GitHubOp::Poll { last_message_id } => Box::pin(async move {
+                let Some(mut s) = session else {
+                    return GhDone { input: Input::Polled(PollOutcome::Gone), session: None, message: None, opened: None };
+                };
+                let started = std::time::Instant::now();
+                let r = client.get_message(gate.as_ref(), &mut s, last_message_id, capacity).await;
+                metrics.observe_github_request("get_message", started.elapsed());
+                let (outcome, msg) = match r {
+                    Ok(None) => (PollOutcome::Empty, None),
+                    Ok(Some(m)) => {
+                        let (jobs, _) = github::job_messages(&m.body);
+                        let job_available = jobs.iter().any(|j| j.message_type == "JobAvailable");
+                        (PollOutcome::Message { message_id: m.message_id, job_available }, Some(m))
+                    }
+                    Err(github::Error::SessionGone { .. }) => (PollOutcome::Gone, None),
+                    Err(e @ (github::Error::EmptyBody { .. } | github::Error::Decode { .. })) => {
+                        metrics.github_error(error_kind(&e));
+                        tracing::warn!(error = %e, "poll glitch; polling again");
+                        (PollOutcome::Glitch, None)
+                    }
+                    Err(github::Error::Fenced) => (PollOutcome::Failed { local: false }, None),
+                    Err(e) => {
+                        metrics.github_error(error_kind(&e));
+                        tracing::warn!(error = %e, "poll failed");
+                        (PollOutcome::Failed { local: e.is_local() }, None)
+                    }
+                };
+                GhDone { input: Input::Polled(outcome), session: Some(s), message: msg, opened: None }
+            }),
+            GitHubOp::Acquire { message_id } => Box::pin(async move {
+                let ids: Vec<i64> = message
+                    .as_ref()
+                    .filter(|m| m.message_id == message_id)
+                    .map(|m| {
+                        github::job_messages(&m.body)
+                            .0
+                            .into_iter()
+                            .filter(|j| j.message_type == "JobAvailable")
+                            .map(|j| j.runner_request_id)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mut s = session;
+                if let Some(sess) = s.as_mut()
+                    && !ids.is_empty()
+                {
+                    match client.acquire_jobs(gate.as_ref(), sess, &ids).await {
+                        Ok(got) => {
+                            let missed = ids.len().saturating_sub(got.len());
+                            if missed > 0 {
+                                metrics.acquire_repeats.inc_by(missed as u64);
+                            }
+                        }
+                        Err(e) => {
+                            metrics.github_error(error_kind(&e));
+                            tracing::warn!(error = %e, "acquire failed; the jobs stay available");
+                        }
+                    }
+                }
+                GhDone { input: Input::Acquired, session: s, message, opened: None }
+            }),
+            GitHubOp::AckMessage { message_id } => Box::pin(async move {
+                let mut s = session;
+                let ok = match s.as_mut() {
+                    Some(sess) => match client.delete_message(gate.as_ref(), sess, message_id).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            metrics.github_error(error_kind(&e));
+                            tracing::warn!(error = %e, message_id, "message ack failed; will retry");
+                            false
+                        }
+                    },
+                    None => false,
+                };
+                if ok {
+                    metrics.last_message_id.set(message_id);
+                }
+                GhDone { input: Input::Acked { ok }, session: s, message, opened: None }
+            }),
+        };
+        self.gh = Some(fut);
+    }
+
+    fn on_github(&mut self, done: GhDone) {
+        if let Some(s) = done.opened {
+            self.stats = s.statistics;
+            self.session = Some(s);
+            self.message = None;
+        } else if let Some(s) = done.session
+            && self.session.as_ref().is_some_and(|cur| cur.session_id == s.session_id)
+        {
+            self.session = Some(s);
+        }
+        if let Some(m) = done.message {
+            self.message = Some(m);
+        }
+        self.pump_holder(done.input);
+    }
+
+    fn request_id(&mut self) -> u64 {
+        self.next_request += 1;
+        self.next_request
+    }
+
+    fn start_coord(&mut self, op: CoordOp) {
+        if self.open_fence {
+            self.start_local(op);
+            return;
+        }
+        let rid = self.request_id();
+        let (kind, msg) = match op {
+            CoordOp::Commit { token, session_id } => (
+                CoordKind::Commit,
+                pb::agent_message::Msg::SessionOpened(pb::SessionOpened {
+                    request_id: rid,
+                    token,
+                    session_id,
+                    statistics: Some(cc::stats(&self.stats)),
+                }),
+            ),
+            CoordOp::Progress { token, message_id } => {
+                let (statistics, events) = match (&self.message, message_id) {
+                    (Some(m), Some(id)) if m.message_id == id => {
+                        let (jobs, ignored) = github::job_messages(&m.body);
+                        if ignored > 0 {
+                            self.metrics.ignored_message("job_message");
+                        }
+                        self.holder_job_metrics(&jobs);
+                        (m.statistics, jobs.iter().filter_map(cc::job_event).collect())
+                    }
+                    _ => (self.stats, vec![]),
+                };
+                if message_id.is_some() {
+                    self.stats = statistics;
+                }
+                (
+                    CoordKind::Progress,
+                    pb::agent_message::Msg::Progress(pb::Progress {
+                        request_id: rid,
+                        token,
+                        message_id,
+                        statistics: Some(cc::stats(&statistics)),
+                        events,
+                    }),
+                )
+            }
+            CoordOp::Release { token, deleted, reason } => (
+                CoordKind::Release,
+                pb::agent_message::Msg::Release(pb::Release {
+                    request_id: rid,
+                    token,
+                    deleted,
+                    reason: release_reason(reason) as i32,
+                    detail: String::new(),
+                }),
+            ),
+        };
+        if self.send(msg) {
+            self.coord = Some((rid, kind, self.now() + COORD_TIMEOUT_MS));
+        } else {
+            self.pending.push_back(Input::CoordUnavailable);
+        }
+    }
+
+    /// Standalone and fallback: what the coordinator would do, done locally.
+    fn start_local(&mut self, op: CoordOp) {
+        let runners = self.runners.clone();
+        match op {
+            CoordOp::Commit { session_id, .. } => {
+                // The session's statistics drive the first scaling, as ARC's listener does.
+                let stats = self.stats;
+                self.local_scale(&stats, false);
+                self.local = Some(Box::pin(async move {
+                    if let Err(e) = runners.set_session_record(Some(&session_id)).await {
+                        tracing::warn!(error = %e, "cannot record the session id on the EphemeralRunnerSet");
+                    }
+                    Input::Committed { accepted: true }
+                }));
+            }
+            CoordOp::Progress { message_id, .. } => {
+                let mut stats = self.stats;
+                let mut dirty = false;
+                if let (Some(m), Some(id)) = (self.message.clone(), message_id)
+                    && m.message_id == id
+                {
+                    stats = m.statistics;
+                    self.stats = stats;
+                    let (jobs, _) = github::job_messages(&m.body);
+                    self.holder_job_metrics(&jobs);
+                    for j in &jobs {
+                        if let Some(ev) = cc::job_event(j) {
+                            dirty = true;
+                            self.route_job_event(&ev);
+                        }
+                    }
+                }
+                self.local_scale(&stats, dirty);
+                self.pending.push_back(Input::Reported { accepted: true, duplicate: false });
+            }
+            CoordOp::Release { deleted, .. } => {
+                let ours = self.session.as_ref().map(|s| s.session_id.clone());
+                self.local = Some(Box::pin(async move {
+                    if ours.is_some_and(|o| deleted.contains(&o))
+                        && let Err(e) = runners.set_session_record(None).await
+                    {
+                        tracing::warn!(error = %e, "cannot clear the session record");
+                    }
+                    Input::ReleaseSent
+                }));
+            }
+        }
+    }
+
+    /// ARC's single-cluster algorithm: desired = min(min + totalAssignedJobs, max).
+    fn local_scale(&mut self, stats: &wire::Statistics, dirty: bool) {
+        let runners = self.cfg.min_runners.saturating_add(stats.total_assigned_jobs.max(0));
+        self.metrics.record_statistics(stats);
+        self.apply_assignment(runners, dirty, false);
+    }
+
+    fn holder_job_metrics(&self, jobs: &[wire::JobMessage]) {
+        for j in jobs {
+            match j.message_type.as_str() {
+                "JobStarted" => self.metrics.job_started(j),
+                "JobCompleted" => self.metrics.job_completed(j),
+                "JobAvailable" | "JobAssigned" => {}
+                other => {
+                    tracing::debug!(kind = other, "unknown job message type ignored");
+                    self.metrics.ignored_message("job_type");
+                }
+            }
+        }
+    }
+
+    fn apply_assignment(&mut self, runners: i64, dirty: bool, force_zero: bool) {
+        let p = self.scaler.on_assignment(runners, dirty, force_zero);
+        self.metrics.set_desired_runners(p.replicas);
+        self.next_repatch = self.now() + REPATCH_EVERY_MS;
+        if self.runners_tx.try_send(RunnerCmd::Patch(p)).is_err() {
+            tracing::warn!("runner task is behind; dropping a patch (the next push re-patches)");
+        }
+    }
+
+    fn route_job_event(&mut self, ev: &pb::JobEvent) {
+        // Only this member's runners (name prefixed by our ERS name) are ours to patch.
+        if !ev.runner_name.starts_with(&self.cfg.ers_name) {
+            return;
+        }
+        let cmd = if ev.kind == pb::JobEventKind::Started as i32 {
+            RunnerCmd::JobStarted(
+                ev.runner_name.clone(),
+                JobStarted {
+                    job_request_id: ev.runner_request_id,
+                    repository: format!("{}/{}", ev.owner_name, ev.repository_name),
+                    job_id: ev.job_id.clone(),
+                    workflow_run_id: ev.workflow_run_id,
+                    job_workflow_ref: ev.job_workflow_ref.clone(),
+                    job_display_name: ev.job_display_name.clone(),
+                },
+            )
+        } else {
+            RunnerCmd::JobCompleted(ev.runner_name.clone())
+        };
+        let _ = self.runners_tx.try_send(cmd);
+    }
+
+    fn on_coordinator(&mut self, m: pb::CoordinatorMessage) {
+        let Some(m) = m.msg else { return };
+        match m {
+            Out::Joined(j) => {
+                tracing::info!(epoch = j.epoch, group = %j.group_key, cluster = %j.cluster, ttl_ms = j.lease_ttl_ms, "joined");
+                self.group_key = Some(j.group_key.clone());
+                self.metrics.coordinator_connected.set(1);
+                self.pump_link(LinkEvent::Joined {
+                    epoch: j.epoch,
+                    ttl_ms: j.lease_ttl_ms,
+                    margin_permille: u64::from(j.margin_permille),
+                });
+                if self.fallback {
+                    self.end_fallback();
+                }
+            }
+            Out::Ack(a) => {
+                let held = a.held.into_iter().map(|h| (h.group_key, h.token)).collect();
+                self.pump_link(LinkEvent::Ack { seq: a.seq, held });
+            }
+            Out::Expired(e) => {
+                tracing::warn!(reason = %e.reason, "lease expired: joining again for a new epoch");
+                self.pump_link(LinkEvent::Expired);
+            }
+            Out::Grant(g) => {
+                if let Some(a) = g.ack {
+                    let held = a.held.into_iter().map(|h| (h.group_key, h.token)).collect();
+                    self.pump_link(LinkEvent::GrantAck { seq: a.seq, held });
+                }
+                if !self.fallback {
+                    self.pump_holder(Input::Granted {
+                        token: g.token,
+                        stale_sessions: g.stale_sessions,
+                        last_acked_message_id: g.last_acked_message_id,
+                    });
+                }
+            }
+            Out::Handover(h) => {
+                tracing::info!(token = h.token, to = %h.to_member, "handover requested");
+                self.pump_holder(Input::Handover { token: h.token });
+            }
+            Out::Assignment(a) => {
+                let stale = self.assignment.as_ref().is_some_and(|p| p.revision > a.revision);
+                if stale {
+                    return;
+                }
+                self.metrics.assigned_replicas.set(a.runners);
+                if a.max_capacity > 0 || self.holder.is_holding() {
+                    self.capacity = a.max_capacity.clamp(0, i32::MAX as i64);
+                }
+                if !self.fallback {
+                    self.apply_assignment(a.runners, a.dirty, a.force_zero_patch);
+                }
+                self.assignment = Some(a);
+            }
+            Out::JobEvent(e) => {
+                if let Some(ev) = e.event {
+                    self.route_job_event(&ev);
+                }
+            }
+            Out::DeleteSessions(d) => {
+                self.pump_holder(Input::DeleteSessions { token: d.token, ids: d.session_ids });
+            }
+            Out::Result(r) => {
+                let Some((rid, kind, _)) = self.coord else { return };
+                if r.request_id != rid {
+                    return;
+                }
+                self.coord = None;
+                let (accepted, duplicate) = match &r.result {
+                    Some(pb::command_result::Result::Accepted(a)) => (true, a.duplicate),
+                    Some(pb::command_result::Result::Rejected(x)) => {
+                        tracing::warn!(?kind, reason = %x.reason, "coordinator rejected");
+                        (false, false)
+                    }
+                    None => (false, false),
+                };
+                match kind {
+                    CoordKind::Commit => self.pump_holder(Input::Committed { accepted }),
+                    CoordKind::Progress => self.pump_holder(Input::Reported { accepted, duplicate }),
+                    CoordKind::Release => self.pump_holder(Input::ReleaseSent),
+                    CoordKind::Adopt | CoordKind::Leave => {}
+                }
+            }
+        }
+    }
+
+    /// Timers that are not the machines': re-patch, fallback.
+    fn periodic(&mut self) {
+        let now = self.now();
+        if now >= self.next_repatch {
+            // At least every 50 s with a fresh patchID (DESIGN §5.6), holder or not.
+            let runners = match (&self.assignment, self.open_fence) {
+                (_, true) => self.cfg.min_runners.saturating_add(self.stats.total_assigned_jobs.max(0)),
+                (Some(a), false) => a.runners,
+                (None, false) => {
+                    self.next_repatch = now + REPATCH_EVERY_MS;
+                    return;
+                }
+            };
+            self.apply_assignment(runners, false, false);
+        }
+        if let Some(l) = &self.link
+            && !self.fallback
+            && !self.cfg.coordinator_lost_for.is_zero()
+            && l.down_for(now).is_some_and(|d| d >= self.cfg.coordinator_lost_for.as_millis() as u64)
+            && self.shutdown_at.is_none()
+        {
+            self.start_fallback();
+        }
+    }
+
+    /// No coordinator for `--coordinator-lost-for`: degrade to ARC, never below (DESIGN §5.11).
+    fn start_fallback(&mut self) {
+        tracing::warn!("no coordinator for {:?}: fallback to a single-cluster listener", self.cfg.coordinator_lost_for);
+        self.fallback = true;
+        self.metrics.fallback.set(1);
+        let keep = self.session.clone();
+        // The federated holder machine stops; a fresh one contends with an open fence.
+        let now = self.now();
+        self.gh = None;
+        self.coord = None;
+        self.holder = Holder::new(self.holder_config(), now);
+        self.open_fence = true;
+        self.session = None;
+        self.pending.push_back(Input::Granted {
+            token: 0,
+            stale_sessions: keep.map(|s| s.session_id).into_iter().collect(),
+            last_acked_message_id: 0,
+        });
+    }
+
+    /// The quorum is back: report our fallback session (Adopt) before any Grant, then return
+    /// to the federated machine.
+    fn end_fallback(&mut self) {
+        tracing::info!("coordinator back: leaving fallback");
+        self.fallback = false;
+        self.metrics.fallback.set(0);
+        if let Some(s) = self.session.clone() {
+            let rid = self.request_id();
+            let adopt = pb::agent_message::Msg::Adopt(pb::Adopt {
+                request_id: rid,
+                session_id: s.session_id.clone(),
+                statistics: Some(cc::stats(&self.stats)),
+            });
+            if self.send(adopt) {
+                self.coord = Some((rid, CoordKind::Adopt, self.now() + COORD_TIMEOUT_MS));
+            }
+        }
+        // The adopted session becomes ours again under the Grant the coordinator sends.
+        let now = self.now();
+        self.gh = None;
+        self.local = None;
+        self.holder = Holder::new(self.holder_config(), now);
+        self.open_fence = false;
+        self.session = None;
+        self.message = None;
+    }
+
+    fn holder_config(&self) -> HolderConfig {
+        HolderConfig {
+            cluster: if self.cfg.cluster.is_empty() { self.cfg.owner_name.clone() } else { self.cfg.cluster.clone() },
+            member_id: self.join.member_id.clone(),
+            poll_margin_ms: 400,
+            holder_stall_ms: self.cfg.holder_stall.as_millis() as u64,
+            conflict_alert_ms: 120_000,
+            seed: rand::random(),
+        }
+    }
+
+    /// Metrics and readiness.
+    fn publish(&mut self) {
+        let holding = self.holder.session_id().is_some() && self.fence().allows(self.holder.token.unwrap_or(0), self.now());
+        self.metrics.set_holder(if holding { self.holder.token.or(Some(0)) } else { None });
+        if !holding {
+            self.metrics.clear_scale_set_gauges();
+        }
+        self.metrics.github_ready.set(i64::from(self.github_ready.load(Ordering::Relaxed)));
+        let ready = if self.open_fence {
+            if holding {
+                Readiness::Ready("holder (standalone)".into())
+            } else {
+                Readiness::Ready("contending for the session".into())
+            }
+        } else if self.link.as_ref().is_some_and(Link::is_up) {
+            Readiness::Ready(if holding { format!("holder t{}", self.holder.token.unwrap_or(0)) } else { "standby".into() })
+        } else {
+            Readiness::NotReady("no coordinator stream".into())
+        };
+        if self.http.readiness() != ready {
+            self.http.set_ready(ready);
+        }
+    }
+
+    /// Graceful leave (after the release on SIGTERM).
+    async fn leave(&mut self) {
+        if self.link.is_some() && self.stream.is_some() {
+            let rid = self.request_id();
+            self.send(pb::agent_message::Msg::Leave(pb::Leave { request_id: rid }));
+            // Give the Leave a moment to be written before the stream closes.
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+            while tokio::time::Instant::now() < deadline {
+                let Some(s) = self.stream.as_mut() else { break };
+                match tokio::time::timeout_at(deadline, s.rx.message()).await {
+                    Ok(Ok(Some(pb::CoordinatorMessage { msg: Some(Out::Result(r)) }))) if r.request_id == rid => break,
+                    Ok(Ok(Some(_))) => continue,
+                    _ => break,
+                }
+            }
+        }
+        // Members patch to zero on leave (patchID 0 allowed, DESIGN §5.6).
+        let p = self.scaler.on_assignment(0, false, true);
+        let _ = self.runners_tx.try_send(RunnerCmd::Patch(p));
+    }
+}
+
+fn release_reason(r: ReleaseReason) -> pb::ReleaseReason {
+    match r {
+        ReleaseReason::StaleRevoked => pb::ReleaseReason::StaleRevoked,
+        ReleaseReason::Shutdown => pb::ReleaseReason::Shutdown,
+        ReleaseReason::Handover => pb::ReleaseReason::Handover,
+        ReleaseReason::Stall => pb::ReleaseReason::Stall,
+    }
+}
+
+fn error_kind(e: &github::Error) -> &'static str {
+    match e {
+        github::Error::Fenced => "fenced",
+        github::Error::Conflict { .. } => "conflict",
+        github::Error::ScaleSetNotFound { .. } => "scale_set_not_found",
+        github::Error::SessionGone { .. } => "session_gone",
+        github::Error::Unauthorized { .. } => "unauthorized",
+        github::Error::Forbidden { .. } => "forbidden",
+        github::Error::RateLimited { .. } => "rate_limited",
+        github::Error::Status { .. } => "status",
+        github::Error::Transport { .. } => "transport",
+        github::Error::EmptyBody { .. } => "empty_body",
+        github::Error::Decode { .. } => "decode",
+        github::Error::JobStillRunning { .. } => "job_still_running",
+        github::Error::Config(_) => "config",
+    }
+}
+
+/// Applies ERS patches and runner status patches in order; a failure is logged and counted,
+/// and the next push (at most 50 s later) patches again. Never exits on a remote error.
+async fn runner_task(runners: Arc<Runners<SimVia>>, mut rx: mpsc::Receiver<RunnerCmd>, metrics: Arc<Metrics>) {
+    while let Some(cmd) = rx.recv().await {
+        let r = match &cmd {
+            RunnerCmd::Patch(p) => runners.patch_replicas(*p).await,
+            RunnerCmd::JobStarted(name, job) => runners.patch_job_started(name, job).await,
+            RunnerCmd::JobCompleted(name) => runners.on_job_completed(name).await,
+        };
+        match r {
+            Ok(()) => tracing::debug!(?cmd, "runner backend updated"),
+            Err(e) => {
+                metrics.github_error("runner_backend");
+                tracing::warn!(?cmd, error = %e, "runner backend update failed");
+            }
+        }
+    }
+}
+
+/// Keeps the admin token fresh and the scale set readable, holder or not (DESIGN §5.1: a
+/// standby reports `github_ready`, which makes it eligible for a Grant).
+async fn keep_github_ready(client: Client, ready: Arc<AtomicBool>, metrics: Arc<Metrics>) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let ok = match client.refresh_admin_token().await {
+            Ok(()) => match client.get_scale_set().await {
+                Ok(_) => true,
+                Err(e) => {
+                    metrics.github_error(error_kind(&e));
+                    if matches!(e, github::Error::ScaleSetNotFound { .. }) {
+                        tracing::error!(error = %e, "the scale set is gone: a federation-wide alert (DESIGN §5.10)");
+                    } else {
+                        tracing::warn!(error = %e, "scale set GET failed");
+                    }
+                    false
+                }
+            },
+            Err(e) => {
+                metrics.github_error(error_kind(&e));
+                tracing::warn!(error = %e, "GitHub admin token refresh failed");
+                false
+            }
+        };
+        ready.store(ok && client.github_ready(), Ordering::Relaxed);
+        if ok {
+            delay = Duration::from_secs(20);
+        } else {
+            delay = (delay * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % (delay.as_millis() as u64 / 4 + 1));
+        tokio::time::sleep(delay + jitter).await;
+    }
+}
