@@ -397,6 +397,11 @@ async fn replicas_n_and_zero_are_arcs_exact_merge_patches() {
     assert!(spec.get("ephemeralRunnerSpec").is_some(), "a merge patch leaves the runner spec alone");
 }
 
+/// (assigned runners, dirty, force_zero) pushed to the scaler.
+type Push = (i64, bool, bool);
+/// (replicas, patchID) expected in the patch.
+type Expect = (i64, i64);
+
 /// Steady load, a rebalance, back to min (ARC's force-state 0), then a drain with force-zero.
 #[tokio::test]
 async fn patch_ids_over_a_scripted_run_follow_arcs_patch_seq() {
@@ -404,7 +409,7 @@ async fn patch_ids_over_a_scripted_run_follow_arcs_patch_seq() {
     let k = KubeRunners::with_client(api.client(), NS, ERS);
     let mut scaler = Scaler::new(1, 10);
     // (assigned runners, dirty, force_zero) → expected (replicas, patchID)
-    let script: &[((i64, bool, bool), (i64, i64))] = &[
+    let script: &[(Push, Expect)] = &[
         ((3, false, false), (3, 0)), // first patch: patchSeq −1 → 0
         ((3, true, false), (3, 1)),  // steady load: a fresh id on every push
         ((3, true, false), (3, 2)),

@@ -166,9 +166,9 @@ impl ErsModel {
     }
 
     /// The runner's JIT config was generated: `status.runnerId` is known. Unknown names are ignored.
+    /// (The runner may already have taken a job: the emulator's runners race the driver.)
     pub fn on_runner_registered(&mut self, name: &str, runner_id: i64) {
         if let Some(r) = self.runners.get_mut(name)
-            && r.phase == Phase::Pending
             && r.runner_id == 0
         {
             r.runner_id = runner_id;
@@ -547,7 +547,7 @@ mod tests {
                         Vec::new()
                     }
                     Ev::Start(i) => {
-                        if let Some(n) = pick(&m, i).filter(|n| m.runners[n].runner_id != 0 && m.runners[n].phase != Phase::Finished) {
+                        if let Some(n) = pick(&m, i).filter(|n| m.runners[n].phase != Phase::Finished) {
                             m.on_job_started(&n);
                         }
                         Vec::new()
