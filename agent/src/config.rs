@@ -152,7 +152,7 @@ pub struct Args {
 
     /// This cluster's share of waiting jobs relative to the other members (0 = only busy and
     /// minimum runners, never a share of the waiting jobs).
-    #[arg(long, env = "ARCFED_WEIGHT", default_value_t = 1)]
+    #[arg(long, env = "ARCFED_WEIGHT", default_value_t = 1, allow_negative_numbers = true)]
     pub weight: i64,
     /// Session-holder preference: when a holder is needed, the live member with the lowest
     /// priority is granted first (ties: lowest load, then cluster name). No automatic fail-back.
@@ -225,7 +225,7 @@ pub struct Args {
     #[arg(long, env = "ARCFED_ERS_NAME", value_name = "NAME")]
     pub ers_name: Option<String>,
     /// Minimum idle runners in this cluster (key min_runners; default 0).
-    #[arg(long, env = "ARCFED_MIN_RUNNERS", value_name = "N")]
+    #[arg(long, env = "ARCFED_MIN_RUNNERS", value_name = "N", allow_negative_numbers = true)]
     pub min_runners: Option<i64>,
     /// Maximum runners in this cluster (key max_runners; default 2147483647, as ARC).
     #[arg(long, env = "ARCFED_MAX_RUNNERS", value_name = "N")]
