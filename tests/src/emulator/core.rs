@@ -781,7 +781,7 @@ impl Core {
             let holder = self.sessions.get(&active).map(|s| s.owner.clone()).unwrap_or_default();
             // Both texts are seen in the wild; alternate so that clients match neither.
             self.conflicts_total += 1;
-            let message = if self.conflicts_total % 2 == 1 {
+            let message = if !self.conflicts_total.is_multiple_of(2) {
                 format!("The runner scale set {name} already has an active session for owner {holder}.")
             } else {
                 format!("The actions runner scaleset {name} already has an active session.")
@@ -1480,7 +1480,7 @@ fn package(set: &mut ScaleSet, odd_every: u32) {
             serde_json::to_value(&batch).unwrap_or_else(|_| serde_json::json!([]))
         };
         set.c.envelopes += 1;
-        if odd_every > 0 && set.c.envelopes % u64::from(odd_every) == 0 {
+        if odd_every > 0 && set.c.envelopes.is_multiple_of(u64::from(odd_every)) {
             let id = set.next_message_id;
             set.next_message_id += 1;
             set.log.insert(id, StoredMessage { body: String::new(), deliveries: 0 });
