@@ -11,7 +11,8 @@ use arcfed_agent::github::{
     Client, Credentials, Error, Fenced, Gate, GitHubSettings, Open, Resolve, RetryPolicy, job_messages, wire,
 };
 use arcfed_tests::emulator::{
-    AppKey, CloseReason, Emulator, EmulatorConfig, EmulatorHandle, Event, FaultSpec, Layout, Mode, PathClass, Settings,
+    AppKey, CloseReason, DOTCOM_HOST, Emulator, EmulatorConfig, EmulatorHandle, Event, FaultSpec, Layout, Mode,
+    PathClass, Settings, TlsFiles,
 };
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,8 +20,15 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Short long polls, no automatic runners, and GitHub's strictness about `api-version` (admin
+/// calls without it in the query, or queue calls without it in `Accept`, get 400).
 fn fast() -> Settings {
-    Settings { long_poll: Duration::from_millis(300), auto_runners: false, ..Settings::default() }
+    Settings {
+        long_poll: Duration::from_millis(300),
+        auto_runners: false,
+        strict_api_version: true,
+        ..Settings::default()
+    }
 }
 
 /// Short backoff so retries do not slow the suite; the production default is 1 s → 8 s.
@@ -560,4 +568,64 @@ async fn ghes_app_credentials_run_the_rs256_chain_with_a_pkcs8_key() {
 #[tokio::test]
 async fn dotcom_app_credentials_run_the_rs256_chain_with_a_pkcs1_key() {
     app_chain(Layout::Dotcom, true).await;
+}
+
+/// HTTPS with `server_root_ca`: the emulator's certificate is trusted only through it.
+async fn https_with_root_ca(layout: Layout) {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["localhost", "127.0.0.1", DOTCOM_HOST, "api.github.localhost", "broker.github.localhost"];
+    let ck = rcgen::generate_simple_self_signed(names.map(String::from).to_vec()).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config =
+        EmulatorConfig { layout, tls: Some(TlsFiles { cert, key }), settings: fast(), ..EmulatorConfig::default() };
+    let h = Emulator::start(config, listener).await.expect("emulator over HTTPS");
+    assert!(h.config_url().starts_with("https://"));
+    let set = h.create_scale_set("tls", 1).unwrap().id;
+
+    let untrusted = client(&h, set);
+    match untrusted.refresh_admin_token().await {
+        Err(e @ Error::Transport { .. }) => assert!(e.is_local(), "TLS failures are local"),
+        other => panic!("an unknown CA must be refused, got {other:?}"),
+    }
+    let mut settings = settings_for(&h, set, Credentials::Pat(h.pat().to_string()));
+    settings.root_ca_pem = Some(ck.cert.pem());
+    let c = Client::with_retry(settings, quick_retries()).unwrap();
+    let mut s = c.create_session(&Open, "arcfed/a/m1/t1").await.expect("session over HTTPS");
+    assert!(s.message_queue_url.starts_with("https://"));
+    assert!(c.get_message(&Open, &mut s, 0, 10).await.expect("poll over HTTPS").is_none());
+    c.delete_session(&Open, &s.session_id).await.unwrap();
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn ghes_https_trusts_the_server_root_ca() {
+    https_with_root_ca(Layout::Ghes).await;
+}
+
+#[tokio::test]
+async fn dotcom_https_trusts_the_server_root_ca() {
+    https_with_root_ca(Layout::Dotcom).await;
+}
+
+#[tokio::test]
+async fn an_admin_token_refused_before_its_exp_is_dropped_and_the_next_call_reauthenticates() {
+    let h = start(Layout::Ghes, fast(), None).await;
+    let set = h.create_scale_set("gha-rs", 1).unwrap().id;
+    let c = client(&h, set);
+    c.get_scale_set().await.expect("first read");
+    let expired = reqwest::Client::new().post(format!("{}/_emulator/expire-tokens", h.base_url())).send().await;
+    assert!(expired.expect("side channel").status().is_success());
+    match c.get_scale_set().await {
+        Err(e @ Error::Unauthorized { .. }) => assert!(e.is_local()),
+        other => panic!("expected 401 from the expired admin token, got {other:?}"),
+    }
+    assert!(!c.github_ready(), "a refused token is not ready");
+    c.get_scale_set().await.expect("the next call runs the chain again");
+    assert!(c.github_ready());
+    let chains = events(&h, PathClass::Auth).iter().filter(|e| e.path.ends_with("runner-registration")).count();
+    assert_eq!(chains, 2);
+    h.shutdown().await;
 }
