@@ -290,7 +290,7 @@ pub enum ConfigError {
     Invalid { key: String, problem: String },
     #[error("{flag} {}: cannot read: {source}", path.display())]
     Read { flag: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("--listener-config {}: not a JSON object: {problem}", path.display())]
+    #[error("--listener-config {}: {problem}", path.display())]
     Json { path: PathBuf, problem: String },
     #[error("{0}")]
     Tls(#[from] TlsError),
@@ -400,8 +400,8 @@ impl ListenerFile {
     pub fn parse(text: &str) -> Result<ListenerFile, String> {
         let mut map: Map<String, Value> = match serde_json::from_str(text) {
             Ok(Value::Object(m)) => m,
-            Ok(_) => return Err("expected a JSON object".into()),
-            Err(e) => return Err(e.to_string()),
+            Ok(_) => return Err("not a JSON object".into()),
+            Err(e) => return Err(format!("not valid JSON: {e}")),
         };
         let mut unknown_keys: Vec<String> = map.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str())).cloned().collect();
         unknown_keys.sort();

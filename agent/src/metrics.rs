@@ -503,6 +503,14 @@ impl Metrics {
         Metrics { registry: reg, ..m }
     }
 
+    /// The metrics of a validated configuration, with this member's static gha_min/max_runners
+    /// already recorded (ARC records them once at start).
+    pub fn from_config(cfg: &crate::config::Config) -> Metrics {
+        let m = Metrics::new(cfg.metrics_labels.clone(), &cfg.gha_metrics);
+        m.set_runner_limits(cfg.min_runners, cfg.max_runners);
+        m
+    }
+
     /// The registry's OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut body = String::new();

@@ -119,6 +119,9 @@ fn the_sample_listener_config_parses_as_arc_writes_it() {
     assert_eq!(cfg.lease_ttl, Duration::from_secs(3));
     assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
     assert_eq!(cfg.gha_metrics, GhaMetricsSpec::arc_default());
+    let text = Metrics::from_config(&cfg).encode();
+    let want = r#"gha_max_runners{enterprise="",organization="my-org",repository="",name="linux-eu-x7k2p",namespace="arc-runners"} 20"#;
+    assert!(text.contains(want), "{text}");
 }
 
 #[test]
@@ -269,7 +272,7 @@ fn a_missing_listener_config_file_names_the_flag_and_path() {
     let fx = Fixture::new();
     let p = fx.write("bad.json", "[1, 2]");
     let err = parse(&["--listener-config", &p.display().to_string()]).expect_err("not an object").to_string();
-    assert!(err.contains("--listener-config"), "{err}");
+    assert!(err.contains("--listener-config") && err.contains("not a JSON object"), "{err}");
 }
 
 #[test]
@@ -688,4 +691,16 @@ fn tls_watcher_notices_replaced_files() {
     assert!(!w.changed(), "reported once");
     std::fs::remove_file(&cert).expect("rm");
     assert!(!w.changed(), "a vanished file is not a change");
+}
+
+#[tokio::test]
+async fn a_bad_config_exits_non_zero_after_the_delay() {
+    if std::env::var_os("ARCFED_TEST_CHILD").is_some() {
+        arcfed_agent::config::fail_slowly(&"configure_url (--github-config-url): must not be empty").await;
+    }
+    let out = run_child("a_bad_config_exits_non_zero_after_the_delay", &[("ARCFED_CONFIG_ERROR_DELAY", "0s")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("configuration error: configure_url (--github-config-url)"), "{stderr}");
+    assert!(stderr.contains("no backoff"), "{stderr}");
 }
