@@ -4,7 +4,8 @@
 //!  emulator/      actions-emulator: GitHub's runner scale-set service (lib + bin)
 //!  fault_proxy    TCP proxy: pass, delay, drop, blackhole, close one side only
 //!  harness        real arcfed-coordinator processes on 127.0.0.1, certs from arcfedctl
-//!  agent_client   a library agent: Join, keepalive, report, go silent; records ack timestamps
+//!  agent_client   a raw protocol client for negative tests: Join, keepalive, report, go silent
+//!  agent_proc     real arcfed-agent processes (sim runner backend) with SIGKILL/STOP/TERM
 //! ```
 //!
 //! How tests find binaries: [`harness::bin_path`] looks next to the running test executable
@@ -12,6 +13,7 @@
 //! builds every workspace binary before any test runs, because each crate that owns a binary
 //! has an integration test of its own.
 pub mod agent_client;
+pub mod agent_proc;
 pub mod emulator;
 pub mod fault_proxy;
 pub mod harness;

@@ -68,16 +68,24 @@ pub fn split(total_assigned_jobs: i64, members: &[SplitInput], policy: SplitPoli
                 waiting = waiting.saturating_sub(given);
                 active.retain(|&i| share[i] < room[i]);
                 if given == 0 {
-                    // Every floored share was 0: the remainder is smaller than the weights,
-                    // so hand it out one by one in (cluster) order.
-                    for &i in &active {
-                        if waiting == 0 {
+                    // Every floored share was 0: the remainder is smaller than the weights.
+                    // Hand it out one by one, each to the member with the least work per
+                    // weight ((busy + share) / weight), ties by cluster. Jobs usually arrive
+                    // one at a time, so "first cluster in name order" would pile every new
+                    // job onto the same cluster while the others idle.
+                    while waiting > 0 && !active.is_empty() {
+                        let load = |i: usize| i128::from(members[i].busy.max(0).saturating_add(share[i]));
+                        let Some(&i) = active.iter().min_by(|&&a, &&b| {
+                            (load(a) * i128::from(members[b].weight))
+                                .cmp(&(load(b) * i128::from(members[a].weight)))
+                                .then_with(|| (&members[a].cluster, a).cmp(&(&members[b].cluster, b)))
+                        }) else {
                             break;
-                        }
+                        };
                         share[i] += 1;
                         waiting -= 1;
+                        active.retain(|&i| share[i] < room[i]);
                     }
-                    active.retain(|&i| share[i] < room[i]);
                 }
             }
         }
@@ -93,6 +101,18 @@ mod tests {
 
     fn m(cluster: &str, weight: i64, min: i64, max: i64, busy: i64) -> SplitInput {
         SplitInput { cluster: cluster.into(), weight, min, max, busy, priority: 0 }
+    }
+
+    #[test]
+    fn single_arrivals_go_to_the_least_loaded_cluster_not_the_first_name() {
+        // a already runs one job: the next single job goes to b, then c, then a again.
+        let ms = |a: i64, b: i64, c: i64| vec![m("a", 1, 0, 10, a), m("b", 1, 0, 10, b), m("c", 1, 0, 10, c)];
+        assert_eq!(split(2, &ms(1, 0, 0), SplitPolicy::Spread), vec![1, 1, 0]);
+        assert_eq!(split(3, &ms(1, 1, 0), SplitPolicy::Spread), vec![1, 1, 1]);
+        assert_eq!(split(4, &ms(1, 1, 1), SplitPolicy::Spread), vec![2, 1, 1]);
+        // Weight counts: b has twice a's weight, so it takes two for a's one.
+        let w = vec![m("a", 1, 0, 10, 1), m("b", 2, 0, 10, 1)];
+        assert_eq!(split(3, &w, SplitPolicy::Spread), vec![1, 2]);
     }
 
     #[test]

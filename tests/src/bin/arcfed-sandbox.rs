@@ -2,25 +2,22 @@
 //!
 //! It mints certificates, starts the actions-emulator (in-process) with one scale set,
 //! three `arcfed-coordinator` voters (real processes), and one region per `--regions`
-//! entry, each running the library agent (`arcfed_tests::agent_client`) joined to the
-//! scale set's group. Then it prints the quorum's status until Ctrl-C, or runs a drill and
-//! prints its JSON report.
+//! entry, each running a real `arcfed-agent` process (the ARC listener drop-in) with the
+//! `sim` runner backend, joined to the scale set's group. Then it prints the quorum's status
+//! until Ctrl-C, or runs a drill and prints its JSON report.
 //!
-//! Each region runs the library agent (`arcfed_tests::agent_client`) plus the holder side of
-//! the session protocol (`arcfed_tests::holder`): whichever region holds the lease revokes
-//! stale sessions, opens the GitHub session, polls, reports and acks. The real agent (the
-//! ARC listener drop-in) replaces both with the agent issue. Drill reports take their
-//! GitHub-side fields from the emulator's timeline.
+//! Whichever region holds the lease revokes stale sessions, opens the GitHub session, polls,
+//! reports and acks; every region patches its simulated EphemeralRunnerSet, whose runners take
+//! the emulator's jobs. Drill reports take their GitHub-side fields from the emulator's
+//! timeline.
 use anyhow::{Context, bail};
-use arcfed_tests::agent_client::{AgentOptions, TestAgent};
+use arcfed_tests::agent_proc::{AgentProc, AgentSpec, GitHubSide};
 use arcfed_tests::emulator::{Cursor, Emulator, EmulatorConfig, EmulatorHandle, PathClass, SessionTtlFrom};
 use arcfed_tests::harness::{Quorum, QuorumOptions, bin_path};
-use arcfed_tests::holder::{self, GitHubSide};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -31,7 +28,7 @@ enum Credentials {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Drill {
-    /// Kill the holder's agent (its stream dies); measure until another region holds.
+    /// SIGKILL the holder's agent process; measure until another region holds and polls.
     KillHolder,
     /// SIGKILL the Raft leader; check that no holder changes and every region is served again.
     KillLeader,
@@ -107,16 +104,16 @@ fn ensure_binaries() -> anyhow::Result<()> {
     let release = exe.components().any(|c| c.as_os_str() == "release");
     if let Ok(cargo) = std::env::var("CARGO") {
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "arcfed-coordinator", "--bins"]);
+        cmd.args(["build", "-q", "-p", "arcfed-coordinator", "-p", "arcfed-agent", "--bins"]);
         if release {
             cmd.arg("--release");
         }
         let st = cmd.status().context("cargo build -p arcfed-coordinator")?;
         if !st.success() {
-            bail!("building arcfed-coordinator failed");
+            bail!("building arcfed-coordinator and arcfed-agent failed");
         }
     }
-    for b in ["arcfed-coordinator", "arcfedctl"] {
+    for b in ["arcfed-coordinator", "arcfedctl", "arcfed-agent"] {
         if !bin_path(b).exists() {
             bail!("{} not found: run `cargo build --workspace` first (or set ARCFED_BIN_DIR)", bin_path(b).display());
         }
@@ -173,11 +170,11 @@ async fn main() -> anyhow::Result<()> {
         config_url: config_url.clone(),
         pat: if per_region { format!("pat-{region}") } else { shared_pat.clone() },
         scale_set_id: set.id,
-        cluster: region.to_string(),
+        resolve: vec![],
     };
     let mut agents: BTreeMap<String, Region> = BTreeMap::new();
     for r in &args.regions {
-        agents.insert(r.clone(), Region::start(&q, gh(r))?);
+        agents.insert(r.clone(), Region::start(&q, &dir, gh(r), r, ttl)?);
     }
     if args.jobs_per_minute > 0 {
         let every = Duration::from_secs_f64(60.0 / f64::from(args.jobs_per_minute));
@@ -191,9 +188,12 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    for a in agents.values() {
-        a.joined(Duration::from_secs(30)).await?;
-    }
+    let n = agents.len();
+    q.wait_status("every region joined", Duration::from_secs(60), |s| {
+        s.members.iter().filter(|m| m.status == "live").count() >= n
+    })
+    .await
+    .with_context(|| format!("regions did not join; agent logs in {}", dir.display()))?;
     let s =
         q.wait_status("a holder", Duration::from_secs(30), |s| s.groups.iter().any(|g| !g.holder.is_empty())).await?;
 
@@ -217,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
 
     match args.drill {
         Some(d) => {
-            let report = drill(d, args.runs, &mut q, &mut agents, &gh, &emu, set.id).await;
+            let report = drill(d, args.runs, &mut q, &mut agents, &emu, set.id).await;
             let report = match report {
                 Ok(r) => r,
                 Err(e) => {
@@ -254,37 +254,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One region: the library agent plus its holder loop. Dropping it kills both, as a
-/// SIGKILLed pod would (its stream dies, its GitHub session is orphaned).
+/// One region: a real `arcfed-agent` process (one ARC listener pod). Dropping it SIGKILLs it.
 struct Region {
-    agent: Arc<TestAgent>,
-    task: tokio::task::JoinHandle<()>,
+    agent: AgentProc,
 }
 
 impl Region {
-    fn start(q: &Quorum, gh: GitHubSide) -> anyhow::Result<Region> {
-        let region = gh.cluster.clone();
-        let mut o = AgentOptions::new(q.endpoints(), q.certs.agent(&region)?, &region);
-        o.configure_url = gh.config_url.clone();
-        o.scale_set_id = gh.scale_set_id;
-        o.ers_name = format!("arcfed-sandbox-{region}");
-        let agent = Arc::new(TestAgent::start(o));
-        let task = tokio::spawn(holder::run(agent.clone(), gh));
-        Ok(Region { agent, task })
-    }
-}
-
-impl std::ops::Deref for Region {
-    type Target = TestAgent;
-    fn deref(&self) -> &TestAgent {
-        &self.agent
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.agent.stop();
+    fn start(q: &Quorum, dir: &std::path::Path, gh: GitHubSide, region: &str, ttl: &str) -> anyhow::Result<Region> {
+        let mut spec = AgentSpec::new(region, gh).federated(q.endpoints(), q.certs.agent(region)?);
+        spec.lease_ttl = Some(ttl.to_string());
+        Ok(Region { agent: AgentProc::start(&dir.join(format!("region-{region}")), spec)? })
     }
 }
 
@@ -324,7 +303,6 @@ async fn drill(
     runs: usize,
     q: &mut Quorum,
     agents: &mut BTreeMap<String, Region>,
-    gh: &dyn Fn(&str) -> GitHubSide,
     emu: &EmulatorHandle,
     set: i64,
 ) -> anyhow::Result<serde_json::Value> {
@@ -333,7 +311,6 @@ async fn drill(
     let wait = Duration::from_secs(60);
     let mut per_run = Vec::new();
     let mut detect = Vec::new();
-    let mut grant = Vec::new();
     let mut tokens = Vec::new();
     let mut regressions = 0u64;
     for run in 0..runs {
@@ -348,57 +325,49 @@ async fn drill(
         let fault = Instant::now();
         let fault_emu = emu.now_ms();
         let mut run_gh: Option<(u64, u64)> = None;
-        let (detect_ms, grant_ms, note) = match d {
+        let (detect_ms, note) = match d {
             Drill::KillHolder => {
-                let dead = agents.remove(&region).context("holder region")?;
-                drop(dead); // the agent's stream dies with it, as with a SIGKILLed pod
+                agents.get_mut(&region).context("holder region")?.agent.kill(); // SIGKILL: the session is orphaned
                 let s2 = q.wait_status("another holder", wait, |s| holder_of(s).is_some_and(|h| h.0 != holder)).await?;
                 let detect_ms = fault.elapsed().as_secs_f64() * 1000.0;
                 let (_, new_region, new_token) = holder_of(&s2).context("holder")?;
                 if new_token < token {
                     regressions += 1;
                 }
-                let a = agents.get(&new_region).context("new holder region")?;
-                a.wait_for("grant", wait, |r| r.grants.iter().any(|g| g.token == new_token)).await?;
-                let g = a.rec().grants.iter().find(|g| g.token == new_token).map(|g| g.received_at).context("grant")?;
                 // The successor's session, opened after revoking the orphan by its id.
                 let (opened, polled) = wait_session(emu, set, new_token, wait).await?;
                 failover.push(opened.saturating_sub(fault_emu) as f64);
                 first_poll.push(polled.saturating_sub(fault_emu) as f64);
                 run_gh = Some((opened.saturating_sub(fault_emu), polled.saturating_sub(fault_emu)));
                 // The killed region comes back (its pod is recreated) as a standby.
-                agents.insert(region.clone(), Region::start(q, gh(&region))?);
-                (
-                    Some(detect_ms),
-                    Some(g.duration_since(fault).as_secs_f64() * 1000.0),
-                    format!("{region} → {new_region}"),
-                )
+                agents.get_mut(&region).context("holder region")?.agent.restart()?;
+                (Some(detect_ms), format!("{region} → {new_region}"))
             }
             Drill::KillLeader => {
                 q.voter(s.leader).kill();
-                let s2 = q.wait_status("a new leader", wait, |x| x.leader != s.leader).await?;
-                for a in agents.values() {
-                    a.wait_for("served again", wait, |r| r.acks.last().is_some_and(|k| k.received_at > fault)).await?;
-                }
+                let n = agents.len();
+                let s2 = q
+                    .wait_status("a new leader serving every region", wait, |x| {
+                        x.leader != s.leader && x.members.iter().filter(|m| m.status == "live").count() >= n
+                    })
+                    .await?;
+                // Served again: the holder keeps polling its session after the fault.
+                wait_poll_after(emu, set, token, fault_emu, wait).await?;
                 let served = fault.elapsed().as_secs_f64() * 1000.0;
                 if holder_of(&s2).map(|h| h.0) != Some(holder.clone()) {
                     bail!("the holder changed after a leader change (invariant 5)");
                 }
                 q.voter(s.leader).restart()?;
                 q.wait_status("the old leader back", wait, |x| x.voters.len() == 3).await?;
-                (
-                    None,
-                    None,
-                    format!("leader {} → {}; all regions served again after {served:.0} ms", s.leader, s2.leader),
-                )
+                (None, format!("leader {} → {}; all regions served again after {served:.0} ms", s.leader, s2.leader))
             }
             Drill::Handover => {
-                let target = agents
+                let target = s
+                    .members
                     .iter()
-                    .find(|(r, _)| **r != region)
-                    .map(|(r, a)| (r.clone(), a.opts.member_id.clone()))
-                    .context("target")?;
-                let from = agents.get(&region).context("holder agent")?;
+                    .find(|m| m.cluster != region && m.status == "live" && !m.standby)
+                    .map(|m| (m.cluster.clone(), m.id.clone()))
+                    .context("a handover target")?;
                 let mut args: Vec<String> = vec![
                     "--endpoints".into(),
                     q.endpoints().join(","),
@@ -413,11 +382,9 @@ async fn drill(
                     "--to".into(),
                     target.1.clone(),
                 ];
-                let n = from.rec().handovers.len();
                 let refs: Vec<&str> = args.iter_mut().map(|s| s.as_str()).collect();
                 arcfed_tests::harness::arcfedctl(&refs)?;
-                // The holder loop answers the request: it deletes its session and releases.
-                from.wait_for("handover request", wait, |r| r.handovers.len() > n).await?;
+                // The holder answers the request: it deletes its session and releases.
                 let s2 =
                     q.wait_status("the target holds", wait, |s| holder_of(s).is_some_and(|h| h.0 == target.1)).await?;
                 let detect_ms = fault.elapsed().as_secs_f64() * 1000.0;
@@ -429,16 +396,13 @@ async fn drill(
                 failover.push(opened.saturating_sub(fault_emu) as f64);
                 first_poll.push(polled.saturating_sub(fault_emu) as f64);
                 run_gh = Some((opened.saturating_sub(fault_emu), polled.saturating_sub(fault_emu)));
-                (Some(detect_ms), None, format!("{region} → {}", target.0))
+                (Some(detect_ms), format!("{region} → {}", target.0))
             }
         };
         if let Some(v) = detect_ms {
             detect.push(v);
         }
-        if let Some(v) = grant_ms {
-            grant.push(v);
-        }
-        per_run.push(json!({"run": run, "detect_ms": detect_ms.map(f64::round), "grant_ms": grant_ms.map(f64::round),
+        per_run.push(json!({"run": run, "detect_ms": detect_ms.map(f64::round),
                    "failover_ms": run_gh.map(|g| g.0), "first_poll_ms": run_gh.map(|g| g.1),
                    "token_before": token, "what": note}));
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -457,7 +421,6 @@ async fn drill(
         "emulator_settings": emu.settings(),
         "runs": per_run,
         "detect_ms": summary(detect),
-        "grant_ms": summary(grant),
         "failover_ms": summary(failover),
         "first_poll_ms": summary(first_poll),
         "sessions_overlap_ms": ss.sessions_overlap_ms,
@@ -517,6 +480,33 @@ async fn wait_session(emu: &EmulatorHandle, set: i64, token: u64, wait: Duration
         }
         if Instant::now() > end {
             bail!("no polling GitHub session for token {token} within {wait:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the session of the holder with `token` polls after `after` (emulator clock).
+async fn wait_poll_after(emu: &EmulatorHandle, set: i64, token: u64, after: u64, wait: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + wait;
+    let suffix = format!("/t{token}");
+    loop {
+        let rep = emu.report();
+        let ids: Vec<String> = rep
+            .scale_sets
+            .iter()
+            .filter(|x| x.id == set)
+            .flat_map(|x| x.sessions.iter())
+            .filter(|s| s.owner.ends_with(&suffix))
+            .map(|s| s.session_id.clone())
+            .collect();
+        let polled = emu.timeline().iter().any(|e| {
+            e.class == PathClass::Poll && e.at_ms > after && e.session_id.as_ref().is_some_and(|s| ids.contains(s))
+        });
+        if polled {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            bail!("the holder (token {token}) did not poll again within {wait:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
