@@ -629,3 +629,48 @@ async fn an_admin_token_refused_before_its_exp_is_dropped_and_the_next_call_reau
     assert_eq!(chains, 2);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_rate_limit_403_is_retried_and_a_plain_403_is_not() {
+    let h = start(Layout::Ghes, fast(), None).await;
+    let set = h.create_scale_set("gha-rs", 1).unwrap().id;
+    let c = client(&h, set);
+    c.refresh_admin_token().await.unwrap();
+    h.add_fault(fault(
+        json!({"kind": "status", "status": 403, "retryAfter": "1", "pathClass": "scale_sets", "count": 1}),
+    ))
+    .unwrap();
+    c.get_scale_set().await.expect("a secondary-rate-limit 403 is waited out");
+    h.add_fault(fault(json!({"kind": "status", "status": 403, "pathClass": "scale_sets", "count": 1}))).unwrap();
+    match c.get_scale_set().await {
+        Err(e @ Error::Forbidden { .. }) => assert!(e.is_local()),
+        other => panic!("expected Forbidden, got {other:?}"),
+    }
+    let statuses: Vec<u16> = events(&h, PathClass::ScaleSets).iter().map(|e| e.status).collect();
+    assert_eq!(statuses, vec![403, 200, 403]);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn acquirable_jobs_absent_is_none_and_odd_envelopes_are_counted() {
+    let settings = Settings { acquirable_jobs: false, odd_messages_every: 1, ..fast() };
+    let h = start(Layout::Dotcom, settings, None).await;
+    let set = h.create_scale_set("gha-rs", 1).unwrap().id;
+    let c = client(&h, set);
+    assert_eq!(c.acquirable_jobs(&Open).await.expect("404 is not an error"), None);
+    let mut s = c.create_session(&Open, "arcfed/a/m1/t1").await.unwrap();
+    h.enqueue_jobs(set, 1, Duration::from_secs(30)).unwrap();
+    let (mut assigned, mut skipped, mut last) = (0, 0, 0);
+    while assigned == 0 {
+        let m = next_message(&c, &mut s, last).await;
+        let (jobs, unknown) = job_messages(&m.body);
+        assigned += jobs.iter().filter(|j| j.message_type == "JobAssigned").count();
+        skipped += unknown;
+        last = m.message_id;
+        c.delete_message(&Open, &mut s, m.message_id).await.unwrap();
+    }
+    assert_eq!(assigned, 1);
+    assert!(skipped >= 1, "the unknown job message type was counted");
+    c.delete_session(&Open, &s.session_id).await.unwrap();
+    h.shutdown().await;
+}

@@ -202,8 +202,11 @@ impl Reply {
         let (what, ids) = (self.what, self.ids);
         match self.status {
             401 => Error::Unauthorized { what, message, ids },
+            403 if is_rate_limit_403(&self.headers) => {
+                Error::RateLimited { what, status: 403, retry_after: rate_limit_wait(&self.headers), message, ids }
+            }
             403 => Error::Forbidden { what, message, ids },
-            429 => Error::RateLimited { what, retry_after: retry_after(&self.headers), message, ids },
+            429 => Error::RateLimited { what, status: 429, retry_after: rate_limit_wait(&self.headers), message, ids },
             status => Error::Status { what, status, type_name, message, retry_after: retry_after(&self.headers), ids },
         }
     }
@@ -224,6 +227,28 @@ impl Reply {
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     parse_retry_after(v, SystemTime::now())
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// GitHub REST answers its rate limits with 403 as well as 429: a secondary limit carries
+/// `Retry-After`, a primary one `x-ratelimit-remaining: 0` (docs.github.com, "Rate limits for
+/// the REST API"). Such a 403 is a rate limit, retried like a 429; any other 403 is not.
+fn is_rate_limit_403(headers: &HeaderMap) -> bool {
+    headers.contains_key(reqwest::header::RETRY_AFTER) || header_str(headers, "x-ratelimit-remaining") == Some("0")
+}
+
+/// `Retry-After`, else the wait until `x-ratelimit-reset` (unix seconds) when the limit is spent.
+fn rate_limit_wait(headers: &HeaderMap) -> Option<Duration> {
+    retry_after(headers).or_else(|| {
+        if header_str(headers, "x-ratelimit-remaining") != Some("0") {
+            return None;
+        }
+        let reset: i64 = header_str(headers, "x-ratelimit-reset")?.trim().parse().ok()?;
+        Some(Duration::from_secs(u64::try_from(reset - unix_now()).unwrap_or(0)))
+    })
 }
 
 /// `Retry-After`: delay-seconds or an HTTP-date (IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`).
@@ -809,8 +834,10 @@ impl Inner {
         let ids = RequestIds { activity_id: header("activityid"), request_id: header("x-github-request-id") };
         let body = resp.bytes().await.map_err(transport)?;
         let reply = Reply { what: call.what, status, body: strip_bom(&body).to_vec(), headers, ids };
-        let retryable =
-            status == 429 || (status >= 500 && status != 501) || (call.retry_auth && matches!(status, 401 | 403));
+        let retryable = status == 429
+            || (status == 403 && is_rate_limit_403(&reply.headers))
+            || (status >= 500 && status != 501)
+            || (call.retry_auth && matches!(status, 401 | 403));
         if retryable { Err(reply.into_error()) } else { Ok(reply) }
     }
 }

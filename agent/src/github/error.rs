@@ -42,8 +42,10 @@ pub enum Error {
     Unauthorized { what: &'static str, message: String, ids: RequestIds },
     #[error("{what}: forbidden (403): {message} ({ids})")]
     Forbidden { what: &'static str, message: String, ids: RequestIds },
-    #[error("{what}: rate limited (429), Retry-After {retry_after:?}: {message} ({ids})")]
-    RateLimited { what: &'static str, retry_after: Option<Duration>, message: String, ids: RequestIds },
+    /// 429, or a 403 that GitHub marks as a rate limit (`Retry-After` or
+    /// `x-ratelimit-remaining: 0`). `retry_after` is the wait the response asked for.
+    #[error("{what}: rate limited ({status}), Retry-After {retry_after:?}: {message} ({ids})")]
+    RateLimited { what: &'static str, status: u16, retry_after: Option<Duration>, message: String, ids: RequestIds },
     /// Any other unexpected status. `type_name` is the exception's .NET type (may be empty).
     #[error("{what}: unexpected status {status}: {type_name}: {message} ({ids})")]
     Status {
@@ -132,7 +134,7 @@ impl Error {
             Error::ScaleSetNotFound { .. } | Error::SessionGone { .. } => 404,
             Error::Unauthorized { .. } => 401,
             Error::Forbidden { .. } => 403,
-            Error::RateLimited { .. } => 429,
+            Error::RateLimited { status, .. } => *status,
             Error::Status { status, .. } => *status,
             Error::EmptyBody { .. } | Error::Decode { .. } => 200,
             Error::JobStillRunning { .. } => 400,
@@ -151,7 +153,7 @@ impl Error {
         }
     }
 
-    /// `Retry-After` to honour (429 and 503 only).
+    /// `Retry-After` to honour (rate limits and 503 only).
     pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             Error::RateLimited { retry_after, .. } => *retry_after,
