@@ -836,7 +836,11 @@ impl Driver {
     }
 
     fn apply_assignment(&mut self, runners: i64, dirty: bool, force_zero: bool) {
+        let before = self.scaler.last_target();
         let p = self.scaler.on_assignment(runners, dirty, force_zero);
+        if p.replicas != before {
+            tracing::info!(replicas = p.replicas, patch_id = p.patch_id, "desired runners changed");
+        }
         self.metrics.set_desired_runners(p.replicas);
         self.next_repatch = self.now() + REPATCH_EVERY_MS;
         if self.runners_tx.try_send(RunnerCmd::Patch(p)).is_err() {

@@ -29,6 +29,11 @@ impl Scaler {
         Scaler { min_runners: min_runners.clamp(0, max_runners), max_runners, patch_seq: -1, last_target: -1 }
     }
 
+    /// The replicas of the last patch (-1 before the first).
+    pub fn last_target(&self) -> i64 {
+        self.last_target
+    }
+
     /// The patch for an assignment push. `dirty`: a JobStarted/JobCompleted for this
     /// member's runners since the last push. `force_zero`: drain or leave.
     pub fn on_assignment(&mut self, runners: i64, dirty: bool, force_zero: bool) -> Patch {
