@@ -219,6 +219,8 @@ impl AgentProc {
 
     /// The agent's `/metrics` text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
+        // reqwest is built without a provider; the agent's own main installs ring the same way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         Ok(http.get(format!("http://{}/metrics", self.admin)).send().await?.text().await?)
     }

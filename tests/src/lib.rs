@@ -17,4 +17,3 @@ pub mod agent_proc;
 pub mod emulator;
 pub mod fault_proxy;
 pub mod harness;
-pub mod holder;

@@ -1,0 +1,336 @@
+//! Process tests of `arcfed-agent` (issue 6): real coordinator voters, real agent processes
+//! (clusters a, b, c with the `sim` runner backend), the emulated GitHub with the adversarial
+//! knob values, real signals. Every check reads what GitHub (the emulator's report and
+//! timeline) and the quorum (status) saw; nothing asserts a timing.
+
+use arcfed_tests::agent_proc::{AgentProc, AgentSpec, GitHubSide, metric_value};
+use arcfed_tests::emulator::{CloseReason, Cursor, Emulator, EmulatorConfig, EmulatorHandle, SessionTtlFrom};
+use arcfed_tests::harness::{Quorum, QuorumOptions};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(40);
+
+struct World {
+    dir: tempfile::TempDir,
+    q: Option<Quorum>,
+    emu: EmulatorHandle,
+    set: i64,
+    agents: Vec<AgentProc>,
+}
+
+/// The emulator with the adversarial values of the undocumented knobs (tests/EMULATOR.md).
+async fn emulator(long_poll: Duration) -> anyhow::Result<(EmulatorHandle, i64)> {
+    let mut cfg = EmulatorConfig::default();
+    cfg.settings.long_poll = long_poll;
+    cfg.settings.queue_token_survives_session_delete = true;
+    cfg.settings.session_ttl_from = SessionTtlFrom::Creation;
+    cfg.settings.cursor = Cursor::PerScaleSet;
+    let emu = Emulator::start(cfg, tokio::net::TcpListener::bind("127.0.0.1:0").await?).await?;
+    let set = emu.create_scale_set("federated", 1).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok((emu, set.id))
+}
+
+fn github(emu: &EmulatorHandle, set: i64) -> GitHubSide {
+    GitHubSide { config_url: emu.config_url(), pat: emu.pat().to_string(), scale_set_id: set, resolve: vec![] }
+}
+
+impl World {
+    async fn start(clusters: &[&str]) -> anyhow::Result<World> {
+        let dir = tempfile::tempdir()?;
+        let (emu, set) = emulator(Duration::from_secs(2)).await?;
+        let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
+        q.wait_serving(WAIT).await?;
+        let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
+        for c in clusters {
+            w.add(c)?;
+        }
+        Ok(w)
+    }
+
+    fn q(&self) -> &Quorum {
+        self.q.as_ref().expect("quorum")
+    }
+
+    fn spec(&self, cluster: &str) -> anyhow::Result<AgentSpec> {
+        let q = self.q();
+        Ok(AgentSpec::new(cluster, github(&self.emu, self.set)).federated(q.endpoints(), q.certs.agent(cluster)?))
+    }
+
+    fn add(&mut self, cluster: &str) -> anyhow::Result<()> {
+        let spec = self.spec(cluster)?;
+        self.add_spec(spec)
+    }
+
+    fn add_spec(&mut self, spec: AgentSpec) -> anyhow::Result<()> {
+        let a = AgentProc::start(&self.dir.path().join(&spec.cluster), spec)?;
+        self.agents.push(a);
+        Ok(())
+    }
+
+    fn agent(&mut self, cluster: &str) -> &mut AgentProc {
+        self.agents.iter_mut().find(|a| a.spec.cluster == cluster).expect("agent")
+    }
+
+    /// (cluster, member id, token) of the holder, once every agent is live and one holds.
+    async fn holder(&self) -> anyhow::Result<(String, String, u64)> {
+        let n = self.agents.len();
+        let s = self
+            .q()
+            .wait_status("every agent live and a holder", WAIT, |s| {
+                s.members.iter().filter(|m| m.status == "live").count() >= n
+                    && s.groups.first().is_some_and(|g| !g.holder.is_empty())
+            })
+            .await?;
+        let g = &s.groups[0];
+        Ok((g.holder_cluster.clone(), g.holder.clone(), g.token))
+    }
+
+    /// Waits for a session of the holder with `token` that has polled; returns its id.
+    async fn polling_session(&self, token: u64) -> anyhow::Result<String> {
+        let suffix = format!("/t{token}");
+        let end = Instant::now() + WAIT;
+        loop {
+            let rep = self.emu.report();
+            if let Some(s) = rep
+                .scale_set(self.set)
+                .and_then(|s| s.sessions.iter().find(|x| x.owner.ends_with(&suffix) && x.polls > 0))
+            {
+                return Ok(s.session_id.clone());
+            }
+            if Instant::now() > end {
+                anyhow::bail!("no polling session for token {token}; logs:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for a holder other than `old` (member id) whose session polls.
+    async fn successor(&self, old: &str) -> anyhow::Result<(String, u64, String)> {
+        let s = self
+            .q()
+            .wait_status("another holder", WAIT, |s| {
+                s.groups.first().is_some_and(|g| !g.holder.is_empty() && g.holder != old)
+            })
+            .await?;
+        let g = &s.groups[0];
+        let sid = self.polling_session(g.token).await?;
+        Ok((g.holder_cluster.clone(), g.token, sid))
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| {
+                let l = a.log_text();
+                let tail: Vec<&str> = l.lines().rev().take(15).collect();
+                format!("--- {}\n{}", a.spec.cluster, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The GitHub-side invariants every scenario must keep (DESIGN §6, §11).
+    fn assert_clean(&self) {
+        let rep = self.emu.report();
+        let ss = rep.scale_set(self.set).expect("scale set");
+        assert_eq!(ss.max_concurrent_sessions, 1, "one session at a time; logs:\n{}", self.logs());
+        assert_eq!(ss.sessions_overlap_ms, 0, "no holder-only request overlaps its successor's");
+        assert_eq!(ss.zombie_requests, 0, "no request with a deleted session's credentials");
+        assert_eq!(ss.jobs_acquired_twice, 0);
+        let lost = ss.messages_delivered.saturating_sub(ss.messages_redelivered).saturating_sub(ss.messages_deleted);
+        // A message in flight at the end may still be unacked: allow only that one.
+        assert!(lost <= 1, "messages lost: {lost} (delivered {}, deleted {})", ss.messages_delivered, ss.messages_deleted);
+    }
+}
+
+/// (a) One session, the others stand by, no steady 409s, owners in arcfed's format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_session_the_others_stand_by_with_arcfed_owner_names() -> anyhow::Result<()> {
+    let w = World::start(&["a", "b", "c"]).await?;
+    let (cluster, member, token) = w.holder().await?;
+    let sid = w.polling_session(token).await?;
+    let rep = w.emu.report();
+    let ss = rep.scale_set(w.set).expect("scale set");
+    let s = ss.sessions.iter().find(|s| s.session_id == sid).expect("session");
+    assert_eq!(s.owner, format!("arcfed/{cluster}/{member}/t{token}"));
+    // Steady state: a few long polls later, still one session and no 409 at all.
+    let polls = s.polls;
+    let end = Instant::now() + WAIT;
+    while w.emu.report().scale_set(w.set).and_then(|x| x.sessions.iter().find(|s| s.session_id == sid)).map(|s| s.polls)
+        < Some(polls + 3)
+    {
+        assert!(Instant::now() < end, "the holder stopped polling");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rep = w.emu.report();
+    let ss = rep.scale_set(w.set).expect("scale set");
+    assert_eq!(ss.conflicts_409, 0, "no 409 in steady state");
+    assert_eq!(ss.sessions.len(), 1, "one session was ever opened");
+    // The replicated session id is the holder's.
+    let st = w.q().status().await?;
+    assert_eq!(st.groups[0].session_id, sid);
+    // Metrics: exactly the holder says it holds.
+    for a in &w.agents {
+        let m = a.metrics().await?;
+        let want = if a.spec.cluster == cluster { 1.0 } else { 0.0 };
+        assert_eq!(metric_value(&m, "arcfed_agent_is_holder"), Some(want), "{}: {m}", a.spec.cluster);
+        assert_eq!(metric_value(&m, "arcfed_agent_coordinator_connected"), Some(1.0));
+    }
+    w.assert_clean();
+    Ok(())
+}
+
+/// (b) Jobs run in all three clusters, split per DESIGN §5.5; every ERS patch ≤ its max.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_jobs_run_in_every_cluster() -> anyhow::Result<()> {
+    let w = World::start(&["a", "b", "c"]).await?;
+    let (_, _, token) = w.holder().await?;
+    w.polling_session(token).await?;
+    w.emu.enqueue_jobs(w.set, 9, Duration::from_secs(20)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let s = w
+        .q()
+        .wait_status("busy runners in every cluster", WAIT, |s| s.members.iter().filter(|m| m.busy > 0).count() == 3)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; logs:\n{}", w.logs()))?;
+    let g = &s.groups[0];
+    let total: i64 = g.assignments.iter().map(|a| a.runners).sum();
+    let max: i64 = s.members.iter().map(|m| m.max_runners).sum();
+    assert!(total <= max, "Σ assignments {total} ≤ Σ max {max}");
+    for m in &s.members {
+        let a = g.assignments.iter().find(|a| a.member == m.id).map(|a| a.runners).unwrap_or(0);
+        assert!(a >= m.busy, "{}: a running job is pinned to its cluster ({a} < busy {})", m.cluster, m.busy);
+        assert!(a <= m.max_runners);
+    }
+    w.assert_clean();
+    Ok(())
+}
+
+/// (c) SIGKILL the holder: the successor deletes the orphan by its replicated id and opens its
+/// own session: no 409, no overlap, nothing lost, no job acquired twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_sigkill_holder_successor_revokes_the_orphan_and_takes_over() -> anyhow::Result<()> {
+    let mut w = World::start(&["a", "b", "c"]).await?;
+    let (cluster, member, token) = w.holder().await?;
+    let orphan = w.polling_session(token).await?;
+    w.emu.enqueue_jobs(w.set, 3, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    w.agent(&cluster).kill();
+    let (new_cluster, new_token, sid) = w.successor(&member).await?;
+    assert_ne!(new_cluster, cluster);
+    assert!(new_token > token, "tokens only grow");
+    let rep = w.emu.report();
+    let ss = rep.scale_set(w.set).expect("scale set");
+    let o = ss.sessions.iter().find(|s| s.session_id == orphan).expect("orphan");
+    assert_eq!(o.close_reason, CloseReason::Deleted, "the successor deleted the orphan");
+    assert_eq!(ss.conflicts_409, 0, "the orphan was revoked before the create");
+    let st = w
+        .q()
+        .wait_status("the revocation reported", WAIT, |s| {
+            s.groups[0].session_id == sid && s.groups[0].stale_sessions.is_empty()
+        })
+        .await?;
+    assert_eq!(st.groups[0].token, new_token);
+    // The killed pod is recreated and comes back as a standby.
+    w.agent(&cluster).restart()?;
+    w.q()
+        .wait_status("the recreated agent joins", WAIT, |s| {
+            s.members.iter().filter(|m| m.cluster == cluster && m.status == "live").count() == 1
+        })
+        .await?;
+    assert_eq!(w.q().status().await?.groups[0].token, new_token, "no failback");
+    w.assert_clean();
+    Ok(())
+}
+
+/// (d) SIGSTOP the holder past its TTL, then SIGCONT: no holder-only request after its fence,
+/// and it comes back as a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_frozen_holder_sends_nothing_after_its_fence_and_returns_as_standby() -> anyhow::Result<()> {
+    let mut w = World::start(&["a", "b", "c"]).await?;
+    let (cluster, member, token) = w.holder().await?;
+    w.polling_session(token).await?;
+    w.agent(&cluster).freeze();
+    let (_, new_token, _) = w.successor(&member).await?;
+    w.agent(&cluster).thaw();
+    let frozen = w.agent(&cluster).admin;
+    let end = Instant::now() + WAIT;
+    loop {
+        let a = w.agents.iter().find(|a| a.admin == frozen).expect("agent");
+        if let Ok(m) = a.metrics().await
+            && metric_value(&m, "arcfed_agent_is_holder") == Some(0.0)
+            && metric_value(&m, "arcfed_agent_coordinator_connected") == Some(1.0)
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "the thawed agent did not return as a standby; logs:\n{}", w.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let anything the thawed agent might still send arrive, then check the history.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(w.q().status().await?.groups[0].token, new_token, "the successor still holds");
+    w.assert_clean();
+    Ok(())
+}
+
+/// (e) SIGTERM the holder: it deletes its session and releases; the successor opens its
+/// own at once, with no 409 and no wait for GitHub's orphan expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_sigterm_holder_deletes_its_session_and_hands_over() -> anyhow::Result<()> {
+    let mut w = World::start(&["a", "b"]).await?;
+    let (cluster, member, token) = w.holder().await?;
+    let sid = w.polling_session(token).await?;
+    let code = w.agent(&cluster).terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "a clean exit within the grace period; logs:\n{}", w.logs());
+    let rep = w.emu.report();
+    let s = rep.scale_set(w.set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).cloned()).expect("s");
+    assert_eq!(s.close_reason, CloseReason::Deleted, "the holder deleted its own session");
+    let (_, new_token, _) = w.successor(&member).await?;
+    assert!(new_token > token);
+    let st = w.q().status().await?;
+    let left = st.members.iter().find(|m| m.id == member).map(|m| m.status.clone());
+    assert!(left.is_none() || left.as_deref() == Some("left"), "the old member left: {left:?}");
+    assert_eq!(w.emu.report().scale_set(w.set).map(|s| s.conflicts_409), Some(0));
+    w.assert_clean();
+    Ok(())
+}
+
+/// Standalone (no coordinator): a SIGKILLed agent's successor deletes the recorded session
+/// and opens its own in seconds, with no 409 loop (DESIGN §5.12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_restart_after_sigkill_deletes_the_recorded_session() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (emu, set) = emulator(Duration::from_secs(2)).await?;
+    let mut a = AgentProc::start(dir.path(), AgentSpec::new("solo", github(&emu, set)))?;
+    let first = wait_polling_owner(&emu, set, "arcfed/solo/", None).await?;
+    let record = std::fs::read_to_string(&a.state_file)?;
+    assert!(record.contains(&first), "the session id is recorded on the ERS before polling: {record}");
+    a.kill();
+    a.restart()?;
+    let second = wait_polling_owner(&emu, set, "arcfed/solo/", Some(&first)).await?;
+    let rep = emu.report();
+    let ss = rep.scale_set(set).expect("scale set");
+    let old = ss.sessions.iter().find(|s| s.session_id == first).expect("first session");
+    assert_eq!(old.close_reason, CloseReason::Deleted, "deleted by the recorded id, not expired");
+    assert_eq!(ss.conflicts_409, 0, "no 409 loop after the restart");
+    assert!(std::fs::read_to_string(&a.state_file)?.contains(&second));
+    assert_eq!(a.metric("arcfed_agent_is_holder").await, Some(1.0));
+    Ok(())
+}
+
+async fn wait_polling_owner(
+    emu: &EmulatorHandle,
+    set: i64,
+    prefix: &str,
+    not: Option<&str>,
+) -> anyhow::Result<String> {
+    let end = Instant::now() + WAIT;
+    loop {
+        let rep = emu.report();
+        if let Some(s) = rep.scale_set(set).and_then(|s| {
+            s.sessions.iter().find(|x| x.owner.starts_with(prefix) && x.polls > 0 && Some(x.session_id.as_str()) != not)
+        }) {
+            return Ok(s.session_id.clone());
+        }
+        anyhow::ensure!(Instant::now() < end, "no polling session with owner {prefix}*");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
