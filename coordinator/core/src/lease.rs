@@ -84,17 +84,28 @@ struct HandoverTimer {
 #[derive(Clone, Debug, Default)]
 pub struct LeaseTable {
     pub cfg: LeaseConfig,
+    /// The Raft term this table serves (set by `promote`, cleared by `clear`). Only streams
+    /// of this term may move a deadline earlier: a stream of an earlier term of this node
+    /// closes after a re-promotion against fresh entries that know no keepalive, and
+    /// judging it would collapse the fast-path floor to `now + grace` (issue 8, item 1).
+    term: Option<u64>,
     entries: BTreeMap<MemberId, LeaseEntry>,
     handovers: BTreeMap<(GroupKey, u64), HandoverTimer>,
 }
 
 impl LeaseTable {
     pub fn new(cfg: LeaseConfig) -> LeaseTable {
-        LeaseTable { cfg, entries: BTreeMap::new(), handovers: BTreeMap::new() }
+        LeaseTable { cfg, term: None, entries: BTreeMap::new(), handovers: BTreeMap::new() }
+    }
+
+    /// The term this table serves, if any.
+    pub fn term(&self) -> Option<u64> {
+        self.term
     }
 
     /// Forget everything (this node stopped leading); the next promotion rebuilds the table.
     pub fn clear(&mut self) {
+        self.term = None;
         self.entries.clear();
         self.handovers.clear();
     }
@@ -153,16 +164,25 @@ impl LeaseTable {
     /// Fast path for a dead process: move the deadline earlier, but never below
     /// `max(now + grace, last_keepalive + fence_bound)`, so it never undercuts the fence of
     /// an agent whose close was one-sided.
-    pub fn on_stream_closed(&mut self, m: &MemberId, epoch: u64, now: u64) {
+    ///
+    /// `term` is the term the closing stream was opened in. Only a stream of the term this
+    /// table serves may move a deadline, and only when the member's last keepalive in this
+    /// term is known: after a promotion the entries know no keepalive (another leader may
+    /// have acked the agent since), so a close then leaves the fresh deadline alone.
+    pub fn on_stream_closed(&mut self, m: &MemberId, epoch: u64, term: u64, now: u64) {
+        if self.term != Some(term) {
+            return;
+        }
         let grace = self.cfg.reconnect_grace_ms;
         let bound = self.cfg.fence_bound_ms();
         let Some(e) = self.entries.get_mut(m) else { return };
         if e.epoch != epoch {
             return;
         }
+        let Some(last) = e.last_keepalive else { return };
         e.stream_open = false;
         e.closed_at = Some(now);
-        let floor = now.saturating_add(grace).max(e.last_keepalive.unwrap_or(0).saturating_add(bound));
+        let floor = now.saturating_add(grace).max(last.saturating_add(bound));
         e.deadline = e.deadline.min(floor);
     }
 
@@ -217,7 +237,9 @@ impl LeaseTable {
     /// Promotion (etcd's promote): once the new leader has applied every earlier entry, every
     /// lease gets a fresh deadline; Silent members only `reconnect_grace`, so frequent leader
     /// changes cannot keep a dead holder alive. `members` = (id, epoch, silent).
-    pub fn promote(&mut self, now: u64, members: impl IntoIterator<Item = (MemberId, u64, bool)>) {
+    /// `term` is the term this node now serves; only its streams may use the fast path.
+    pub fn promote(&mut self, now: u64, term: u64, members: impl IntoIterator<Item = (MemberId, u64, bool)>) {
+        self.term = Some(term);
         self.entries.clear();
         self.handovers.clear();
         // A deposed leader may still ack for up to TTL×margin after its last quorum contact,
@@ -293,8 +315,13 @@ mod tests {
         MemberId(s.into())
     }
 
+    /// The term every test table serves.
+    const TERM: u64 = 3;
+
     fn table() -> LeaseTable {
-        LeaseTable::new(LeaseConfig::default())
+        let mut t = LeaseTable::new(LeaseConfig::default());
+        t.promote(0, TERM, Vec::new());
+        t
     }
 
     #[test]
@@ -339,7 +366,7 @@ mod tests {
         let cfg = t.cfg;
         t.on_join(&mid("a"), 1, 0);
         assert_eq!(t.on_keepalive(&mid("a"), 1, 1000, Some(0)), KeepaliveVerdict::Ack);
-        t.on_stream_closed(&mid("a"), 1, 1100);
+        t.on_stream_closed(&mid("a"), 1, TERM, 1100);
         let floor = (1100 + cfg.reconnect_grace_ms).max(1000 + cfg.fence_bound_ms());
         assert_eq!(t.entry(&mid("a")).unwrap().deadline, floor);
         assert!(t.tick(floor - 1, floor - 1).expire.is_empty());
@@ -348,11 +375,54 @@ mod tests {
         assert!(floor < 1000 + cfg.ttl_ms);
     }
 
+    /// Issue 8, item 1: this node led term 5, lost it, another leader acked the agent, and
+    /// this node was re-elected in term 7. The term-5 stream's close is handled only now,
+    /// against fresh entries that know no keepalive. It must not move the deadline: the
+    /// agent's fence from the other leader's ack may still run.
+    #[test]
+    fn a_close_from_an_earlier_term_after_re_promotion_leaves_the_fresh_deadline_alone() {
+        let mut t = LeaseTable::new(LeaseConfig::default());
+        let cfg = t.cfg;
+        let a = mid("a");
+        t.promote(0, 5, Vec::new());
+        t.on_join(&a, 1, 0);
+        assert_eq!(t.on_keepalive(&a, 1, 1000, Some(0)), KeepaliveVerdict::Ack);
+        t.clear(); // term 5 ends here
+        // Another leader (term 6) acks a keepalive sent at 5000: the agent's fence runs to 7001.
+        let other_ack_sent = 5000;
+        t.promote(5500, 7, vec![(a.clone(), 1, false)]);
+        // The term-5 stream's close is handled after the re-promotion.
+        t.on_stream_closed(&a, 1, 5, 5600);
+        assert_eq!(t.entry(&a).unwrap().deadline, 5500 + cfg.ttl_ms);
+        // A term-7 close with no keepalive seen in term 7 leaves it alone too.
+        t.on_stream_closed(&a, 1, 7, 5700);
+        assert_eq!(t.entry(&a).unwrap().deadline, 5500 + cfg.ttl_ms);
+        let mut now = 5600;
+        while now < other_ack_sent + cfg.fence_bound_ms() {
+            assert!(t.tick(now, now).expire.is_empty(), "expired at {now}, inside the other leader's fence");
+            now += 10;
+        }
+        // Once a keepalive arrives in term 7, the fast path works again, bounded by it.
+        assert_eq!(t.on_keepalive(&a, 1, 7100, Some(0)), KeepaliveVerdict::Ack);
+        t.on_stream_closed(&a, 1, 7, 7200);
+        assert_eq!(t.entry(&a).unwrap().deadline, (7200 + cfg.reconnect_grace_ms).max(7100 + cfg.fence_bound_ms()));
+    }
+
+    #[test]
+    fn a_table_that_serves_no_term_ignores_closes() {
+        let mut t = LeaseTable::new(LeaseConfig::default());
+        t.on_join(&mid("a"), 1, 0);
+        let before = t.entry(&mid("a")).unwrap().deadline;
+        t.on_stream_closed(&mid("a"), 1, 0, 10);
+        assert_eq!(t.entry(&mid("a")).unwrap().deadline, before);
+        assert_eq!(t.term(), None);
+    }
+
     #[test]
     fn after_promotion_silence_is_judged_only_after_a_stale_leaders_ack_window() {
         let mut t = table();
         let cfg = t.cfg;
-        t.promote(10_000, vec![(mid("m"), 1, false)]);
+        t.promote(10_000, TERM, vec![(mid("m"), 1, false)]);
         let silent_at = 10_000 + cfg.quorum_window_ms() + cfg.fence_bound_ms();
         let mut now = 10_000;
         while now < silent_at.min(10_000 + cfg.ttl_ms) {
@@ -378,7 +448,7 @@ mod tests {
     fn promotion_gives_silent_members_only_the_grace() {
         let mut t = table();
         let cfg = t.cfg;
-        t.promote(10_000, vec![(mid("live"), 1, false), (mid("quiet"), 2, true)]);
+        t.promote(10_000, TERM, vec![(mid("live"), 1, false), (mid("quiet"), 2, true)]);
         assert_eq!(t.entry(&mid("live")).unwrap().deadline, 10_000 + cfg.ttl_ms);
         assert_eq!(t.entry(&mid("quiet")).unwrap().deadline, 10_000 + cfg.reconnect_grace_ms);
         assert!(!t.is_live(&mid("quiet"), 10_001));
@@ -411,11 +481,45 @@ mod tests {
             for (gap, promote) in steps {
                 now += gap;
                 if promote {
-                    t.promote(now, vec![(m.clone(), 1, false)]);
+                    t.promote(now, TERM, vec![(m.clone(), 1, false)]);
                 }
                 let out = t.tick(now, now);
                 prop_assert!(out.expire.is_empty());
                 prop_assert_eq!(t.on_keepalive(&m, 1, now, Some(0)), KeepaliveVerdict::Ack);
+            }
+        }
+
+        /// Whatever closes arrive after a promotion (from any earlier term of this node, or
+        /// from this term before or after a keepalive), no expiry comes before the fence bound
+        /// of a keepalive another leader acked before the promotion, nor of one this leader
+        /// acked after it.
+        #[test]
+        fn closes_after_a_re_promotion_never_undercut_any_acked_fence(
+            other_ka in 0u64..5_000,
+            promote_gap in 0u64..3_000,
+            events in proptest::collection::vec((0u64..400, 0u8..4), 1..30),
+        ) {
+            let mut t = LeaseTable::new(LeaseConfig::default());
+            let a = mid("a");
+            let bound = t.cfg.fence_bound_ms();
+            let promoted = other_ka + promote_gap;
+            t.promote(promoted, 9, vec![(a.clone(), 1, false)]);
+            let mut now = promoted;
+            let mut last_ka = other_ka;
+            for (gap, what) in events {
+                now += gap;
+                match what {
+                    0 => t.on_stream_closed(&a, 1, 8, now),
+                    1 => t.on_stream_closed(&a, 1, 9, now),
+                    2 => if t.on_keepalive(&a, 1, now, Some(0)) == KeepaliveVerdict::Ack { last_ka = now },
+                    _ => {}
+                }
+                let out = t.tick(now, now);
+                if !out.expire.is_empty() {
+                    prop_assert!(now >= other_ka + bound, "expired at {} before {}", now, other_ka + bound);
+                    prop_assert!(now >= last_ka + bound, "expired at {} before {}", now, last_ka + bound);
+                    break;
+                }
             }
         }
 
@@ -426,7 +530,7 @@ mod tests {
             let m = mid("x");
             t.on_join(&m, 1, ka.saturating_sub(100));
             prop_assert_eq!(t.on_keepalive(&m, 1, ka, Some(0)), KeepaliveVerdict::Ack);
-            t.on_stream_closed(&m, 1, ka + close_after);
+            t.on_stream_closed(&m, 1, TERM, ka + close_after);
             let d = t.entry(&m).unwrap().deadline;
             prop_assert!(d >= ka + t.cfg.fence_bound_ms());
             prop_assert!(d >= ka + close_after + t.cfg.reconnect_grace_ms || d == ka + t.cfg.ttl_ms);

@@ -138,7 +138,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
     }
     commands.abort();
     pusher.abort();
-    ctx.lessor().on_stream_closed(&joined.member, joined.epoch, ctx.now());
+    ctx.lessor().on_stream_closed(&joined.member, joined.epoch, term, ctx.now());
     ctx.metrics.streams_open.dec();
     info!("stream closed");
 }

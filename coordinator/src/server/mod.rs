@@ -326,7 +326,7 @@ async fn promote(ctx: Arc<Ctx>, term: u64) {
             .map(|m| (m.id.clone(), m.epoch, m.status == crate::core::MemberStatus::Silent))
             .collect()
     });
-    ctx.lessor().promote(now, members);
+    ctx.lessor().promote(now, term, members);
     lock(&ctx.holderless_since).clear();
     ctx.serving.send_replace(Some(term));
     info!(term, node = ctx.id, "serving as leader");
