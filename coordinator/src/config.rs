@@ -129,6 +129,11 @@ pub struct Cli {
     /// Fence margin as a fraction of the TTL (agents stop holder-only requests at TTL×(1−margin)).
     #[arg(long, env = "ARCFED_FENCE_MARGIN", default_value = "0.333")]
     pub fence_margin: f64,
+    /// Bound ρ on the relative clock-rate error between any two processes (0.01 = 1%). One
+    /// number used by the lessor's fast path and Silent rule (TTL×(1−margin)×(1+2ρ)) and by
+    /// the startup timing-rule check.
+    #[arg(long, env = "ARCFED_MAX_CLOCK_DRIFT", default_value = "0.01")]
+    pub max_clock_drift: f64,
     /// Default handover deadline for `arcfedctl handover` and drains.
     #[arg(long, env = "ARCFED_HANDOVER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub handover_timeout: Duration,
@@ -200,6 +205,13 @@ impl Cli {
         if !(0.05..=0.9).contains(&self.fence_margin) {
             return Err(format!("--fence-margin {} must be within 0.05..=0.9", self.fence_margin));
         }
+        // NaN fails the range check too.
+        if !(0.0..=0.1).contains(&self.max_clock_drift) {
+            return Err(format!(
+                "--max-clock-drift {} must be within 0..=0.1 (a relative clock-rate error; 0.01 = 1%)",
+                self.max_clock_drift
+            ));
+        }
         if hb == 0 || hb >= emin {
             return Err(format!(
                 "--heartbeat-interval ({hb}ms) must be > 0 and below --election-timeout-min ({emin}ms)"
@@ -212,15 +224,20 @@ impl Cli {
             ttl_ms: ttl,
             margin_permille: (self.fence_margin * 1000.0).round() as u64,
             reconnect_grace_ms: grace,
-            rho_permille: 10,
+            rho_permille: (self.max_clock_drift * 1000.0).round() as u64,
         };
-        // DESIGN §4 timing rule: a leader change must not pause intake past the fence.
-        let need = emax + 4 * rtt + ttl / 4;
+        // DESIGN §4 timing rule: a leader change must not pause intake past the fence. The
+        // path is timed on the voters' clocks and the fence on the agent's, so the path is
+        // stretched by (1 + 2ρ), the same factor the lessor uses.
+        let path = emax + 4 * rtt + ttl / 4;
+        let need = path.saturating_mul(1000 + 2 * lease.rho_permille) / 1000;
         if need >= lease.fence_ms() {
             return Err(format!(
-                "timing rule violated: --election-timeout-max ({emax}ms) + 4×--rtt ({rtt}ms) + --lease-ttl/4 ({}ms) = {need}ms \
-                 must stay below --lease-ttl×(1−--fence-margin) = {}ms; raise --lease-ttl or lower the election timeouts",
+                "timing rule violated: (--election-timeout-max ({emax}ms) + 4×--rtt ({rtt}ms) + --lease-ttl/4 ({}ms)) \
+                 × (1 + 2×--max-clock-drift ({})) = {need}ms must stay below --lease-ttl×(1−--fence-margin) = {}ms; \
+                 raise --lease-ttl or lower the election timeouts",
                 ttl / 4,
+                self.max_clock_drift,
                 lease.fence_ms()
             ));
         }
@@ -284,12 +301,39 @@ mod tests {
     }
 
     #[test]
+    fn max_clock_drift_is_the_one_rho_of_the_lessor_and_the_timing_rule() {
+        let cfg = Cli::try_parse_from(base()).expect("parse").validate().expect("valid");
+        assert_eq!(cfg.lease.rho_permille, 10, "default 0.01");
+        let mut args = base();
+        args.extend(["--max-clock-drift", "0.05"]);
+        let cfg = Cli::try_parse_from(args).expect("parse").validate().expect("valid");
+        assert_eq!(cfg.lease.rho_permille, 50);
+        // The fast path and the Silent rule both use fence_bound_ms, which grows with ρ.
+        assert_eq!(cfg.lease.fence_bound_ms(), 2001 * 1100 / 1000);
+        // A configuration that fits the timing rule at ρ = 0 but not with the drift stretch:
+        // (emax 1200 + 4×5 + 750) = 1970ms < 2001ms, but × 1.2 = 2364ms ≥ 2001ms.
+        let tight = ["--election-timeout-max", "1200ms"];
+        let mut args = base();
+        args.extend(tight);
+        args.extend(["--max-clock-drift", "0"]);
+        Cli::try_parse_from(args).expect("parse").validate().expect("fits without drift");
+        let mut args = base();
+        args.extend(tight);
+        args.extend(["--max-clock-drift", "0.1"]);
+        let err = Cli::try_parse_from(args).expect("parse").validate().expect_err("drift breaks it");
+        assert!(err.contains("timing rule") && err.contains("--max-clock-drift"), "{err}");
+    }
+
+    #[test]
     fn bad_values_name_the_flag() {
         let cases: Vec<(Vec<&str>, &str)> = vec![
             (vec!["--lease-ttl", "1s"], "timing rule"),
             (vec!["--peer", "x=1"], "--peer"),
             (vec!["--fence-margin", "2"], "--fence-margin"),
             (vec!["--election-timeout-min", "2s"], "--election-timeout-min"),
+            (vec!["--max-clock-drift", "0.5"], "--max-clock-drift"),
+            (vec!["--max-clock-drift=-0.01"], "--max-clock-drift"),
+            (vec!["--max-clock-drift", "NaN"], "--max-clock-drift"),
         ];
         for (extra, want) in cases {
             let mut args = base();
