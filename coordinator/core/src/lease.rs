@@ -6,7 +6,7 @@
 //! (`CLOCK_BOOTTIME`), passed in by the driver: this module never reads a clock.
 
 use crate::types::{GroupKey, MemberId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Lease timing. Ratios are in permille so everything stays integer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,11 +91,22 @@ pub struct LeaseTable {
     term: Option<u64>,
     entries: BTreeMap<MemberId, LeaseEntry>,
     handovers: BTreeMap<(GroupKey, u64), HandoverTimer>,
+    /// Groups known at the promotion, and until when Grants for them wait: a fallback
+    /// holder that reattaches after a quorum loss reports `Adopt` first (DESIGN §5.11).
+    grant_hold: BTreeSet<GroupKey>,
+    grant_hold_until: u64,
 }
 
 impl LeaseTable {
     pub fn new(cfg: LeaseConfig) -> LeaseTable {
-        LeaseTable { cfg, term: None, entries: BTreeMap::new(), handovers: BTreeMap::new() }
+        LeaseTable {
+            cfg,
+            term: None,
+            entries: BTreeMap::new(),
+            handovers: BTreeMap::new(),
+            grant_hold: BTreeSet::new(),
+            grant_hold_until: 0,
+        }
     }
 
     /// The term this table serves, if any.
@@ -106,6 +117,7 @@ impl LeaseTable {
     /// Forget everything (this node stopped leading); the next promotion rebuilds the table.
     pub fn clear(&mut self) {
         self.term = None;
+        self.grant_hold.clear();
         self.entries.clear();
         self.handovers.clear();
     }
@@ -263,6 +275,20 @@ impl LeaseTable {
         }
     }
 
+    /// After a promotion at `now`, Grants for these groups (those in the applied state) wait
+    /// one TTL, so that fallback holders reattaching to the new leader can `Adopt` their
+    /// session first instead of being replaced by a fresh Grant.
+    pub fn hold_grants(&mut self, now: u64, groups: impl IntoIterator<Item = GroupKey>) {
+        self.grant_hold = groups.into_iter().collect();
+        self.grant_hold_until = now.saturating_add(self.cfg.ttl_ms);
+    }
+
+    /// Whether a Grant for `g` must still wait at `now` (see [`LeaseTable::hold_grants`]).
+    /// Groups first seen after the promotion have no fallback holder to wait for.
+    pub fn grant_held(&self, g: &GroupKey, now: u64) -> bool {
+        now < self.grant_hold_until && self.grant_hold.contains(g)
+    }
+
     /// Members whose lease this leader still holds valid at `now`.
     pub fn is_live(&self, m: &MemberId, now: u64) -> bool {
         self.entries.get(m).is_some_and(|e| now < e.deadline && !e.expire_proposed && !e.silent_proposed)
@@ -406,6 +432,24 @@ mod tests {
         assert_eq!(t.on_keepalive(&a, 1, 7100, Some(0)), KeepaliveVerdict::Ack);
         t.on_stream_closed(&a, 1, 7, 7200);
         assert_eq!(t.entry(&a).unwrap().deadline, (7200 + cfg.reconnect_grace_ms).max(7100 + cfg.fence_bound_ms()));
+    }
+
+    #[test]
+    fn grants_for_groups_known_at_promotion_wait_one_ttl() {
+        let mut t = table();
+        let ttl = t.cfg.ttl_ms;
+        let old = GroupKey("https://h/o#1".into());
+        let new = GroupKey("https://h/o#2".into());
+        t.promote(10_000, TERM + 1, vec![]);
+        t.hold_grants(10_000, vec![old.clone()]);
+        assert!(t.grant_held(&old, 10_000));
+        assert!(t.grant_held(&old, 10_000 + ttl - 1));
+        assert!(!t.grant_held(&old, 10_000 + ttl));
+        assert!(!t.grant_held(&new, 10_000), "a group created after the promotion has no fallback holder");
+        // Losing leadership forgets the hold; the next promotion sets its own.
+        t.hold_grants(20_000, vec![old.clone()]);
+        t.clear();
+        assert!(!t.grant_held(&old, 20_001));
     }
 
     #[test]

@@ -371,9 +371,21 @@ impl State {
                         format!("member {member} has no lease in {group}"),
                     );
                 }
+                // An Adopt is a Grant the member asks for: it obeys the same eligibility
+                // (standby, draining, cooldown, allow-list, github_ready). Checked only for a
+                // holderless group: a lost race must still reach the holder below.
+                let holderless = self.groups.get(group).is_some_and(|g| g.holder.is_none());
+                let refused = if holderless { self.eligible(group, member, ts).err() } else { None };
                 let Some(g) = self.groups.get_mut(group) else {
                     return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
                 };
+                if let Some(why) = refused {
+                    // The refused adopter forgets its session; the next holder deletes it.
+                    if g.session_id.as_deref() != Some(session_id.as_str()) {
+                        g.stale_sessions.insert(session_id.clone());
+                    }
+                    return Outcome::rejected(RejectReason::NotEligible, why);
+                }
                 match &g.holder {
                     None => {
                         if index <= g.token {

@@ -325,6 +325,82 @@ fn adopt_takes_a_holderless_group_and_conflicts_otherwise() {
     assert!(w.group().stale_sessions.contains("other"));
 }
 
+fn adopt(m: &str, session: &str) -> Command {
+    Command::Adopt { member: mid(m), group: gk(), session_id: session.into(), statistics: Statistics::default() }
+}
+
+/// Issue 8, item 3: an Adopt obeys the eligibility a Grant does. Each case makes the only
+/// member ineligible in one way; its Adopt is refused and its session is left for the next
+/// holder to delete.
+#[test]
+fn adopt_obeys_grant_eligibility() {
+    type Spoil = fn(&mut World);
+    let cases: Vec<(&str, Spoil)> = vec![
+        ("standby", |w| {
+            w.apply(join("a2", "a", 10));
+        }),
+        ("draining", |w| {
+            w.apply(Command::Drain { member: mid("a1"), handover_deadline_ms: 1 });
+        }),
+        ("not github_ready", |w| {
+            w.apply(Command::SetReady { member: mid("a1"), ready: false });
+        }),
+        ("allow-list", |w| {
+            w.state.groups.get_mut(&gk()).expect("group").allow_clusters = Some(["z".to_string()].into());
+        }),
+        ("cooldown", |w| {
+            let t = w.grant("a1");
+            w.apply(Command::Release {
+                member: mid("a1"),
+                group: gk(),
+                token: t,
+                deleted: vec![],
+                reason: ReleaseReason::Stall,
+            });
+        }),
+    ];
+    for (why, spoil) in cases {
+        let mut w = World::new();
+        w.apply(join("a1", "a", 10));
+        spoil(&mut w);
+        assert!(w.group().holder.is_none(), "{why}: the group must be holderless");
+        let token_before = w.group().token;
+        let o = w.apply(adopt("a1", "fallback-a")).outcome;
+        assert!(matches!(o, Outcome::Rejected { reason: RejectReason::NotEligible, .. }), "{why}: {o:?}");
+        assert!(w.group().holder.is_none(), "{why}");
+        assert_eq!(w.group().token, token_before, "{why}");
+        assert!(w.group().stale_sessions.contains("fallback-a"), "{why}: the refused session must be deleted later");
+        // The same member, eligible, adopts: the control for each case.
+        let mut ok = World::new();
+        ok.apply(join("a1", "a", 10));
+        assert!(matches!(ok.apply(adopt("a1", "fallback-a")).outcome, Outcome::Granted { .. }), "{why}");
+    }
+}
+
+/// The agent forgets its session when its Adopt loses the race; the current holder must be
+/// told to delete it (DeleteSessions with the holder's token), even when the adopter itself
+/// would not be eligible.
+#[test]
+fn a_lost_adopt_race_reaches_the_holder_as_delete_sessions() {
+    for adopter_ready in [true, false] {
+        let mut w = World::new();
+        w.apply(join("a1", "a", 10));
+        w.apply(join("b1", "b", 10));
+        if !adopter_ready {
+            w.apply(Command::SetReady { member: mid("b1"), ready: false });
+        }
+        let t = w.grant("a1");
+        let out = w.apply(adopt("b1", "fallback-b"));
+        assert!(matches!(out.outcome, Outcome::Rejected { reason: RejectReason::Conflict, .. }), "{out:?}");
+        assert_eq!(
+            out.effects,
+            vec![Effect::DeleteSessions { group: gk(), token: t, session_ids: vec!["fallback-b".into()] }]
+        );
+        assert_eq!(w.group().holder, Some(mid("a1")));
+        assert!(w.group().stale_sessions.contains("fallback-b"));
+    }
+}
+
 #[test]
 fn bad_join_input_is_rejected_with_the_field_name() {
     let mut w = World::new();

@@ -319,14 +319,22 @@ async fn promote(ctx: Arc<Ctx>, term: u64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let now = ctx.now();
-    let members: Vec<_> = ctx.shared.read(|s| {
-        s.members
-            .values()
-            .filter(|m| m.status.has_lease())
-            .map(|m| (m.id.clone(), m.epoch, m.status == crate::core::MemberStatus::Silent))
-            .collect()
+    let (members, groups): (Vec<_>, Vec<_>) = ctx.shared.read(|s| {
+        (
+            s.members
+                .values()
+                .filter(|m| m.status.has_lease())
+                .map(|m| (m.id.clone(), m.epoch, m.status == crate::core::MemberStatus::Silent))
+                .collect(),
+            s.groups.keys().cloned().collect(),
+        )
     });
-    ctx.lessor().promote(now, term, members);
+    {
+        let mut l = ctx.lessor();
+        l.promote(now, term, members);
+        // Fallback holders reattach and Adopt before any Grant (DESIGN §5.11).
+        l.hold_grants(now, groups);
+    }
     lock(&ctx.holderless_since).clear();
     ctx.serving.send_replace(Some(term));
     info!(term, node = ctx.id, "serving as leader");
@@ -436,6 +444,9 @@ async fn grant_holderless(ctx: &Arc<Ctx>) {
         let since = *lock(&ctx.holderless_since).entry(g.key.clone()).or_insert_with(Instant::now);
         let pick = {
             let l = ctx.lessor();
+            if l.grant_held(&g.key, now) {
+                continue;
+            }
             state.choose_holder(&g.key, ts, &|m| l.is_live(m, now))
         };
         if let Some(member) = pick {
