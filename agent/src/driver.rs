@@ -155,6 +155,11 @@ pub struct Driver {
     next_request: u64,
 
     session: Option<wire::Session>,
+    /// The fallback session reported with `Adopt`, resumed under the Grant that follows.
+    adopted: Option<String>,
+    /// (token, session) held when the quorum was lost: the same token granted again after it
+    /// returns (the coordinator kept our holding) resumes the same session.
+    held_before_fallback: Option<(u64, String)>,
     message: Option<wire::MessageEnvelope>,
     stats: wire::Statistics,
     scaler: Scaler,
@@ -244,6 +249,8 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         coord: None,
         next_request: 1,
         session: None,
+        adopted: None,
+        held_before_fallback: None,
         message: None,
         stats: wire::Statistics::default(),
         assignment: None,
@@ -281,6 +288,7 @@ impl Driver {
             token: 0,
             stale_sessions: recorded.into_iter().collect(),
             last_acked_message_id: 0,
+            resume: None,
         });
     }
 
@@ -901,10 +909,19 @@ impl Driver {
                     self.pump_link(LinkEvent::GrantAck { seq: a.seq, held });
                 }
                 if !self.fallback {
+                    // Resume the adopted session only if it is still the one we have open.
+                    let open = self.session.as_ref().map(|s| s.session_id.clone());
+                    let kept = self.held_before_fallback.take().filter(|(t, _)| *t == g.token).map(|(_, s)| s);
+                    let resume =
+                        kept.or_else(|| self.adopted.take()).filter(|id| open.as_ref() == Some(id));
+                    if resume.is_none() && self.holder.token.is_none() {
+                        self.session = None;
+                    }
                     self.pump_holder(Input::Granted {
                         token: g.token,
                         stale_sessions: g.stale_sessions,
                         last_acked_message_id: g.last_acked_message_id,
+                        resume,
                     });
                 }
             }
@@ -952,6 +969,14 @@ impl Driver {
                     CoordKind::Commit => self.pump_holder(Input::Committed { accepted }),
                     CoordKind::Progress => self.pump_holder(Input::Reported { accepted, duplicate }),
                     CoordKind::Release => self.pump_holder(Input::ReleaseSent),
+                    CoordKind::Adopt if !accepted => {
+                        // Another member holds (it deletes our session through DeleteSessions),
+                        // or the coordinator kept our own holding (resumed under its Grant).
+                        if self.holder.token.is_none() && self.held_before_fallback.is_none() {
+                            self.session = None;
+                        }
+                        self.adopted = None;
+                    }
                     CoordKind::Adopt | CoordKind::Leave => {}
                 }
             }
@@ -988,27 +1013,38 @@ impl Driver {
         tracing::warn!("no coordinator for {:?}: fallback to a single-cluster listener", self.cfg.coordinator_lost_for);
         self.fallback = true;
         self.metrics.fallback.set(1);
-        let keep = self.session.clone();
-        // The federated holder machine stops; a fresh one contends with an open fence.
+        // A holder keeps polling the session it had (nobody can be granted without a quorum,
+        // and GitHub refuses everyone else a second session); the others contend with 409
+        // backoff. The federated machine stops; a fresh one runs with an open fence.
+        let keep = self.holder.session_id().map(str::to_string);
+        self.held_before_fallback = self.holder.token.zip(keep.clone());
         let now = self.now();
         self.gh = None;
         self.coord = None;
         self.holder = Holder::new(self.holder_config(), now);
         self.open_fence = true;
-        self.session = None;
+        if keep.is_none() {
+            self.session = None;
+        }
         self.pending.push_back(Input::Granted {
             token: 0,
-            stale_sessions: keep.map(|s| s.session_id).into_iter().collect(),
+            stale_sessions: vec![],
             last_acked_message_id: 0,
+            resume: keep,
         });
     }
 
     /// The quorum is back: report our fallback session (Adopt) before any Grant, then return
-    /// to the federated machine.
+    /// to the federated machine. If the Adopt is accepted, the Grant that follows resumes the
+    /// same session (no churn); if another member already holds, the coordinator tells that
+    /// holder to delete our session and we forget it.
     fn end_fallback(&mut self) {
         tracing::info!("coordinator back: leaving fallback");
         self.fallback = false;
         self.metrics.fallback.set(0);
+        // Our session is open only if the fallback holder reached polling.
+        let open = self.holder.session_id().map(str::to_string);
+        self.session = self.session.take().filter(|s| open.as_deref() == Some(s.session_id.as_str()));
         if let Some(s) = self.session.clone() {
             let rid = self.request_id();
             let adopt = pb::agent_message::Msg::Adopt(pb::Adopt {
@@ -1017,16 +1053,16 @@ impl Driver {
                 statistics: Some(cc::stats(&self.stats)),
             });
             if self.send(adopt) {
+                tracing::info!(session = %s.session_id, "reporting the fallback session (Adopt)");
+                self.adopted = Some(s.session_id.clone());
                 self.coord = Some((rid, CoordKind::Adopt, self.now() + COORD_TIMEOUT_MS));
             }
         }
-        // The adopted session becomes ours again under the Grant the coordinator sends.
         let now = self.now();
         self.gh = None;
         self.local = None;
         self.holder = Holder::new(self.holder_config(), now);
         self.open_fence = false;
-        self.session = None;
         self.message = None;
     }
 

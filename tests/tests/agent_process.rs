@@ -334,3 +334,199 @@ async fn wait_polling_owner(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// (f) GitHub faults are survived without an exit: 401 on the queue (refresh), refresh 404
+/// (re-create under the fence), 429 with Retry-After, a 5xx burst, a reset connection, an
+/// empty 200, and a 409 from a foreign (non-arcfed) owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_github_faults_are_survived_without_exit() -> anyhow::Result<()> {
+    use arcfed_tests::emulator::{FaultKind, FaultSpec, PathClass};
+    let mut w = World::start(&["a", "b"]).await?;
+    let (cluster, _, token) = w.holder().await?;
+    let first = w.polling_session(token).await?;
+    let fault = |kind: FaultKind, class: PathClass, count: u64| FaultSpec {
+        kind,
+        handle_first: false,
+        path_class: Some(class),
+        owner: None,
+        session_id: None,
+        scale_set_id: None,
+        count: Some(count),
+        duration: None,
+    };
+    let status = |status: u16, retry_after: Option<&str>| FaultKind::Status {
+        status,
+        retry_after: retry_after.map(str::to_string),
+        type_name: None,
+        message: None,
+    };
+    let polls_of = |w: &World, sid: &str| {
+        w.emu.report().scale_set(w.set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls))
+    };
+    // Each fault, then the holder polls its session again.
+    for spec in [
+        fault(status(401, None), PathClass::Poll, 1),
+        fault(status(429, Some("1")), PathClass::Poll, 1),
+        fault(status(503, None), PathClass::Poll, 2),
+        fault(FaultKind::Reset, PathClass::Poll, 1),
+        fault(FaultKind::EmptyBody, PathClass::Poll, 1),
+    ] {
+        let before = polls_of(&w, &first).unwrap_or(0);
+        w.emu.add_fault(spec.clone()).map_err(|e| anyhow::anyhow!(e))?;
+        let end = Instant::now() + WAIT;
+        while polls_of(&w, &first).unwrap_or(0) < before + 2 {
+            anyhow::ensure!(Instant::now() < end, "no polling after {spec:?}; logs:\n{}", w.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Refresh 404: GitHub evicted the session; the holder opens another under its fence.
+    w.emu.evict_session(&first).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    w.emu.add_fault(fault(status(401, None), PathClass::Poll, 1)).map_err(|e| anyhow::anyhow!(e))?;
+    let end = Instant::now() + WAIT;
+    let second = loop {
+        let rep = w.emu.report();
+        let s = rep.scale_set(w.set).and_then(|s| {
+            s.sessions.iter().find(|x| x.session_id != first && x.owner.ends_with(&format!("/t{token}")) && x.polls > 0)
+        });
+        if let Some(s) = s {
+            break s.session_id.clone();
+        }
+        anyhow::ensure!(Instant::now() < end, "no new session after the eviction; logs:\n{}", w.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A foreign owner (a stock listener) takes the slot: 409s, foreign_session, no exit.
+    let holder = w.agent(&cluster).admin;
+    w.emu.evict_session(&second).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut stock = arcfed_tests::emulator::client::ArcClient::new(&w.emu.config_url(), w.emu.pat())?;
+    stock.auth().await?;
+    let foreign = stock.open_session(w.set, "arc-runners-set-754b578d-listener").await?;
+    let a = w.agents.iter().find(|a| a.admin == holder).expect("holder");
+    a.wait_metric("foreign_session", WAIT, |m| metric_value(m, "arcfed_agent_foreign_session") == Some(1.0)).await?;
+    let path = format!("_apis/runtime/runnerscalesets/{}/sessions/{}", w.set, foreign.session_id);
+    stock.admin(reqwest::Method::DELETE, &path, &[], None).await?;
+    a.wait_metric("holding again", WAIT, |m| {
+        metric_value(m, "arcfed_agent_is_holder") == Some(1.0) && metric_value(m, "arcfed_agent_foreign_session") == Some(0.0)
+    })
+    .await?;
+    for a in w.agents.iter_mut() {
+        assert!(a.running(), "{} exited; log:\n{}", a.spec.cluster, a.log_text());
+    }
+    let m = w.agent(&cluster).metrics().await?;
+    assert!(metric_value(&m, "arcfed_agent_conflicts_409_total").unwrap_or(0.0) >= 1.0, "{m}");
+    // (No overlap check here: the test itself evicts sessions under the holder, so its
+    // requests on an evicted session are expected, and GitHub refuses them.)
+    let rep = w.emu.report();
+    let ss = rep.scale_set(w.set).expect("scale set");
+    assert_eq!(ss.jobs_acquired_twice, 0);
+    let open: Vec<_> = ss.sessions.iter().filter(|s| s.closed_at.is_none()).map(|s| s.owner.clone()).collect();
+    assert_eq!(open.len(), 1, "one session open at the end: {open:?}");
+    assert!(open[0].starts_with("arcfed/"), "and it is arcfed's: {open:?}");
+    Ok(())
+}
+
+/// (g) Holder stall: GitHub fails for the holder only (5xx on its polls); it releases after
+/// `--holder-stall` and another member serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_stalled_holder_releases_and_another_member_serves() -> anyhow::Result<()> {
+    use arcfed_tests::emulator::{FaultKind, FaultSpec, PathClass};
+    let dir = tempfile::tempdir()?;
+    let (emu, set) = emulator(Duration::from_secs(2)).await?;
+    let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
+    q.wait_serving(WAIT).await?;
+    let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
+    for c in ["a", "b"] {
+        let mut spec = w.spec(c)?;
+        spec.holder_stall = Some("4s".into());
+        w.add_spec(spec)?;
+    }
+    let (cluster, member, token) = w.holder().await?;
+    let sid = w.polling_session(token).await?;
+    let owner = format!("arcfed/{cluster}/{member}/t{token}");
+    w.emu
+        .add_fault(FaultSpec {
+            kind: FaultKind::Status { status: 503, retry_after: None, type_name: None, message: None },
+            handle_first: false,
+            path_class: Some(PathClass::Poll),
+            owner: Some(owner),
+            session_id: Some(sid),
+            scale_set_id: None,
+            count: None,
+            duration: Some("120s".into()),
+        })
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let (new_cluster, new_token, _) = w.successor(&member).await?;
+    assert_ne!(new_cluster, cluster);
+    assert!(new_token > token);
+    w.assert_clean();
+    Ok(())
+}
+
+/// (h) Quorum loss: after `--coordinator-lost-for` exactly one agent holds (fallback, GitHub's
+/// one-session rule as the mutex); when the quorum returns the holder keeps its session
+/// (Adopt or its kept grant): no session churn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_quorum_loss_falls_back_to_one_holder_and_the_quorum_adopts_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (emu, set) = emulator(Duration::from_secs(2)).await?;
+    let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
+    q.wait_serving(WAIT).await?;
+    let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
+    for c in ["a", "b", "c"] {
+        let mut spec = w.spec(c)?;
+        spec.coordinator_lost_for = Some("3s".into());
+        w.add_spec(spec)?;
+    }
+    let (_, _, token) = w.holder().await?;
+    let sid = w.polling_session(token).await?;
+    let ids: Vec<u64> = w.q().voters.iter().map(|v| v.id).collect();
+    for id in &ids {
+        w.q.as_mut().expect("quorum").voter(*id).kill();
+    }
+    for a in &w.agents {
+        a.wait_metric("fallback", WAIT, |m| metric_value(m, "arcfed_agent_fallback") == Some(1.0)).await?;
+    }
+    // Exactly one agent polls, and it is the session the holder had.
+    let before = w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls));
+    let end = Instant::now() + WAIT;
+    while w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls))
+        <= before
+    {
+        anyhow::ensure!(Instant::now() < end, "the fallback holder does not poll; logs:\n{}", w.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut holders = 0;
+    for a in &w.agents {
+        if a.metric("arcfed_agent_is_holder").await == Some(1.0) {
+            holders += 1;
+        }
+    }
+    assert_eq!(holders, 1, "exactly one agent holds in fallback");
+    for id in &ids {
+        w.q.as_mut().expect("quorum").voter(*id).restart()?;
+    }
+    for a in &w.agents {
+        a.wait_metric("fallback over", WAIT, |m| {
+            metric_value(m, "arcfed_agent_fallback") == Some(0.0) && metric_value(m, "arcfed_agent_coordinator_connected") == Some(1.0)
+        })
+        .await?;
+    }
+    let st = w
+        .q()
+        .wait_status("the quorum knows the session", WAIT, |s| s.groups.first().is_some_and(|g| g.session_id == sid && !g.holder.is_empty()))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; logs:\n{}", w.logs()))?;
+    assert!(st.groups[0].token >= token, "tokens never decrease across a full restart");
+    let polls = w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls));
+    let end = Instant::now() + WAIT;
+    while w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls))
+        <= polls
+    {
+        anyhow::ensure!(Instant::now() < end, "the session is not polled under the quorum; logs:\n{}", w.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rep = w.emu.report();
+    let ss = rep.scale_set(set).expect("scale set");
+    assert_eq!(ss.sessions.len(), 1, "no session churn: one session for the whole test");
+    w.assert_clean();
+    Ok(())
+}

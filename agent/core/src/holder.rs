@@ -119,8 +119,10 @@ pub enum PollOutcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
     Tick,
-    /// A Grant (or an ack listing a token first seen): we hold `token`.
-    Granted { token: u64, stale_sessions: Vec<String>, last_acked_message_id: i64 },
+    /// A Grant: we hold `token`. `resume`: a session this agent already has open and the
+    /// coordinator already knows (an accepted `Adopt` after fallback): poll it instead of
+    /// opening another (no session churn when the quorum returns).
+    Granted { token: u64, stale_sessions: Vec<String>, last_acked_message_id: i64, resume: Option<String> },
     /// The coordinator asks the holder to delete these sessions (stale SessionOpened, Adopt race).
     DeleteSessions { token: u64, ids: Vec<String> },
     Handover { token: u64 },
@@ -384,7 +386,7 @@ impl Holder {
     fn on_input(&mut self, now: u64, fence: &FenceView, input: Input, out: &mut Vec<Action>) {
         match input {
             Input::Tick => {}
-            Input::Granted { token, stale_sessions, last_acked_message_id } => {
+            Input::Granted { token, stale_sessions, last_acked_message_id, resume } => {
                 if self.done_tokens.contains(&token) || self.shutdown || self.token.is_some_and(|t| t > token) {
                     return;
                 }
@@ -397,11 +399,16 @@ impl Holder {
                     self.lose(out);
                 }
                 self.token = Some(token);
-                self.stale = stale_sessions.into_iter().collect();
+                self.stale = stale_sessions.into_iter().filter(|s| Some(s) != resume.as_ref()).collect();
                 self.last_acked = last_acked_message_id;
                 self.last_success = now;
                 self.local_failure_since = None;
-                self.phase = Phase::Revoke { pending: self.stale.iter().cloned().collect() };
+                self.phase = match resume {
+                    // The adopted session is already committed: its stale peers are deleted
+                    // between polls (Poll phase), like any stale session that appears late.
+                    Some(session_id) => Phase::Poll { session_id },
+                    None => Phase::Revoke { pending: self.stale.iter().cloned().collect() },
+                };
                 out.push(Action::Note(Note::TookOver { token }));
             }
             Input::DeleteSessions { token, ids } => {
@@ -726,7 +733,7 @@ mod tests {
     fn takeover_revokes_then_waits_for_a_fresh_ack_then_opens_commits_and_polls() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2000, 0);
-        let a = h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec!["old".into()], last_acked_message_id: 4 });
+        let a = h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec!["old".into()], last_acked_message_id: 4, resume: None });
         assert_eq!(gh(&a), vec![GitHubOp::DeleteSession { id: "old".into() }]);
         let a = h.step(20, &f, Input::Deleted { id: "old".into(), done: true });
         assert!(a.contains(&Action::KeepaliveNow), "{a:?}");
@@ -752,7 +759,7 @@ mod tests {
     fn message_is_acked_only_after_progress_is_accepted() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
-        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
         h.step(30, &f, Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
@@ -780,7 +787,7 @@ mod tests {
     fn a_poll_is_cancelled_before_the_fence_ends_and_a_late_200_is_dropped() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2000, 25);
-        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
         h.step(30, &f, Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
@@ -806,7 +813,7 @@ mod tests {
         let mut h = Holder::new(cfg(), 0);
         let mut now = 10;
         let mut f = fence(7, now + 2000, now);
-        h.step(now, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(now, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
         let mut waits = vec![];
         for _ in 0..12 {
             now += 5;
@@ -829,7 +836,7 @@ mod tests {
     fn handover_deletes_our_session_then_releases() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
-        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
         h.step(30, &f, Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
@@ -852,7 +859,7 @@ mod tests {
         assert!(a.contains(&Action::Note(Note::Released { reason: ReleaseReason::Handover })));
         assert_eq!(h.phase, Phase::Standby);
         // The released token is never used again.
-        let a = h.step(110, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        let a = h.step(110, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
         assert!(a.is_empty());
     }
 
@@ -860,7 +867,7 @@ mod tests {
     fn holder_stall_for_a_local_reason_releases() {
         let mut h = Holder::new(cfg(), 0);
         let mut now = 10;
-        h.step(now, &fence(7, now + 2000, now), Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(now, &fence(7, now + 2000, now), Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
         let mut released = false;
         while now < 40_000 && !released {
             now += 100;
@@ -879,10 +886,23 @@ mod tests {
     }
 
     #[test]
+    fn an_adopted_session_is_polled_again_without_a_new_create() {
+        let mut h = Holder::new(cfg(), 0);
+        let f = fence(9, 2800, 25);
+        let a = h.step(
+            10,
+            &f,
+            Input::Granted { token: 9, stale_sessions: vec!["s-fb".into()], last_acked_message_id: 3, resume: Some("s-fb".into()) },
+        );
+        assert_eq!(gh(&a), vec![GitHubOp::Poll { last_message_id: 0 }], "{a:?}");
+        assert_eq!(h.session_id(), Some("s-fb"));
+    }
+
+    #[test]
     fn lost_listing_drops_the_session_without_a_request() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
-        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0 });
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
         h.step(30, &f, Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
@@ -897,7 +917,7 @@ mod tests {
         let ids = prop_oneof![Just("s1".to_string()), Just("s2".to_string()), Just("old".to_string())];
         prop_oneof![
             4 => Just(Input::Tick),
-            1 => (1u64..5, proptest::collection::vec(ids.clone(), 0..3), 0i64..5).prop_map(|(token, stale_sessions, last_acked_message_id)| Input::Granted { token, stale_sessions, last_acked_message_id }),
+            1 => (1u64..5, proptest::collection::vec(ids.clone(), 0..3), 0i64..5).prop_map(|(token, stale_sessions, last_acked_message_id)| Input::Granted { token, stale_sessions, last_acked_message_id, resume: None }),
             1 => (1u64..5, proptest::collection::vec(ids.clone(), 0..2)).prop_map(|(token, ids)| Input::DeleteSessions { token, ids }),
             1 => (1u64..5).prop_map(|token| Input::Handover { token }),
             1 => Just(Input::Shutdown),
