@@ -628,7 +628,18 @@ async fn p_drain_moves_the_holder_and_bad_agent_input_is_named() {
                         max_runners: 1,
                         ..Default::default()
                     },
-                    "min_runners",
+                    "join.max_runners",
+                ),
+                (
+                    pb::Join {
+                        member_id: "c3".into(),
+                        group: Some(pb::GroupRef { configure_url: a.opts.configure_url.clone(), scale_set_id: 1 }),
+                        ers_namespace: "ns".into(),
+                        ers_name: "no spaces".into(),
+                        max_runners: 1,
+                        ..Default::default()
+                    },
+                    "join.ers_name",
                 ),
             ] {
                 let mut c = pb::agent_service_client::AgentServiceClient::new(tls.channel(&leader)?);
@@ -640,6 +651,8 @@ async fn p_drain_moves_the_holder_and_bad_agent_input_is_named() {
                     Ok(resp) => resp.into_inner().message().await.expect_err("a refusal on the stream"),
                 };
                 assert!(err.message().contains(want), "{want}: {err:?}");
+                // Refused before the log, as bad input (not as a rejected command).
+                assert_eq!(err.code(), tonic::Code::InvalidArgument, "{want}: {err:?}");
                 drop(tx);
             }
             let after = q.status().await?;

@@ -167,10 +167,6 @@ pub struct State {
     pub counters: Counters,
 }
 
-fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
 impl State {
     /// Applies one committed entry. `index` is the entry's Raft log index.
     pub fn apply(&mut self, index: u64, req: &Request) -> Applied {
@@ -491,21 +487,22 @@ impl State {
     }
 
     fn join(&mut self, index: u64, ts: i64, spec: &JoinSpec) -> Outcome {
-        let bad = |what: &str| Outcome::rejected(RejectReason::InvalidInput, what.to_string());
-        if !valid_name(&spec.cluster, 63) {
-            return bad("cluster must be 1-63 characters of [A-Za-z0-9._-]");
+        if let Err(e) = spec.validate() {
+            return Outcome::rejected(RejectReason::InvalidInput, e.to_string());
         }
-        if !valid_name(&spec.ers_namespace, 63) {
-            return bad("ers_namespace must be 1-63 characters of [A-Za-z0-9._-]");
-        }
-        if !valid_name(&spec.ers_name, 253) {
-            return bad("ers_name must be 1-253 characters of [A-Za-z0-9._-]");
-        }
-        if spec.weight < 0 {
-            return bad("weight must be >= 0");
-        }
-        if spec.min_runners < 0 || spec.max_runners < spec.min_runners {
-            return bad("need 0 <= min_runners <= max_runners");
+        // A member id belongs to the cluster that first joined it, for as long as the state
+        // remembers the member (invariant 6). Decided here, in log order, so two racing
+        // Joins from different clusters cannot both pass a read made before proposing.
+        if let Some(existing) = self.members.get(&spec.member)
+            && existing.cluster != spec.cluster
+        {
+            return Outcome::rejected(
+                RejectReason::WrongCluster,
+                format!(
+                    "a certificate of cluster {} tried to act for a member of cluster {} ({})",
+                    spec.cluster, existing.cluster, spec.member
+                ),
+            );
         }
         if let Some(existing) = self.members.get(&spec.member)
             && existing.group != spec.group

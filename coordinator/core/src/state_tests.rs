@@ -401,6 +401,63 @@ fn a_lost_adopt_race_reaches_the_holder_as_delete_sessions() {
     }
 }
 
+/// Issue 8, item 4: who owns a member id is decided by `apply`, in log order, so two
+/// Joins for one id from two clusters cannot both pass a read made before proposing.
+#[test]
+fn a_member_id_belongs_to_the_cluster_that_joined_it_first() {
+    let mut w = World::new();
+    let mut impostor = join("a1", "b", 10);
+    if let Command::Join(spec) = &mut impostor {
+        spec.ers_name = "set-b".into();
+    }
+    // Both Joins were proposed before either was applied: the first in the log wins.
+    assert!(matches!(w.apply(join("a1", "a", 10)).outcome, Outcome::Joined { .. }));
+    match w.apply(impostor.clone()).outcome {
+        Outcome::Rejected { reason: RejectReason::WrongCluster, detail } => {
+            assert!(detail.contains("member of cluster a"), "{detail}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(w.state.members[&mid("a1")].cluster, "a");
+    // Still refused after the member expired (it is remembered until collected).
+    let e = w.epoch("a1");
+    w.apply(Command::Expire { members: vec![(mid("a1"), e)] });
+    assert!(matches!(w.apply(impostor).outcome, Outcome::Rejected { reason: RejectReason::WrongCluster, .. }));
+    // The owner itself joins again.
+    assert!(matches!(w.apply(join("a1", "a", 10)).outcome, Outcome::Joined { .. }));
+}
+
+#[test]
+fn join_validation_names_the_protobuf_field() {
+    let base = match join("a1", "a", 10) {
+        Command::Join(spec) => spec,
+        _ => unreachable!("join builds a Join"),
+    };
+    assert_eq!(base.validate(), Ok(()));
+    type Spoil = fn(&mut JoinSpec);
+    let cases: Vec<(Spoil, &str)> = vec![
+        (|s| s.cluster = String::new(), "join.cluster"),
+        (|s| s.ers_namespace = "a/b".into(), "join.ers_namespace"),
+        (|s| s.ers_name = "x".repeat(254), "join.ers_name"),
+        (|s| s.weight = -1, "join.weight"),
+        (|s| s.min_runners = -1, "join.min_runners"),
+        (|s| s.max_runners = -1, "join.max_runners"),
+    ];
+    for (spoil, field) in cases {
+        let mut spec = base.clone();
+        spoil(&mut spec);
+        let err = spec.validate().expect_err(field);
+        assert_eq!(err.field, field);
+        assert!(err.to_string().starts_with(field), "{err}");
+        // apply refuses the same input (it stays total even if a bad Join reached the log).
+        let mut w = World::new();
+        assert!(matches!(
+            w.apply(Command::Join(spec)).outcome,
+            Outcome::Rejected { reason: RejectReason::InvalidInput, .. }
+        ));
+    }
+}
+
 #[test]
 fn bad_join_input_is_rejected_with_the_field_name() {
     let mut w = World::new();

@@ -128,6 +128,52 @@ pub struct JoinSpec {
     pub policy: SplitPolicy,
 }
 
+/// A Join field that is not acceptable, by its protobuf name (`join.<field>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidJoin {
+    pub field: &'static str,
+    pub why: &'static str,
+}
+
+impl fmt::Display for InvalidJoin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.why)
+    }
+}
+
+impl std::error::Error for InvalidJoin {}
+
+fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+impl JoinSpec {
+    /// The input checks of a Join, run before it reaches the log (the server answers
+    /// INVALID_ARGUMENT naming the field) and again by `apply`, which must stay total.
+    pub fn validate(&self) -> Result<(), InvalidJoin> {
+        let bad = |field, why| Err(InvalidJoin { field, why });
+        if !valid_name(&self.cluster, 63) {
+            return bad("join.cluster", "must be 1-63 characters of [A-Za-z0-9._-]");
+        }
+        if !valid_name(&self.ers_namespace, 63) {
+            return bad("join.ers_namespace", "must be 1-63 characters of [A-Za-z0-9._-]");
+        }
+        if !valid_name(&self.ers_name, 253) {
+            return bad("join.ers_name", "must be 1-253 characters of [A-Za-z0-9._-]");
+        }
+        if self.weight < 0 {
+            return bad("join.weight", "must be >= 0");
+        }
+        if self.min_runners < 0 {
+            return bad("join.min_runners", "must be >= 0");
+        }
+        if self.max_runners < self.min_runners {
+            return bad("join.max_runners", "must be >= min_runners");
+        }
+        Ok(())
+    }
+}
+
 /// A state-machine command. Every entry in the Raft log is one of these plus the leader's
 /// timestamp (see [`Request`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +326,8 @@ pub enum RejectReason {
     InvalidInput,
     NotEligible,
     Conflict,
+    /// The member id belongs to another cluster (invariant 6).
+    WrongCluster,
 }
 
 impl fmt::Display for RejectReason {
@@ -291,6 +339,7 @@ impl fmt::Display for RejectReason {
             RejectReason::InvalidInput => "invalid_input",
             RejectReason::NotEligible => "not_eligible",
             RejectReason::Conflict => "conflict",
+            RejectReason::WrongCluster => "wrong_cluster",
         })
     }
 }

@@ -11,28 +11,54 @@ pub struct AdminSvc {
     pub ctx: Arc<Ctx>,
 }
 
-/// The one place admin errors become gRPC statuses.
-fn status_of(ctx: &Ctx, e: ProposeError) -> Status {
-    match e {
-        ProposeError::NotLeader => ctx.not_leader(),
-        ProposeError::Raft(m) => Status::unavailable(format!("not committed: {m}")),
-    }
+/// Why an admin call failed. [`status_of`] is the one place it becomes a `Status`; the
+/// error stays attached as the status's source.
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("not the serving leader")]
+    NotLeader,
+    #[error("not committed: {0}")]
+    Propose(#[from] ProposeError),
+    #[error("{field}: {why}")]
+    Invalid { field: &'static str, why: String },
+    #[error("{field}: {why}")]
+    NotFound { field: &'static str, why: String },
+    #[error("{reason}: {detail}")]
+    Rejected { reason: RejectReason, detail: String },
+    #[error("{what}: {source}")]
+    Membership { what: String, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("{0}")]
+    Refused(String),
 }
 
-fn outcome_to_reply(o: Outcome, ok: String) -> Result<Response<pb::AdminReply>, Status> {
+/// The one mapping of admin errors to gRPC statuses: not-leader is UNAVAILABLE with the
+/// leader hint, bad input INVALID_ARGUMENT naming the field, a refused command
+/// FAILED_PRECONDITION.
+fn status_of(ctx: &Ctx, e: AdminError) -> Status {
+    use AdminError as E;
+    let msg = e.to_string();
+    let mut st = match &e {
+        E::NotLeader | E::Propose(ProposeError::NotLeader) => ctx.not_leader(),
+        E::Propose(ProposeError::Raft(_)) => Status::unavailable(msg),
+        E::Invalid { .. } | E::Rejected { reason: RejectReason::InvalidInput, .. } => Status::invalid_argument(msg),
+        E::NotFound { .. } => Status::not_found(msg),
+        E::Rejected { .. } | E::Membership { .. } | E::Refused(_) => Status::failed_precondition(msg),
+    };
+    st.set_source(Arc::new(e));
+    st
+}
+
+fn outcome_to_reply(o: Outcome, ok: String) -> Result<pb::AdminReply, AdminError> {
     match o {
-        Outcome::Rejected { reason: RejectReason::InvalidInput, detail } => {
-            Err(Status::invalid_argument(format!("invalid_input: {detail}")))
-        }
-        Outcome::Rejected { reason, detail } => Err(Status::failed_precondition(format!("{reason}: {detail}"))),
-        _ => Ok(Response::new(pb::AdminReply { message: ok })),
+        Outcome::Rejected { reason, detail } => Err(AdminError::Rejected { reason, detail }),
+        _ => Ok(pb::AdminReply { message: ok }),
     }
 }
 
 /// Exact key, or a unique substring of one.
-fn resolve_group(s: &State, q: &str) -> Result<GroupKey, Status> {
+fn resolve_group(s: &State, q: &str) -> Result<GroupKey, AdminError> {
     if q.is_empty() {
-        return Err(Status::invalid_argument("group: empty"));
+        return Err(AdminError::Invalid { field: "group", why: "empty".into() });
     }
     if let Some(g) = s.groups.keys().find(|k| k.0 == q) {
         return Ok(g.clone());
@@ -40,21 +66,24 @@ fn resolve_group(s: &State, q: &str) -> Result<GroupKey, Status> {
     let found: Vec<_> = s.groups.keys().filter(|k| k.0.contains(q)).collect();
     match found.as_slice() {
         [one] => Ok((*one).clone()),
-        [] => Err(Status::not_found(format!("group: no group matches {q:?}"))),
-        many => Err(Status::invalid_argument(format!("group: {q:?} matches {} groups; be more specific", many.len()))),
+        [] => Err(AdminError::NotFound { field: "group", why: format!("no group matches {q:?}") }),
+        many => Err(AdminError::Invalid {
+            field: "group",
+            why: format!("{q:?} matches {} groups; be more specific", many.len()),
+        }),
     }
 }
 
 /// Exact member id, or a unique prefix of one.
-fn resolve_member(s: &State, q: &str) -> Result<MemberId, Status> {
+fn resolve_member(s: &State, q: &str) -> Result<MemberId, AdminError> {
     if q.is_empty() {
-        return Err(Status::invalid_argument("member: empty"));
+        return Err(AdminError::Invalid { field: "member", why: "empty".into() });
     }
     let found: Vec<_> = s.members.keys().filter(|k| k.0 == q || k.0.starts_with(q)).collect();
     match found.as_slice() {
         [one] => Ok((*one).clone()),
-        [] => Err(Status::not_found(format!("member: no member matches {q:?}"))),
-        _ => Err(Status::invalid_argument(format!("member: {q:?} is ambiguous"))),
+        [] => Err(AdminError::NotFound { field: "member", why: format!("no member matches {q:?}") }),
+        _ => Err(AdminError::Invalid { field: "member", why: format!("{q:?} is ambiguous") }),
     }
 }
 
@@ -62,8 +91,71 @@ impl AdminSvc {
     fn require_serving(&self) -> Result<(), Status> {
         match self.ctx.serving_term() {
             Some(_) => Ok(()),
-            None => Err(self.ctx.not_leader()),
+            None => Err(status_of(&self.ctx, AdminError::NotLeader)),
         }
+    }
+
+    async fn handover_call(&self, r: pb::HandoverCall) -> Result<pb::AdminReply, AdminError> {
+        let (group, to) = self.ctx.shared.read(|s| -> Result<_, AdminError> {
+            let g = resolve_group(s, &r.group)?;
+            let to = if r.to_member.is_empty() { None } else { Some(resolve_member(s, &r.to_member)?) };
+            Ok((g, to))
+        })?;
+        let timeout =
+            if r.deadline_ms == 0 { self.ctx.cfg.handover_timeout.as_millis() as i64 } else { r.deadline_ms as i64 };
+        let a = self
+            .ctx
+            .propose(Command::RequestHandover { group: group.clone(), to: to.clone(), deadline_ms: timeout })
+            .await?;
+        let target = to.map(|t| t.0).unwrap_or_else(|| "the coordinator's choice".into());
+        outcome_to_reply(
+            a.outcome,
+            format!(
+                "handover of {group} to {target} requested; deadline {}",
+                humantime::format_duration(std::time::Duration::from_millis(timeout.max(0) as u64))
+            ),
+        )
+    }
+
+    async fn drain_call(&self, r: pb::DrainCall) -> Result<pb::AdminReply, AdminError> {
+        let member = self.ctx.shared.read(|s| resolve_member(s, &r.member))?;
+        let deadline = self.ctx.cfg.handover_timeout.as_millis() as i64;
+        let a = self.ctx.propose(Command::Drain { member: member.clone(), handover_deadline_ms: deadline }).await?;
+        outcome_to_reply(a.outcome, format!("member {member} is draining (assignment 0; handover if it holds)"))
+    }
+
+    async fn add_voter_call(&self, r: pb::AddVoterCall) -> Result<pb::AdminReply, AdminError> {
+        if r.id == 0 {
+            return Err(AdminError::Invalid { field: "id", why: "node ids start at 1".into() });
+        }
+        if r.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(AdminError::Invalid { field: "address", why: format!("{:?} is not HOST:PORT", r.address) });
+        }
+        let raft = &self.ctx.raft;
+        raft.add_learner(r.id, BasicNode { addr: r.address.clone() }, true)
+            .await
+            .map_err(|e| AdminError::Membership { what: format!("add learner {}", r.id), source: Box::new(e) })?;
+        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])), false)
+            .await
+            .map_err(|e| AdminError::Membership { what: format!("promote {} to voter", r.id), source: Box::new(e) })?;
+        Ok(pb::AdminReply { message: format!("node {} at {} is a voter", r.id, r.address) })
+    }
+
+    async fn remove_voter_call(&self, r: pb::RemoveVoterCall) -> Result<pb::AdminReply, AdminError> {
+        let m = self.ctx.raft.metrics().borrow().clone();
+        let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+        if !voters.contains(&r.id) {
+            return Err(AdminError::NotFound { field: "id", why: format!("node {} is not a voter", r.id) });
+        }
+        if voters.len() <= 1 {
+            return Err(AdminError::Refused("cannot remove the last voter".into()));
+        }
+        self.ctx
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([r.id])), false)
+            .await
+            .map_err(|e| AdminError::Membership { what: format!("remove voter {}", r.id), source: Box::new(e) })?;
+        Ok(pb::AdminReply { message: format!("node {} removed from the voters", r.id) })
     }
 }
 
@@ -166,77 +258,21 @@ impl pb::admin_service_server::AdminService for AdminSvc {
 
     async fn handover(&self, req: Request<pb::HandoverCall>) -> Result<Response<pb::AdminReply>, Status> {
         self.require_serving()?;
-        let r = req.into_inner();
-        let (group, to) = self.ctx.shared.read(|s| -> Result<_, Status> {
-            let g = resolve_group(s, &r.group)?;
-            let to = if r.to_member.is_empty() { None } else { Some(resolve_member(s, &r.to_member)?) };
-            Ok((g, to))
-        })?;
-        let timeout =
-            if r.deadline_ms == 0 { self.ctx.cfg.handover_timeout.as_millis() as i64 } else { r.deadline_ms as i64 };
-        let a = self
-            .ctx
-            .propose(Command::RequestHandover { group: group.clone(), to: to.clone(), deadline_ms: timeout })
-            .await
-            .map_err(|e| status_of(&self.ctx, e))?;
-        let target = to.map(|t| t.0).unwrap_or_else(|| "the coordinator's choice".into());
-        outcome_to_reply(
-            a.outcome,
-            format!(
-                "handover of {group} to {target} requested; deadline {}",
-                humantime::format_duration(std::time::Duration::from_millis(timeout.max(0) as u64))
-            ),
-        )
+        self.handover_call(req.into_inner()).await.map(Response::new).map_err(|e| status_of(&self.ctx, e))
     }
 
     async fn drain(&self, req: Request<pb::DrainCall>) -> Result<Response<pb::AdminReply>, Status> {
         self.require_serving()?;
-        let r = req.into_inner();
-        let member = self.ctx.shared.read(|s| resolve_member(s, &r.member))?;
-        let deadline = self.ctx.cfg.handover_timeout.as_millis() as i64;
-        let a = self
-            .ctx
-            .propose(Command::Drain { member: member.clone(), handover_deadline_ms: deadline })
-            .await
-            .map_err(|e| status_of(&self.ctx, e))?;
-        outcome_to_reply(a.outcome, format!("member {member} is draining (assignment 0; handover if it holds)"))
+        self.drain_call(req.into_inner()).await.map(Response::new).map_err(|e| status_of(&self.ctx, e))
     }
 
     async fn add_voter(&self, req: Request<pb::AddVoterCall>) -> Result<Response<pb::AdminReply>, Status> {
         self.require_serving()?;
-        let r = req.into_inner();
-        if r.id == 0 {
-            return Err(Status::invalid_argument("id: node ids start at 1"));
-        }
-        if r.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-            return Err(Status::invalid_argument(format!("address: {:?} is not HOST:PORT", r.address)));
-        }
-        let raft = &self.ctx.raft;
-        raft.add_learner(r.id, BasicNode { addr: r.address.clone() }, true)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("add learner {}: {e}", r.id)))?;
-        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])), false)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("promote {} to voter: {e}", r.id)))?;
-        Ok(Response::new(pb::AdminReply { message: format!("node {} at {} is a voter", r.id, r.address) }))
+        self.add_voter_call(req.into_inner()).await.map(Response::new).map_err(|e| status_of(&self.ctx, e))
     }
 
     async fn remove_voter(&self, req: Request<pb::RemoveVoterCall>) -> Result<Response<pb::AdminReply>, Status> {
         self.require_serving()?;
-        let r = req.into_inner();
-        let m = self.ctx.raft.metrics().borrow().clone();
-        let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
-        if !voters.contains(&r.id) {
-            return Err(Status::not_found(format!("id: node {} is not a voter", r.id)));
-        }
-        if voters.len() <= 1 {
-            return Err(Status::failed_precondition("cannot remove the last voter"));
-        }
-        self.ctx
-            .raft
-            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([r.id])), false)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("remove voter {}: {e}", r.id)))?;
-        Ok(Response::new(pb::AdminReply { message: format!("node {} removed from the voters", r.id) }))
+        self.remove_voter_call(req.into_inner()).await.map(Response::new).map_err(|e| status_of(&self.ctx, e))
     }
 }

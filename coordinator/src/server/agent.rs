@@ -6,12 +6,13 @@
 //!          ──▶ Progress/SessionOpened/Release/Adopt/Leave ─▶ ordered queue ─propose─▶ CommandResult
 //!  applied state / effects ──▶ Grant · HandoverRequest · Assignment · RoutedJobEvent · DeleteSessions
 //! ```
-//! The cluster is the certificate's; a member id owned by another cluster is refused.
+//! The cluster is the certificate's; a member id owned by another cluster is refused (by
+//! `apply`, in log order). Errors become statuses in one place, [`status_of`].
 
 use super::convert::{self, InvalidField};
 use super::{Ctx, ProposeError};
 use crate::clock;
-use crate::core::{Command, Effect, GroupKey, KeepaliveVerdict, MemberId, Outcome};
+use crate::core::{Command, Effect, GroupKey, KeepaliveVerdict, MemberId, Outcome, RejectReason};
 use crate::tls::Identity;
 use arcfed_proto as pb;
 use arcfed_proto::agent_message::Msg as In;
@@ -31,6 +32,51 @@ pub struct AgentSvc {
 
 type OutTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
 
+/// Why the agent service ends a stream. [`status_of`] is the one place it becomes a
+/// `Status`; the error stays attached as the status's source.
+#[derive(Debug, thiserror::Error)]
+enum AgentError {
+    #[error("no verified client identity")]
+    Unauthenticated,
+    #[error("the first message on a stream must be Join")]
+    FirstNotJoin,
+    #[error("no Join within {0:?}")]
+    JoinTimeout(Duration),
+    #[error("empty AgentMessage")]
+    EmptyMessage,
+    #[error("a stream speaks for one member; open a new stream")]
+    OtherMember,
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+    #[error("join rejected: {reason}: {detail}")]
+    Rejected { reason: RejectReason, detail: String },
+    #[error("unexpected join outcome {0:?}")]
+    Unexpected(Outcome),
+    #[error("join not committed: {0}")]
+    Propose(#[from] ProposeError),
+}
+
+/// The one mapping of agent-service errors to gRPC statuses (STYLE: errors in layers):
+/// not-leader is UNAVAILABLE with the leader hint, bad input INVALID_ARGUMENT naming the
+/// field, a member of another cluster PERMISSION_DENIED, a refused Join FAILED_PRECONDITION.
+fn status_of(ctx: &Ctx, e: AgentError) -> Status {
+    use AgentError as E;
+    let msg = e.to_string();
+    let mut st = match &e {
+        E::Propose(ProposeError::NotLeader) => ctx.not_leader(),
+        E::Propose(ProposeError::Raft(_)) => Status::unavailable(msg),
+        E::Unauthenticated => Status::unauthenticated(msg),
+        E::FirstNotJoin | E::EmptyMessage | E::OtherMember | E::Invalid(_) => Status::invalid_argument(msg),
+        E::JoinTimeout(_) => Status::deadline_exceeded(msg),
+        E::Rejected { reason: RejectReason::WrongCluster, .. } => Status::permission_denied(msg),
+        E::Rejected { reason: RejectReason::InvalidInput, .. } => Status::invalid_argument(msg),
+        E::Rejected { .. } => Status::failed_precondition(msg),
+        E::Unexpected(_) => Status::internal(msg),
+    };
+    st.set_source(Arc::new(e));
+    st
+}
+
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[tonic::async_trait]
@@ -42,7 +88,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .extensions()
             .get::<Identity>()
             .cloned()
-            .ok_or_else(|| Status::unauthenticated("no verified client identity"))?;
+            .ok_or_else(|| status_of(&self.ctx, AgentError::Unauthenticated))?;
         let Some(term) = self.ctx.serving_term() else {
             return Err(self.ctx.not_leader());
         };
@@ -71,7 +117,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
     let first = match tokio::time::timeout(JOIN_TIMEOUT, inbound.message()).await {
         Ok(Ok(Some(pb::AgentMessage { msg: Some(In::Join(j)) }))) => j,
         Ok(Ok(_)) => {
-            let _ = tx.send(Err(Status::invalid_argument("the first message on a stream must be Join"))).await;
+            let _ = tx.send(Err(status_of(&ctx, AgentError::FirstNotJoin))).await;
             ctx.metrics.streams_open.dec();
             return;
         }
@@ -81,7 +127,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
             return;
         }
         Err(_) => {
-            let _ = tx.send(Err(Status::deadline_exceeded("no Join within 10s"))).await;
+            let _ = tx.send(Err(status_of(&ctx, AgentError::JoinTimeout(JOIN_TIMEOUT)))).await;
             ctx.metrics.streams_open.dec();
             return;
         }
@@ -110,7 +156,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
                         let _ = who_tx.send(joined.clone());
                     }
                     Some(_) => {
-                        let _ = tx.send(Err(Status::invalid_argument("a stream speaks for one member; open a new stream"))).await;
+                        let _ = tx.send(Err(status_of(&ctx, AgentError::OtherMember))).await;
                         break;
                     }
                     None => break,
@@ -121,7 +167,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
                     }
                 }
                 Ok(Some(pb::AgentMessage { msg: None })) => {
-                    let _ = tx.send(Err(Status::invalid_argument("empty AgentMessage"))).await;
+                    let _ = tx.send(Err(status_of(&ctx, AgentError::EmptyMessage))).await;
                     break;
                 }
                 Ok(None) => { debug!("agent closed its stream"); break; }
@@ -145,64 +191,45 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
 
 /// Proposes a Join and answers Joined; None (after answering the error) if refused.
 async fn join(ctx: &Arc<Ctx>, cluster: &str, j: pb::Join, tx: &OutTx) -> Option<Joined> {
-    let spec = match convert::join(j, cluster) {
-        Ok(s) => s,
-        Err(InvalidField { field, why }) => {
-            let _ = tx.send(Err(Status::invalid_argument(format!("{field}: {why}")))).await;
-            return None;
-        }
-    };
-    // No agent can act as another cluster (invariant 6).
-    let owner = ctx.shared.read(|s| s.members.get(&spec.member).map(|m| m.cluster.clone()));
-    if let Some(owner) = owner
-        && owner != cluster
-    {
-        warn!(member = %spec.member, owner = %owner, "refused: certificate of cluster {cluster} tried to act for a member of cluster {owner}");
-        let _ = tx
-            .send(Err(Status::permission_denied(format!(
-                "member {} belongs to cluster {owner}; this certificate is for cluster {cluster}",
-                spec.member
-            ))))
-            .await;
-        return None;
-    }
-    let member = spec.member.clone();
-    let group = spec.group.clone();
-    match ctx.propose(Command::Join(spec)).await {
-        Ok(a) => match a.outcome {
-            Outcome::Joined { epoch } => {
-                ctx.lessor().on_join(&member, epoch, ctx.now());
-                info!(member = %member, epoch, group = %group, "joined");
-                let cfg = ctx.cfg.lease;
-                let _ = tx
-                    .send(out(Out::Joined(pb::Joined {
-                        member_id: member.0.clone(),
-                        epoch,
-                        group_key: group.0.clone(),
-                        cluster: cluster.to_string(),
-                        lease_ttl_ms: cfg.ttl_ms,
-                        margin_permille: cfg.margin_permille as u32,
-                    })))
-                    .await;
-                Some(Joined { member, group, epoch })
-            }
-            Outcome::Rejected { reason, detail } => {
-                let _ = tx.send(Err(Status::failed_precondition(format!("join rejected: {reason}: {detail}")))).await;
-                None
-            }
-            other => {
-                let _ = tx.send(Err(Status::internal(format!("unexpected join outcome {other:?}")))).await;
-                None
-            }
-        },
-        Err(ProposeError::NotLeader) => {
-            let _ = tx.send(Err(ctx.not_leader())).await;
-            None
+    match try_join(ctx, cluster, j).await {
+        Ok((joined, msg)) => {
+            let _ = tx.send(out(msg)).await;
+            Some(joined)
         }
         Err(e) => {
-            let _ = tx.send(Err(Status::unavailable(format!("join not committed: {e}")))).await;
+            if let AgentError::Rejected { reason: RejectReason::WrongCluster, detail } = &e {
+                warn!(cluster, "refused: {detail}");
+            }
+            let _ = tx.send(Err(status_of(ctx, e))).await;
             None
         }
+    }
+}
+
+/// Input is checked before the log (`convert::join`); who owns a member id is decided by
+/// `apply`, in log order (invariant 6), never by a read made before proposing.
+async fn try_join(ctx: &Arc<Ctx>, cluster: &str, j: pb::Join) -> Result<(Joined, Out), AgentError> {
+    let spec = convert::join(j, cluster)?;
+    let member = spec.member.clone();
+    let group = spec.group.clone();
+    let applied = ctx.propose(Command::Join(spec)).await?;
+    match applied.outcome {
+        Outcome::Joined { epoch } => {
+            ctx.lessor().on_join(&member, epoch, ctx.now());
+            info!(member = %member, epoch, group = %group, "joined");
+            let cfg = ctx.cfg.lease;
+            let msg = Out::Joined(pb::Joined {
+                member_id: member.0.clone(),
+                epoch,
+                group_key: group.0.clone(),
+                cluster: cluster.to_string(),
+                lease_ttl_ms: cfg.ttl_ms,
+                margin_permille: cfg.margin_permille as u32,
+            });
+            Ok((Joined { member, group, epoch }, msg))
+        }
+        Outcome::Rejected { reason, detail } => Err(AgentError::Rejected { reason, detail }),
+        other => Err(AgentError::Unexpected(other)),
     }
 }
 

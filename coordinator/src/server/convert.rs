@@ -80,7 +80,7 @@ pub fn join(j: pb::Join, cluster: &str) -> Result<JoinSpec, InvalidField> {
         Ok(pb::SplitPolicy::Spread) => SplitPolicy::Spread,
         Err(_) => return Err(invalid("join.policy", format!("unknown policy {}", j.policy))),
     };
-    Ok(JoinSpec {
+    let spec = JoinSpec {
         member,
         cluster: cluster.to_string(),
         group,
@@ -92,7 +92,10 @@ pub fn join(j: pb::Join, cluster: &str) -> Result<JoinSpec, InvalidField> {
         priority: j.priority,
         github_ready: j.github_ready,
         policy,
-    })
+    };
+    // The same checks `apply` makes, so invalid input never reaches the log.
+    spec.validate().map_err(|e| invalid(e.field, e.why))?;
+    Ok(spec)
 }
 
 pub fn release_reason(r: i32) -> ReleaseReason {

@@ -56,7 +56,7 @@ pub enum ProposeError {
     #[error("not the leader")]
     NotLeader,
     #[error("raft: {0}")]
-    Raft(String),
+    Raft(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// When this node last learned how long ago it heard from a quorum.
@@ -143,7 +143,7 @@ impl Ctx {
             Err(e) => {
                 self.metrics.proposal_errors.inc();
                 warn!(command = name, error = %e, "proposal failed");
-                Err(ProposeError::Raft(e.to_string()))
+                Err(ProposeError::Raft(Box::new(e)))
             }
         }
     }
