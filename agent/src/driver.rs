@@ -168,7 +168,13 @@ pub struct Driver {
     next_repatch: u64,
     shutdown_at: Option<u64>,
     pending: VecDeque<Input>,
+    /// cert-manager rotates the agent's certificate in place: a change closes the stream, and
+    /// the next attach reads the new files.
+    tls_watch: Option<(crate::config::TlsWatcher, u64)>,
 }
+
+/// How often the TLS files are checked for a rotation.
+const TLS_CHECK_EVERY_MS: u64 = 5_000;
 
 /// Runs the agent until `shutdown` turns true (SIGTERM) and the session is released.
 pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -257,7 +263,9 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         next_repatch: now + REPATCH_EVERY_MS,
         shutdown_at: None,
         pending: VecDeque::new(),
+        tls_watch: None,
     };
+    d.tls_watch = d.cfg.tls.clone().map(|p| (crate::config::TlsWatcher::new(p), now + TLS_CHECK_EVERY_MS));
     if standalone {
         d.start_open_holder().await;
     }
@@ -328,6 +336,9 @@ impl Driver {
         }
         if let Some(s) = self.shutdown_at {
             t = t.min(s);
+        }
+        if let Some((_, next)) = &self.tls_watch {
+            t = t.min(*next);
         }
         t
     }
@@ -983,9 +994,18 @@ impl Driver {
         }
     }
 
-    /// Timers that are not the machines': re-patch, fallback.
+    /// Timers that are not the machines': re-patch, fallback, certificate rotation.
     fn periodic(&mut self) {
         let now = self.now();
+        if let Some((w, next)) = self.tls_watch.as_mut()
+            && now >= *next
+        {
+            *next = now + TLS_CHECK_EVERY_MS;
+            if w.changed() && self.stream.is_some() {
+                tracing::info!("TLS files changed: reconnecting with the new certificate");
+                self.stream_failed(None);
+            }
+        }
         if now >= self.next_repatch {
             // At least every 50 s with a fresh patchID (DESIGN §5.6), holder or not.
             let runners = match (&self.assignment, self.open_fence) {

@@ -530,3 +530,117 @@ async fn h_quorum_loss_falls_back_to_one_holder_and_the_quorum_adopts_it() -> an
     w.assert_clean();
     Ok(())
 }
+
+/// What a fake Kubernetes API server saw: (method, path, content type, body).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, serde_json::Value)>>>;
+
+/// A stand-in for the Kubernetes API server (the only Kubernetes double the tests use at the
+/// process level): it records every request and answers a PATCH with the patched object.
+async fn fake_kube_api() -> anyhow::Result<(std::net::SocketAddr, Seen)> {
+    use axum::extract::{Request, State};
+    let seen: Seen = Default::default();
+    async fn handle(State(seen): State<Seen>, req: Request) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let ct = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        seen.lock().unwrap_or_else(|p| p.into_inner()).push((method, path.clone(), ct, v.clone()));
+        let name = path.rsplit('/').find(|s| *s != "status").unwrap_or("x").to_string();
+        let mut obj = serde_json::json!({
+            "apiVersion": "actions.github.com/v1alpha1", "kind": "EphemeralRunnerSet",
+            "metadata": {"name": name, "namespace": "arc-runners", "annotations": {}}, "spec": {}
+        });
+        if let (Some(m), Some(p)) = (obj.get_mut("metadata"), v.get("metadata")) {
+            if let Some(a) = p.get("annotations") {
+                m["annotations"] = a.clone();
+            }
+        }
+        (axum::http::StatusCode::OK, axum::Json(obj)).into_response()
+    }
+    let app = axum::Router::new().fallback(handle).with_state(seen.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move { axum::serve(l, app).await });
+    Ok((addr, seen))
+}
+
+/// An agent started as ARC starts its listener: the listener config JSON at
+/// $LISTENER_CONFIG_PATH, the `kube` backend, no coordinator. It makes the requests ARC's
+/// listener would: a session, long polls, and ERS merge patches shaped as ARC's
+/// (`{"spec":{"patchID":…,"replicas":…}}`, merge-patch+json), plus the session record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_from_arcs_listener_config_patches_the_ers_as_arc_does() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (emu, set) = emulator(Duration::from_secs(2)).await?;
+    let (kube, seen) = fake_kube_api().await?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{kube}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: arc-runners\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: fake-token\n"
+        ),
+    )?;
+    // deploy/examples/listener-config.json with this test's GitHub and metrics address.
+    let sample = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/listener-config.json"))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&sample)?;
+    let admin = arcfed_tests::harness::free_port();
+    cfg["configure_url"] = emu.config_url().into();
+    cfg["github_token"] = emu.pat().into();
+    cfg["runner_scale_set_id"] = set.into();
+    cfg["metrics_addr"] = format!("127.0.0.1:{admin}").into();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, serde_json::to_vec(&cfg)?)?;
+    let log = std::fs::File::create(dir.path().join("agent.log"))?;
+    let mut child = std::process::Command::new(arcfed_tests::harness::bin_path("arcfed-agent"))
+        .env("LISTENER_CONFIG_PATH", &path)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("ARCFED_CONFIG_ERROR_DELAY", "0s")
+        .stderr(log)
+        .spawn()?;
+    let ers_path = format!("/apis/actions.github.com/v1alpha1/namespaces/arc-runners/ephemeralrunnersets/{}", cfg["ephemeral_runner_set_name"].as_str().unwrap_or_default());
+    let wait_patch = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let end = Instant::now() + WAIT;
+        loop {
+            let found = seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|(m, p, ct, b)| m == "PATCH" && *p == ers_path && ct == "application/merge-patch+json" && pred(b));
+            if found {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+                anyhow::bail!("no such ERS patch; seen {:?}\nlog:\n{log}", seen.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+            // A synchronous closure: let the runtime move other tasks off this worker.
+            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(50)));
+        }
+    };
+    let min = cfg["min_runners"].as_i64().unwrap_or(0);
+    // The first patch after the session opens: ARC's first patch has patchID 0 and min replicas.
+    wait_patch(&|b| b["spec"]["patchID"] == 0 && b["spec"]["replicas"] == min)?;
+    // The session id is recorded on the ERS (annotation) with the same patch verb.
+    wait_patch(&|b| b["metadata"]["annotations"]["arcfed.io/session-id"].is_string())?;
+    let sid = wait_polling_owner(&emu, set, "arcfed/", None).await?;
+    wait_patch(&|b| b["metadata"]["annotations"]["arcfed.io/session-id"] == sid.as_str())?;
+    // A job assigned: min + 1 runners with a fresh patchID.
+    emu.enqueue_jobs(set, 1, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    wait_patch(&|b| b["spec"]["replicas"] == min + 1 && b["spec"]["patchID"].as_i64().is_some_and(|p| p > 0))?;
+    // Every request went to the ERS or its runners, with the merge-patch content type only.
+    for (m, p, ct, _) in seen.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        assert_eq!(m, "PATCH", "the listener role has only patch: {m} {p}");
+        assert_eq!(ct, "application/merge-patch+json");
+        assert!(p.starts_with("/apis/actions.github.com/v1alpha1/namespaces/arc-runners/ephemeralrunner"), "{p}");
+    }
+    // /metrics on the listener config's metrics_addr carries ARC's names.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let m = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await?.text().await?;
+    assert!(m.contains("gha_desired_runners{"), "{m}");
+    assert_eq!(metric_value(&m, "arcfed_agent_is_holder"), Some(1.0));
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}
