@@ -27,12 +27,20 @@ pub struct AttachError {
 
 impl From<tonic::Status> for AttachError {
     fn from(st: tonic::Status) -> Self {
-        AttachError { redirect: arcfed_proto::leader::leader_hint(&st), message: format!("{:?}: {}", st.code(), st.message()) }
+        AttachError {
+            redirect: arcfed_proto::leader::leader_hint(&st),
+            message: format!("{:?}: {}", st.code(), st.message()),
+        }
     }
 }
 
 /// Opens a stream to `addr` (HOST:PORT) and sends `join` as its first message.
-pub async fn attach(tls: &TlsPaths, addr: &str, join: pb::AgentMessage, timeout: Duration) -> Result<Stream, AttachError> {
+pub async fn attach(
+    tls: &TlsPaths,
+    addr: &str,
+    join: pb::AgentMessage,
+    timeout: Duration,
+) -> Result<Stream, AttachError> {
     let fail = |message: String| AttachError { message, redirect: None };
     let material = tls.load().map_err(|e| fail(e.to_string()))?;
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');

@@ -540,7 +540,9 @@ impl Driver {
                 m.conflicts_409.inc();
                 m.foreign_session.set(i64::from(*foreign));
                 if *foreign {
-                    tracing::error!("409: the session belongs to a non-arcfed owner; a stock ARC listener still runs somewhere (foreign_session)");
+                    tracing::error!(
+                        "409: the session belongs to a non-arcfed owner; a stock ARC listener still runs somewhere (foreign_session)"
+                    );
                 } else {
                     tracing::info!("409: the scale set still has a session; backing off");
                 }
@@ -550,7 +552,9 @@ impl Driver {
                 tracing::warn!("409 right after revoking the predecessor's sessions (revocation_ineffective)");
             }
             Note::ConflictAlert => {
-                tracing::error!("409s for over 120 s, past GitHub's ~90 s orphan expiry: someone else holds the session")
+                tracing::error!(
+                    "409s for over 120 s, past GitHub's ~90 s orphan expiry: someone else holds the session"
+                )
             }
             Note::SelfFenced => {
                 m.self_fence.inc();
@@ -622,7 +626,12 @@ impl Driver {
             }),
             GitHubOp::Poll { last_message_id } => Box::pin(async move {
                 let Some(mut s) = session else {
-                    return GhDone { input: Input::Polled(PollOutcome::Gone), session: None, message: None, opened: None };
+                    return GhDone {
+                        input: Input::Polled(PollOutcome::Gone),
+                        session: None,
+                        message: None,
+                        opened: None,
+                    };
                 };
                 let started = std::time::Instant::now();
                 let r = client.get_message(gate.as_ref(), &mut s, last_message_id, capacity).await;
@@ -923,8 +932,7 @@ impl Driver {
                     // Resume the adopted session only if it is still the one we have open.
                     let open = self.session.as_ref().map(|s| s.session_id.clone());
                     let kept = self.held_before_fallback.take().filter(|(t, _)| *t == g.token).map(|(_, s)| s);
-                    let resume =
-                        kept.or_else(|| self.adopted.take()).filter(|id| open.as_ref() == Some(id));
+                    let resume = kept.or_else(|| self.adopted.take()).filter(|id| open.as_ref() == Some(id));
                     if resume.is_none() && self.holder.token.is_none() {
                         self.session = None;
                     }
@@ -1099,7 +1107,8 @@ impl Driver {
 
     /// Metrics and readiness.
     fn publish(&mut self) {
-        let holding = self.holder.session_id().is_some() && self.fence().allows(self.holder.token.unwrap_or(0), self.now());
+        let holding =
+            self.holder.session_id().is_some() && self.fence().allows(self.holder.token.unwrap_or(0), self.now());
         self.metrics.set_holder(if holding { self.holder.token.or(Some(0)) } else { None });
         if !holding {
             self.metrics.clear_scale_set_gauges();
@@ -1112,7 +1121,11 @@ impl Driver {
                 Readiness::Ready("contending for the session".into())
             }
         } else if self.link.as_ref().is_some_and(Link::is_up) {
-            Readiness::Ready(if holding { format!("holder t{}", self.holder.token.unwrap_or(0)) } else { "standby".into() })
+            Readiness::Ready(if holding {
+                format!("holder t{}", self.holder.token.unwrap_or(0))
+            } else {
+                "standby".into()
+            })
         } else {
             Readiness::NotReady("no coordinator stream".into())
         };

@@ -139,7 +139,12 @@ impl World {
         assert_eq!(ss.jobs_acquired_twice, 0);
         let lost = ss.messages_delivered.saturating_sub(ss.messages_redelivered).saturating_sub(ss.messages_deleted);
         // A message in flight at the end may still be unacked: allow only that one.
-        assert!(lost <= 1, "messages lost: {lost} (delivered {}, deleted {})", ss.messages_delivered, ss.messages_deleted);
+        assert!(
+            lost <= 1,
+            "messages lost: {lost} (delivered {}, deleted {})",
+            ss.messages_delivered,
+            ss.messages_deleted
+        );
     }
 }
 
@@ -316,12 +321,7 @@ async fn standalone_restart_after_sigkill_deletes_the_recorded_session() -> anyh
     Ok(())
 }
 
-async fn wait_polling_owner(
-    emu: &EmulatorHandle,
-    set: i64,
-    prefix: &str,
-    not: Option<&str>,
-) -> anyhow::Result<String> {
+async fn wait_polling_owner(emu: &EmulatorHandle, set: i64, prefix: &str, not: Option<&str>) -> anyhow::Result<String> {
     let end = Instant::now() + WAIT;
     loop {
         let rep = emu.report();
@@ -405,7 +405,8 @@ async fn f_github_faults_are_survived_without_exit() -> anyhow::Result<()> {
     let path = format!("_apis/runtime/runnerscalesets/{}/sessions/{}", w.set, foreign.session_id);
     stock.admin(reqwest::Method::DELETE, &path, &[], None).await?;
     a.wait_metric("holding again", WAIT, |m| {
-        metric_value(m, "arcfed_agent_is_holder") == Some(1.0) && metric_value(m, "arcfed_agent_foreign_session") == Some(0.0)
+        metric_value(m, "arcfed_agent_is_holder") == Some(1.0)
+            && metric_value(m, "arcfed_agent_foreign_session") == Some(0.0)
     })
     .await?;
     for a in w.agents.iter_mut() {
@@ -486,7 +487,8 @@ async fn h_quorum_loss_falls_back_to_one_holder_and_the_quorum_adopts_it() -> an
         a.wait_metric("fallback", WAIT, |m| metric_value(m, "arcfed_agent_fallback") == Some(1.0)).await?;
     }
     // Exactly one agent polls, and it is the session the holder had.
-    let before = w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls));
+    let before =
+        w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls));
     let end = Instant::now() + WAIT;
     while w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls))
         <= before
@@ -506,17 +508,21 @@ async fn h_quorum_loss_falls_back_to_one_holder_and_the_quorum_adopts_it() -> an
     }
     for a in &w.agents {
         a.wait_metric("fallback over", WAIT, |m| {
-            metric_value(m, "arcfed_agent_fallback") == Some(0.0) && metric_value(m, "arcfed_agent_coordinator_connected") == Some(1.0)
+            metric_value(m, "arcfed_agent_fallback") == Some(0.0)
+                && metric_value(m, "arcfed_agent_coordinator_connected") == Some(1.0)
         })
         .await?;
     }
     let st = w
         .q()
-        .wait_status("the quorum knows the session", WAIT, |s| s.groups.first().is_some_and(|g| g.session_id == sid && !g.holder.is_empty()))
+        .wait_status("the quorum knows the session", WAIT, |s| {
+            s.groups.first().is_some_and(|g| g.session_id == sid && !g.holder.is_empty())
+        })
         .await
         .map_err(|e| anyhow::anyhow!("{e}; logs:\n{}", w.logs()))?;
     assert!(st.groups[0].token >= token, "tokens never decrease across a full restart");
-    let polls = w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls));
+    let polls =
+        w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls));
     let end = Instant::now() + WAIT;
     while w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.polls))
         <= polls
@@ -552,10 +558,8 @@ async fn fake_kube_api() -> anyhow::Result<(std::net::SocketAddr, Seen)> {
             "apiVersion": "actions.github.com/v1alpha1", "kind": "EphemeralRunnerSet",
             "metadata": {"name": name, "namespace": "arc-runners", "annotations": {}}, "spec": {}
         });
-        if let (Some(m), Some(p)) = (obj.get_mut("metadata"), v.get("metadata")) {
-            if let Some(a) = p.get("annotations") {
-                m["annotations"] = a.clone();
-            }
+        if let (Some(m), Some(a)) = (obj.get_mut("metadata"), v.get("metadata").and_then(|p| p.get("annotations"))) {
+            m["annotations"] = a.clone();
         }
         (axum::http::StatusCode::OK, axum::Json(obj)).into_response()
     }
@@ -583,7 +587,8 @@ async fn an_agent_started_from_arcs_listener_config_patches_the_ers_as_arc_does(
         ),
     )?;
     // deploy/examples/listener-config.json with this test's GitHub and metrics address.
-    let sample = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/listener-config.json"))?;
+    let sample =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/listener-config.json"))?;
     let mut cfg: serde_json::Value = serde_json::from_str(&sample)?;
     let admin = arcfed_tests::harness::free_port();
     cfg["configure_url"] = emu.config_url().into();
@@ -599,21 +604,26 @@ async fn an_agent_started_from_arcs_listener_config_patches_the_ers_as_arc_does(
         .env("ARCFED_CONFIG_ERROR_DELAY", "0s")
         .stderr(log)
         .spawn()?;
-    let ers_path = format!("/apis/actions.github.com/v1alpha1/namespaces/arc-runners/ephemeralrunnersets/{}", cfg["ephemeral_runner_set_name"].as_str().unwrap_or_default());
+    let ers_path = format!(
+        "/apis/actions.github.com/v1alpha1/namespaces/arc-runners/ephemeralrunnersets/{}",
+        cfg["ephemeral_runner_set_name"].as_str().unwrap_or_default()
+    );
     let wait_patch = |pred: &dyn Fn(&serde_json::Value) -> bool| {
         let end = Instant::now() + WAIT;
         loop {
-            let found = seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .any(|(m, p, ct, b)| m == "PATCH" && *p == ers_path && ct == "application/merge-patch+json" && pred(b));
+            let found =
+                seen.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(m, p, ct, b)| {
+                    m == "PATCH" && *p == ers_path && ct == "application/merge-patch+json" && pred(b)
+                });
             if found {
                 return Ok(());
             }
             if Instant::now() > end {
                 let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
-                anyhow::bail!("no such ERS patch; seen {:?}\nlog:\n{log}", seen.lock().unwrap_or_else(|p| p.into_inner()));
+                anyhow::bail!(
+                    "no such ERS patch; seen {:?}\nlog:\n{log}",
+                    seen.lock().unwrap_or_else(|p| p.into_inner())
+                );
             }
             // A synchronous closure: let the runtime move other tasks off this worker.
             tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(50)));

@@ -38,24 +38,44 @@ pub struct HolderConfig {
 /// Holder-only GitHub requests (DESIGN §2): only inside the fence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GitHubOp {
-    DeleteSession { id: String },
-    CreateSession { owner: String },
+    DeleteSession {
+        id: String,
+    },
+    CreateSession {
+        owner: String,
+    },
     /// Long poll. The driver drops it when `Holder::next_wakeup` passes while it runs: the
     /// deadline moves with every ack, so it is asked again after every event.
-    Poll { last_message_id: i64 },
+    Poll {
+        last_message_id: i64,
+    },
     /// Acquire the listed JobAvailable jobs of the message just polled.
-    Acquire { message_id: i64 },
-    AckMessage { message_id: i64 },
+    Acquire {
+        message_id: i64,
+    },
+    AckMessage {
+        message_id: i64,
+    },
 }
 
 /// Requests to the coordinator (or, open fence, to the local record).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CoordOp {
     /// `SessionOpened{token, id}`, committed before the first poll.
-    Commit { token: u64, session_id: String },
+    Commit {
+        token: u64,
+        session_id: String,
+    },
     /// `Progress{token, message id}`: `None` is the idle Progress of a 202.
-    Progress { token: u64, message_id: Option<i64> },
-    Release { token: u64, deleted: Vec<String>, reason: ReleaseReason },
+    Progress {
+        token: u64,
+        message_id: Option<i64>,
+    },
+    Release {
+        token: u64,
+        deleted: Vec<String>,
+        reason: ReleaseReason,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,31 +109,46 @@ pub enum Action {
     /// Send a keepalive now (fence (c) needs an ack for one sent after the decision to POST).
     KeepaliveNow,
     /// The session `id` is no longer ours to use (lost lease): forget its URL and token.
-    Forget { session_id: String },
+    Forget {
+        session_id: String,
+    },
     Note(Note),
 }
 
 /// How a create attempt ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CreateOutcome {
-    Opened { session_id: String },
-    Conflict { foreign: bool },
+    Opened {
+        session_id: String,
+    },
+    Conflict {
+        foreign: bool,
+    },
     /// No session known to exist (4xx other than 409): back off.
-    Failed { local: bool },
+    Failed {
+        local: bool,
+    },
     /// Transport error or 5xx after sending: a session may exist (a possible orphan).
-    Ambiguous { local: bool },
+    Ambiguous {
+        local: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PollOutcome {
     /// 202: no message within the server's window.
     Empty,
-    Message { message_id: i64, job_available: bool },
+    Message {
+        message_id: i64,
+        job_available: bool,
+    },
     /// The session is gone server-side (refresh 404, 404 on the queue): open another.
     Gone,
     /// An empty 200 or a retryable glitch: poll again.
     Glitch,
-    Failed { local: bool },
+    Failed {
+        local: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,19 +157,39 @@ pub enum Input {
     /// A Grant: we hold `token`. `resume`: a session this agent already has open and the
     /// coordinator already knows (an accepted `Adopt` after fallback): poll it instead of
     /// opening another (no session churn when the quorum returns).
-    Granted { token: u64, stale_sessions: Vec<String>, last_acked_message_id: i64, resume: Option<String> },
+    Granted {
+        token: u64,
+        stale_sessions: Vec<String>,
+        last_acked_message_id: i64,
+        resume: Option<String>,
+    },
     /// The coordinator asks the holder to delete these sessions (stale SessionOpened, Adopt race).
-    DeleteSessions { token: u64, ids: Vec<String> },
-    Handover { token: u64 },
+    DeleteSessions {
+        token: u64,
+        ids: Vec<String>,
+    },
+    Handover {
+        token: u64,
+    },
     Shutdown,
     /// Results of the in-flight operation.
-    Deleted { id: String, done: bool },
+    Deleted {
+        id: String,
+        done: bool,
+    },
     Created(CreateOutcome),
-    Committed { accepted: bool },
+    Committed {
+        accepted: bool,
+    },
     Polled(PollOutcome),
     Acquired,
-    Reported { accepted: bool, duplicate: bool },
-    Acked { ok: bool },
+    Reported {
+        accepted: bool,
+        duplicate: bool,
+    },
+    Acked {
+        ok: bool,
+    },
     ReleaseSent,
     /// The coordinator operation in flight got no answer (stream down, timeout): its outcome
     /// is unknown, so it is sent again later (Commit and Progress are idempotent in `apply`).
@@ -146,7 +201,9 @@ pub enum Input {
 enum Op {
     None,
     /// A GitHub request; `poll` = a long poll, the only one cancelled at the fence deadline.
-    GitHub { poll: bool },
+    GitHub {
+        poll: bool,
+    },
     Coord,
 }
 
@@ -154,19 +211,41 @@ enum Op {
 pub enum Phase {
     Standby,
     /// Deleting the predecessors' sessions, one id at a time (`pending` is this round's list).
-    Revoke { pending: Vec<String> },
+    Revoke {
+        pending: Vec<String>,
+    },
     /// Fence (c): a session is POSTed only after an ack lists (group, token) for a keepalive
     /// sent after `decided_at`.
-    WaitAck { decided_at: u64 },
+    WaitAck {
+        decided_at: u64,
+    },
     Create,
-    Backoff { until: u64 },
-    Commit { session_id: String },
-    Poll { session_id: String },
-    Acquire { session_id: String, message_id: i64 },
-    Report { session_id: String, message_id: Option<i64> },
-    Ack { session_id: String, message_id: i64 },
+    Backoff {
+        until: u64,
+    },
+    Commit {
+        session_id: String,
+    },
+    Poll {
+        session_id: String,
+    },
+    Acquire {
+        session_id: String,
+        message_id: i64,
+    },
+    Report {
+        session_id: String,
+        message_id: Option<i64>,
+    },
+    Ack {
+        session_id: String,
+        message_id: i64,
+    },
     /// Deleting our own session before a release.
-    Closing { session_id: Option<String>, reason: ReleaseReason },
+    Closing {
+        session_id: Option<String>,
+        reason: ReleaseReason,
+    },
     Releasing,
     /// Shut down for good.
     Done,
@@ -443,7 +522,9 @@ impl Holder {
                     }
                     // Best effort: if it failed, GitHub frees it after its orphan TTL and a
                     // successor revokes it by the replicated id.
-                    Phase::Closing { session_id, .. } if session_id.as_deref() == Some(id.as_str()) => *session_id = None,
+                    Phase::Closing { session_id, .. } if session_id.as_deref() == Some(id.as_str()) => {
+                        *session_id = None
+                    }
                     _ => {}
                 }
             }
@@ -733,7 +814,11 @@ mod tests {
     fn takeover_revokes_then_waits_for_a_fresh_ack_then_opens_commits_and_polls() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2000, 0);
-        let a = h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec!["old".into()], last_acked_message_id: 4, resume: None });
+        let a = h.step(
+            10,
+            &f,
+            Input::Granted { token: 7, stale_sessions: vec!["old".into()], last_acked_message_id: 4, resume: None },
+        );
         assert_eq!(gh(&a), vec![GitHubOp::DeleteSession { id: "old".into() }]);
         let a = h.step(20, &f, Input::Deleted { id: "old".into(), done: true });
         assert!(a.contains(&Action::KeepaliveNow), "{a:?}");
@@ -859,7 +944,11 @@ mod tests {
         assert!(a.contains(&Action::Note(Note::Released { reason: ReleaseReason::Handover })));
         assert_eq!(h.phase, Phase::Standby);
         // The released token is never used again.
-        let a = h.step(110, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
+        let a = h.step(
+            110,
+            &f,
+            Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None },
+        );
         assert!(a.is_empty());
     }
 
@@ -867,7 +956,11 @@ mod tests {
     fn holder_stall_for_a_local_reason_releases() {
         let mut h = Holder::new(cfg(), 0);
         let mut now = 10;
-        h.step(now, &fence(7, now + 2000, now), Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
+        h.step(
+            now,
+            &fence(7, now + 2000, now),
+            Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None },
+        );
         let mut released = false;
         while now < 40_000 && !released {
             now += 100;
@@ -892,7 +985,12 @@ mod tests {
         let a = h.step(
             10,
             &f,
-            Input::Granted { token: 9, stale_sessions: vec!["s-fb".into()], last_acked_message_id: 3, resume: Some("s-fb".into()) },
+            Input::Granted {
+                token: 9,
+                stale_sessions: vec!["s-fb".into()],
+                last_acked_message_id: 3,
+                resume: Some("s-fb".into()),
+            },
         );
         assert_eq!(gh(&a), vec![GitHubOp::Poll { last_message_id: 0 }], "{a:?}");
         assert_eq!(h.session_id(), Some("s-fb"));
@@ -946,7 +1044,11 @@ mod tests {
 
     /// A fence as the link could present it at `now`: any token, up or down, any deadline.
     fn arb_fence() -> impl Strategy<Value = (Option<u64>, Option<i64>, Option<u64>)> {
-        (prop::option::weighted(0.8, 1u64..5), prop::option::weighted(0.8, -3000i64..3000), prop::option::of(0u64..3000))
+        (
+            prop::option::weighted(0.8, 1u64..5),
+            prop::option::weighted(0.8, -3000i64..3000),
+            prop::option::of(0u64..3000),
+        )
     }
 
     proptest! {

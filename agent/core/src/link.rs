@@ -62,12 +62,18 @@ pub enum LinkEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkAction {
     /// Open a stream to `addr` and send a Join on it.
-    Attach { addr: String },
+    Attach {
+        addr: String,
+    },
     /// Send a Join on the open stream (after `Expired`).
     SendJoin,
-    SendKeepalive { seq: u64 },
+    SendKeepalive {
+        seq: u64,
+    },
     /// Close the current stream (no ack in time, attach timed out).
-    Close { reason: &'static str },
+    Close {
+        reason: &'static str,
+    },
 }
 
 /// What the holder may rely on for one group, at one instant.
