@@ -423,10 +423,21 @@ async fn j_a_keepalive_after_the_deadline_gets_expired_and_rejoin_gives_a_new_ep
             let e1 = a.joined(WAIT).await?;
             a.set_silent(true);
             q.wait_status("a expired", WAIT, |s| s.members.iter().any(|m| m.status == "expired")).await?;
+            let resumed = Instant::now();
             a.set_silent(false);
             a.wait_for("EXPIRED then a new Joined", WAIT, |r| !r.expired.is_empty() && r.joined.len() >= 2).await?;
             let e2 = a.rec().epoch().unwrap_or(0);
             assert!(e2 > e1, "epoch {e2} must exceed {e1}");
+            // No renewal past death: every keepalive sent after the deadline and before the
+            // agent learnt it was EXPIRED (so before its re-Join) went unacked.
+            let rec = a.rec();
+            let told = rec.expired.first().map(|e| e.1).expect("an EXPIRED");
+            let late: Vec<u64> =
+                rec.sent.iter().filter(|(_, t)| **t >= resumed && **t <= told).map(|(seq, _)| *seq).collect();
+            assert!(!late.is_empty(), "no keepalive was sent after the deadline");
+            let acked: Vec<u64> = rec.acks.iter().filter(|k| late.contains(&k.seq)).map(|k| k.seq).collect();
+            assert!(acked.is_empty(), "keepalives {acked:?} sent after the deadline were acked");
+            drop(rec);
             q.wait_status("a live again", WAIT, |s| s.members.iter().any(|m| m.status == "live" && m.epoch == e2))
                 .await?;
             Ok(())
@@ -665,14 +676,35 @@ async fn p_drain_moves_the_holder_and_bad_agent_input_is_named() {
     .await;
 }
 
+/// An agent that reaches every voter through its own fault proxy, so the test can cut its
+/// streams one-sidedly.
+struct ProxiedAgent {
+    cluster: String,
+    agent: TestAgent,
+    proxies: Vec<FaultProxy>,
+}
+
+async fn proxied_agent(q: &Quorum, cluster: &str) -> anyhow::Result<ProxiedAgent> {
+    let mut proxies = Vec::new();
+    for v in &q.voters {
+        proxies.push(FaultProxy::start(v.addr().parse()?).await?);
+    }
+    let endpoints = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let agent = TestAgent::start(AgentOptions::new(endpoints, q.certs.agent(cluster)?, cluster));
+    Ok(ProxiedAgent { cluster: cluster.to_string(), agent, proxies })
+}
+
 /// A small robustness run in the spirit of etcd's: random faults (leader SIGKILL, leader
-/// SIGSTOP past the TTL, holder silence, holder death) against three regions, recording
-/// every grant and ack. Then the history is checked against the invariants: tokens only
-/// grow, and every grant of a new token is received after the previous holder's fence
-/// ended (invariant 1, on this process's clock). The seed is printed to replay a failure.
+/// SIGSTOP past the TTL, a partition of the leader, holder silence, a one-sided close of the
+/// holder's stream in either direction, holder death) against three regions, recording
+/// every grant and ack. Then the history, in the order it was observed, is checked against
+/// the invariants: each token reaches one member, tokens only grow, and every new token is
+/// received after the previous holder's fence ended (invariant 1, on this process's clock).
+/// The seed is printed to replay a failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q_random_faults_never_overlap_two_holders_fences() {
-    with_quorum(QuorumOptions::default(), |mut q| async move {
+    let opts = QuorumOptions { peer_proxies: true, ..QuorumOptions::default() };
+    with_quorum(opts, |mut q| async move {
         let r = async {
             let seed: u64 = std::env::var("ARCFED_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
             println!("seed {seed} (replay with ARCFED_SEED={seed})");
@@ -683,15 +715,17 @@ async fn q_random_faults_never_overlap_two_holders_fences() {
                 rng ^= rng << 17;
                 rng % n
             };
-            let mut live: Vec<(String, TestAgent)> =
-                ["a", "b", "c"].iter().map(|c| (c.to_string(), agent(&q, c))).collect();
-            let mut retired: Vec<TestAgent> = Vec::new();
-            wait_holder(&q, &live.iter().map(|x| &x.1).collect::<Vec<_>>()).await?;
+            let mut live: Vec<ProxiedAgent> = Vec::new();
+            for c in ["a", "b", "c"] {
+                live.push(proxied_agent(&q, c).await?);
+            }
+            let mut retired: Vec<ProxiedAgent> = Vec::new();
+            wait_holder(&q, &live.iter().map(|x| &x.agent).collect::<Vec<_>>()).await?;
             for step in 0..8 {
                 let s = q.wait_status("a holder", WAIT, |s| holder_of(s).is_some()).await?;
                 let (h, _) = holder_of(&s).expect("holder");
-                let hi = live.iter().position(|x| x.1.opts.member_id == h);
-                let fault = next(4);
+                let hi = live.iter().position(|x| x.agent.opts.member_id == h);
+                let fault = next(6);
                 println!("step {step}: fault {fault}, holder {h}");
                 match (fault, hi) {
                     (0, _) => {
@@ -706,16 +740,38 @@ async fn q_random_faults_never_overlap_two_holders_fences() {
                         q.voter(s.leader).thaw();
                         r?;
                     }
-                    (2, Some(i)) => {
-                        live[i].1.set_silent(true);
+                    (2, _) => {
+                        // A partition of the leader from its peers (agents still reach it).
+                        q.isolate(s.leader, Mode::Blackhole);
+                        tokio::time::sleep(Duration::from_millis(500 + next(4000))).await;
+                        q.isolate(s.leader, Mode::Pass);
+                    }
+                    (3, Some(i)) => {
+                        live[i].agent.set_silent(true);
                         tokio::time::sleep(Duration::from_millis(3500 + next(1500))).await;
-                        live[i].1.set_silent(false);
+                        live[i].agent.set_silent(false);
+                    }
+                    (4, Some(i)) => {
+                        // A one-sided close: one end sees the stream end, the other sees silence.
+                        let mode = if next(2) == 0 {
+                            Mode::ResetUpstreamBlackholeDownstream
+                        } else {
+                            Mode::ResetDownstreamBlackholeUpstream
+                        };
+                        println!("  one-sided close: {mode:?}");
+                        for p in &live[i].proxies {
+                            p.set_mode(mode.clone());
+                        }
+                        tokio::time::sleep(Duration::from_millis(1000 + next(3500))).await;
+                        for p in &live[i].proxies {
+                            p.set_mode(Mode::Pass);
+                        }
                     }
                     (_, Some(i)) => {
-                        let (cluster, dead) = live.remove(i);
-                        dead.stop();
+                        let dead = live.remove(i);
+                        dead.agent.stop();
+                        live.push(proxied_agent(&q, &dead.cluster).await?);
                         retired.push(dead);
-                        live.push((cluster.clone(), agent(&q, &cluster)));
                     }
                     _ => {}
                 }
@@ -725,48 +781,92 @@ async fn q_random_faults_never_overlap_two_holders_fences() {
             // End with one certain takeover, so every run checks at least one handoff.
             let s = q
                 .wait_status("a live holder", WAIT, |s| {
-                    holder_of(s).is_some_and(|(h, _)| live.iter().any(|x| x.1.opts.member_id == h))
+                    holder_of(s).is_some_and(|(h, _)| live.iter().any(|x| x.agent.opts.member_id == h))
                 })
                 .await?;
             let (h, _) = holder_of(&s).expect("holder");
-            let i = live.iter().position(|x| x.1.opts.member_id == h).expect("live holder");
-            let (_, dead) = live.remove(i);
-            dead.stop();
+            let i = live.iter().position(|x| x.agent.opts.member_id == h).expect("live holder");
+            let dead = live.remove(i);
+            dead.agent.stop();
             retired.push(dead);
             q.wait_status("another holder", WAIT, |s| holder_of(s).is_some_and(|(x, _)| x != h)).await?;
-            let ours: Vec<&TestAgent> = live.iter().map(|x| &x.1).collect();
+            let ours: Vec<&TestAgent> = live.iter().map(|x| &x.agent).collect();
             wait_holder(&q, &ours).await?;
-            // Check the history.
-            let all: Vec<&TestAgent> = live.iter().map(|x| &x.1).chain(retired.iter()).collect();
-            let mut grants: Vec<(u64, Instant, usize)> = Vec::new();
+            // Check the history in the order this process observed it. Receipt order is the
+            // history, not the property: nothing below sorts by token.
+            let all: Vec<&TestAgent> = live.iter().chain(retired.iter()).map(|x| &x.agent).collect();
+            let mut history: Vec<(Instant, u64, usize)> = Vec::new();
             for (i, a) in all.iter().enumerate() {
                 for g in &a.rec().grants {
-                    grants.push((g.token, g.received_at, i));
+                    history.push((g.received_at, g.token, i));
                 }
             }
-            grants.sort_by_key(|g| g.0);
-            grants.dedup_by_key(|g| g.0);
-            anyhow::ensure!(grants.len() >= 2, "the run produced fewer than two grants: {grants:?}");
-            for w in grants.windows(2) {
-                let (t1, _, i1) = w[0];
-                let (t2, got2, i2) = w[1];
-                anyhow::ensure!(t2 > t1, "tokens went back: {t1} then {t2}");
-                if i1 == i2 {
-                    continue; // the same member holding again after a rejoin
-                }
-                if let Some(end) = all[i1].rec().fence_end(t1) {
-                    anyhow::ensure!(
-                        got2 >= end,
-                        "token {t2} reached its holder {:?} before token {t1}'s fence ended (seed {seed})",
-                        end.duration_since(got2)
-                    );
-                }
-            }
-            println!("{} grants checked: tokens {:?}", grants.len(), grants.iter().map(|g| g.0).collect::<Vec<_>>());
+            history.sort_by_key(|h| h.0);
+            check_grant_history(&history, |i, t| all[i].rec().fence_end(t))
+                .map_err(|e| anyhow::anyhow!("{e} (seed {seed})"))?;
+            println!("{} grants checked: {:?}", history.len(), history.iter().map(|g| g.1).collect::<Vec<_>>());
             Ok(())
         }
         .await;
         (q, r)
     })
     .await;
+}
+
+/// The checks of test q over grants in receipt order `(received_at, token, member index)`:
+/// a token reaches one member only (a resend to the same member after a reconnect is fine),
+/// first receipts of tokens strictly grow, and a new token held by another member arrives no
+/// earlier than the end of the previous holder's fence (`fence_end(member, token)`).
+fn check_grant_history(
+    history: &[(Instant, u64, usize)],
+    fence_end: impl Fn(usize, u64) -> Option<Instant>,
+) -> anyhow::Result<()> {
+    let mut owner: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    let mut firsts: Vec<(Instant, u64, usize)> = Vec::new();
+    for &(at, t, i) in history {
+        match owner.insert(t, i) {
+            Some(j) if j != i => anyhow::bail!("token {t} reached two members ({j} and {i})"),
+            Some(_) => continue,
+            None => firsts.push((at, t, i)),
+        }
+    }
+    anyhow::ensure!(firsts.len() >= 2, "the run produced fewer than two grants: {history:?}");
+    for w in firsts.windows(2) {
+        let (_, t1, i1) = w[0];
+        let (got2, t2, i2) = w[1];
+        anyhow::ensure!(t2 > t1, "tokens went back: {t1} was received before {t2}");
+        if i1 == i2 {
+            continue; // the same member holding again after a rejoin
+        }
+        if let Some(end) = fence_end(i1, t1) {
+            anyhow::ensure!(
+                got2 >= end,
+                "token {t2} reached its holder {:?} before token {t1}'s fence ended",
+                end.duration_since(got2)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The history check itself can fail: each broken history below is refused.
+#[test]
+fn q_history_check_refuses_broken_histories() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let fence = |_: usize, t: u64| Some(at(t * 1000 + 2000));
+    // Good: token 10 (member 0) then token 20 (member 1) after 10's fence; a resend of 20.
+    let good = [(at(0), 10, 0), (at(12_500), 20, 1), (at(13_000), 20, 1)];
+    assert!(check_grant_history(&good, fence).is_ok());
+    // Tokens received out of order (a sort by token would have hidden it).
+    let back = [(at(0), 20, 0), (at(25_000), 10, 1)];
+    assert!(check_grant_history(&back, |_, _| None).is_err());
+    // One token at two members.
+    let twice = [(at(0), 10, 0), (at(100), 10, 1), (at(20_000), 20, 1)];
+    assert!(check_grant_history(&twice, |_, _| None).is_err());
+    // The next token before the previous holder's fence ended.
+    let overlap = [(at(0), 10, 0), (at(11_000), 20, 1)];
+    assert!(check_grant_history(&overlap, fence).is_err());
+    // Fewer than two grants checks nothing: refused too.
+    assert!(check_grant_history(&[(at(0), 10, 0)], fence).is_err());
 }
