@@ -314,12 +314,15 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "commit_index": s.commit_index,
         "applied_index": s.applied_index,
         "quorum_contact_age_ms": s.quorum_contact_age_ms,
-        "voters": s.voters.iter().map(|v| json!({"id": v.id, "address": v.address, "role": v.role})).collect::<Vec<_>>(),
+        "voters": s.voters.iter().map(|v| json!({
+            "id": v.id, "address": v.address, "role": v.role, "reachable": v.reachable,
+            "last_contact_ms": v.last_contact_ms,
+        })).collect::<Vec<_>>(),
         "members": s.members.iter().map(|m| json!({
             "id": m.id, "cluster": m.cluster, "group": m.group, "status": m.status, "epoch": m.epoch,
             "ers": m.ers, "draining": m.draining, "standby": m.standby, "github_ready": m.github_ready,
             "weight": m.weight, "min_runners": m.min_runners, "max_runners": m.max_runners, "busy": m.busy,
-            "lease_remaining_ms": m.lease_remaining_ms,
+            "lease_remaining_ms": m.lease_remaining_ms, "assignment": m.assignment,
         })).collect::<Vec<_>>(),
         "groups": s.groups.iter().map(|g| json!({
             "key": g.key,
@@ -352,14 +355,22 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
         s.applied_index,
         ms(s.quorum_contact_age_ms)
     );
-    let _ = writeln!(o, "\nVOTERS\n  {:<4} {:<24} ROLE", "ID", "ADDRESS");
+    let _ = writeln!(o, "\nVOTERS\n  {:<4} {:<24} {:<12} {:<9} LAST CONTACT", "ID", "ADDRESS", "ROLE", "REACHABLE");
     for v in &s.voters {
-        let _ = writeln!(o, "  {:<4} {:<24} {}", v.id, v.address, v.role);
+        let _ = writeln!(
+            o,
+            "  {:<4} {:<24} {:<12} {:<9} {}",
+            v.id,
+            v.address,
+            v.role,
+            if v.reachable { "yes" } else { "no" },
+            if v.last_contact_ms < 0 { "never".to_string() } else { format!("{}ms ago", v.last_contact_ms) }
+        );
     }
     let _ = writeln!(
         o,
-        "\nMEMBERS\n  {:<10} {:<12} {:<8} {:<6} {:<28} {:>5} {:>4} {:>8}  FLAGS",
-        "ID", "CLUSTER", "STATUS", "EPOCH", "ERS", "MAX", "BUSY", "LEASE"
+        "\nMEMBERS\n  {:<10} {:<12} {:<8} {:<6} {:<28} {:>6} {:>5} {:>4} {:>8}  FLAGS",
+        "ID", "CLUSTER", "STATUS", "EPOCH", "ERS", "ASSIGN", "MAX", "BUSY", "LEASE"
     );
     for m in &s.members {
         let mut flags = Vec::new();
@@ -374,12 +385,13 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
         }
         let _ = writeln!(
             o,
-            "  {:<10} {:<12} {:<8} {:<6} {:<28} {:>5} {:>4} {:>8}  {}",
+            "  {:<10} {:<12} {:<8} {:<6} {:<28} {:>6} {:>5} {:>4} {:>8}  {}",
             short(&m.id),
             m.cluster,
             m.status,
             m.epoch,
             m.ers,
+            m.assignment,
             m.max_runners,
             m.busy,
             ms(m.lease_remaining_ms),
@@ -417,4 +429,57 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> pb::StatusResponse {
+        pb::StatusResponse {
+            leader: 1,
+            term: 4,
+            voters: vec![
+                pb::Voter { id: 1, address: "a:1".into(), role: "leader".into(), reachable: true, last_contact_ms: 0 },
+                pb::Voter {
+                    id: 2,
+                    address: "b:1".into(),
+                    role: "unreachable".into(),
+                    reachable: false,
+                    last_contact_ms: 4200,
+                },
+                pb::Voter {
+                    id: 3,
+                    address: "c:1".into(),
+                    role: "unreachable".into(),
+                    reachable: false,
+                    last_contact_ms: -1,
+                },
+            ],
+            members: vec![pb::MemberStatus {
+                id: "0123456789abcdef".into(),
+                cluster: "east".into(),
+                status: "live".into(),
+                assignment: 7,
+                max_runners: 10,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_shows_voter_reachability_last_contact_and_member_assignments() {
+        let t = status_table(&sample());
+        let b = t.lines().find(|l| l.trim_start().starts_with("2 ")).expect("voter 2 row");
+        assert!(b.contains("unreachable") && b.contains(" no ") && b.contains("4200ms ago"), "{b}");
+        let c = t.lines().find(|l| l.trim_start().starts_with("3 ")).expect("voter 3 row");
+        assert!(c.contains("never"), "{c}");
+        let m = t.lines().find(|l| l.contains("01234567")).expect("member row");
+        assert!(m.split_whitespace().any(|w| w == "7"), "{m}");
+        let j = status_json(&sample());
+        assert_eq!(j["voters"][1]["reachable"], false);
+        assert_eq!(j["voters"][1]["last_contact_ms"], 4200);
+        assert_eq!(j["members"][0]["assignment"], 7);
+    }
 }

@@ -676,6 +676,53 @@ async fn p_drain_moves_the_holder_and_bad_agent_input_is_named() {
     .await;
 }
 
+/// Issue 8, item 8: `status` tells a stopped voter from a follower (reachability and last
+/// contact as the leader sees them) and shows each member's assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_status_shows_a_stopped_voter_as_unreachable_and_assignments_per_member() {
+    with_quorum(QuorumOptions::default(), |mut q| async move {
+        let r = async {
+            let a = agent(&q, "a");
+            a.joined(WAIT).await?;
+            let s = q
+                .wait_status("every voter reachable", WAIT, |s| {
+                    s.voters.len() == 3 && s.voters.iter().all(|v| v.reachable && v.last_contact_ms >= 0)
+                })
+                .await?;
+            assert!(s.voters.iter().filter(|v| v.role == "follower").count() == 2, "{:?}", s.voters);
+            let follower = s.voters.iter().find(|v| v.id != s.leader).map(|v| v.id).expect("a follower");
+            q.voter(follower).kill();
+            let s = q
+                .wait_status("the stopped voter shown unreachable", WAIT, |s| {
+                    s.voters.iter().any(|v| v.id == follower && !v.reachable && v.role == "unreachable")
+                })
+                .await?;
+            let v = s.voters.iter().find(|v| v.id == follower).expect("voter");
+            assert!(v.last_contact_ms > 0, "{v:?}");
+            // Assignments per member: the member row agrees with the group's assignment.
+            let g = group_of(&s).expect("group");
+            let m = s.members.iter().find(|m| m.id == a.opts.member_id).expect("member a");
+            let want = g.assignments.iter().find(|x| x.member == m.id).map(|x| x.runners).unwrap_or(0);
+            assert_eq!(m.assignment, want);
+            let table = ctl(&q, &["status"])?;
+            assert!(table.contains("unreachable") && table.contains("ASSIGN"), "{table}");
+            let json: serde_json::Value = serde_json::from_str(&ctl(&q, &["status", "-o", "json"])?)?;
+            let jv = json["voters"].as_array().expect("voters").iter().find(|v| v["id"] == follower).cloned();
+            assert_eq!(jv.as_ref().map(|v| v["reachable"].clone()), Some(serde_json::Value::Bool(false)), "{json}");
+            assert!(json["members"][0]["assignment"].is_i64(), "{json}");
+            q.voter(follower).restart()?;
+            q.wait_status("the voter back as a follower", WAIT, |s| {
+                s.voters.iter().any(|v| v.id == follower && v.reachable && v.role == "follower")
+            })
+            .await?;
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
 /// An agent that reaches every voter through its own fault proxy, so the test can cut its
 /// streams one-sidedly.
 struct ProxiedAgent {

@@ -19,9 +19,24 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
+
+/// When this node last got any reply from each peer (for `arcfedctl status`: a stopped
+/// voter is not a follower). A std Mutex: each critical section is one map access.
+#[derive(Debug, Default)]
+pub struct PeerContacts(std::sync::Mutex<BTreeMap<NodeId, Instant>>);
+
+impl PeerContacts {
+    fn record(&self, peer: NodeId) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, Instant::now());
+    }
+    /// How long ago `peer` last answered an RPC of this node; None if it never did.
+    pub fn age(&self, peer: NodeId) -> Option<Duration> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).map(Instant::elapsed)
+    }
+}
 
 /// Creates one lazily-connected channel per peer.
 #[derive(Clone)]
@@ -30,11 +45,13 @@ pub struct PeerNetwork {
     /// address, so a voter can be reached through a proxy or another interface.
     pub overrides: Arc<BTreeMap<NodeId, String>>,
     pub tls: Arc<TlsMaterial>,
+    pub contacts: Arc<PeerContacts>,
 }
 
 pub struct PeerClient {
     target: NodeId,
     client: Result<RaftServiceClient<Channel>, String>,
+    contacts: Arc<PeerContacts>,
 }
 
 impl PeerNetwork {
@@ -56,7 +73,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         let addr = self.overrides.get(&target).cloned().unwrap_or_else(|| node.addr.clone());
-        PeerClient { target, client: self.channel(&addr).map(RaftServiceClient::new) }
+        PeerClient { target, client: self.channel(&addr).map(RaftServiceClient::new), contacts: self.contacts.clone() }
     }
 }
 
@@ -98,6 +115,8 @@ impl PeerClient {
             }
             _ => RPCError::Network(NetworkError::new(&std::io::Error::other(format!("{}: {}", s.code(), s.message())))),
         })?;
+        // Any answer, even a refusal, shows the peer is up and reachable.
+        self.contacts.record(self.target);
         let result: Result<Resp, RaftError<NodeId, E>> =
             serde_json::from_slice(&payload.into_inner().json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

@@ -171,18 +171,29 @@ impl pb::admin_service_server::AdminService for AdminSvc {
         let resp = ctx.shared.read(|s| {
             let membership = m.membership_config.membership();
             let voter_ids: BTreeSet<u64> = membership.voter_ids().collect();
+            // A voter that has not answered within an election timeout is not following:
+            // it is stopped, partitioned or frozen.
+            let within = ctx.cfg.election_max;
             let voters = membership
                 .nodes()
-                .map(|(id, node)| pb::Voter {
-                    id: *id,
-                    address: s.leader_addrs.get(id).cloned().unwrap_or_else(|| node.addr.clone()),
-                    role: if Some(*id) == m.current_leader {
-                        "leader".into()
-                    } else if voter_ids.contains(id) {
-                        "follower".into()
-                    } else {
-                        "learner".into()
-                    },
+                .map(|(id, node)| {
+                    let age = if *id == ctx.id { Some(std::time::Duration::ZERO) } else { ctx.contacts.age(*id) };
+                    let reachable = age.is_some_and(|a| a <= within);
+                    pb::Voter {
+                        id: *id,
+                        address: s.leader_addrs.get(id).cloned().unwrap_or_else(|| node.addr.clone()),
+                        role: if Some(*id) == m.current_leader {
+                            "leader".into()
+                        } else if !reachable {
+                            "unreachable".into()
+                        } else if voter_ids.contains(id) {
+                            "follower".into()
+                        } else {
+                            "learner".into()
+                        },
+                        reachable,
+                        last_contact_ms: age.map(|a| a.as_millis().min(i64::MAX as u128) as i64).unwrap_or(-1),
+                    }
                 })
                 .collect();
             let members = s
@@ -203,6 +214,7 @@ impl pb::admin_service_server::AdminService for AdminSvc {
                     max_runners: mm.max_runners,
                     busy: s.busy_of(&mm.id),
                     lease_remaining_ms: if mm.status.has_lease() { remaining(&mm.id) } else { -1 },
+                    assignment: s.assignment_of(&mm.id),
                 })
                 .collect();
             let groups = s

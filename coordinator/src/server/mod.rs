@@ -18,7 +18,7 @@ pub mod metrics;
 use crate::clock;
 use crate::config::Config;
 use crate::core::{Applied, Command, LeaseTable, Request};
-use crate::raft::network::{PeerNetwork, PeerService};
+use crate::raft::network::{PeerContacts, PeerNetwork, PeerService};
 use crate::raft::{NodeId, Raft, Shared, store};
 use crate::tls::{Role, TlsMaterial, require_role};
 use arcfed_proto::admin_service_server::AdminServiceServer;
@@ -79,6 +79,8 @@ pub struct Ctx {
     pub serving: watch::Sender<Option<u64>>,
     quorum: Mutex<QuorumSeen>,
     pub metrics: metrics::Metrics,
+    /// When each peer last answered this node's Raft RPCs (voter reachability in `status`).
+    pub contacts: Arc<PeerContacts>,
     /// Leader memory: when each holderless group was first seen, for the grant-latency histogram.
     holderless_since: Mutex<HashMap<crate::core::GroupKey, Instant>>,
 }
@@ -218,7 +220,9 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
     }
     .validate()
     .map_err(|e| Error::Raft(format!("config: {e}")))?;
+    let contacts = Arc::new(PeerContacts::default());
     let network = PeerNetwork {
+        contacts: contacts.clone(),
         overrides: Arc::new(
             cfg.peers.iter().filter(|(id, _)| **id != cfg.node_id).map(|(k, v)| (*k, v.clone())).collect(),
         ),
@@ -248,6 +252,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         serving,
         quorum: Mutex::new(QuorumSeen { at: Instant::now(), millis: None }),
         metrics: metrics::Metrics::new(),
+        contacts,
         holderless_since: Mutex::new(HashMap::new()),
     });
     let tasks = vec![
