@@ -555,7 +555,7 @@ mod tests {
                 match what {
                     0 => t.on_stream_closed(&a, 1, 8, now),
                     1 => t.on_stream_closed(&a, 1, 9, now),
-                    2 => if t.on_keepalive(&a, 1, now, Some(0)) == KeepaliveVerdict::Ack { last_ka = now },
+                    2 if t.on_keepalive(&a, 1, now, Some(0)) == KeepaliveVerdict::Ack => last_ka = now,
                     _ => {}
                 }
                 let out = t.tick(now, now);
