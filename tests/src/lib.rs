@@ -6,6 +6,8 @@
 //!  harness        real arcfed-coordinator processes on 127.0.0.1, certs from arcfedctl
 //!  agent_client   a raw protocol client for negative tests: Join, keepalive, report, go silent
 //!  agent_proc     real arcfed-agent processes (sim runner backend) with SIGKILL/STOP/TERM
+//!  sandbox        the whole world: emulator, voters, one agent per region, link proxies, sampler
+//!  drill          DESIGN §10 faults over a sandbox, the typed §11 report, the randomized run
 //! ```
 //!
 //! How tests find binaries: [`harness::bin_path`] looks next to the running test executable
@@ -14,6 +16,8 @@
 //! has an integration test of its own.
 pub mod agent_client;
 pub mod agent_proc;
+pub mod drill;
 pub mod emulator;
 pub mod fault_proxy;
 pub mod harness;
+pub mod sandbox;

@@ -1,0 +1,844 @@
+//! Failover drills: every fault of DESIGN §10 over a [`Sandbox`], each ending in the typed
+//! §11 [`DrillReport`], and a randomized fault run whose schedule comes from a seed.
+//!
+//! ```text
+//!  run_drill(scenario, runs) ─▶ per run: settle → fault → measure (quorum status + emulator
+//!                               timeline) → heal → RunReport
+//!  random_faults(seed, n)    ─▶ plan(seed) → apply/hold/heal each fault → settle
+//!  both                      ─▶ finish(): the emulator's counters + check_invariants()
+//! ```
+//!
+//! Every report carries the DESIGN §6 invariant checks: one session at a time (overlap 0),
+//! no job acquired twice, no message lost, tokens never decrease (the quorum's unsorted status
+//! history and GitHub's session owners in opening order), and Σ assignments ≤ Σ max_i.
+//! Times are measured; nothing here asserts one.
+
+use crate::agent_proc::metric_value;
+use crate::emulator::{FaultKind, FaultSpec, PathClass, Settings};
+use crate::fault_proxy::Mode;
+use crate::harness::arcfedctl;
+use crate::sandbox::{Sample, Sandbox, WAIT, is_holder, wait_standby};
+use anyhow::{Context, bail};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// The faults of DESIGN §10.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// SIGKILL the holder's agent; the pod is recreated as a standby.
+    KillHolder,
+    /// SIGSTOP the holder past its TTL, then SIGCONT: it must come back as a standby.
+    FreezeHolder,
+    /// The holder's coordinator links reset the coordinator side and blackhole the agent side.
+    HalfCloseHolder,
+    /// The holder's region (its agent and its voter) is cut from the quorum; GitHub stays reachable.
+    PartitionRegion,
+    /// SIGKILL the Raft leader: no holder change, every region served again.
+    KillLeader,
+    /// SIGTERM and restart every voter, then every agent, one at a time.
+    RollingRestart,
+    /// The holder's region is lost: its agent and its voter SIGKILLed together.
+    RegionLoss,
+    /// Every voter SIGKILLed: agents fall back (one holds), then the quorum returns and adopts.
+    QuorumLoss,
+    /// GitHub answers 503 to the holder's region only: it releases after `--holder-stall`.
+    HolderStall,
+    /// `arcfedctl handover` to another region.
+    Handover,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::KillHolder => "kill-holder",
+            Scenario::FreezeHolder => "freeze-holder",
+            Scenario::HalfCloseHolder => "half-close-holder",
+            Scenario::PartitionRegion => "partition-region",
+            Scenario::KillLeader => "kill-leader",
+            Scenario::RollingRestart => "rolling-restart",
+            Scenario::RegionLoss => "region-loss",
+            Scenario::QuorumLoss => "quorum-loss",
+            Scenario::HolderStall => "holder-stall",
+            Scenario::Handover => "handover",
+        }
+    }
+}
+
+/// p50 / p99 / max of one measurement over the runs.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Summary {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+impl Summary {
+    pub fn of(values: impl IntoIterator<Item = u64>) -> Option<Summary> {
+        let mut v: Vec<u64> = values.into_iter().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let at = |p: f64| v[(((v.len() - 1) as f64) * p).round() as usize];
+        Some(Summary { p50: at(0.5), p99: at(0.99), max: at(1.0) })
+    }
+}
+
+/// One run of a drill. Times are milliseconds from the fault.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunReport {
+    pub run: usize,
+    /// What happened, e.g. `a → b`.
+    pub what: String,
+    /// The fault → the holder change committed (quorum status).
+    pub detect_ms: Option<u64>,
+    /// The fault → the successor's session opened (emulator clock).
+    pub failover_ms: Option<u64>,
+    /// The fault → the successor's first poll (emulator clock).
+    pub first_poll_ms: Option<u64>,
+    /// kill-leader, rolling-restart: the fault → the holder polls again under the new leader.
+    pub served_again_ms: Option<u64>,
+    /// quorum-loss: the fault → every agent in fallback.
+    pub fallback_ms: Option<u64>,
+    /// quorum-loss: the voters' restart → every agent attached again and the session adopted.
+    pub adopt_ms: Option<u64>,
+    pub token_before: u64,
+    pub token_after: u64,
+}
+
+/// One DESIGN §6 invariant, as checked at the end of a drill.
+#[derive(Clone, Debug, Serialize)]
+pub struct InvariantCheck {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// A fault of the randomized run, as planned from the seed.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlannedFault {
+    pub fault: Scenario,
+    /// Which region a region-targeted fault picks (index mod the region count); holder
+    /// faults hit whoever holds when the fault fires.
+    pub pick: usize,
+    pub hold_ms: u64,
+    pub gap_ms: u64,
+    /// What it hit, filled in when it ran.
+    pub target: String,
+}
+
+/// The DESIGN §11 drill report. `--json` prints exactly this; scripts rely on its shape.
+#[derive(Clone, Debug, Serialize)]
+pub struct DrillReport {
+    /// A §10 fault name, or `random`.
+    pub scenario: String,
+    pub seed: Option<u64>,
+    pub emulator_settings: Settings,
+    pub runs: Vec<RunReport>,
+    pub detect_ms: Option<Summary>,
+    pub failover_ms: Option<Summary>,
+    pub first_poll_ms: Option<Summary>,
+    pub sessions_overlap_ms: u64,
+    pub zombie_requests: u64,
+    pub stale_token_rejections: Option<u64>,
+    pub conflicts_409: u64,
+    pub messages_lost: u64,
+    pub acquire_repeats: u64,
+    pub jobs_acquired_twice: u64,
+    pub token_regressions: u64,
+    pub max_concurrent_sessions: u64,
+    pub no_session_ms: u64,
+    pub messages_delivered: u64,
+    pub messages_deleted: u64,
+    pub messages_redelivered: u64,
+    pub jobs_enqueued: u64,
+    pub jobs_completed: u64,
+    /// The randomized run's schedule (empty for a scripted drill).
+    pub faults: Vec<PlannedFault>,
+    pub invariants: Vec<InvariantCheck>,
+}
+
+impl DrillReport {
+    /// Whether every invariant held.
+    pub fn invariants_hold(&self) -> bool {
+        self.invariants.iter().all(|c| c.ok)
+    }
+
+    pub fn failed_invariants(&self) -> Vec<&InvariantCheck> {
+        self.invariants.iter().filter(|c| !c.ok).collect()
+    }
+}
+
+fn ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+/// Runs `scenario` `runs` times and reports.
+pub async fn run_drill(sb: &mut Sandbox, scenario: Scenario, runs: usize) -> anyhow::Result<DrillReport> {
+    let mut out = Vec::new();
+    for run in 0..runs {
+        sb.wait_settled().await?;
+        let mut r = match scenario {
+            Scenario::KillHolder => kill_holder(sb).await,
+            Scenario::FreezeHolder => freeze_holder(sb).await,
+            Scenario::HalfCloseHolder => half_close_holder(sb).await,
+            Scenario::PartitionRegion => partition_region(sb).await,
+            Scenario::KillLeader => kill_leader(sb).await,
+            Scenario::RollingRestart => rolling_restart(sb).await,
+            Scenario::RegionLoss => region_loss(sb).await,
+            Scenario::QuorumLoss => quorum_loss(sb).await,
+            Scenario::HolderStall => holder_stall(sb).await,
+            Scenario::Handover => handover(sb, None).await,
+        }
+        .with_context(|| format!("{} run {run}; logs in {}", scenario.name(), sb.dir.display()))?;
+        r.run = run;
+        out.push(r);
+    }
+    finish(sb, scenario.name(), None, out, vec![]).await
+}
+
+/// The current holder: (region index, member id, token, session id).
+async fn holder(sb: &Sandbox) -> anyhow::Result<(usize, String, u64, String)> {
+    let (s, sid) = sb.wait_settled().await?;
+    let g = &s.groups[0];
+    let i = sb.region_index(&g.holder_cluster).context("the holder's region")?;
+    Ok((i, g.holder.clone(), g.token, sid))
+}
+
+/// Waits for a holder other than `old`, then its polling session; fills the §11 times.
+async fn takeover(
+    sb: &Sandbox,
+    old: &str,
+    fault: Instant,
+    fault_emu: u64,
+    r: &mut RunReport,
+) -> anyhow::Result<String> {
+    let s =
+        sb.q.wait_status("another holder", WAIT, |s| {
+            s.groups.first().is_some_and(|g| !g.holder.is_empty() && g.holder != old)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", sb.agent_logs()))?;
+    r.detect_ms = Some(ms(fault));
+    let g = &s.groups[0];
+    let (_, opened, polled) = sb.wait_session(g.token, fault_emu).await?;
+    r.failover_ms = Some(opened.saturating_sub(fault_emu));
+    r.first_poll_ms = Some(polled.saturating_sub(fault_emu));
+    r.token_after = g.token;
+    Ok(g.holder_cluster.clone())
+}
+
+async fn kill_holder(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    let (i, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    sb.regions[i].agent.kill();
+    let to = takeover(sb, &member, fault, fault_emu, &mut r).await?;
+    r.what = format!("{} → {to}", sb.regions[i].name);
+    let leader = sb.q.status().await?.leader;
+    sb.regions[i].respawn(Some(leader))?;
+    Ok(r)
+}
+
+async fn freeze_holder(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    let (i, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    sb.regions[i].agent.freeze();
+    let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
+    sb.regions[i].agent.thaw();
+    let to = to?;
+    wait_standby(&sb.regions[i].agent).await?;
+    r.what = format!("{} frozen {} ms → {to}; thawed as a standby", sb.regions[i].name, r.first_poll_ms.unwrap_or(0));
+    Ok(r)
+}
+
+/// Makes sure the holder's stream runs through its region's link proxies, so that cutting
+/// them cuts it (an agent that followed a redirect dials the leader directly): otherwise
+/// recreate the standbys (their links list the leader first) and hand over to one of them.
+async fn holder_behind_link(sb: &mut Sandbox) -> anyhow::Result<()> {
+    let (i, _, _, _) = holder(sb).await?;
+    let leader = sb.q.status().await?.leader;
+    if sb.regions[i].behind_link(leader) {
+        return Ok(());
+    }
+    let target = match (0..sb.regions.len()).find(|j| *j != i && sb.regions[*j].behind_link(leader)) {
+        Some(j) => j,
+        None => {
+            let j = (i + 1) % sb.regions.len();
+            sb.regions[j].respawn(Some(leader))?;
+            sb.wait_settled().await?;
+            j
+        }
+    };
+    handover(sb, Some(target)).await?;
+    sb.wait_settled().await?;
+    Ok(())
+}
+
+async fn half_close_holder(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    holder_behind_link(sb).await?;
+    let (i, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    sb.regions[i].cut(Mode::ResetUpstreamBlackholeDownstream);
+    let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
+    sb.regions[i].cut(Mode::Pass);
+    let to = to?;
+    wait_standby(&sb.regions[i].agent).await?;
+    r.what = format!("{} half-closed → {to}", sb.regions[i].name);
+    Ok(r)
+}
+
+async fn partition_region(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    holder_behind_link(sb).await?;
+    let (i, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let voter = sb.regions[i].voter;
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    sb.q.isolate(voter, Mode::Blackhole);
+    sb.regions[i].cut(Mode::Blackhole);
+    let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
+    sb.q.isolate(voter, Mode::Pass);
+    sb.regions[i].cut(Mode::Pass);
+    let to = to?;
+    wait_standby(&sb.regions[i].agent).await?;
+    r.what = format!("region {} (voter {voter}) partitioned → {to}", sb.regions[i].name);
+    Ok(r)
+}
+
+async fn kill_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    let (_, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, token_after: token, ..RunReport::default() };
+    let old = sb.q.status().await?.leader;
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    sb.q.voter(old).kill();
+    let names: Vec<String> = sb.regions.iter().map(|r| r.name.clone()).collect();
+    let s =
+        sb.q.wait_status("a new leader serving every region", WAIT, |s| {
+            s.leader != old && names.iter().all(|n| s.members.iter().any(|m| &m.cluster == n && m.status == "live"))
+        })
+        .await?;
+    sb.wait_session(token, fault_emu).await?;
+    r.served_again_ms = Some(ms(fault));
+    let now = sb.q.status().await?;
+    r.token_after = now.groups.first().map(|g| g.token).unwrap_or(0);
+    let same = now.groups.first().is_some_and(|g| g.holder == member);
+    sb.q.voter(old).restart()?;
+    r.what = format!("leader {old} → {}; holder {}", s.leader, if same { "unchanged" } else { "CHANGED" });
+    if !same {
+        bail!("the holder changed after a leader change alone (DESIGN §6.5)");
+    }
+    Ok(r)
+}
+
+async fn rolling_restart(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    let (_, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let start = Instant::now();
+    // Voters: followers first, the leader last, each back and serving before the next.
+    let leader = sb.q.status().await?.leader;
+    let mut ids: Vec<u64> = sb.q.voters.iter().map(|v| v.id).collect();
+    ids.sort_by_key(|id| (*id == leader, *id));
+    for id in ids {
+        sb.q.voter(id).terminate(Duration::from_secs(30));
+        sb.q.voter(id).restart()?;
+        sb.wait_settled().await?;
+    }
+    let after_voters = sb.q.status().await?;
+    let voters_kept_holder = after_voters.groups.first().is_some_and(|g| g.holder == member);
+    r.served_again_ms = Some(ms(start));
+    // Agents: standbys first, the holder last (its SIGTERM hands over).
+    let hc = after_voters.groups.first().map(|g| g.holder_cluster.clone()).unwrap_or_default();
+    let mut order: Vec<usize> = (0..sb.regions.len()).collect();
+    order.sort_by_key(|i| (sb.regions[*i].name == hc, *i));
+    for i in order {
+        let s = sb.q.status().await?;
+        let g = s.groups.first().context("group")?;
+        let holds = g.holder_cluster == sb.regions[i].name;
+        let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+        let old = g.holder.clone();
+        sb.regions[i].agent.terminate(Duration::from_secs(30));
+        if holds {
+            takeover(sb, &old, fault, fault_emu, &mut r).await?;
+        }
+        sb.regions[i].respawn(Some(s.leader))?;
+        sb.wait_settled().await?;
+    }
+    r.what = format!(
+        "{} voters then {} agents; holder {} across the voter restarts",
+        sb.q.voters.len(),
+        sb.regions.len(),
+        if voters_kept_holder { "unchanged" } else { "CHANGED" }
+    );
+    if !voters_kept_holder {
+        bail!("the holder changed during voter restarts (DESIGN §6.5)");
+    }
+    Ok(r)
+}
+
+async fn region_loss(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    let (i, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let (name, voter) = (sb.regions[i].name.clone(), sb.regions[i].voter);
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    sb.regions[i].agent.kill();
+    sb.q.voter(voter).kill();
+    let to = takeover(sb, &member, fault, fault_emu, &mut r).await?;
+    // The lost region's share moves to the others: none of its members is assigned a runner.
+    let s =
+        sb.q.wait_status("the lost region's share moved", WAIT, |s| {
+            let g = &s.groups[0];
+            g.assignments.iter().filter(|a| a.cluster == name).all(|a| a.runners == 0)
+        })
+        .await?;
+    let shares: Vec<String> = s.groups[0].assignments.iter().map(|a| format!("{}={}", a.cluster, a.runners)).collect();
+    sb.q.voter(voter).restart()?;
+    let leader = sb.q.wait_serving(WAIT).await?.leader;
+    sb.regions[i].respawn(Some(leader))?;
+    r.what = format!("region {name} (agent + voter {voter}) lost → {to}; runners {}", shares.join(" "));
+    Ok(r)
+}
+
+async fn quorum_loss(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    let (_, _, token, sid) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let fault = Instant::now();
+    let ids: Vec<u64> = sb.q.voters.iter().map(|v| v.id).collect();
+    for id in &ids {
+        sb.q.voter(*id).kill();
+    }
+    for reg in &sb.regions {
+        reg.agent.wait_metric("fallback", WAIT, |m| metric_value(m, "arcfed_agent_fallback") == Some(1.0)).await?;
+    }
+    r.fallback_ms = Some(ms(fault));
+    let fell_back = sb.emu.now_ms();
+    // In fallback GitHub's one-session rule is the mutex: the session polled is one agent's.
+    let (fsid, _, _) = wait_any_poll(sb, fell_back).await?;
+    let mut holders = Vec::new();
+    for reg in &sb.regions {
+        if is_holder(&reg.agent).await {
+            holders.push(reg.name.clone());
+        }
+    }
+    let restart = Instant::now();
+    for id in &ids {
+        sb.q.voter(*id).restart()?;
+    }
+    for reg in &sb.regions {
+        reg.agent
+            .wait_metric("attached again", WAIT, |m| {
+                metric_value(m, "arcfed_agent_fallback") == Some(0.0)
+                    && metric_value(m, "arcfed_agent_coordinator_connected") == Some(1.0)
+            })
+            .await?;
+    }
+    let s =
+        sb.q.wait_status("the quorum knows a polling session", WAIT, |s| {
+            s.groups.first().is_some_and(|g| !g.holder.is_empty() && !g.session_id.is_empty())
+        })
+        .await?;
+    r.adopt_ms = Some(ms(restart));
+    r.token_after = s.groups[0].token;
+    r.what = format!(
+        "fallback holders {holders:?} kept session {}; quorum {} it",
+        if fsid == sid { "unchanged" } else { "new" },
+        if s.groups[0].session_id == fsid { "adopted" } else { "replaced" }
+    );
+    if holders.len() != 1 {
+        bail!("fallback: {} agents say they hold ({holders:?}), want exactly one", holders.len());
+    }
+    Ok(r)
+}
+
+/// Waits for any session's poll after `after`: (session id, owner, at).
+async fn wait_any_poll(sb: &Sandbox, after: u64) -> anyhow::Result<(String, String, u64)> {
+    let end = Instant::now() + WAIT;
+    loop {
+        if let Some(e) = sb
+            .emu
+            .timeline()
+            .iter()
+            .find(|e| e.class == PathClass::Poll && e.at_ms > after && e.status != 0 && e.session_id.is_some())
+        {
+            return Ok((e.session_id.clone().unwrap_or_default(), e.owner.clone().unwrap_or_default(), e.at_ms));
+        }
+        if Instant::now() > end {
+            bail!("no session polled after {after} ms\n{}", sb.agent_logs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn stall_fault(owner: String, session_id: String, duration: Duration) -> FaultSpec {
+    FaultSpec {
+        kind: FaultKind::Status { status: 503, retry_after: None, type_name: None, message: None },
+        handle_first: false,
+        path_class: Some(PathClass::Poll),
+        owner: Some(owner),
+        session_id: Some(session_id),
+        scale_set_id: None,
+        count: None,
+        duration: Some(humantime::format_duration(duration).to_string()),
+    }
+}
+
+async fn holder_stall(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    let (i, member, token, sid) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let owner = format!("arcfed/{}/{member}/t{token}", sb.regions[i].name);
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    sb.emu.add_fault(stall_fault(owner, sid, WAIT)).map_err(|e| anyhow::anyhow!(e))?;
+    let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
+    sb.emu.clear_faults();
+    let to = to?;
+    r.what = format!("GitHub 503 for {} only → {to}", sb.regions[i].name);
+    Ok(r)
+}
+
+/// Hands over to region `to` (default: the next region after the holder's).
+async fn handover(sb: &mut Sandbox, to: Option<usize>) -> anyhow::Result<RunReport> {
+    let (i, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let s = sb.q.status().await?;
+    let target = to.unwrap_or((i + 1) % sb.regions.len());
+    let tname = sb.regions[target].name.clone();
+    let tm = s
+        .members
+        .iter()
+        .filter(|m| m.cluster == tname && m.status == "live" && !m.standby)
+        .map(|m| m.id.clone())
+        .next_back()
+        .context("a handover target")?;
+    let q = &sb.q;
+    let eps = q.endpoints().join(",");
+    let (cert, key, ca) =
+        (q.admin.cert.display().to_string(), q.admin.key.display().to_string(), q.admin.ca.display().to_string());
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    arcfedctl(&[
+        "--endpoints",
+        &eps,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-ca",
+        &ca,
+        "handover",
+        &s.groups[0].key,
+        "--to",
+        &tm,
+    ])?;
+    let to = takeover(sb, &member, fault, fault_emu, &mut r).await?;
+    r.what = format!("{} → {to}", sb.regions[i].name);
+    Ok(r)
+}
+
+/// Plans `n` random faults from `seed`: the same seed, the same schedule.
+pub fn plan(seed: u64, n: usize, regions: usize) -> Vec<PlannedFault> {
+    const KINDS: [Scenario; 10] = [
+        Scenario::KillHolder,
+        Scenario::FreezeHolder,
+        Scenario::HalfCloseHolder,
+        Scenario::PartitionRegion,
+        Scenario::KillLeader,
+        Scenario::RollingRestart, // one voter restart (SIGTERM), not the whole roll
+        Scenario::RegionLoss,
+        Scenario::QuorumLoss,
+        Scenario::HolderStall,
+        Scenario::Handover,
+    ];
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| PlannedFault {
+            fault: KINDS[rng.random_range(0..KINDS.len())],
+            pick: rng.random_range(0..regions.max(1)),
+            hold_ms: rng.random_range(1_000..6_000),
+            gap_ms: rng.random_range(2_000..4_000),
+            target: String::new(),
+        })
+        .collect()
+}
+
+/// The randomized fault run: `n` faults planned from `seed` under the steady workload, one at
+/// a time (apply, hold, heal, gap); then the world must settle, and every invariant is checked.
+pub async fn random_faults(sb: &mut Sandbox, seed: u64, n: usize) -> anyhow::Result<DrillReport> {
+    let mut faults = plan(seed, n, sb.regions.len());
+    for f in faults.iter_mut() {
+        f.target = apply_random(sb, f).await.with_context(|| format!("random fault {f:?}"))?;
+        tokio::time::sleep(Duration::from_millis(f.gap_ms)).await;
+    }
+    sb.wait_settled().await?;
+    finish(sb, "random", Some(seed), vec![], faults).await
+}
+
+/// Applies one planned fault, holds it, heals it; returns what it hit.
+async fn apply_random(sb: &mut Sandbox, f: &PlannedFault) -> anyhow::Result<String> {
+    let hold = Duration::from_millis(f.hold_ms);
+    let latest = sb.sampler.latest();
+    let pick = f.pick % sb.regions.len();
+    let holder_idx = latest.as_ref().and_then(|s| sb.region_index(&s.holder_cluster)).unwrap_or(pick);
+    let leader = latest.as_ref().map(|s| s.leader).filter(|l| *l != 0);
+    match f.fault {
+        Scenario::KillHolder => {
+            sb.regions[holder_idx].agent.kill();
+            tokio::time::sleep(hold).await;
+            sb.regions[holder_idx].respawn(leader)?;
+            Ok(format!("agent {}", sb.regions[holder_idx].name))
+        }
+        Scenario::FreezeHolder => {
+            sb.regions[holder_idx].agent.freeze();
+            tokio::time::sleep(hold).await;
+            sb.regions[holder_idx].agent.thaw();
+            Ok(format!("agent {}", sb.regions[holder_idx].name))
+        }
+        Scenario::HalfCloseHolder => {
+            sb.regions[holder_idx].cut(Mode::ResetUpstreamBlackholeDownstream);
+            tokio::time::sleep(hold).await;
+            sb.regions[holder_idx].cut(Mode::Pass);
+            Ok(format!("links of {}", sb.regions[holder_idx].name))
+        }
+        Scenario::PartitionRegion => {
+            let v = sb.regions[pick].voter;
+            sb.q.isolate(v, Mode::Blackhole);
+            sb.regions[pick].cut(Mode::Blackhole);
+            tokio::time::sleep(hold).await;
+            sb.q.isolate(v, Mode::Pass);
+            sb.regions[pick].cut(Mode::Pass);
+            Ok(format!("region {} + voter {v}", sb.regions[pick].name))
+        }
+        Scenario::KillLeader => {
+            let Some(l) = leader else { return Ok("no leader known: skipped".into()) };
+            sb.q.voter(l).kill();
+            tokio::time::sleep(hold).await;
+            sb.q.voter(l).restart()?;
+            Ok(format!("voter {l}"))
+        }
+        Scenario::RollingRestart => {
+            let v = sb.regions[pick].voter;
+            sb.q.voter(v).terminate(Duration::from_secs(30));
+            sb.q.voter(v).restart()?;
+            Ok(format!("voter {v} (SIGTERM, restart)"))
+        }
+        Scenario::RegionLoss => {
+            let v = sb.regions[pick].voter;
+            sb.regions[pick].agent.kill();
+            sb.q.voter(v).kill();
+            tokio::time::sleep(hold).await;
+            sb.q.voter(v).restart()?;
+            sb.regions[pick].respawn(leader.filter(|l| *l != v))?;
+            Ok(format!("region {} + voter {v}", sb.regions[pick].name))
+        }
+        Scenario::QuorumLoss => {
+            let ids: Vec<u64> = sb.q.voters.iter().map(|v| v.id).collect();
+            for id in &ids {
+                sb.q.voter(*id).kill();
+            }
+            tokio::time::sleep(hold).await;
+            for id in &ids {
+                sb.q.voter(*id).restart()?;
+            }
+            Ok("every voter".into())
+        }
+        Scenario::HolderStall => {
+            let Some(s) = latest.filter(|s| !s.holder.is_empty()) else { return Ok("no holder: skipped".into()) };
+            let owner = format!("arcfed/{}/{}/t{}", s.holder_cluster, s.holder, s.token);
+            sb.emu.add_fault(stall_fault(owner, s.session_id.clone(), hold)).map_err(|e| anyhow::anyhow!(e))?;
+            tokio::time::sleep(hold).await;
+            Ok(format!("GitHub 503 for {}", s.holder_cluster))
+        }
+        Scenario::Handover => {
+            let q = &sb.q;
+            let target = sb.regions[pick].name.clone();
+            let st = match q.status().await {
+                Ok(s) => s,
+                Err(_) => return Ok("no quorum: skipped".into()),
+            };
+            let Some(m) = st.members.iter().filter(|m| m.cluster == target && m.status == "live").next_back() else {
+                return Ok(format!("{target} not live: skipped"));
+            };
+            let eps = q.endpoints().join(",");
+            let (c, k, a) = (
+                q.admin.cert.display().to_string(),
+                q.admin.key.display().to_string(),
+                q.admin.ca.display().to_string(),
+            );
+            let key = st.groups.first().map(|g| g.key.clone()).unwrap_or_default();
+            // A refused handover (target already holds, no leader) is part of the chaos.
+            let res = arcfedctl(&[
+                "--endpoints",
+                &eps,
+                "--tls-cert",
+                &c,
+                "--tls-key",
+                &k,
+                "--tls-ca",
+                &a,
+                "handover",
+                &key,
+                "--to",
+                &m.id,
+            ]);
+            Ok(format!("handover to {target}{}", if res.is_ok() { "" } else { " (refused)" }))
+        }
+    }
+}
+
+/// Lets in-flight messages settle, reads the emulator's counters and checks the invariants.
+async fn finish(
+    sb: &Sandbox,
+    scenario: &str,
+    seed: Option<u64>,
+    runs: Vec<RunReport>,
+    faults: Vec<PlannedFault>,
+) -> anyhow::Result<DrillReport> {
+    sb.sampler.check()?;
+    // A message delivered a moment ago is deleted once its Progress is accepted: give it time.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rep = sb.emu.report();
+        let ss = rep.scale_set(sb.set).context("the scale set in the emulator report")?;
+        if lost(ss) == 0 || Instant::now() > end {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rep = sb.emu.report();
+    let ss = rep.scale_set(sb.set).context("the scale set in the emulator report")?;
+    let history = sb.sampler.history();
+    let mut token_regressions = token_regressions(history.iter().map(|s| s.token));
+    for r in &runs {
+        if r.token_after != 0 && r.token_after < r.token_before {
+            token_regressions += 1;
+        }
+    }
+    let invariants = check_invariants(ss, &history);
+    Ok(DrillReport {
+        scenario: scenario.to_string(),
+        seed,
+        emulator_settings: sb.emu.settings(),
+        detect_ms: Summary::of(runs.iter().filter_map(|r| r.detect_ms)),
+        failover_ms: Summary::of(runs.iter().filter_map(|r| r.failover_ms)),
+        first_poll_ms: Summary::of(runs.iter().filter_map(|r| r.first_poll_ms)),
+        runs,
+        sessions_overlap_ms: ss.sessions_overlap_ms,
+        zombie_requests: ss.zombie_requests,
+        stale_token_rejections: sb.stale_token_rejections().await,
+        conflicts_409: ss.conflicts_409,
+        messages_lost: lost(ss),
+        acquire_repeats: ss.acquire_repeats,
+        jobs_acquired_twice: ss.jobs_acquired_twice,
+        token_regressions,
+        max_concurrent_sessions: ss.max_concurrent_sessions,
+        no_session_ms: ss.no_session_ms,
+        messages_delivered: ss.messages_delivered,
+        messages_deleted: ss.messages_deleted,
+        messages_redelivered: ss.messages_redelivered,
+        jobs_enqueued: ss.jobs_enqueued,
+        jobs_completed: ss.jobs_completed,
+        faults,
+        invariants,
+    })
+}
+
+/// Messages delivered but never deleted (with the adversarial per-scale-set cursor an
+/// undeleted message is never offered again: it is lost).
+fn lost(ss: &crate::emulator::ScaleSetReport) -> u64 {
+    ss.messages_delivered.saturating_sub(ss.messages_redelivered).saturating_sub(ss.messages_deleted)
+}
+
+/// How many times a value is lower than the one before it, in the order given (never sorted).
+pub fn token_regressions(tokens: impl IntoIterator<Item = u64>) -> u64 {
+    let mut prev = 0u64;
+    let mut n = 0;
+    for t in tokens {
+        if t < prev {
+            n += 1;
+        }
+        prev = prev.max(t);
+    }
+    n
+}
+
+/// The fencing token in an arcfed owner name (`arcfed/<cluster>/<member>/t<token>`).
+fn owner_token(owner: &str) -> Option<u64> {
+    owner.rsplit_once("/t").and_then(|(_, t)| t.parse().ok())
+}
+
+/// DESIGN §6 from GitHub's side (the emulator's report) and the quorum's (the status history).
+pub fn check_invariants(ss: &crate::emulator::ScaleSetReport, history: &[Sample]) -> Vec<InvariantCheck> {
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, ok: bool, detail: String| out.push(InvariantCheck { name, ok, detail });
+    check(
+        "one session at a time",
+        ss.sessions_overlap_ms == 0 && ss.max_concurrent_sessions <= 1,
+        format!("overlap {} ms, max concurrent {}", ss.sessions_overlap_ms, ss.max_concurrent_sessions),
+    );
+    check("no job acquired twice", ss.jobs_acquired_twice == 0, format!("{} jobs", ss.jobs_acquired_twice));
+    check(
+        "no message lost",
+        lost(ss) == 0,
+        format!(
+            "delivered {}, redelivered {}, deleted {}",
+            ss.messages_delivered, ss.messages_redelivered, ss.messages_deleted
+        ),
+    );
+    let quorum = token_regressions(history.iter().map(|s| s.token));
+    check(
+        "tokens never decrease (quorum status, in reading order)",
+        quorum == 0,
+        format!("{quorum} regressions over {} readings", history.len()),
+    );
+    let github: Vec<u64> = ss.sessions.iter().filter_map(|s| owner_token(&s.owner)).collect();
+    let gh = token_regressions(github.iter().copied());
+    check(
+        "tokens never decrease (GitHub session owners, in opening order)",
+        gh == 0,
+        format!("{gh} regressions in {github:?}"),
+    );
+    let over: Vec<String> = history
+        .iter()
+        .filter(|s| s.assigned > s.max_live)
+        .map(|s| format!("Σ {} > max {}", s.assigned, s.max_live))
+        .collect();
+    check(
+        "Σ assignments ≤ Σ max of live members",
+        over.is_empty(),
+        if over.is_empty() { format!("{} readings", history.len()) } else { over.join("; ") },
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regressions_are_counted_in_reading_order() {
+        assert_eq!(token_regressions([1, 2, 2, 3]), 0);
+        assert_eq!(token_regressions([1, 3, 2, 3]), 1);
+        assert_eq!(token_regressions([5, 1, 2, 6]), 2, "every reading below the highest seen counts");
+    }
+
+    #[test]
+    fn the_same_seed_plans_the_same_schedule() {
+        let a = serde_json::to_string(&plan(7, 20, 3)).expect("json");
+        assert_eq!(a, serde_json::to_string(&plan(7, 20, 3)).expect("json"));
+        assert_ne!(a, serde_json::to_string(&plan(8, 20, 3)).expect("json"));
+    }
+
+    #[test]
+    fn summary_takes_percentiles_of_the_runs() {
+        let s = Summary::of([300, 100, 200]).expect("summary");
+        assert_eq!((s.p50, s.p99, s.max), (200, 300, 300));
+        assert!(Summary::of([]).is_none());
+    }
+
+    #[test]
+    fn owner_names_carry_the_token() {
+        assert_eq!(owner_token("arcfed/a/m-1/t42"), Some(42));
+        assert_eq!(owner_token("arc-runners-listener"), None);
+    }
+}
