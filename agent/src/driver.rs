@@ -465,6 +465,7 @@ impl Driver {
                     }
                 }
                 LinkAction::SendKeepalive { seq } => {
+                    tracing::trace!(seq, "keepalive");
                     let ready = self.github_ready.load(Ordering::Relaxed);
                     self.send(pb::agent_message::Msg::Keepalive(pb::Keepalive { seq, github_ready: ready }));
                 }
@@ -500,6 +501,7 @@ impl Driver {
         match a {
             Action::GitHub(op) => self.start_github(op),
             Action::Coord(op) => self.start_coord(op),
+            Action::Notify(op) => self.notify(op),
             Action::Cancel => {
                 if self.gh.take().is_some() {
                     tracing::info!("in-flight GitHub request abandoned at the fence deadline");
@@ -584,6 +586,7 @@ impl Driver {
     }
 
     fn start_github(&mut self, op: GitHubOp) {
+        tracing::debug!(?op, token = ?self.holder.token, "GitHub request");
         let client = self.client.clone();
         let gate: Arc<dyn Gate> = if self.open_fence { Arc::new(github::Open) } else { self.gate.clone() };
         let session = self.session.clone();
@@ -713,6 +716,7 @@ impl Driver {
     }
 
     fn on_github(&mut self, done: GhDone) {
+        tracing::debug!(input = ?done.input, "GitHub result");
         if let Some(s) = done.opened {
             self.stats = s.statistics;
             self.session = Some(s);
@@ -790,6 +794,23 @@ impl Driver {
             self.coord = Some((rid, kind, self.now() + COORD_TIMEOUT_MS));
         } else {
             self.pending.push_back(Input::CoordUnavailable);
+        }
+    }
+
+    /// Sends a report nothing waits for (its answer is ignored: no request slot is taken).
+    fn notify(&mut self, op: CoordOp) {
+        if self.open_fence {
+            return; // nobody to tell: standalone and fallback keep no stale set
+        }
+        if let CoordOp::Release { token, deleted, reason } = op {
+            let rid = self.request_id();
+            self.send(pb::agent_message::Msg::Release(pb::Release {
+                request_id: rid,
+                token,
+                deleted,
+                reason: release_reason(reason) as i32,
+                detail: String::new(),
+            }));
         }
     }
 

@@ -104,6 +104,10 @@ pub enum Note {
 pub enum Action {
     GitHub(GitHubOp),
     Coord(CoordOp),
+    /// A report whose answer nothing waits for (`Release{STALE_REVOKED}`: the revocation
+    /// must not delay the create; if the report is lost, the ids stay in `stale_sessions` and
+    /// a later holder's DELETE finds them gone, which counts as done).
+    Notify(CoordOp),
     /// Drop the in-flight GitHub request (fence deadline, handover).
     Cancel,
     /// Send a keepalive now (fence (c) needs an ack for one sent after the decision to POST).
@@ -215,9 +219,10 @@ pub enum Phase {
         pending: Vec<String>,
     },
     /// Fence (c): a session is POSTed only after an ack lists (group, token) for a keepalive
-    /// sent after `decided_at`.
+    /// sent after the decision, taken at `decided_at` when `after_seq` was the latest keepalive.
     WaitAck {
         decided_at: u64,
+        after_seq: u64,
     },
     Create,
     Backoff {
@@ -362,7 +367,7 @@ impl Holder {
         }
         match &self.phase {
             Phase::Backoff { until } => Some(*until),
-            Phase::WaitAck { decided_at } => Some(decided_at + REASK_MS),
+            Phase::WaitAck { decided_at, .. } => Some(decided_at + REASK_MS),
             Phase::Poll { .. } | Phase::Ack { .. } | Phase::Commit { .. } | Phase::Report { .. } | Phase::Releasing
                 if self.retry_at > 0 =>
             {
@@ -489,6 +494,9 @@ impl Holder {
                     None => Phase::Revoke { pending: self.stale.iter().cloned().collect() },
                 };
                 out.push(Action::Note(Note::TookOver { token }));
+                // The fence starts with an ack that lists the new token: ask for one now rather
+                // than at the next TTL/4 tick (a Grant need not carry an ack).
+                out.push(Action::KeepaliveNow);
             }
             Input::DeleteSessions { token, ids } => {
                 if self.token == Some(token) {
@@ -608,7 +616,7 @@ impl Holder {
                     }
                     PollOutcome::Gone => {
                         out.push(Action::Forget { session_id });
-                        self.phase = Phase::WaitAck { decided_at: now };
+                        self.phase = Phase::WaitAck { decided_at: now, after_seq: fence.sent_seq };
                         out.push(Action::KeepaliveNow);
                     }
                     PollOutcome::Glitch => self.failure(now, false),
@@ -723,24 +731,28 @@ impl Holder {
                 if let Some(id) = pending.first().cloned() {
                     self.github(fence, now, GitHubOp::DeleteSession { id }, out);
                 } else {
-                    self.phase = Phase::WaitAck { decided_at: now };
+                    self.phase = Phase::WaitAck { decided_at: now, after_seq: fence.sent_seq };
                     out.push(Action::KeepaliveNow);
                     if !self.deleted.is_empty() {
                         let deleted = std::mem::take(&mut self.deleted);
-                        self.coord(CoordOp::Release { token, deleted, reason: ReleaseReason::StaleRevoked }, out);
+                        out.push(Action::Notify(CoordOp::Release {
+                            token,
+                            deleted,
+                            reason: ReleaseReason::StaleRevoked,
+                        }));
                     }
                 }
             }
-            Phase::WaitAck { decided_at } => {
-                if fence.listed_since(token, decided_at) {
+            Phase::WaitAck { decided_at, after_seq } => {
+                if fence.listed_after(token, after_seq) {
                     self.phase = Phase::Create;
                     let owner = self.owner_name(token);
                     if !self.github(fence, now, GitHubOp::CreateSession { owner }, out) {
-                        self.phase = Phase::WaitAck { decided_at: now };
+                        self.phase = Phase::WaitAck { decided_at: now, after_seq: fence.sent_seq };
                         out.push(Action::KeepaliveNow);
                     }
                 } else if now >= decided_at + REASK_MS {
-                    self.phase = Phase::WaitAck { decided_at: now };
+                    self.phase = Phase::WaitAck { decided_at: now, after_seq: fence.sent_seq };
                     out.push(Action::KeepaliveNow);
                 }
             }
@@ -757,7 +769,8 @@ impl Holder {
                     self.github(fence, now, GitHubOp::DeleteSession { id }, out);
                 } else if !self.deleted.is_empty() {
                     let deleted = std::mem::take(&mut self.deleted);
-                    self.coord(CoordOp::Release { token, deleted, reason: ReleaseReason::StaleRevoked }, out);
+                    out.push(Action::Notify(CoordOp::Release { token, deleted, reason: ReleaseReason::StaleRevoked }));
+                    self.advance(now, fence, out);
                 } else if now >= self.retry_at {
                     let last_message_id = self.last_message;
                     self.github(fence, now, GitHubOp::Poll { last_message_id }, out);
@@ -802,8 +815,22 @@ mod tests {
         }
     }
 
+    /// A fence whose latest listing ack is for keepalive `listed` (sequence numbers mimic
+    /// times here), the latest sent.
     fn fence(token: u64, end: u64, listed: u64) -> FenceView {
-        FenceView { open: false, token: Some(token), fence_end: Some(end), listed_sent_at: Some(listed) }
+        FenceView {
+            open: false,
+            token: Some(token),
+            fence_end: Some(end),
+            listed_sent_at: Some(listed),
+            listed_seq: Some(listed),
+            sent_seq: listed,
+        }
+    }
+
+    /// The same fence after one more keepalive was sent and acked (listing the token).
+    fn fresh(f: &FenceView) -> FenceView {
+        FenceView { listed_seq: f.listed_seq.map(|s| s + 1), sent_seq: f.sent_seq + 1, ..*f }
     }
 
     fn gh(a: &[Action]) -> Vec<GitHubOp> {
@@ -822,12 +849,11 @@ mod tests {
         assert_eq!(gh(&a), vec![GitHubOp::DeleteSession { id: "old".into() }]);
         let a = h.step(20, &f, Input::Deleted { id: "old".into(), done: true });
         assert!(a.contains(&Action::KeepaliveNow), "{a:?}");
-        assert!(a.contains(&Action::Coord(CoordOp::Release {
+        assert!(a.contains(&Action::Notify(CoordOp::Release {
             token: 7,
             deleted: vec!["old".into()],
             reason: ReleaseReason::StaleRevoked
         })));
-        h.step(21, &f, Input::ReleaseSent);
         // The ack in `f` is for a keepalive sent at 0, before the decision: no POST yet.
         assert!(gh(&h.step(30, &f, Input::Tick)).is_empty());
         let fresh = fence(7, 2800, 25);
@@ -845,7 +871,7 @@ mod tests {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
         h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
-        h.step(30, &f, Input::Tick);
+        h.step(30, &fresh(&f), Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
         let a = h.step(60, &f, Input::Polled(PollOutcome::Message { message_id: 5, job_available: true }));
@@ -873,7 +899,7 @@ mod tests {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2000, 25);
         h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
-        h.step(30, &f, Input::Tick);
+        h.step(30, &fresh(&f), Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
         assert_eq!(h.next_wakeup(&f), Some(1600));
@@ -922,7 +948,7 @@ mod tests {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
         h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
-        h.step(30, &f, Input::Tick);
+        h.step(30, &fresh(&f), Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
         let a = h.step(60, &f, Input::Handover { token: 7 });
@@ -1001,7 +1027,7 @@ mod tests {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
         h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
-        h.step(30, &f, Input::Tick);
+        h.step(30, &fresh(&f), Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
         let gone = FenceView::default();
@@ -1071,6 +1097,8 @@ mod tests {
                     token,
                     fence_end: end.map(|d| (now as i64 + d).max(0) as u64),
                     listed_sent_at: listed.map(|l| now.saturating_sub(l)),
+                    listed_seq: listed.map(|l| l / 100),
+                    sent_seq: now / 100,
                 };
                 let reported = match (&h.phase, &input) {
                     (Phase::Report { message_id: Some(m), .. }, Input::Reported { accepted: true, .. }) if h.in_flight() => Some(*m),

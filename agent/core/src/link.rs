@@ -87,6 +87,11 @@ pub struct FenceView {
     pub fence_end: Option<u64>,
     /// When the latest keepalive whose ack lists (group, token) was sent.
     pub listed_sent_at: Option<u64>,
+    /// The sequence number of that keepalive.
+    pub listed_seq: Option<u64>,
+    /// The sequence number of the latest keepalive sent on this link (fence (c) compares
+    /// sequence numbers, not clock readings: two events in one millisecond stay ordered).
+    pub sent_seq: u64,
 }
 
 impl FenceView {
@@ -100,17 +105,19 @@ impl FenceView {
         self.open || (self.token == Some(token) && self.fence_end.is_some_and(|e| now < e))
     }
 
-    /// Has an ack listing `token` arrived for a keepalive sent after `t`? (fence (c))
-    pub fn listed_since(&self, token: u64, t: u64) -> bool {
-        self.open || (self.token == Some(token) && self.listed_sent_at.is_some_and(|s| s > t))
+    /// Has an ack listing `token` arrived for a keepalive sent after keepalive `seq`, that is,
+    /// after a decision taken when `seq` was the latest sent? (fence (c))
+    pub fn listed_after(&self, token: u64, seq: u64) -> bool {
+        self.open || (self.token == Some(token) && self.listed_seq.is_some_and(|s| s > seq))
     }
 }
 
 #[derive(Clone, Debug)]
 struct Held {
     token: u64,
-    /// Sent-at of the latest keepalive whose ack listed this (group, token).
+    /// Sent-at and sequence number of the latest keepalive whose ack listed this (group, token).
     listed_sent_at: u64,
+    listed_seq: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -185,13 +192,15 @@ impl Link {
 
     /// The holder's view of `group` at `now`.
     pub fn fence(&self, group: &str) -> FenceView {
-        let Some(h) = self.held.get(group) else { return FenceView::default() };
+        let Some(h) = self.held.get(group) else { return FenceView { sent_seq: self.seq, ..FenceView::default() } };
         let up = self.is_up();
         FenceView {
             open: false,
             token: Some(h.token),
             fence_end: up.then(|| fence::fence_end(h.listed_sent_at, self.ttl_ms, self.margin_permille)),
             listed_sent_at: Some(h.listed_sent_at),
+            listed_seq: Some(h.listed_seq),
+            sent_seq: self.seq,
         }
     }
 
@@ -242,10 +251,13 @@ impl Link {
         self.held.retain(|g, _| listed.contains_key(g));
         for (g, token) in listed {
             match self.held.get_mut(&g) {
-                Some(h) if h.token == token => h.listed_sent_at = h.listed_sent_at.max(sent_at),
+                Some(h) if h.token == token => {
+                    h.listed_sent_at = h.listed_sent_at.max(sent_at);
+                    h.listed_seq = h.listed_seq.max(seq);
+                }
                 Some(h) if h.token > token => {} // an older token never comes back
                 _ => {
-                    self.held.insert(g, Held { token, listed_sent_at: sent_at });
+                    self.held.insert(g, Held { token, listed_sent_at: sent_at, listed_seq: seq });
                 }
             }
         }
@@ -375,7 +387,8 @@ mod tests {
         assert_eq!(f.token, Some(9));
         assert_eq!(f.fence_end, Some(100 + 2001));
         assert!(f.allows(9, 2100) && !f.allows(9, 2101) && !f.allows(8, 200));
-        assert!(f.listed_since(9, 99) && !f.listed_since(9, 100));
+        assert!(f.listed_after(9, 0) && !f.listed_after(9, 1));
+        assert_eq!(f.sent_seq, 1);
         assert_eq!(l.step(850, LinkEvent::Tick), vec![LinkAction::SendKeepalive { seq: 2 }]);
     }
 
