@@ -1037,15 +1037,18 @@ impl Driver {
         }
         if now >= self.next_repatch {
             // At least every 50 s with a fresh patchID (DESIGN §5.6), holder or not.
-            let runners = match (&self.assignment, self.open_fence) {
-                (_, true) => self.cfg.min_runners.saturating_add(self.stats.total_assigned_jobs.max(0)),
-                (Some(a), false) => a.runners,
-                (None, false) => {
-                    self.next_repatch = now + REPATCH_EVERY_MS;
-                    return;
-                }
+            // Standalone, and the fallback winner, run ARC's algorithm; everyone else keeps
+            // applying the last assignment the quorum gave (fail-static, DESIGN §5.11).
+            let own_algorithm = self.open_fence && (self.link.is_none() || self.holder.session_id().is_some());
+            let runners = match &self.assignment {
+                _ if own_algorithm => Some(self.cfg.min_runners.saturating_add(self.stats.total_assigned_jobs.max(0))),
+                Some(a) => Some(a.runners),
+                None => None,
             };
-            self.apply_assignment(runners, false, false);
+            match runners {
+                Some(r) => self.apply_assignment(r, false, false),
+                None => self.next_repatch = now + REPATCH_EVERY_MS,
+            }
         }
         if let Some(l) = &self.link
             && !self.fallback
@@ -1171,9 +1174,12 @@ impl Driver {
                 }
             }
         }
-        // Members patch to zero on leave (patchID 0 allowed, DESIGN §5.6).
-        let p = self.scaler.on_assignment(0, false, true);
-        let _ = self.runners_tx.try_send(RunnerCmd::Patch(p));
+        // A federated member that leaves gets 0 (patchID 0 allowed, DESIGN §5.6); its share
+        // moves to the others. Standalone, the ERS is left as ARC's listener leaves it.
+        if self.link.is_some() {
+            let p = self.scaler.on_assignment(0, false, true);
+            let _ = self.runners_tx.try_send(RunnerCmd::Patch(p));
+        }
     }
 }
 

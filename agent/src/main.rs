@@ -55,7 +55,10 @@ async fn run() -> i32 {
         std::process::exit(130);
     });
 
-    let code = match arcfed_agent::driver::run(cfg, state.clone(), stop_rx).await {
+    // Every log line of the loop carries the cluster and the scale set.
+    let span = tracing::info_span!("agent", cluster = %cfg.cluster, scale_set = cfg.github.scale_set_id);
+    let code = match tracing::Instrument::instrument(arcfed_agent::driver::run(cfg, state.clone(), stop_rx), span).await
+    {
         Ok(()) => 0,
         Err(e) => {
             // Only start-up problems reach here (a kube config, an unusable GitHub URL): the
