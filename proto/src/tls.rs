@@ -52,6 +52,8 @@ pub enum TlsError {
     NoIdentity,
     #[error("certificate has {0} spiffe://arcfed/ URI SANs; exactly one is allowed")]
     AmbiguousIdentity(usize),
+    #[error("address {addr:?}: {problem}")]
+    BadAddress { addr: String, problem: String },
 }
 
 /// What a certificate's holder may do. Each role may call exactly one gRPC service.
@@ -268,6 +270,27 @@ fn parse_certs(flag: &'static str, path: &Path, bytes: &[u8]) -> Result<Vec<Cert
 }
 
 impl TlsPaths {
+    /// cert-manager's layout in `dir`: `tls.crt`, `tls.key` and `ca.crt`.
+    pub fn in_dir(dir: impl Into<PathBuf>) -> TlsPaths {
+        let d = dir.into();
+        TlsPaths { cert: d.join("tls.crt"), key: d.join("tls.key"), ca: d.join("ca.crt") }
+    }
+
+    /// A lazily connected mTLS channel to `addr` (`HOST:PORT`) with these files, for
+    /// short-lived clients (arcfedctl-like tools, tests). The agent opens its streams in its
+    /// coordinator client.
+    pub fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, TlsError> {
+        let material = self.load()?;
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+        let bad = |e: tonic::transport::Error| TlsError::BadAddress { addr: addr.into(), problem: e.to_string() };
+        Ok(tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .map_err(bad)?
+            .connect_timeout(std::time::Duration::from_millis(500))
+            .tls_config(material.client_config(host))
+            .map_err(bad)?
+            .connect_lazy())
+    }
+
     /// Reads and checks the three files: at least one certificate in `--tls-cert` whose leaf
     /// carries an arcfed identity, exactly one private key in `--tls-key` that matches that
     /// leaf, and at least one CA certificate in `--tls-ca`. Checking here turns a handshake

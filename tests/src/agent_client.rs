@@ -11,45 +11,12 @@ use arcfed_proto::agent_message::Msg as In;
 use arcfed_proto::agent_service_client::AgentServiceClient;
 use arcfed_proto::coordinator_message::Msg as Out;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-/// PEM files in cert-manager's layout.
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
-
-impl TlsFiles {
-    pub fn in_dir(dir: impl Into<PathBuf>) -> TlsFiles {
-        let d = dir.into();
-        TlsFiles { cert: d.join("tls.crt"), key: d.join("tls.key"), ca: d.join("ca.crt") }
-    }
-
-    pub fn client_config(&self, host: &str) -> anyhow::Result<ClientTlsConfig> {
-        let cert = std::fs::read(&self.cert)?;
-        let key = std::fs::read(&self.key)?;
-        let ca = std::fs::read(&self.ca)?;
-        Ok(ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .identity(Identity::from_pem(cert, key))
-            .domain_name(host))
-    }
-
-    /// A lazily connected mTLS channel to `addr` (HOST:PORT).
-    pub fn channel(&self, addr: &str) -> anyhow::Result<tonic::transport::Channel> {
-        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
-        Ok(Endpoint::from_shared(format!("https://{addr}"))?
-            .connect_timeout(Duration::from_millis(500))
-            .tls_config(self.client_config(host)?)?
-            .connect_lazy())
-    }
-}
+/// PEM files in cert-manager's layout: the one shared type (`arcfed_proto::tls::TlsPaths`).
+pub use arcfed_proto::tls::TlsPaths as TlsFiles;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -515,7 +482,7 @@ async fn one_stream(
 }
 
 fn status_end(record: &Arc<Mutex<Record>>, st: tonic::Status) -> StreamEnd {
-    let leader = st.metadata().get("x-arcfed-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let leader = arcfed_proto::leader::leader_hint(&st);
     lock(record).errors.push((st.code(), st.message().to_string(), leader.clone()));
     match leader {
         Some(l) if st.code() == tonic::Code::Unavailable => StreamEnd::Redirect(l),
