@@ -144,7 +144,11 @@ pub struct DrillReport {
     pub zombie_requests: u64,
     pub stale_token_rejections: Option<u64>,
     pub conflicts_409: u64,
+    /// Delivered to a holder that went on talking, and never deleted (must be 0).
     pub messages_lost: u64,
+    /// Delivered into the last poll of a holder that then died or froze: GitHub's per-scale-set
+    /// cursor never re-offers them (see [`message_accounting`]).
+    pub messages_stranded: u64,
     pub acquire_repeats: u64,
     pub jobs_acquired_twice: u64,
     pub token_regressions: u64,
@@ -215,10 +219,8 @@ async fn takeover(
     fault_emu: u64,
     r: &mut RunReport,
 ) -> anyhow::Result<String> {
-    let s =
-        sb.q.wait_status("another holder", WAIT, |s| {
-            s.groups.first().is_some_and(|g| !g.holder.is_empty() && g.holder != old)
-        })
+    let s = sb
+        .wait_status("another holder", |s| s.groups.first().is_some_and(|g| !g.holder.is_empty() && g.holder != old))
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", sb.agent_logs()))?;
     r.detect_ms = Some(ms(fault));
@@ -237,7 +239,7 @@ async fn kill_holder(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     sb.regions[i].agent.kill();
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await?;
     r.what = format!("{} → {to}", sb.regions[i].name);
-    let leader = sb.q.status().await?.leader;
+    let leader = sb.status().await?.leader;
     sb.regions[i].respawn(Some(leader))?;
     Ok(r)
 }
@@ -260,7 +262,7 @@ async fn freeze_holder(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
 /// recreate the standbys (their links list the leader first) and hand over to one of them.
 async fn holder_behind_link(sb: &mut Sandbox) -> anyhow::Result<()> {
     let (i, _, _, _) = holder(sb).await?;
-    let leader = sb.q.status().await?.leader;
+    let leader = sb.status().await?.leader;
     if sb.regions[i].behind_link(leader) {
         return Ok(());
     }
@@ -312,18 +314,18 @@ async fn partition_region(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
 async fn kill_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let (_, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, token_after: token, ..RunReport::default() };
-    let old = sb.q.status().await?.leader;
+    let old = sb.status().await?.leader;
     let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
     sb.q.voter(old).kill();
     let names: Vec<String> = sb.regions.iter().map(|r| r.name.clone()).collect();
-    let s =
-        sb.q.wait_status("a new leader serving every region", WAIT, |s| {
+    let s = sb
+        .wait_status("a new leader serving every region", |s| {
             s.leader != old && names.iter().all(|n| s.members.iter().any(|m| &m.cluster == n && m.status == "live"))
         })
         .await?;
     sb.wait_session(token, fault_emu).await?;
     r.served_again_ms = Some(ms(fault));
-    let now = sb.q.status().await?;
+    let now = sb.status().await?;
     r.token_after = now.groups.first().map(|g| g.token).unwrap_or(0);
     let same = now.groups.first().is_some_and(|g| g.holder == member);
     sb.q.voter(old).restart()?;
@@ -339,7 +341,7 @@ async fn rolling_restart(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let mut r = RunReport { token_before: token, ..RunReport::default() };
     let start = Instant::now();
     // Voters: followers first, the leader last, each back and serving before the next.
-    let leader = sb.q.status().await?.leader;
+    let leader = sb.status().await?.leader;
     let mut ids: Vec<u64> = sb.q.voters.iter().map(|v| v.id).collect();
     ids.sort_by_key(|id| (*id == leader, *id));
     for id in ids {
@@ -347,7 +349,7 @@ async fn rolling_restart(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
         sb.q.voter(id).restart()?;
         sb.wait_settled().await?;
     }
-    let after_voters = sb.q.status().await?;
+    let after_voters = sb.status().await?;
     let voters_kept_holder = after_voters.groups.first().is_some_and(|g| g.holder == member);
     r.served_again_ms = Some(ms(start));
     // Agents: standbys first, the holder last (its SIGTERM hands over).
@@ -355,7 +357,7 @@ async fn rolling_restart(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let mut order: Vec<usize> = (0..sb.regions.len()).collect();
     order.sort_by_key(|i| (sb.regions[*i].name == hc, *i));
     for i in order {
-        let s = sb.q.status().await?;
+        let s = sb.status().await?;
         let g = s.groups.first().context("group")?;
         let holds = g.holder_cluster == sb.regions[i].name;
         let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
@@ -388,15 +390,15 @@ async fn region_loss(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     sb.q.voter(voter).kill();
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await?;
     // The lost region's share moves to the others: none of its members is assigned a runner.
-    let s =
-        sb.q.wait_status("the lost region's share moved", WAIT, |s| {
+    let s = sb
+        .wait_status("the lost region's share moved", |s| {
             let g = &s.groups[0];
             g.assignments.iter().filter(|a| a.cluster == name).all(|a| a.runners == 0)
         })
         .await?;
     let shares: Vec<String> = s.groups[0].assignments.iter().map(|a| format!("{}={}", a.cluster, a.runners)).collect();
     sb.q.voter(voter).restart()?;
-    let leader = sb.q.wait_serving(WAIT).await?.leader;
+    let leader = sb.wait_status("a serving leader", |_| true).await?.leader;
     sb.regions[i].respawn(Some(leader))?;
     r.what = format!("region {name} (agent + voter {voter}) lost → {to}; runners {}", shares.join(" "));
     Ok(r)
@@ -435,8 +437,8 @@ async fn quorum_loss(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
             })
             .await?;
     }
-    let s =
-        sb.q.wait_status("the quorum knows a polling session", WAIT, |s| {
+    let s = sb
+        .wait_status("the quorum knows a polling session", |s| {
             s.groups.first().is_some_and(|g| !g.holder.is_empty() && !g.session_id.is_empty())
         })
         .await?;
@@ -502,7 +504,7 @@ async fn holder_stall(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
 async fn handover(sb: &mut Sandbox, to: Option<usize>) -> anyhow::Result<RunReport> {
     let (i, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, ..RunReport::default() };
-    let s = sb.q.status().await?;
+    let s = sb.status().await?;
     let target = to.unwrap_or((i + 1) % sb.regions.len());
     let tname = sb.regions[target].name.clone();
     let tm = s
@@ -652,7 +654,7 @@ async fn apply_random(sb: &mut Sandbox, f: &PlannedFault) -> anyhow::Result<Stri
         Scenario::Handover => {
             let q = &sb.q;
             let target = sb.regions[pick].name.clone();
-            let st = match q.status().await {
+            let st = match sb.status().await {
                 Ok(s) => s,
                 Err(_) => return Ok("no quorum: skipped".into()),
             };
@@ -697,14 +699,10 @@ async fn finish(
     sb.sampler.check()?;
     // A message delivered a moment ago is deleted once its Progress is accepted: give it time.
     let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let rep = sb.emu.report();
-        let ss = rep.scale_set(sb.set).context("the scale set in the emulator report")?;
-        if lost(ss) == 0 || Instant::now() > end {
-            break;
-        }
+    while message_accounting(&sb.emu.timeline()).0 > 0 && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let (messages_lost, messages_stranded) = message_accounting(&sb.emu.timeline());
     let rep = sb.emu.report();
     let ss = rep.scale_set(sb.set).context("the scale set in the emulator report")?;
     let history = sb.sampler.history();
@@ -714,7 +712,7 @@ async fn finish(
             token_regressions += 1;
         }
     }
-    let invariants = check_invariants(ss, &history);
+    let invariants = check_invariants(ss, &history, messages_lost, messages_stranded);
     Ok(DrillReport {
         scenario: scenario.to_string(),
         seed,
@@ -727,7 +725,8 @@ async fn finish(
         zombie_requests: ss.zombie_requests,
         stale_token_rejections: sb.stale_token_rejections().await,
         conflicts_409: ss.conflicts_409,
-        messages_lost: lost(ss),
+        messages_lost,
+        messages_stranded,
         acquire_repeats: ss.acquire_repeats,
         jobs_acquired_twice: ss.jobs_acquired_twice,
         token_regressions,
@@ -743,10 +742,48 @@ async fn finish(
     })
 }
 
-/// Messages delivered but never deleted (with the adversarial per-scale-set cursor an
-/// undeleted message is never offered again: it is lost).
-fn lost(ss: &crate::emulator::ScaleSetReport) -> u64 {
-    ss.messages_delivered.saturating_sub(ss.messages_redelivered).saturating_sub(ss.messages_deleted)
+/// (lost, stranded) from the emulator's timeline, per session: every 200 poll delivered one
+/// envelope, every 2xx ack deleted one. An undeleted delivery is *stranded* when it was the
+/// session's last poll answer and the session made no request after it: its holder died or
+/// froze with GitHub's answer in flight, and with the adversarial per-scale-set cursor GitHub
+/// never offers it again (its jobs still count in the next statistics). Any other undeleted
+/// delivery went to a holder that kept talking and never deleted it: *lost* (DESIGN §6.3).
+pub fn message_accounting(timeline: &[crate::emulator::Event]) -> (u64, u64) {
+    use std::collections::BTreeMap;
+    #[derive(Default)]
+    struct Acc {
+        delivered: u64,
+        deleted: u64,
+        last_was_delivery: bool,
+    }
+    let mut by: BTreeMap<&str, Acc> = BTreeMap::new();
+    for e in timeline {
+        let Some(sid) = e.session_id.as_deref() else { continue };
+        let a = by.entry(sid).or_default();
+        match e.class {
+            PathClass::Poll if e.status == 200 => {
+                a.delivered += 1;
+                a.last_was_delivery = true;
+            }
+            PathClass::Poll => a.last_was_delivery = false,
+            PathClass::Ack if (200..300).contains(&e.status) => {
+                a.deleted += 1;
+                a.last_was_delivery = false;
+            }
+            PathClass::Acquire | PathClass::Ack => a.last_was_delivery = false,
+            _ => {}
+        }
+    }
+    let (mut lost, mut stranded) = (0, 0);
+    for a in by.values() {
+        let mut undeleted = a.delivered.saturating_sub(a.deleted);
+        if undeleted > 0 && a.last_was_delivery {
+            stranded += 1;
+            undeleted -= 1;
+        }
+        lost += undeleted;
+    }
+    (lost, stranded)
 }
 
 /// How many times a value is lower than the one before it, in the order given (never sorted).
@@ -768,7 +805,12 @@ fn owner_token(owner: &str) -> Option<u64> {
 }
 
 /// DESIGN §6 from GitHub's side (the emulator's report) and the quorum's (the status history).
-pub fn check_invariants(ss: &crate::emulator::ScaleSetReport, history: &[Sample]) -> Vec<InvariantCheck> {
+pub fn check_invariants(
+    ss: &crate::emulator::ScaleSetReport,
+    history: &[Sample],
+    lost: u64,
+    stranded: u64,
+) -> Vec<InvariantCheck> {
     let mut out = Vec::new();
     let mut check = |name: &'static str, ok: bool, detail: String| out.push(InvariantCheck { name, ok, detail });
     check(
@@ -779,10 +821,10 @@ pub fn check_invariants(ss: &crate::emulator::ScaleSetReport, history: &[Sample]
     check("no job acquired twice", ss.jobs_acquired_twice == 0, format!("{} jobs", ss.jobs_acquired_twice));
     check(
         "no message lost",
-        lost(ss) == 0,
+        lost == 0,
         format!(
-            "delivered {}, redelivered {}, deleted {}",
-            ss.messages_delivered, ss.messages_redelivered, ss.messages_deleted
+            "lost {lost}, stranded in a dead holder's last poll {stranded} (delivered {}, deleted {})",
+            ss.messages_delivered, ss.messages_deleted
         ),
     );
     let quorum = token_regressions(history.iter().map(|s| s.token));

@@ -23,7 +23,8 @@
 use crate::agent_client::TlsFiles;
 use crate::agent_proc::{AgentProc, AgentSpec, GitHubSide, metric_value};
 use crate::emulator::{
-    CrossCredentialDelete, Cursor, Emulator, EmulatorConfig, EmulatorHandle, PathClass, SessionTtlFrom, Workload,
+    CrossCredentialDelete, Cursor, Emulator, EmulatorConfig, EmulatorHandle, Mode as JobMode, PathClass,
+    SessionTtlFrom, Workload,
 };
 use crate::fault_proxy::{FaultProxy, Mode};
 use crate::harness::{Quorum, QuorumOptions};
@@ -58,6 +59,9 @@ pub struct SandboxOptions {
     pub coordinator_lost_for: Option<String>,
     /// The agents' `--holder-stall` (holder-stall needs it short).
     pub holder_stall: Option<String>,
+    /// GitHub's job mode: GHES (`JobAvailable`, then the holder acquires) makes
+    /// `jobs_acquired_twice` and `acquire_repeats` mean something; dotcom assigns directly.
+    pub job_mode: JobMode,
 }
 
 impl Default for SandboxOptions {
@@ -74,6 +78,7 @@ impl Default for SandboxOptions {
             job_seconds: (5, 20),
             coordinator_lost_for: None,
             holder_stall: None,
+            job_mode: JobMode::Ghes,
         }
     }
 }
@@ -176,7 +181,9 @@ impl Sampler {
                 for c in clients.iter().flatten() {
                     let mut c = c.clone();
                     let r = tokio::time::timeout(Duration::from_secs(1), c.status(pb::StatusRequest {})).await;
-                    if let Ok(Ok(s)) = r {
+                    if let Ok(Ok(s)) = r
+                        && in_contact(s.get_ref())
+                    {
                         if let Some(x) = Sample::from(s.get_ref()) {
                             h.lock().expect("sampler history").push(x);
                         }
@@ -234,6 +241,7 @@ impl Sandbox {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let mut ecfg = EmulatorConfig::default();
         ecfg.settings.long_poll = opts.long_poll;
+        ecfg.settings.mode = opts.job_mode;
         ecfg.settings.session_ttl = opts.session_ttl;
         ecfg.settings.cross_credential_delete = opts.cross_credential_delete;
         if opts.per_region_credentials {
@@ -296,23 +304,59 @@ impl Sandbox {
         self.regions.iter().position(|r| r.name == name)
     }
 
-    /// Every region has a live member, one holds, every running voter answers, and the
+    /// Status from a voter that serves it *and* has heard from a quorum lately: an isolated
+    /// old leader keeps answering Status with a stale view (openraft does not step it down).
+    pub async fn status(&self) -> anyhow::Result<pb::StatusResponse> {
+        let mut last = String::from("no voter running");
+        for v in self.q.voters.iter().filter(|v| v.running()) {
+            match self.q.status_at(&v.addr()).await {
+                Ok(s) if in_contact(&s) => return Ok(s),
+                Ok(s) => last = format!("voter {} has no quorum contact ({} ms)", v.id, s.quorum_contact_age_ms),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        bail!("no voter in contact with a quorum served status: {last}")
+    }
+
+    /// Waits until [`Sandbox::status`] satisfies `cond`.
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        cond: impl Fn(&pb::StatusResponse) -> bool,
+    ) -> anyhow::Result<pb::StatusResponse> {
+        let end = Instant::now() + WAIT;
+        loop {
+            let last = match self.status().await {
+                Ok(s) if cond(&s) => return Ok(s),
+                Ok(s) => format!("{s:?}"),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > end {
+                bail!("timed out after {WAIT:?} waiting for {what}; last: {last}\n{}", self.agent_logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every region has a live member, one holds, every running voter knows the leader, and the
     /// holder's session polls. Returns (status, holder's session id).
     pub async fn wait_settled(&self) -> anyhow::Result<(pb::StatusResponse, String)> {
         let names: Vec<String> = self.regions.iter().map(|r| r.name.clone()).collect();
         let s = self
-            .q
-            .wait_status("every region live and a holder", WAIT, |s| {
+            .wait_status("every region live and a holder", |s| {
                 names.iter().all(|n| s.members.iter().any(|m| &m.cluster == n && m.status == "live"))
                     && s.groups.first().is_some_and(|g| !g.holder.is_empty())
             })
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}\n{}", self.agent_logs()))?;
+            .await?;
         for v in self.q.voters.iter().filter(|v| v.running()) {
             let end = Instant::now() + WAIT;
-            while self.q.status_at(&v.addr()).await.is_err() {
+            // The leader answers; a follower that knows it answers UNAVAILABLE naming it.
+            while !match self.q.status_at(&v.addr()).await {
+                Ok(_) => true,
+                Err(st) => arcfed_proto::leader::leader_hint(&st).is_some(),
+            } {
                 if Instant::now() > end {
-                    bail!("voter {} does not answer status", v.id);
+                    bail!("voter {} does not know a leader", v.id);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -375,7 +419,7 @@ impl Sandbox {
 
     /// The coordinator's replicated stale-token rejection counter (the leader's /metrics).
     pub async fn stale_token_rejections(&self) -> Option<u64> {
-        let leader = self.q.status().await.ok()?.leader;
+        let leader = self.status().await.ok()?.leader;
         let http = self.q.voters.iter().find(|v| v.id == leader)?.http;
         let body = reqwest::get(format!("http://{http}/metrics")).await.ok()?.text().await.ok()?;
         body.lines()
@@ -453,6 +497,12 @@ fn spec_for(spec: &AgentSpec, links: &BTreeMap<u64, FaultProxy>, leader: Option<
     let mut spec = spec.clone();
     spec.coordinators = ids.iter().map(|id| links[id].addr().to_string()).collect();
     spec
+}
+
+/// Whether a served status comes from a leader that has heard from a quorum within 1 s
+/// (heartbeats are far more frequent; an isolated leader's age only grows).
+fn in_contact(s: &pb::StatusResponse) -> bool {
+    (0..=1000).contains(&s.quorum_contact_age_ms)
 }
 
 /// Whether `agent` says it holds (`arcfed_agent_is_holder`).

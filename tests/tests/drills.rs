@@ -1,0 +1,142 @@
+//! The DESIGN §10 drills, once each, and a short randomized fault run, over the same sandbox
+//! world and drill code as `arcfed-sandbox --drill …` (real voters, real agents, the
+//! adversarial emulator, a steady workload). Assertions are on the §6 invariants and the §11
+//! counters that must be zero, never on timings.
+
+use arcfed_tests::drill::{DrillReport, Scenario, random_faults, run_drill};
+use arcfed_tests::sandbox::{Sandbox, SandboxOptions};
+
+async fn world(opts: SandboxOptions) -> anyhow::Result<(tempfile::TempDir, Sandbox)> {
+    let dir = tempfile::tempdir()?;
+    let sb = Sandbox::start(dir.path(), opts).await?;
+    Ok((dir, sb))
+}
+
+/// The §11 counters every drill must keep at zero, and every §6 invariant.
+fn assert_clean(r: &DrillReport) {
+    let text = serde_json::to_string_pretty(r).unwrap_or_default();
+    assert!(r.invariants_hold(), "invariants: {:?}\n{text}", r.failed_invariants());
+    assert_eq!(r.sessions_overlap_ms, 0, "{text}");
+    assert_eq!(r.zombie_requests, 0, "{text}");
+    assert_eq!(r.messages_lost, 0, "{text}");
+    assert_eq!(r.jobs_acquired_twice, 0, "{text}");
+    assert_eq!(r.token_regressions, 0, "{text}");
+}
+
+async fn drill_once(scenario: Scenario, opts: SandboxOptions) -> anyhow::Result<DrillReport> {
+    let (_dir, mut sb) = world(opts).await?;
+    let r = run_drill(&mut sb, scenario, 1).await;
+    sb.shutdown().await;
+    let r = r?;
+    assert_eq!(r.runs.len(), 1);
+    assert_clean(&r);
+    Ok(r)
+}
+
+/// A failover drill: the holder changed, and the successor's token is higher.
+fn assert_failed_over(r: &DrillReport) {
+    let run = &r.runs[0];
+    assert!(run.failover_ms.is_some() && run.first_poll_ms.is_some(), "{run:?}");
+    assert!(run.token_after > run.token_before, "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_holder_fails_over_without_overlap_or_loss() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::KillHolder, SandboxOptions::default()).await?;
+    assert_failed_over(&r);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_holder_is_replaced_and_returns_as_standby() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::FreezeHolder, SandboxOptions::default()).await?;
+    assert_failed_over(&r);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closed_holder_is_replaced_without_overlap() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::HalfCloseHolder, SandboxOptions::default()).await?;
+    assert_failed_over(&r);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_region_that_still_reaches_github_stops_holding() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::PartitionRegion, SandboxOptions::default()).await?;
+    assert_failed_over(&r);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_keeps_one_session_and_every_message() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::RollingRestart, SandboxOptions::default()).await?;
+    // The holder's own SIGTERM hands over; the voter restarts alone never do (§6.5).
+    assert_failed_over(&r);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_loss_moves_the_regions_share_to_the_others() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::RegionLoss, SandboxOptions::default()).await?;
+    assert_failed_over(&r);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_loss_falls_back_to_one_holder_and_is_adopted() -> anyhow::Result<()> {
+    let opts = SandboxOptions { coordinator_lost_for: Some("5s".into()), ..SandboxOptions::default() };
+    let r = drill_once(Scenario::QuorumLoss, opts).await?;
+    let run = &r.runs[0];
+    assert!(run.fallback_ms.is_some() && run.adopt_ms.is_some(), "{run:?}");
+    assert!(run.token_after >= run.token_before, "{run:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_holder_hands_over() -> anyhow::Result<()> {
+    let opts = SandboxOptions { holder_stall: Some("4s".into()), ..SandboxOptions::default() };
+    let r = drill_once(Scenario::HolderStall, opts).await?;
+    assert_failed_over(&r);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_leader_changes_no_holder() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::KillLeader, SandboxOptions::default()).await?;
+    let run = &r.runs[0];
+    assert_eq!(run.token_after, run.token_before, "the same grant serves on: {run:?}");
+    assert!(run.served_again_ms.is_some());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_moves_the_session() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::Handover, SandboxOptions::default()).await?;
+    assert_failed_over(&r);
+    Ok(())
+}
+
+/// A short randomized run: a few random §10 faults under the workload, then every invariant.
+/// The seed comes from `ARCFED_DRILL_SEED` (to replay a failure) or is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_faults_keep_every_invariant() -> anyhow::Result<()> {
+    let seed = std::env::var("ARCFED_DRILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_240_909);
+    let opts = SandboxOptions {
+        coordinator_lost_for: Some("5s".into()),
+        holder_stall: Some("5s".into()),
+        ..SandboxOptions::default()
+    };
+    let (_dir, mut sb) = world(opts).await?;
+    eprintln!("random faults: seed {seed}");
+    let r = random_faults(&mut sb, seed, 5).await;
+    sb.shutdown().await;
+    let r = r?;
+    assert_eq!(r.faults.len(), 5, "every planned fault ran");
+    assert!(r.faults.iter().all(|f| !f.target.is_empty()));
+    assert!(r.invariants_hold(), "seed {seed}: {:?}", r.failed_invariants());
+    assert_eq!(r.jobs_acquired_twice, 0, "seed {seed}");
+    assert_eq!(r.messages_lost, 0, "seed {seed}");
+    assert_eq!(r.token_regressions, 0, "seed {seed}");
+    Ok(())
+}
