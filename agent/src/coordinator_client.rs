@@ -122,7 +122,9 @@ pub fn job_event(j: &arcfed_core::github::JobMessage) -> Option<pb::JobEvent> {
     };
     Some(pb::JobEvent {
         kind: kind as i32,
-        runner_name: j.runner_name.clone()?,
+        // A job event must name its runner (the coordinator routes by name prefix and refuses
+        // an empty one): a nameless event is dropped here rather than poison the Progress.
+        runner_name: j.runner_name.clone().filter(|n| !n.is_empty())?,
         runner_id: j.runner_id.unwrap_or(0),
         job_id: j.job_id.clone(),
         runner_request_id: j.runner_request_id,

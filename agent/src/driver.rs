@@ -31,7 +31,8 @@ use crate::metrics::Metrics;
 use crate::runners::Runners;
 use crate::sim::{SimGitHub, SimRunners};
 use arcfed_agent_core::holder::{
-    Action, CoordOp, CreateOutcome, GitHubOp, Holder, HolderConfig, Input, Note, PollOutcome, ReleaseReason,
+    Action, CoordOp, CreateOutcome, GitHubOp, Holder, HolderConfig, Input, Note, Phase as HolderPhase, PollOutcome,
+    ReleaseReason,
 };
 use arcfed_agent_core::link::{FenceView, Link, LinkAction, LinkConfig, LinkEvent};
 use arcfed_agent_core::scaler::{Patch, Scaler};
@@ -51,7 +52,12 @@ const REPATCH_EVERY_MS: u64 = 50_000;
 /// A coordinator request with no answer after this is resent (its outcome is unknown).
 const COORD_TIMEOUT_MS: u64 = 3_000;
 /// On SIGTERM the release must be done well inside ARC's 60 s grace period (DESIGN §5.7).
-const SHUTDOWN_BUDGET_MS: u64 = 30_000;
+const SHUTDOWN_BUDGET_MS: u64 = 25_000;
+/// Every holder-only request other than the long poll must answer within this; a hung one
+/// is dropped and counts as failed (the holder-stall rule then sees it).
+const GITHUB_OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A standalone or fallback holder that let go (a stall) contends again after this.
+const REGRANT_AFTER_MS: u64 = 5_000;
 /// Attach (connect + TLS + Join) must answer within this.
 const ATTACH_TIMEOUT_MS: u64 = 1_500;
 
@@ -155,8 +161,15 @@ pub struct Driver {
     next_request: u64,
 
     session: Option<wire::Session>,
-    /// The fallback session reported with `Adopt`, resumed under the Grant that follows.
+    /// The fallback session reported with `Adopt` and accepted: resumed under the next Grant.
     adopted: Option<String>,
+    /// Reported with `Adopt`, no answer yet.
+    adopt_pending: Option<String>,
+    /// A Grant that arrived while the Adopt was unanswered.
+    deferred_grant: Option<pb::Grant>,
+    /// Standalone/fallback: when to contend again after the holder let go.
+    regrant_at: Option<u64>,
+    local_token: u64,
     /// (token, session) held when the quorum was lost: the same token granted again after it
     /// returns (the coordinator kept our holding) resumes the same session.
     held_before_fallback: Option<(u64, String)>,
@@ -256,6 +269,10 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         next_request: 1,
         session: None,
         adopted: None,
+        adopt_pending: None,
+        deferred_grant: None,
+        regrant_at: None,
+        local_token: 0,
         held_before_fallback: None,
         message: None,
         stats: wire::Statistics::default(),
@@ -328,7 +345,7 @@ impl Driver {
                 }
             }
         }
-        if let Some(h) = self.holder.next_wakeup(&fence) {
+        if let Some(h) = self.holder.next_wakeup(self.now(), &fence) {
             t = t.min(h);
         }
         if let Some((_, _, deadline)) = self.coord {
@@ -339,6 +356,9 @@ impl Driver {
         }
         if let Some((_, next)) = &self.tls_watch {
             t = t.min(*next);
+        }
+        if let Some(r) = self.regrant_at {
+            t = t.min(r);
         }
         t
     }
@@ -398,6 +418,13 @@ impl Driver {
                     {
                         tracing::warn!(?kind, "no answer from the coordinator; will resend");
                         self.coord = None;
+                        if kind == CoordKind::Adopt {
+                            // Unanswered: never resume an uncommitted session.
+                            self.adopt_pending = None;
+                            if let Some(g) = self.deferred_grant.take() {
+                                self.on_coordinator(pb::CoordinatorMessage { msg: Some(Out::Grant(g)) });
+                            }
+                        }
                         if kind != CoordKind::Adopt && kind != CoordKind::Leave {
                             self.pump_holder(Input::CoordUnavailable);
                         }
@@ -595,7 +622,12 @@ impl Driver {
         let metrics = self.metrics.clone();
         let fut: BoxFuture<'static, GhDone> = match op {
             GitHubOp::DeleteSession { id } => Box::pin(async move {
-                let r = client.delete_session(gate.as_ref(), &id).await;
+                let r = match tokio::time::timeout(GITHUB_OP_TIMEOUT, client.delete_session(gate.as_ref(), &id)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        Err(github::Error::Config(format!("session delete timed out after {GITHUB_OP_TIMEOUT:?}")))
+                    }
+                };
                 if let Err(e) = &r {
                     tracing::warn!(session = %id, error = %e, "session delete failed");
                     metrics.github_error(error_kind(e));
@@ -605,25 +637,32 @@ impl Driver {
                 GhDone { input: Input::Deleted { id, done: r.is_ok() }, session, message, opened: None }
             }),
             GitHubOp::CreateSession { owner } => Box::pin(async move {
-                let r = client.create_session(gate.as_ref(), &owner).await;
+                let r = tokio::time::timeout(GITHUB_OP_TIMEOUT, client.create_session(gate.as_ref(), &owner)).await;
                 let (outcome, opened) = match r {
-                    Ok(s) => (CreateOutcome::Opened { session_id: s.session_id.clone() }, Some(s)),
-                    Err(github::Error::Conflict { foreign, owner, .. }) => {
-                        tracing::info!(?owner, "409 on session create");
-                        (CreateOutcome::Conflict { foreign }, None)
+                    // No answer in time: the session may exist (a possible orphan).
+                    Err(_) => {
+                        metrics.github_error("timeout");
+                        (CreateOutcome::Ambiguous { local: true }, None)
                     }
-                    Err(e) => {
-                        metrics.github_error(error_kind(&e));
-                        tracing::warn!(error = %e, "session create failed");
-                        let ambiguous = matches!(e, github::Error::Transport { .. })
-                            || matches!(e, github::Error::Status { status, .. } if status >= 500);
-                        let local = e.is_local();
-                        if ambiguous {
-                            (CreateOutcome::Ambiguous { local }, None)
-                        } else {
-                            (CreateOutcome::Failed { local }, None)
+                    Ok(r) => match r {
+                        Ok(s) => (CreateOutcome::Opened { session_id: s.session_id.clone() }, Some(s)),
+                        Err(github::Error::Conflict { foreign, owner, .. }) => {
+                            tracing::info!(?owner, "409 on session create");
+                            (CreateOutcome::Conflict { foreign }, None)
                         }
-                    }
+                        Err(e) => {
+                            metrics.github_error(error_kind(&e));
+                            tracing::warn!(error = %e, "session create failed");
+                            let ambiguous = matches!(e, github::Error::Transport { .. })
+                                || matches!(e, github::Error::Status { status, .. } if status >= 500);
+                            let local = e.is_local();
+                            if ambiguous {
+                                (CreateOutcome::Ambiguous { local }, None)
+                            } else {
+                                (CreateOutcome::Failed { local }, None)
+                            }
+                        }
+                    },
                 };
                 GhDone { input: Input::Created(outcome), session, message, opened }
             }),
@@ -675,28 +714,41 @@ impl Driver {
                     })
                     .unwrap_or_default();
                 let mut s = session;
+                let mut input = Input::Acquired;
                 if let Some(sess) = s.as_mut()
                     && !ids.is_empty()
                 {
-                    match client.acquire_jobs(gate.as_ref(), sess, &ids).await {
-                        Ok(got) => {
+                    match tokio::time::timeout(GITHUB_OP_TIMEOUT, client.acquire_jobs(gate.as_ref(), sess, &ids)).await
+                    {
+                        Ok(Ok(got)) => {
                             let missed = ids.len().saturating_sub(got.len());
                             if missed > 0 {
                                 metrics.acquire_repeats.inc_by(missed as u64);
                             }
                         }
-                        Err(e) => {
+                        Ok(Err(e)) => {
                             metrics.github_error(error_kind(&e));
-                            tracing::warn!(error = %e, "acquire failed; the jobs stay available");
+                            tracing::warn!(error = %e, "acquire failed; will retry before reporting the message");
+                            input = Input::AcquireFailed { local: e.is_local() };
+                        }
+                        Err(_) => {
+                            metrics.github_error("timeout");
+                            input = Input::AcquireFailed { local: true };
                         }
                     }
                 }
-                GhDone { input: Input::Acquired, session: s, message, opened: None }
+                GhDone { input, session: s, message, opened: None }
             }),
             GitHubOp::AckMessage { message_id } => Box::pin(async move {
                 let mut s = session;
                 let ok = match s.as_mut() {
-                    Some(sess) => match client.delete_message(gate.as_ref(), sess, message_id).await {
+                    Some(sess) => match tokio::time::timeout(
+                        GITHUB_OP_TIMEOUT,
+                        client.delete_message(gate.as_ref(), sess, message_id),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(github::Error::Config("message ack timed out".into())))
+                    {
                         Ok(()) => true,
                         Err(e) => {
                             metrics.github_error(error_kind(&e));
@@ -932,7 +984,7 @@ impl Driver {
                     ttl_ms: j.lease_ttl_ms,
                     margin_permille: u64::from(j.margin_permille),
                 });
-                if self.fallback {
+                if self.fallback && self.shutdown_at.is_none() {
                     self.end_fallback();
                 }
             }
@@ -944,16 +996,23 @@ impl Driver {
                 tracing::warn!(reason = %e.reason, "lease expired: joining again for a new epoch");
                 self.pump_link(LinkEvent::Expired);
             }
-            Out::Grant(g) => {
-                if let Some(a) = g.ack {
+            Out::Grant(mut g) => {
+                if let Some(a) = g.ack.take() {
                     let held = a.held.into_iter().map(|h| (h.group_key, h.token)).collect();
                     self.pump_link(LinkEvent::GrantAck { seq: a.seq, held });
                 }
                 if !self.fallback {
                     // Resume the adopted session only if it is still the one we have open.
+                    if self.coord.is_some_and(|(_, k, _)| k == CoordKind::Adopt) {
+                        // The Adopt's answer decides whether this Grant resumes our session.
+                        self.deferred_grant = Some(g);
+                        return;
+                    }
                     let open = self.session.as_ref().map(|s| s.session_id.clone());
                     let kept = self.held_before_fallback.take().filter(|(t, _)| *t == g.token).map(|(_, s)| s);
-                    let resume = kept.or_else(|| self.adopted.take()).filter(|id| open.as_ref() == Some(id));
+                    let resume = kept
+                        .filter(|id| open.as_ref() == Some(id))
+                        .or_else(|| self.adopted.take().filter(|id| open.as_ref() == Some(id)));
                     if resume.is_none() && self.holder.token.is_none() {
                         self.session = None;
                     }
@@ -1001,6 +1060,13 @@ impl Driver {
                     Some(pb::command_result::Result::Accepted(a)) => (true, a.duplicate),
                     Some(pb::command_result::Result::Rejected(x)) => {
                         tracing::warn!(?kind, reason = %x.reason, "coordinator rejected");
+                        // Not committed (a Raft hiccup): the outcome is unknown, resend. Only a
+                        // decided rejection (stale token, …) means the holding is gone.
+                        if x.reason.starts_with("not_committed") && kind != CoordKind::Adopt && kind != CoordKind::Leave
+                        {
+                            self.pump_holder(Input::CoordUnavailable);
+                            return;
+                        }
                         (false, false)
                     }
                     None => (false, false),
@@ -1009,23 +1075,49 @@ impl Driver {
                     CoordKind::Commit => self.pump_holder(Input::Committed { accepted }),
                     CoordKind::Progress => self.pump_holder(Input::Reported { accepted, duplicate }),
                     CoordKind::Release => self.pump_holder(Input::ReleaseSent),
-                    CoordKind::Adopt if !accepted => {
-                        // Another member holds (it deletes our session through DeleteSessions),
-                        // or the coordinator kept our own holding (resumed under its Grant).
-                        if self.holder.token.is_none() && self.held_before_fallback.is_none() {
-                            self.session = None;
+                    CoordKind::Adopt => {
+                        if accepted {
+                            // Committed: the Grant that follows resumes this session.
+                            self.adopted = self.adopt_pending.take();
+                        } else {
+                            // Another member holds (it deletes our session through
+                            // DeleteSessions), or the coordinator kept our own holding.
+                            self.adopt_pending = None;
+                            if self.holder.token.is_none() && self.held_before_fallback.is_none() {
+                                self.session = None;
+                            }
                         }
-                        self.adopted = None;
+                        if let Some(g) = self.deferred_grant.take() {
+                            self.on_coordinator(pb::CoordinatorMessage { msg: Some(Out::Grant(g)) });
+                        }
                     }
-                    CoordKind::Adopt | CoordKind::Leave => {}
+                    CoordKind::Leave => {}
                 }
             }
         }
     }
 
-    /// Timers that are not the machines': re-patch, fallback, certificate rotation.
+    /// Timers that are not the machines': re-patch, fallback, certificate rotation, and
+    /// contending again in open mode after a release (never below ARC: keep trying).
     fn periodic(&mut self) {
         let now = self.now();
+        if self.open_fence && self.shutdown_at.is_none() && self.holder.phase == HolderPhase::Standby {
+            match self.regrant_at {
+                None => self.regrant_at = Some(now + REGRANT_AFTER_MS),
+                Some(t) if now >= t => {
+                    self.regrant_at = None;
+                    self.local_token += 1;
+                    tracing::info!("contending for the session again");
+                    self.pump_holder(Input::Granted {
+                        token: self.local_token,
+                        stale_sessions: vec![],
+                        last_acked_message_id: 0,
+                        resume: None,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
         if let Some((w, next)) = self.tls_watch.as_mut()
             && now >= *next
         {
@@ -1070,6 +1162,7 @@ impl Driver {
         // backoff. The federated machine stops; a fresh one runs with an open fence.
         let keep = self.holder.session_id().map(str::to_string);
         self.held_before_fallback = self.holder.token.zip(keep.clone());
+        self.local_token += 1;
         let now = self.now();
         self.gh = None;
         self.coord = None;
@@ -1078,12 +1171,18 @@ impl Driver {
         if keep.is_none() {
             self.session = None;
         }
-        self.pending.push_back(Input::Granted {
-            token: 0,
-            stale_sessions: vec![],
-            last_acked_message_id: 0,
-            resume: keep,
-        });
+        // A session recorded on our ERS by a predecessor of ours in fallback is deleted first.
+        let runners = self.runners.clone();
+        let token = self.local_token;
+        self.local = Some(Box::pin(async move {
+            let recorded = runners.session_record().await.ok().flatten().filter(|r| Some(r) != keep.as_ref());
+            Input::Granted {
+                token,
+                stale_sessions: recorded.into_iter().collect(),
+                last_acked_message_id: 0,
+                resume: keep,
+            }
+        }));
     }
 
     /// The quorum is back: report our fallback session (Adopt) before any Grant, then return
@@ -1106,7 +1205,7 @@ impl Driver {
             });
             if self.send(adopt) {
                 tracing::info!(session = %s.session_id, "reporting the fallback session (Adopt)");
-                self.adopted = Some(s.session_id.clone());
+                self.adopt_pending = Some(s.session_id.clone());
                 self.coord = Some((rid, CoordKind::Adopt, self.now() + COORD_TIMEOUT_MS));
             }
         }
@@ -1160,7 +1259,8 @@ impl Driver {
 
     /// Graceful leave (after the release on SIGTERM).
     async fn leave(&mut self) {
-        if self.link.is_some() && self.stream.is_some() {
+        let mut left = false;
+        if self.link.is_some() && self.stream.is_some() && !self.fallback {
             let rid = self.request_id();
             self.send(pb::agent_message::Msg::Leave(pb::Leave { request_id: rid }));
             // Give the Leave a moment to be written before the stream closes.
@@ -1168,7 +1268,10 @@ impl Driver {
             while tokio::time::Instant::now() < deadline {
                 let Some(s) = self.stream.as_mut() else { break };
                 match tokio::time::timeout_at(deadline, s.rx.message()).await {
-                    Ok(Ok(Some(pb::CoordinatorMessage { msg: Some(Out::Result(r)) }))) if r.request_id == rid => break,
+                    Ok(Ok(Some(pb::CoordinatorMessage { msg: Some(Out::Result(r)) }))) if r.request_id == rid => {
+                        left = true;
+                        break;
+                    }
                     Ok(Ok(Some(_))) => continue,
                     _ => break,
                 }
@@ -1176,7 +1279,7 @@ impl Driver {
         }
         // A federated member that leaves gets 0 (patchID 0 allowed, DESIGN §5.6); its share
         // moves to the others. Standalone, the ERS is left as ARC's listener leaves it.
-        if self.link.is_some() {
+        if left {
             let p = self.scaler.on_assignment(0, false, true);
             let _ = self.runners_tx.try_send(RunnerCmd::Patch(p));
         }
@@ -1189,6 +1292,7 @@ fn release_reason(r: ReleaseReason) -> pb::ReleaseReason {
         ReleaseReason::Shutdown => pb::ReleaseReason::Shutdown,
         ReleaseReason::Handover => pb::ReleaseReason::Handover,
         ReleaseReason::Stall => pb::ReleaseReason::Stall,
+        ReleaseReason::LostLease => pb::ReleaseReason::LostLease,
     }
 }
 

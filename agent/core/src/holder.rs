@@ -84,6 +84,9 @@ pub enum ReleaseReason {
     Shutdown,
     Handover,
     Stall,
+    /// The coordinator rejected our command for this token: let it go explicitly, so the
+    /// group is granted again instead of staying with a holder that no longer acts.
+    LostLease,
 }
 
 /// What the driver counts in metrics and logs.
@@ -187,6 +190,10 @@ pub enum Input {
     },
     Polled(PollOutcome),
     Acquired,
+    /// The acquire failed (`local`: a transport, TLS, auth or 5xx reason).
+    AcquireFailed {
+        local: bool,
+    },
     Reported {
         accepted: bool,
         duplicate: bool,
@@ -284,11 +291,18 @@ pub struct Holder {
     pending_release: Option<ReleaseReason>,
     /// The coordinator operation in flight (or to resend after `CoordUnavailable`).
     last_coord: Option<CoordOp>,
+    /// A stale session whose DELETE failed while polling is tried again only after this, so
+    /// polling goes on in between (no hot loop, no starved poll).
+    stale_retry_at: u64,
+    stale_retry_ms: u64,
+    acquire_attempts: u32,
     shutdown: bool,
     rng: u64,
 }
 
 const BACKOFF_MIN_MS: u64 = 250;
+/// Acquire attempts for one message before it is reported and acked anyway.
+const MAX_ACQUIRE_ATTEMPTS: u32 = 3;
 const BACKOFF_MAX_MS: u64 = 5000;
 /// With no fresh ack this long after asking, ask again.
 const REASK_MS: u64 = 2_000;
@@ -317,6 +331,9 @@ impl Holder {
             local_failure_since: None,
             pending_release: None,
             last_coord: None,
+            stale_retry_at: 0,
+            stale_retry_ms: BACKOFF_MIN_MS,
+            acquire_attempts: 0,
             shutdown: false,
             rng,
         }
@@ -357,7 +374,7 @@ impl Holder {
     }
 
     /// When the driver must call `step(Tick)` at the latest (it also steps on every event).
-    pub fn next_wakeup(&self, fence: &FenceView) -> Option<u64> {
+    pub fn next_wakeup(&self, now: u64, fence: &FenceView) -> Option<u64> {
         if self.op == (Op::GitHub { poll: true }) && !fence.open {
             // The long poll ends before the fence does; no fence means cancel now.
             return Some(fence.fence_end.map_or(0, |e| e.saturating_sub(self.cfg.poll_margin_ms)));
@@ -365,16 +382,23 @@ impl Holder {
         if self.op != Op::None {
             return None;
         }
-        match &self.phase {
+        // Only future instants: a retry that is due but blocked by the fence waits for the
+        // next link event (an ack), not for a timer that would fire again at once.
+        let t = match &self.phase {
             Phase::Backoff { until } => Some(*until),
             Phase::WaitAck { decided_at, .. } => Some(decided_at + REASK_MS),
-            Phase::Poll { .. } | Phase::Ack { .. } | Phase::Commit { .. } | Phase::Report { .. } | Phase::Releasing
-                if self.retry_at > 0 =>
-            {
-                Some(self.retry_at)
+            Phase::Poll { .. } => {
+                let stale = (!self.stale.is_empty() && self.stale_retry_at > now).then_some(self.stale_retry_at);
+                [stale, (self.retry_at > now).then_some(self.retry_at)].into_iter().flatten().min()
             }
+            Phase::Ack { .. }
+            | Phase::Acquire { .. }
+            | Phase::Commit { .. }
+            | Phase::Report { .. }
+            | Phase::Releasing => (self.retry_at > 0).then_some(self.retry_at),
             _ => None,
-        }
+        };
+        t.filter(|t| *t > now)
     }
 
     fn jitter(&mut self, max: u64) -> u64 {
@@ -400,6 +424,15 @@ impl Holder {
         true
     }
 
+    /// Drops an in-flight long poll (handover, shutdown): a 200 it would bring is not acked,
+    /// so nothing is lost.
+    fn cancel_poll(&mut self, out: &mut Vec<Action>) {
+        if self.op == (Op::GitHub { poll: true }) {
+            out.push(Action::Cancel);
+            self.op = Op::None;
+        }
+    }
+
     fn coord(&mut self, op: CoordOp, out: &mut Vec<Action>) {
         self.op = Op::Coord;
         self.last_coord = Some(op.clone());
@@ -420,6 +453,16 @@ impl Holder {
         self.reset_to_standby();
     }
 
+    /// The coordinator rejected a command for our token: lose it, and say so with a
+    /// `Release{LostLease}` so that a holding the applied state still lists is not left idle
+    /// (for a truly stale token the coordinator ignores the report).
+    fn let_go(&mut self, out: &mut Vec<Action>) {
+        if let Some(token) = self.token {
+            out.push(Action::Notify(CoordOp::Release { token, deleted: vec![], reason: ReleaseReason::LostLease }));
+        }
+        self.lose(out);
+    }
+
     fn reset_to_standby(&mut self) {
         if let Some(t) = self.token.take() {
             self.done_tokens.insert(t);
@@ -436,6 +479,9 @@ impl Holder {
         self.backoff_ms = BACKOFF_MIN_MS;
         self.retry_at = 0;
         self.retry_ms = BACKOFF_MIN_MS;
+        self.stale_retry_at = 0;
+        self.stale_retry_ms = BACKOFF_MIN_MS;
+        self.acquire_attempts = 0;
     }
 
     fn success(&mut self, now: u64) {
@@ -507,12 +553,14 @@ impl Holder {
             Input::Handover { token } => {
                 if self.token == Some(token) && self.pending_release.is_none() {
                     self.pending_release = Some(ReleaseReason::Handover);
+                    self.cancel_poll(out);
                 }
             }
             Input::Shutdown => {
                 self.shutdown = true;
                 if self.token.is_some() {
                     self.pending_release.get_or_insert(ReleaseReason::Shutdown);
+                    self.cancel_poll(out);
                 } else {
                     self.phase = Phase::Done;
                 }
@@ -522,6 +570,13 @@ impl Holder {
                 if done {
                     self.stale.remove(&id);
                     self.deleted.push(id.clone());
+                }
+                if done {
+                    self.stale_retry_ms = BACKOFF_MIN_MS;
+                } else if !matches!(self.phase, Phase::Revoke { .. } | Phase::Closing { .. }) {
+                    let j = self.jitter(self.stale_retry_ms / 2 + 1);
+                    self.stale_retry_at = now + self.stale_retry_ms + j;
+                    self.stale_retry_ms = (self.stale_retry_ms * 2).min(30_000);
                 }
                 match &mut self.phase {
                     Phase::Revoke { pending } => {
@@ -584,7 +639,7 @@ impl Holder {
                         self.last_message = 0;
                     } else {
                         out.push(Action::Note(Note::StaleTokenRejected));
-                        self.lose(out);
+                        self.let_go(out);
                     }
                 }
             }
@@ -615,9 +670,11 @@ impl Holder {
                         }
                     }
                     PollOutcome::Gone => {
+                        // Re-created under the fence after a backoff; a refresh-404 loop counts
+                        // toward the holder-stall rule (§5.9).
                         out.push(Action::Forget { session_id });
-                        self.phase = Phase::WaitAck { decided_at: now, after_seq: fence.sent_seq };
-                        out.push(Action::KeepaliveNow);
+                        self.local_failure_since.get_or_insert(now);
+                        self.back_off(now);
                     }
                     PollOutcome::Glitch => self.failure(now, false),
                     PollOutcome::Failed { local } => self.failure(now, local),
@@ -625,9 +682,27 @@ impl Holder {
             }
             Input::Acquired => {
                 self.op = Op::None;
+                self.acquire_attempts = 0;
                 if let (Phase::Acquire { session_id, message_id }, Some(token)) = (self.phase.clone(), self.token) {
+                    self.retry_at = 0;
                     self.phase = Phase::Report { session_id, message_id: Some(message_id) };
                     self.coord(CoordOp::Progress { token, message_id: Some(message_id) }, out);
+                }
+            }
+            Input::AcquireFailed { local } => {
+                self.op = Op::None;
+                if let (Phase::Acquire { session_id, message_id }, Some(token)) = (self.phase.clone(), self.token) {
+                    self.acquire_attempts += 1;
+                    if self.acquire_attempts >= MAX_ACQUIRE_ATTEMPTS {
+                        // The message is still reported and acked: GitHub offers an unacquired
+                        // job again, and a stuck message would stop the whole scale set.
+                        self.acquire_attempts = 0;
+                        self.retry_at = 0;
+                        self.phase = Phase::Report { session_id, message_id: Some(message_id) };
+                        self.coord(CoordOp::Progress { token, message_id: Some(message_id) }, out);
+                    } else {
+                        self.failure(now, local);
+                    }
                 }
             }
             Input::Reported { accepted, duplicate: _ } => {
@@ -636,7 +711,7 @@ impl Holder {
                 if let Phase::Report { session_id, message_id } = self.phase.clone() {
                     if !accepted {
                         out.push(Action::Note(Note::StaleTokenRejected));
-                        self.lose(out);
+                        self.let_go(out);
                         return;
                     }
                     match message_id {
@@ -764,7 +839,9 @@ impl Holder {
                 }
             }
             Phase::Poll { session_id } => {
-                if let Some(id) = self.stale.iter().find(|i| **i != session_id).cloned() {
+                let stale =
+                    self.stale.iter().find(|i| **i != session_id).cloned().filter(|_| now >= self.stale_retry_at);
+                if let Some(id) = stale {
                     // A stale session that appears while we hold is deleted between polls.
                     self.github(fence, now, GitHubOp::DeleteSession { id }, out);
                 } else if !self.deleted.is_empty() {
@@ -777,7 +854,9 @@ impl Holder {
                 }
             }
             Phase::Acquire { message_id, .. } => {
-                self.github(fence, now, GitHubOp::Acquire { message_id }, out);
+                if now >= self.retry_at {
+                    self.github(fence, now, GitHubOp::Acquire { message_id }, out);
+                }
             }
             Phase::Ack { message_id, .. } => {
                 if now >= self.retry_at {
@@ -902,7 +981,7 @@ mod tests {
         h.step(30, &fresh(&f), Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
-        assert_eq!(h.next_wakeup(&f), Some(1600));
+        assert_eq!(h.next_wakeup(50, &f), Some(1600));
         let a = h.step(1600, &f, Input::Tick);
         assert!(a.contains(&Action::Cancel), "{a:?}");
         // Too close to the fence end to start another poll.
@@ -951,11 +1030,10 @@ mod tests {
         h.step(30, &fresh(&f), Input::Tick);
         h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         h.step(50, &f, Input::Committed { accepted: true });
+        // The long poll in flight is dropped at once (a 200 it brings is never acked), then
+        // the session is deleted.
         let a = h.step(60, &f, Input::Handover { token: 7 });
-        assert!(a.is_empty(), "the poll in flight finishes or is cancelled first: {a:?}");
-        let a = h.step(70, &f, Input::Polled(PollOutcome::Empty));
-        assert_eq!(a, vec![Action::Coord(CoordOp::Progress { token: 7, message_id: None })]);
-        let a = h.step(80, &f, Input::Reported { accepted: true, duplicate: false });
+        assert_eq!(a.first(), Some(&Action::Cancel), "{a:?}");
         assert_eq!(gh(&a), vec![GitHubOp::DeleteSession { id: "s1".into() }]);
         let a = h.step(90, &f, Input::Deleted { id: "s1".into(), done: true });
         assert_eq!(
@@ -1061,6 +1139,7 @@ mod tests {
                 any::<bool>().prop_map(|local| PollOutcome::Failed { local }),
             ].prop_map(Input::Polled),
             1 => Just(Input::Acquired),
+            1 => any::<bool>().prop_map(|local| Input::AcquireFailed { local }),
             2 => (any::<bool>(), any::<bool>()).prop_map(|(accepted, duplicate)| Input::Reported { accepted, duplicate }),
             2 => any::<bool>().prop_map(|ok| Input::Acked { ok }),
             1 => Just(Input::ReleaseSent),
