@@ -62,6 +62,9 @@ pub struct SandboxOptions {
     /// GitHub's job mode: GHES (`JobAvailable`, then the holder acquires) makes
     /// `jobs_acquired_twice` and `acquire_repeats` mean something; dotcom assigns directly.
     pub job_mode: JobMode,
+    /// Route each agent's coordinator traffic through its link proxies (needed by
+    /// half-close-holder and partition-region); off = agents dial the voters directly.
+    pub agent_links: bool,
 }
 
 impl Default for SandboxOptions {
@@ -79,6 +82,7 @@ impl Default for SandboxOptions {
             coordinator_lost_for: None,
             holder_stall: None,
             job_mode: JobMode::Ghes,
+            agent_links: true,
         }
     }
 }
@@ -91,15 +95,17 @@ pub struct Region {
     pub agent: AgentProc,
     /// voter id → the proxy this region's agent dials to reach it.
     pub links: BTreeMap<u64, FaultProxy>,
+    /// voter id → its address, when the agent dials voters directly (`agent_links` off).
+    direct: Option<BTreeMap<u64, String>>,
     dir: PathBuf,
     spec: AgentSpec,
 }
 
 impl Region {
     /// Starts (or recreates, as a new pod would be) the agent, dialing `leader`'s link first.
-    pub fn respawn(&mut self, leader: Option<u64>) -> anyhow::Result<()> {
+    pub async fn respawn(&mut self, leader: Option<u64>) -> anyhow::Result<()> {
         self.agent.kill();
-        self.agent = AgentProc::start(&self.dir, spec_for(&self.spec, &self.links, leader))?;
+        self.agent = start_agent(&self.dir, spec_for(&self.spec, &self.links, self.direct.as_ref(), leader)).await?;
         Ok(())
     }
 
@@ -274,8 +280,9 @@ impl Sandbox {
             spec.holder_stall = opts.holder_stall.clone();
             let rdir = dir.join(format!("region-{name}"));
             let voter = q.voters[i % q.voters.len()].id;
-            let agent = AgentProc::start(&rdir, spec_for(&spec, &links, Some(s.leader)))?;
-            regions.push(Region { name: name.clone(), voter, agent, links, dir: rdir, spec });
+            let direct = (!opts.agent_links).then(|| q.voters.iter().map(|v| (v.id, v.addr())).collect());
+            let agent = start_agent(&rdir, spec_for(&spec, &links, direct.as_ref(), Some(s.leader))).await?;
+            regions.push(Region { name: name.clone(), voter, agent, links, direct, dir: rdir, spec });
         }
         let sampler = Sampler::start(q.admin.clone(), q.endpoints());
         let sb = Sandbox { opts, dir: dir.to_path_buf(), emu, set, q, regions, sampler };
@@ -489,13 +496,43 @@ impl Sandbox {
     }
 }
 
+/// Starts an agent and waits until its admin port answers. The admin port is picked free and
+/// released before the agent binds it, so another process may take it meanwhile: the agent
+/// then exits at once with a configuration error, and it is started again on another port.
+async fn start_agent(dir: &Path, spec: AgentSpec) -> anyhow::Result<AgentProc> {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let mut a = AgentProc::start(dir, spec.clone())?;
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end && a.running() {
+            if a.metrics().await.is_ok() {
+                return Ok(a);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        last = a.log_text().lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+    }
+    bail!("agent {} did not start: {last}", spec.cluster)
+}
+
 /// `spec` dialing the region's links, `leader`'s first (so a fresh agent attaches to the
 /// leader through its proxy instead of being redirected past it).
-fn spec_for(spec: &AgentSpec, links: &BTreeMap<u64, FaultProxy>, leader: Option<u64>) -> AgentSpec {
+fn spec_for(
+    spec: &AgentSpec,
+    links: &BTreeMap<u64, FaultProxy>,
+    direct: Option<&BTreeMap<u64, String>>,
+    leader: Option<u64>,
+) -> AgentSpec {
     let mut ids: Vec<u64> = links.keys().copied().collect();
     ids.sort_by_key(|id| (Some(*id) != leader, *id));
     let mut spec = spec.clone();
-    spec.coordinators = ids.iter().map(|id| links[id].addr().to_string()).collect();
+    spec.coordinators = ids
+        .iter()
+        .map(|id| match direct {
+            Some(d) => d[id].clone(),
+            None => links[id].addr().to_string(),
+        })
+        .collect();
     spec
 }
 

@@ -84,6 +84,10 @@ struct Args {
     /// the agent's own default).
     #[arg(long, env = "ARCFED_SANDBOX_HOLDER_STALL")]
     holder_stall: Option<String>,
+    /// Agents dial the voters directly instead of through their link proxies (then
+    /// half-close-holder and partition-region cannot cut them).
+    #[arg(long, env = "ARCFED_SANDBOX_DIRECT_LINKS")]
+    direct_links: bool,
 }
 
 fn log(json: bool, msg: impl AsRef<str>) {
@@ -149,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
             (_, Some(Scenario::HolderStall)) => Some("4s".into()),
             _ => None,
         }),
+        agent_links: !args.direct_links,
         ..SandboxOptions::default()
     };
     if random {
