@@ -11,7 +11,7 @@
 //!  clock   CLOCK_BOOTTIME milliseconds, the clock both ends measure fences on
 //! ```
 //! Conversions between protobuf and domain types live in the coordinator's `server::convert`
-//! and the agent's `link` module, not here.
+//! and the agent's `coordinator_client` module, not here.
 
 #[allow(clippy::all)]
 pub mod v1 {
