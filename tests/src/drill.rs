@@ -892,6 +892,43 @@ mod tests {
         assert!(Summary::of([]).is_none());
     }
 
+    fn ev(seq: u64, class: PathClass, status: u16, session: &str) -> crate::emulator::Event {
+        crate::emulator::Event {
+            seq,
+            at_ms: seq,
+            duration_ms: 0,
+            method: "GET".into(),
+            path: String::new(),
+            query: String::new(),
+            class,
+            auth: crate::emulator::report::AuthKind::Queue,
+            capacity: None,
+            user_agent: None,
+            status,
+            scale_set_id: Some(1),
+            session_id: Some(session.into()),
+            owner: None,
+            zombie: false,
+            fault: None,
+            credential: None,
+            rate_limited: false,
+        }
+    }
+
+    #[test]
+    fn a_dead_holders_last_delivery_is_stranded_and_any_other_undeleted_one_is_lost() {
+        use PathClass::{Ack, Poll};
+        // s1 acked its first message, then died with the second in its last poll answer.
+        let dead = [ev(1, Poll, 200, "s1"), ev(2, Ack, 204, "s1"), ev(3, Poll, 200, "s1")];
+        assert_eq!(message_accounting(&dead), (0, 1));
+        // s2 received a message, never deleted it, and went on polling: lost.
+        let mut skipped = dead.to_vec();
+        skipped.extend([ev(4, Poll, 200, "s2"), ev(5, Poll, 202, "s2")]);
+        assert_eq!(message_accounting(&skipped), (1, 1));
+        // Everything delivered was deleted.
+        assert_eq!(message_accounting(&[ev(1, Poll, 200, "s"), ev(2, Ack, 204, "s"), ev(3, Poll, 202, "s")]), (0, 0));
+    }
+
     #[test]
     fn owner_names_carry_the_token() {
         assert_eq!(owner_token("arcfed/a/m-1/t42"), Some(42));

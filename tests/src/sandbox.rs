@@ -65,6 +65,8 @@ pub struct SandboxOptions {
     /// Route each agent's coordinator traffic through its link proxies (needed by
     /// half-close-holder and partition-region); off = agents dial the voters directly.
     pub agent_links: bool,
+    /// Route voter-to-voter traffic through fault proxies (partition-region needs them).
+    pub peer_proxies: bool,
 }
 
 impl Default for SandboxOptions {
@@ -83,6 +85,7 @@ impl Default for SandboxOptions {
             holder_stall: None,
             job_mode: JobMode::Ghes,
             agent_links: true,
+            peer_proxies: true,
         }
     }
 }
@@ -262,8 +265,11 @@ impl Sandbox {
         let set = emu.create_scale_set("arcfed-sandbox", 1).map_err(|e| anyhow::anyhow!("create scale set: {e:?}"))?.id;
 
         let ttl: &'static str = Box::leak(opts.lease_ttl.clone().into_boxed_str());
-        let q = Quorum::start(dir, QuorumOptions { lease_ttl: ttl, peer_proxies: true, ..QuorumOptions::default() })
-            .await?;
+        let q = Quorum::start(
+            dir,
+            QuorumOptions { lease_ttl: ttl, peer_proxies: opts.peer_proxies, ..QuorumOptions::default() },
+        )
+        .await?;
         let s =
             q.wait_serving(WAIT).await.with_context(|| format!("quorum did not start; logs in {}", dir.display()))?;
         let mut regions = Vec::new();

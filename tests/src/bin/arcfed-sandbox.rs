@@ -88,6 +88,10 @@ struct Args {
     /// half-close-holder and partition-region cannot cut them).
     #[arg(long, env = "ARCFED_SANDBOX_DIRECT_LINKS")]
     direct_links: bool,
+    /// Voters dial each other directly instead of through fault proxies (then
+    /// partition-region cannot cut a voter).
+    #[arg(long, env = "ARCFED_SANDBOX_DIRECT_PEERS")]
+    direct_peers: bool,
 }
 
 fn log(json: bool, msg: impl AsRef<str>) {
@@ -154,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             _ => None,
         }),
         agent_links: !args.direct_links,
+        peer_proxies: !args.direct_peers,
         ..SandboxOptions::default()
     };
     if random {
