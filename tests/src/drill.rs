@@ -660,7 +660,7 @@ async fn apply_random(sb: &mut Sandbox, f: &PlannedFault) -> anyhow::Result<Stri
                 Ok(s) => s,
                 Err(_) => return Ok("no quorum: skipped".into()),
             };
-            let Some(m) = st.members.iter().filter(|m| m.cluster == target && m.status == "live").next_back() else {
+            let Some(m) = st.members.iter().rfind(|m| m.cluster == target && m.status == "live") else {
                 return Ok(format!("{target} not live: skipped"));
             };
             let eps = q.endpoints().join(",");
