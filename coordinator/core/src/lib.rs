@@ -13,6 +13,7 @@
 pub mod fence;
 pub mod github;
 pub mod lease;
+pub mod report;
 pub mod split;
 pub mod state;
 pub mod types;
@@ -21,5 +22,5 @@ pub mod types;
 mod state_tests;
 
 pub use lease::{KeepaliveVerdict, LeaseConfig, LeaseTable, TickOutput};
-pub use state::{Group, Member, MemberStatus, State};
+pub use state::{Garbage, Group, Member, MemberStatus, State};
 pub use types::*;

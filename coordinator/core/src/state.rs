@@ -111,6 +111,15 @@ pub struct Group {
     pub holder_since_ms: i64,
     /// Target of a handover whose holder released: preferred by the next Grant.
     pub prefer_next: Option<MemberId>,
+    /// Leader time each id entered `stale_sessions`, so `Collect` can drop ids older than
+    /// GitHub's session TTL (GitHub has expired them by then). Kept beside the set rather than
+    /// replacing it, so readers of `stale_sessions` stay as they are.
+    #[serde(default)]
+    pub stale_since_ms: BTreeMap<String, i64>,
+    /// Leader time since which no member of the group holds a lease (`None` while one does);
+    /// `Collect` removes the group once this is old enough and no member record is left.
+    #[serde(default)]
+    pub vacant_since_ms: Option<i64>,
 }
 
 impl Group {
@@ -133,13 +142,27 @@ impl Group {
             cooldowns: BTreeMap::new(),
             holder_since_ms: 0,
             prefer_next: None,
+            stale_since_ms: BTreeMap::new(),
+            vacant_since_ms: None,
         }
     }
 
+    /// Adds a session id to the stale set, stamped with the (clamped) leader time `ts`. An id
+    /// already there keeps its first stamp.
+    fn add_stale(&mut self, id: String, ts: i64) {
+        self.stale_since_ms.entry(id.clone()).or_insert(ts);
+        self.stale_sessions.insert(id);
+    }
+
+    fn forget_stale(&mut self, id: &str) {
+        self.stale_sessions.remove(id);
+        self.stale_since_ms.remove(id);
+    }
+
     /// Moves the current session (if any) to the stale set and clears the holder.
-    fn clear_holder(&mut self) {
+    fn clear_holder(&mut self, ts: i64) {
         if let Some(s) = self.session_id.take() {
-            self.stale_sessions.insert(s);
+            self.add_stale(s, ts);
         }
         self.holder = None;
         self.prefer_next = self.handover.take().and_then(|h| h.to);
@@ -153,6 +176,9 @@ pub struct Counters {
     pub stale_token_rejections: u64,
     pub handovers: u64,
     pub revocations: u64,
+    /// Things `Collect` removed (groups, busy runners, stale-session ids).
+    #[serde(default)]
+    pub collected: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,9 +220,10 @@ impl State {
                 if let Some(g) = self.groups.get_mut(&group)
                     && g.holder.as_ref() == Some(member)
                 {
-                    g.clear_holder();
+                    g.clear_holder(ts);
                 }
                 self.recompute(&group, BTreeSet::new());
+                self.note_vacancy(&group, ts);
                 self.gc(ts);
                 Outcome::Done
             }
@@ -215,12 +242,13 @@ impl State {
                     if let Some(g) = self.groups.get_mut(&group)
                         && g.holder.as_ref() == Some(id)
                     {
-                        g.clear_holder();
+                        g.clear_holder(ts);
                     }
                     touched.insert(group);
                 }
                 for g in touched {
                     self.recompute(&g, BTreeSet::new());
+                    self.note_vacancy(&g, ts);
                 }
                 self.gc(ts);
                 Outcome::Done
@@ -255,7 +283,7 @@ impl State {
                         format!("token {token} is not current ({})", g.token),
                     );
                 }
-                g.clear_holder();
+                g.clear_holder(ts);
                 self.counters.revocations = self.counters.revocations.saturating_add(1);
                 Outcome::Done
             }
@@ -301,7 +329,7 @@ impl State {
                     if let Some(g) = self.groups.get_mut(group)
                         && g.session_id.as_deref() != Some(session_id.as_str())
                     {
-                        g.stale_sessions.insert(session_id.clone());
+                        g.add_stale(session_id.clone(), ts);
                         if g.holder.is_some() {
                             effects.push(Effect::DeleteSessions {
                                 group: group.clone(),
@@ -319,9 +347,9 @@ impl State {
                     return Outcome::Accepted { duplicate: true };
                 }
                 if let Some(old) = g.session_id.replace(session_id.clone()) {
-                    g.stale_sessions.insert(old);
+                    g.add_stale(old, ts);
                 }
-                g.stale_sessions.remove(session_id);
+                g.forget_stale(session_id);
                 g.statistics = sanitize(*statistics);
                 self.recompute(group, BTreeSet::new());
                 Outcome::Accepted { duplicate: false }
@@ -334,7 +362,7 @@ impl State {
                     return Outcome::rejected(RejectReason::UnknownGroup, group.0.clone());
                 };
                 for id in deleted {
-                    g.stale_sessions.remove(id);
+                    g.forget_stale(id);
                 }
                 if *reason == ReleaseReason::StaleRevoked {
                     return Outcome::Accepted { duplicate: false };
@@ -344,7 +372,7 @@ impl State {
                 {
                     g.session_id = None;
                 }
-                g.clear_holder();
+                g.clear_holder(ts);
                 if *reason == ReleaseReason::Stall
                     && let Some(m) = self.members.get(member)
                 {
@@ -378,7 +406,7 @@ impl State {
                 if let Some(why) = refused {
                     // The refused adopter forgets its session; the next holder deletes it.
                     if g.session_id.as_deref() != Some(session_id.as_str()) {
-                        g.stale_sessions.insert(session_id.clone());
+                        g.add_stale(session_id.clone(), ts);
                     }
                     return Outcome::rejected(RejectReason::NotEligible, why);
                 }
@@ -393,9 +421,9 @@ impl State {
                         if let Some(old) = g.session_id.replace(session_id.clone())
                             && &old != session_id
                         {
-                            g.stale_sessions.insert(old);
+                            g.add_stale(old, ts);
                         }
-                        g.stale_sessions.remove(session_id);
+                        g.forget_stale(session_id);
                         g.holder = Some(member.clone());
                         g.token = index;
                         g.prefer_next = None;
@@ -409,14 +437,14 @@ impl State {
                         if let Some(old) = g.session_id.replace(session_id.clone())
                             && &old != session_id
                         {
-                            g.stale_sessions.insert(old);
+                            g.add_stale(old, ts);
                         }
-                        g.stale_sessions.remove(session_id);
+                        g.forget_stale(session_id);
                         Outcome::Accepted { duplicate: false }
                     }
                     Some(_) => {
                         if g.session_id.as_deref() != Some(session_id.as_str()) {
-                            g.stale_sessions.insert(session_id.clone());
+                            g.add_stale(session_id.clone(), ts);
                             effects.push(Effect::DeleteSessions {
                                 group: group.clone(),
                                 token: g.token,
@@ -483,7 +511,126 @@ impl State {
                 self.leader_addrs.insert(*node, addr.clone());
                 Outcome::Done
             }
+            Command::Collect(policy) => {
+                self.collect(ts, policy);
+                Outcome::Done
+            }
         }
+    }
+
+    /// Stamps the group vacant at `ts` once no member of it holds a lease.
+    fn note_vacancy(&mut self, group: &GroupKey, ts: i64) {
+        let leased = self.members.values().any(|m| &m.group == group && m.status.has_lease());
+        if let Some(g) = self.groups.get_mut(group) {
+            if leased {
+                g.vacant_since_ms = None;
+            } else if g.vacant_since_ms.is_none() {
+                g.vacant_since_ms = Some(ts);
+            }
+        }
+    }
+
+    /// What a `Collect` with `policy` applied at leader time `ts` would remove. The leader
+    /// proposes one only when this is not empty; `apply` computes it again from the same
+    /// inputs (state, entry timestamp, policy), so every voter removes the same things.
+    ///
+    /// Cost: one pass over members and groups, with members indexed by group, so a runner is
+    /// matched against its own group's members only.
+    pub fn garbage(&self, ts: i64, policy: &GcPolicy) -> Garbage {
+        let group_after = policy.group_gc_after_ms.max(0);
+        let session_ttl = policy.stale_session_ttl_ms.max(0);
+        let mut by_group: BTreeMap<&GroupKey, Vec<&Member>> = BTreeMap::new();
+        let mut out = Garbage::default();
+        for m in self.members.values() {
+            by_group.entry(&m.group).or_default().push(m);
+            if member_due(m, ts) {
+                out.members = out.members.saturating_add(1);
+            }
+        }
+        for g in self.groups.values() {
+            // Member records that survive this Collect's member pass (it runs first).
+            let members: Vec<&Member> = by_group
+                .get(&g.key)
+                .map(|v| v.iter().copied().filter(|m| !member_due(m, ts)).collect())
+                .unwrap_or_default();
+            let leased = members.iter().any(|m| m.status.has_lease());
+            match g.vacant_since_ms {
+                None if !leased => out.unstamped = out.unstamped.saturating_add(1),
+                Some(since) if members.is_empty() && g.holder.is_none() && ts.saturating_sub(since) >= group_after => {
+                    out.groups.push(g.key.clone());
+                    continue;
+                }
+                _ => {}
+            }
+            for runner in g.busy_runners.keys() {
+                let owned = members
+                    .iter()
+                    .any(|m| runner.strip_prefix(m.ers_name.as_str()).is_some_and(|rest| rest.starts_with('-')));
+                if !owned {
+                    out.busy_runners.push((g.key.clone(), runner.clone()));
+                }
+            }
+            for id in &g.stale_sessions {
+                if g.session_id.as_ref() == Some(id) {
+                    continue;
+                }
+                match g.stale_since_ms.get(id) {
+                    Some(since) if ts.saturating_sub(*since) >= session_ttl => {
+                        out.stale_sessions.push((g.key.clone(), id.clone()))
+                    }
+                    Some(_) => {}
+                    None => out.unstamped = out.unstamped.saturating_add(1),
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies a `Collect`: member records past retention first, then what
+    /// [`State::garbage`] names; entries without a stamp (state written before stamps
+    /// existed) are stamped with `ts`. Never touches a holder, a token or a current session.
+    fn collect(&mut self, ts: i64, policy: &GcPolicy) {
+        self.gc(ts);
+        let garbage = self.garbage(ts, policy);
+        let mut removed = 0u64;
+        for key in &garbage.groups {
+            if self.groups.remove(key).is_some() {
+                removed += 1;
+            }
+        }
+        let mut touched = BTreeSet::new();
+        for (key, runner) in &garbage.busy_runners {
+            if let Some(g) = self.groups.get_mut(key)
+                && g.busy_runners.remove(runner).is_some()
+            {
+                removed += 1;
+                touched.insert(key.clone());
+            }
+        }
+        for (key, id) in &garbage.stale_sessions {
+            if let Some(g) = self.groups.get_mut(key)
+                && g.stale_sessions.contains(id)
+            {
+                g.forget_stale(id);
+                removed += 1;
+            }
+        }
+        if garbage.unstamped > 0 {
+            let leased: BTreeSet<&GroupKey> =
+                self.members.values().filter(|m| m.status.has_lease()).map(|m| &m.group).collect();
+            for g in self.groups.values_mut() {
+                if g.vacant_since_ms.is_none() && !leased.contains(&g.key) {
+                    g.vacant_since_ms = Some(ts);
+                }
+                for id in &g.stale_sessions {
+                    g.stale_since_ms.entry(id.clone()).or_insert(ts);
+                }
+            }
+        }
+        for key in touched {
+            self.recompute(&key, BTreeSet::new());
+        }
+        self.counters.collected = self.counters.collected.saturating_add(removed);
     }
 
     fn join(&mut self, index: u64, ts: i64, spec: &JoinSpec) -> Outcome {
@@ -560,6 +707,9 @@ impl State {
             status_since_ms: ts,
         };
         self.members.insert(spec.member.clone(), member);
+        if let Some(g) = self.groups.get_mut(&spec.group) {
+            g.vacant_since_ms = None;
+        }
         self.recompute(&spec.group, BTreeSet::new());
         self.gc(ts);
         Outcome::Joined { epoch: index }
@@ -579,7 +729,7 @@ impl State {
             return Outcome::rejected(RejectReason::StaleToken, "log index not above the current token");
         }
         if let Some(s) = g.session_id.take() {
-            g.stale_sessions.insert(s);
+            g.add_stale(s, ts);
         }
         g.holder = Some(member.clone());
         g.token = index;
@@ -712,7 +862,7 @@ impl State {
 
     /// Drops expired/left members after the retention period, so snapshots stay small.
     fn gc(&mut self, ts: i64) {
-        self.members.retain(|_, m| m.status.has_lease() || ts.saturating_sub(m.status_since_ms) < MEMBER_RETENTION_MS);
+        self.members.retain(|_, m| !member_due(m, ts));
     }
 
     /// Assignment of a member in the applied state (0 when it has none).
@@ -722,6 +872,38 @@ impl State {
             .and_then(|m| self.groups.get(&m.group))
             .and_then(|g| g.assignments.get(member).copied())
             .unwrap_or(0)
+    }
+}
+
+/// An expired or left member whose record has been kept for `status` long enough.
+fn member_due(m: &Member, ts: i64) -> bool {
+    !m.status.has_lease() && ts.saturating_sub(m.status_since_ms) >= MEMBER_RETENTION_MS
+}
+
+/// What a `Collect` would remove now (see [`State::garbage`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Garbage {
+    /// Expired/left member records past [`MEMBER_RETENTION_MS`].
+    pub members: usize,
+    /// Groups with no member record and no leased member for `group_gc_after_ms`.
+    pub groups: Vec<GroupKey>,
+    /// Busy runners that no member record of their group owns (by ERS-name prefix). A
+    /// departed member's record is kept [`MEMBER_RETENTION_MS`], so a restarted agent (a new
+    /// member id with the same ERS) within that time takes its runners back.
+    pub busy_runners: Vec<(GroupKey, String)>,
+    /// Stale-session ids older than `stale_session_ttl_ms` (never the current session).
+    pub stale_sessions: Vec<(GroupKey, String)>,
+    /// Vacant groups and stale ids without a stamp (state from before stamps): stamped.
+    pub unstamped: usize,
+}
+
+impl Garbage {
+    pub fn is_empty(&self) -> bool {
+        self.members == 0
+            && self.groups.is_empty()
+            && self.busy_runners.is_empty()
+            && self.stale_sessions.is_empty()
+            && self.unstamped == 0
     }
 }
 

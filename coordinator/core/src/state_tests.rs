@@ -631,3 +631,268 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 }
+
+// ---- garbage (issue 8 item 6): removed through the log, judged on the entry's timestamp ----
+
+const POLICY: GcPolicy = GcPolicy { group_gc_after_ms: 60 * 60 * 1000, stale_session_ttl_ms: 10 * 60 * 1000 };
+
+impl World {
+    /// Applies `cmd` at leader time `ts_ms` (the next log index).
+    fn apply_at(&mut self, ts_ms: i64, cmd: Command) -> Applied {
+        self.index += 1;
+        self.state.apply(self.index, &Request { ts_ms, cmd })
+    }
+}
+
+fn job(kind: JobEventKind, runner: &str) -> JobEvent {
+    JobEvent {
+        kind,
+        runner_name: runner.into(),
+        runner_id: 1,
+        job_id: format!("job-of-{runner}"),
+        runner_request_id: 0,
+        repository_name: String::new(),
+        owner_name: String::new(),
+        job_workflow_ref: String::new(),
+        job_display_name: String::new(),
+        workflow_run_id: 0,
+        result: String::new(),
+    }
+}
+
+#[test]
+fn stale_sessions_older_than_the_session_ttl_are_collected_and_the_current_one_stays() {
+    let mut w = World::new();
+    w.apply_at(1_000, join("a1", "a", 10));
+    let t = w.apply_at(1_000, Command::Grant { group: gk(), member: mid("a1") });
+    let Outcome::Granted { token } = t.outcome else { panic!("{t:?}") };
+    let open = |id: &str| Command::SessionOpened {
+        member: mid("a1"),
+        group: gk(),
+        token,
+        session_id: id.into(),
+        statistics: Statistics::default(),
+    };
+    w.apply_at(2_000, open("s-old"));
+    // Replacing the session stamps "s-old" stale at 3 000.
+    w.apply_at(3_000, open("s-new"));
+    assert_eq!(w.group().stale_since_ms.get("s-old"), Some(&3_000));
+    // Younger than the TTL: nothing to collect, and a Collect changes nothing.
+    let young = 3_000 + POLICY.stale_session_ttl_ms - 1;
+    assert!(w.state.garbage(young, &POLICY).is_empty());
+    let before = w.state.groups.clone();
+    w.apply_at(young, Command::Collect(POLICY));
+    assert_eq!(w.state.groups[&gk()].stale_sessions, before[&gk()].stale_sessions);
+    // Old enough: the stale id goes, the holder, token and current session stay.
+    let old = 3_000 + POLICY.stale_session_ttl_ms;
+    let g = w.state.garbage(old, &POLICY);
+    assert_eq!(g.stale_sessions, vec![(gk(), "s-old".to_string())]);
+    w.apply_at(old, Command::Collect(POLICY));
+    assert!(w.group().stale_sessions.is_empty() && w.group().stale_since_ms.is_empty());
+    assert_eq!(w.group().holder, Some(mid("a1")));
+    assert_eq!(w.group().token, token);
+    assert_eq!(w.group().session_id.as_deref(), Some("s-new"));
+    assert_eq!(w.state.counters.collected, 1);
+}
+
+#[test]
+fn collect_judges_the_entry_timestamp_not_a_clock() {
+    // The same log applied twice gives the same result, and a Collect whose timestamp lies
+    // before the clamped time is judged at the clamped time.
+    let run = || {
+        let mut w = World::new();
+        w.apply_at(5_000, join("a1", "a", 10));
+        w.apply_at(5_000, Command::Grant { group: gk(), member: mid("a1") });
+        w.apply_at(6_000, Command::Leave { member: mid("a1") });
+        w.apply_at(6_000 + MEMBER_RETENTION_MS + POLICY.group_gc_after_ms, Command::Leave { member: mid("zz") });
+        // ts 0 is clamped up to the previous entry's time, which is past both thresholds.
+        w.apply_at(0, Command::Collect(POLICY));
+        w.state
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a, b);
+    assert!(a.groups.is_empty(), "{:?}", a.groups);
+}
+
+#[test]
+fn a_vacant_group_is_removed_only_after_its_members_are_gone_and_gc_after_passed() {
+    let mut w = World::new();
+    w.apply_at(1_000, join("a1", "a", 10));
+    w.apply_at(1_000, Command::Grant { group: gk(), member: mid("a1") });
+    // A group with a leased member is never collected, however old.
+    assert!(w.state.garbage(i64::MAX / 2, &POLICY).groups.is_empty());
+    let e = w.epoch("a1");
+    w.apply_at(2_000, Command::Expire { members: vec![(mid("a1"), e)] });
+    assert_eq!(w.group().vacant_since_ms, Some(2_000));
+    assert_eq!(w.group().holder, None);
+    // The expired member's record is still kept for status: the group stays, even with a
+    // gc-after shorter than the retention.
+    let short = GcPolicy { group_gc_after_ms: 0, ..POLICY };
+    assert!(w.state.garbage(2_000 + MEMBER_RETENTION_MS - 1, &short).groups.is_empty());
+    assert_eq!(w.state.garbage(2_000 + MEMBER_RETENTION_MS, &short).groups, vec![gk()]);
+    let gone = 2_000 + POLICY.group_gc_after_ms.max(MEMBER_RETENTION_MS);
+    w.apply_at(gone - 1, Command::Collect(POLICY));
+    assert!(w.state.groups.contains_key(&gk()), "collected before gc-after");
+    w.apply_at(gone, Command::Collect(POLICY));
+    assert!(!w.state.groups.contains_key(&gk()));
+    assert!(w.state.members.is_empty());
+}
+
+#[test]
+fn a_join_resets_the_vacancy_clock() {
+    let mut w = World::new();
+    w.apply_at(1_000, join("a1", "a", 10));
+    w.apply_at(2_000, Command::Leave { member: mid("a1") });
+    assert_eq!(w.group().vacant_since_ms, Some(2_000));
+    w.apply_at(3_000, join("b1", "b", 10));
+    assert_eq!(w.group().vacant_since_ms, None);
+    w.apply_at(4_000, Command::Leave { member: mid("b1") });
+    assert_eq!(w.group().vacant_since_ms, Some(4_000));
+    // Judged from 4 000, not from the first vacancy.
+    let at = 4_000 + POLICY.group_gc_after_ms.max(MEMBER_RETENTION_MS) - 1;
+    w.apply_at(at, Command::Collect(POLICY));
+    assert!(w.state.groups.contains_key(&gk()));
+}
+
+#[test]
+fn busy_runners_of_departed_members_are_collected_once_their_record_is_gone() {
+    let mut w = World::new();
+    w.apply_at(1_000, join("a1", "a", 10));
+    w.apply_at(1_000, join("b1", "b", 10));
+    let Outcome::Granted { token } = w.apply_at(1_000, Command::Grant { group: gk(), member: mid("a1") }).outcome
+    else {
+        panic!("grant")
+    };
+    w.apply_at(
+        1_500,
+        Command::Progress {
+            member: mid("a1"),
+            group: gk(),
+            token,
+            message_id: Some(1),
+            statistics: Statistics { total_assigned_jobs: 2, ..Statistics::default() },
+            events: vec![job(JobEventKind::Started, "set-a-r1"), job(JobEventKind::Started, "set-b-r2")],
+        },
+    );
+    assert_eq!(w.state.busy_of(&mid("b1")), 1);
+    w.apply_at(2_000, Command::Leave { member: mid("b1") });
+    // Within retention a restarted b (new member id, same ERS) would own it again: kept.
+    assert!(w.state.garbage(2_000 + MEMBER_RETENTION_MS - 1, &POLICY).busy_runners.is_empty());
+    let at = 2_000 + MEMBER_RETENTION_MS;
+    assert_eq!(w.state.garbage(at, &POLICY).busy_runners, vec![(gk(), "set-b-r2".to_string())]);
+    let rev = w.group().revision;
+    w.apply_at(at, Command::Collect(POLICY));
+    let runners: Vec<&String> = w.group().busy_runners.keys().collect();
+    assert_eq!(runners, vec!["set-a-r1"], "the live member's runner stays");
+    assert!(w.group().revision > rev, "the split is recomputed");
+    assert_eq!(w.group().holder, Some(mid("a1")));
+    assert_eq!(w.group().token, token);
+}
+
+#[test]
+fn entries_from_before_stamps_are_stamped_by_the_first_collect() {
+    let mut w = World::new();
+    w.apply_at(1_000, join("a1", "a", 10));
+    let g = w.state.groups.get_mut(&gk()).expect("group");
+    g.stale_sessions.insert("legacy".into());
+    let g = w.state.garbage(5_000, &POLICY);
+    assert_eq!(g.unstamped, 1);
+    assert!(g.stale_sessions.is_empty(), "an unstamped id is not guessed old");
+    w.apply_at(5_000, Command::Collect(POLICY));
+    assert_eq!(w.group().stale_since_ms.get("legacy"), Some(&5_000));
+    assert!(w.state.garbage(5_000, &POLICY).is_empty());
+}
+
+fn arb_policy() -> impl Strategy<Value = GcPolicy> {
+    (prop_oneof![Just(0i64), 0i64..2_000_000], prop_oneof![Just(0i64), 0i64..2_000_000])
+        .prop_map(|(g, s)| GcPolicy { group_gc_after_ms: g, stale_session_ttl_ms: s })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Collect never removes a group with a member record, never touches a holder, a token or
+    /// the current session id, and tokens never decrease: a group's token only grows while it
+    /// exists, and a recreated group's first token exceeds every earlier one.
+    #[test]
+    fn collect_keeps_holders_sessions_and_tokens(
+        steps in proptest::collection::vec(
+            (prop_oneof![3 => arb_cmd().prop_map(Some), 1 => Just(None)], 0i64..400_000, arb_policy()),
+            1..80,
+        ),
+    ) {
+        let mut state = State::default();
+        let mut ts = 0i64;
+        let mut max_token = 0u64;
+        for (i, (cmd, step, policy)) in steps.into_iter().enumerate() {
+            let index = i as u64 + 1;
+            ts = ts.saturating_add(step);
+            let Some(cmd) = cmd else {
+                let before = state.clone();
+                let _ = state.apply(index, &Request { ts_ms: ts, cmd: Command::Collect(policy) });
+                for (key, g) in &before.groups {
+                    let has_members = before.members.values().any(|m| &m.group == key && m.status.has_lease());
+                    match state.groups.get(key) {
+                        None => {
+                            prop_assert!(!has_members, "a group with a leased member was removed");
+                            prop_assert!(g.holder.is_none(), "a held group was removed");
+                            prop_assert!(!state.members.values().any(|m| &m.group == key),
+                                "a group whose member records remain was removed");
+                        }
+                        Some(after) => {
+                            prop_assert_eq!(&after.holder, &g.holder);
+                            prop_assert_eq!(after.token, g.token);
+                            prop_assert_eq!(&after.session_id, &g.session_id);
+                            prop_assert!(after.stale_sessions.is_subset(&g.stale_sessions));
+                        }
+                    }
+                }
+                for (id, m) in &before.members {
+                    if m.status.has_lease() {
+                        prop_assert_eq!(state.members.get(id), Some(m), "a leased member was touched");
+                    }
+                }
+                continue;
+            };
+            let _ = state.apply(index, &Request { ts_ms: ts, cmd });
+            for g in state.groups.values() {
+                prop_assert!(g.token == 0 || g.token >= max_token,
+                    "token {} is below an earlier token {}", g.token, max_token);
+                max_token = max_token.max(g.token);
+                if let Some(s) = &g.session_id {
+                    prop_assert!(!g.stale_sessions.contains(s));
+                }
+                prop_assert!(g.stale_sessions.iter().all(|id| g.stale_since_ms.contains_key(id)),
+                    "every stale id is stamped");
+            }
+        }
+    }
+
+    /// The leader's preview and apply agree: after a Collect at the same time with the same
+    /// policy, nothing of what the preview named is left.
+    #[test]
+    fn garbage_preview_matches_what_collect_removes(
+        cmds in proptest::collection::vec(arb_cmd(), 1..60),
+        gap in 0i64..3_000_000,
+        policy in arb_policy(),
+    ) {
+        let mut state = State::default();
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            let _ = state.apply(i as u64 + 1, &Request { ts_ms: i as i64 * 1_000, cmd });
+        }
+        let at = state.last_ts_ms.saturating_add(gap);
+        let g = state.garbage(at, &policy);
+        let _ = state.apply(1_000, &Request { ts_ms: at, cmd: Command::Collect(policy) });
+        for key in &g.groups {
+            prop_assert!(!state.groups.contains_key(key));
+        }
+        for (key, r) in &g.busy_runners {
+            prop_assert!(!state.groups.get(key).is_some_and(|x| x.busy_runners.contains_key(r)));
+        }
+        for (key, id) in &g.stale_sessions {
+            prop_assert!(!state.groups.get(key).is_some_and(|x| x.stale_sessions.contains(id)));
+        }
+        // What is left is not garbage at the same time any more (stamps included).
+        prop_assert!(state.garbage(at, &policy).is_empty(), "{:?}", state.garbage(at, &policy));
+    }
+}

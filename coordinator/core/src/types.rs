@@ -247,6 +247,21 @@ pub enum Command {
         node: u64,
         addr: String,
     },
+    /// Proposed by the leader's lessor when [`crate::State::garbage`] finds something: vacant
+    /// groups, busy runners of departed members and old stale-session ids are removed in
+    /// `apply`, judged against this entry's timestamp and these thresholds.
+    Collect(GcPolicy),
+}
+
+/// The thresholds of a `Collect` (the proposing leader's `--group-gc-after` and
+/// `--stale-session-ttl`), carried in the command so every voter removes the same things.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcPolicy {
+    /// A group with no member record left and no leased member for this long is removed.
+    pub group_gc_after_ms: i64,
+    /// A stale-session id older than this is dropped: GitHub expires an orphaned session
+    /// (no long poll) in about 90 s, so deleting it later would only find it gone.
+    pub stale_session_ttl_ms: i64,
 }
 
 impl Command {
@@ -266,6 +281,7 @@ impl Command {
             Command::RequestHandover { .. } => "request_handover",
             Command::Drain { .. } => "drain",
             Command::Advertise { .. } => "advertise",
+            Command::Collect(_) => "collect",
         }
     }
 }
