@@ -169,6 +169,8 @@ pub struct Driver {
     deferred_grant: Option<pb::Grant>,
     /// Standalone/fallback: when to contend again after the holder let go.
     regrant_at: Option<u64>,
+    /// A freeze drill holds the loop until then.
+    frozen_until: Option<u64>,
     local_token: u64,
     /// (token, session) held when the quorum was lost: the same token granted again after it
     /// returns (the coordinator kept our holding) resumes the same session.
@@ -272,6 +274,7 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         adopt_pending: None,
         deferred_grant: None,
         regrant_at: None,
+        frozen_until: None,
         local_token: 0,
         held_before_fallback: None,
         message: None,
@@ -397,6 +400,12 @@ impl Driver {
             self.periodic();
             self.publish();
             self.http.beat();
+            if let Some(t) = self.frozen_until.take() {
+                // Blocks this loop only (the admin HTTP server keeps answering), like SIGSTOP.
+                tokio::time::sleep(Duration::from_millis(t.saturating_sub(self.now()))).await;
+                tracing::warn!("drill: freeze over");
+                continue;
+            }
             if self.holder.is_done() || self.shutdown_at.is_some_and(|s| self.now() >= s) {
                 self.leave().await;
                 return Ok(());
@@ -1047,6 +1056,7 @@ impl Driver {
                     self.route_job_event(&ev);
                 }
             }
+            Out::Drill(d) => self.drill(d),
             Out::DeleteSessions(d) => {
                 self.pump_holder(Input::DeleteSessions { token: d.token, ids: d.session_ids });
             }
@@ -1094,6 +1104,30 @@ impl Driver {
                     CoordKind::Leave => {}
                 }
             }
+        }
+    }
+
+    /// An operator's failover drill (`arcfedctl drill`), relayed by the coordinator. Obeyed only
+    /// with `--allow-drills`; without it the request is logged and ignored.
+    fn drill(&mut self, d: pb::DrillRequest) {
+        if !self.cfg.allow_drills {
+            tracing::warn!(action = %d.action, "drill refused: this agent was not started with --allow-drills");
+            return;
+        }
+        match d.action.as_str() {
+            "crash" => {
+                // What a SIGKILL leaves behind: no Release, no DELETE, an orphaned session.
+                tracing::error!("drill: crashing now (exit 137, nothing released)");
+                std::process::exit(137);
+            }
+            "freeze" => {
+                // What a SIGSTOP does to the protocol: no keepalive, no GitHub request, no
+                // event handled until the freeze ends; in-flight work resumes after it.
+                let d = Duration::from_millis(d.duration_ms.min(600_000));
+                tracing::warn!(?d, "drill: freezing the agent loop");
+                self.frozen_until = Some(self.now() + d.as_millis() as u64);
+            }
+            other => tracing::warn!(action = other, "unknown drill action ignored"),
         }
     }
 

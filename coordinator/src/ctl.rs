@@ -62,6 +62,30 @@ pub enum Cmd {
         /// Member id (or unique prefix).
         member: String,
     },
+    /// Run a failover drill against this deployment and report it (DESIGN §11 JSON with
+    /// --json). kill-holder and freeze-holder are relayed through the leader to the holder's
+    /// agent, which obeys only if started with --allow-drills; handover uses the admin RPC.
+    /// GitHub-side fields are measured by `arcfed-sandbox --drill`, not here.
+    Drill {
+        /// kill-holder | freeze-holder | handover
+        #[arg(value_enum)]
+        scenario: crate::drill::Scenario,
+        /// Repetitions.
+        #[arg(long, env = "ARCFED_DRILL_RUNS", default_value = "1")]
+        runs: usize,
+        /// Group key (or a unique substring); default: the first group with a holder.
+        #[arg(long, env = "ARCFED_DRILL_GROUP")]
+        group: Option<String>,
+        /// How long freeze-holder stops the holder's agent (past the lease TTL).
+        #[arg(long, env = "ARCFED_DRILL_FREEZE", value_parser = humantime::parse_duration, default_value = "8s")]
+        freeze: Duration,
+        /// Longest wait for each step of a run.
+        #[arg(long, env = "ARCFED_DRILL_WAIT", value_parser = humantime::parse_duration, default_value = "60s")]
+        wait: Duration,
+        /// Print the report as one JSON object.
+        #[arg(long, env = "ARCFED_DRILL_JSON")]
+        json: bool,
+    },
     /// Add or remove Raft voters.
     Voters {
         #[command(subcommand)]
@@ -163,6 +187,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             println!("{}", r.message);
         }
+        Cmd::Drill { scenario, runs, group, freeze, wait, json } => {
+            let o = crate::drill::Options { scenario, runs: runs.max(1), group, freeze, wait };
+            let report = crate::drill::run(&mut admin, &o).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+        }
         Cmd::Drain { member } => {
             let r = admin
                 .call(|mut c| {
@@ -217,7 +250,7 @@ fn certs_cmd(cmd: &CertsCmd) -> anyhow::Result<()> {
 }
 
 /// An admin connection that follows the leader.
-struct Admin {
+pub(crate) struct Admin {
     tls: TlsMaterial,
     endpoints: Vec<String>,
     timeout: Duration,
@@ -252,7 +285,7 @@ impl Admin {
     }
 
     /// Calls `f` on the leader: tries each endpoint, follows `x-arcfed-leader` redirects.
-    async fn call<T, F, Fut>(&mut self, f: F) -> anyhow::Result<T>
+    pub(crate) async fn call<T, F, Fut>(&mut self, f: F) -> anyhow::Result<T>
     where
         F: Fn(AdminServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,

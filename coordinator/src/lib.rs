@@ -12,6 +12,7 @@
 pub mod certs;
 pub mod config;
 pub mod ctl;
+pub mod drill;
 pub mod raft;
 pub mod server;
 

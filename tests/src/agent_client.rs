@@ -461,6 +461,7 @@ async fn one_stream(
                             Out::JobEvent(e) => r.job_events.push(e),
                             Out::DeleteSessions(d) => r.delete_sessions.push(d),
                             Out::Result(res) => reply = Some(res),
+                            Out::Drill(_) => {}
                         }
                     }
                     if let Some(res) = reply

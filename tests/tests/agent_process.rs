@@ -654,3 +654,96 @@ async fn an_agent_started_from_arcs_listener_config_patches_the_ers_as_arc_does(
     let _ = child.wait();
     Ok(())
 }
+
+/// `arcfedctl drill kill-holder` against the deployment: the leader relays the drill to the
+/// holder's agent (started with --allow-drills), which exits as if SIGKILLed; the report
+/// (DESIGN §11, measured from the quorum) shows the holder change and the successor's
+/// session, tokens growing, and names the GitHub-side fields it cannot observe. An agent
+/// without --allow-drills refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arcfedctl_drill_kill_holder_reports_from_the_quorum() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (emu, set) = emulator(Duration::from_secs(2)).await?;
+    let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
+    q.wait_serving(WAIT).await?;
+    let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
+    for c in ["a", "b"] {
+        let mut spec = w.spec(c)?;
+        spec.extra.push("--allow-drills".into());
+        w.add_spec(spec)?;
+    }
+    let (cluster, _, token) = w.holder().await?;
+    w.polling_session(token).await?;
+    let q = w.q();
+    let mut args: Vec<String> = vec![
+        "--endpoints".into(),
+        q.endpoints().join(","),
+        "--tls-cert".into(),
+        q.admin.cert.display().to_string(),
+        "--tls-key".into(),
+        q.admin.key.display().to_string(),
+        "--tls-ca".into(),
+        q.admin.ca.display().to_string(),
+    ];
+    args.extend(["drill", "kill-holder", "--runs", "1", "--json", "--wait", "30s"].map(String::from));
+    let ctl = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        arcfed_tests::harness::arcfedctl(&refs)
+    });
+    tokio::pin!(ctl);
+    // Play ARC's controller: recreate the listener pod that died.
+    let out = loop {
+        tokio::select! {
+            r = &mut ctl => break r??,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                let a = w.agent(&cluster);
+                if !a.running() {
+                    a.restart()?;
+                }
+            }
+        }
+    };
+    let report: serde_json::Value = serde_json::from_str(out.trim())?;
+    assert_eq!(report["scenario"], "kill-holder");
+    assert_eq!(report["source"], "quorum");
+    let run = &report["runs"][0];
+    assert_eq!(run["from_cluster"], cluster.as_str());
+    // (The successor may be the recreated pod of the same cluster: a new member.)
+    assert!(run["token_after"].as_u64() > run["token_before"].as_u64(), "{report}");
+    assert!(report["failover_ms"]["p50"].as_u64() >= report["detect_ms"]["p50"].as_u64(), "{report}");
+    assert_eq!(report["token_regressions"], 0);
+    assert!(report["sessions_overlap_ms"].is_null(), "GitHub-side fields are not made up: {report}");
+    assert!(report["unobservable"].as_array().is_some_and(|u| u.iter().any(|f| f == "sessions_overlap_ms")));
+    // The crash left an orphan: the successor deleted it by its replicated id (GitHub side).
+    w.assert_clean();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_allow_drills_refuses_a_drill() -> anyhow::Result<()> {
+    let w = World::start(&["a", "b"]).await?;
+    let (_, member, token) = w.holder().await?;
+    w.polling_session(token).await?;
+    let q = w.q();
+    let out = arcfed_tests::harness::arcfedctl(&[
+        "--endpoints",
+        &q.endpoints().join(","),
+        "--tls-cert",
+        &q.admin.cert.display().to_string(),
+        "--tls-key",
+        &q.admin.key.display().to_string(),
+        "--tls-ca",
+        &q.admin.ca.display().to_string(),
+        "drill",
+        "kill-holder",
+        "--wait",
+        "4s",
+    ]);
+    let err = out.expect_err("the drill must not take effect");
+    assert!(format!("{err:#}").contains("--allow-drills"), "{err:#}");
+    let st = w.q().status().await?;
+    assert_eq!(st.groups[0].holder, member, "the holder is untouched");
+    let holder = w.agents.iter().find(|a| st.groups[0].holder_cluster == a.spec.cluster).expect("holder agent");
+    assert!(holder.log_text().contains("drill refused"), "the agent logs the refusal");
+    Ok(())
+}

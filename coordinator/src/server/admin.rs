@@ -117,6 +117,38 @@ impl AdminSvc {
         )
     }
 
+    /// Relays a drill to the member's open stream on this (leader) node.
+    async fn drill_call(&self, r: pb::DrillCall) -> Result<pb::AdminReply, AdminError> {
+        let member = self.ctx.shared.read(|s| resolve_member(s, &r.member))?;
+        if !matches!(r.action.as_str(), "crash" | "freeze") {
+            return Err(AdminError::Invalid {
+                field: "action",
+                why: format!("{:?}: expected crash or freeze", r.action),
+            });
+        }
+        if r.action == "freeze" && r.duration_ms == 0 {
+            return Err(AdminError::Invalid { field: "duration_ms", why: "a freeze needs a duration".into() });
+        }
+        let tx = self.ctx.streams().get(&member).map(|(_, tx)| tx.clone());
+        let Some(tx) = tx else {
+            return Err(AdminError::NotFound {
+                field: "member",
+                why: format!("{member} has no open stream on the leader"),
+            });
+        };
+        let msg = pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::Drill(pb::DrillRequest {
+                action: r.action.clone(),
+                duration_ms: r.duration_ms,
+            })),
+        };
+        tx.send(Ok(msg)).await.map_err(|_| AdminError::Refused(format!("{member}'s stream closed")))?;
+        tracing::warn!(%member, action = %r.action, duration_ms = r.duration_ms, "drill relayed to an agent");
+        Ok(pb::AdminReply {
+            message: format!("drill {} relayed to {member} (it obeys only if started with --allow-drills)", r.action),
+        })
+    }
+
     async fn drain_call(&self, r: pb::DrainCall) -> Result<pb::AdminReply, AdminError> {
         let member = self.ctx.shared.read(|s| resolve_member(s, &r.member))?;
         let deadline = self.ctx.cfg.handover_timeout.as_millis() as i64;
@@ -271,6 +303,11 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     async fn handover(&self, req: Request<pb::HandoverCall>) -> Result<Response<pb::AdminReply>, Status> {
         self.require_serving()?;
         self.handover_call(req.into_inner()).await.map(Response::new).map_err(|e| status_of(&self.ctx, e))
+    }
+
+    async fn drill(&self, req: Request<pb::DrillCall>) -> Result<Response<pb::AdminReply>, Status> {
+        self.require_serving()?;
+        self.drill_call(req.into_inner()).await.map(Response::new).map_err(|e| status_of(&self.ctx, e))
     }
 
     async fn drain(&self, req: Request<pb::DrainCall>) -> Result<Response<pb::AdminReply>, Status> {

@@ -30,7 +30,10 @@ pub struct AgentSvc {
     pub ctx: Arc<Ctx>,
 }
 
-type OutTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+pub type OutTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+
+/// Numbers streams, so a closing stream unregisters only itself.
+static NEXT_STREAM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Why the agent service ends a stream. [`status_of`] is the one place it becomes a
 /// `Status`; the error stays attached as the status's source.
@@ -138,6 +141,8 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
     };
     tracing::Span::current().record("member", tracing::field::display(&joined.member));
     tracing::Span::current().record("epoch", joined.epoch);
+    let stream_id = NEXT_STREAM.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.streams().insert(joined.member.clone(), (stream_id, tx.clone()));
 
     let (cmd_tx, cmd_rx) = mpsc::channel::<pb::AgentMessage>(256);
     let (who_tx, who_rx) = tokio::sync::watch::channel(joined.clone());
@@ -184,6 +189,12 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
     }
     commands.abort();
     pusher.abort();
+    {
+        let mut streams = ctx.streams();
+        if streams.get(&joined.member).is_some_and(|(id, _)| *id == stream_id) {
+            streams.remove(&joined.member);
+        }
+    }
     ctx.lessor().on_stream_closed(&joined.member, joined.epoch, term, ctx.now());
     ctx.metrics.streams_open.dec();
     info!("stream closed");

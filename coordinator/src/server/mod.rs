@@ -83,6 +83,9 @@ pub struct Ctx {
     pub contacts: Arc<PeerContacts>,
     /// Leader memory: when each holderless group was first seen, for the grant-latency histogram.
     holderless_since: Mutex<HashMap<crate::core::GroupKey, Instant>>,
+    /// The open agent streams of this node, by member (stream id, sender): where an
+    /// operator's drill is relayed. Only the latest stream of a member is kept.
+    pub streams: Mutex<HashMap<crate::core::MemberId, (u64, agent::OutTx)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -96,6 +99,11 @@ impl Ctx {
 
     pub fn lessor(&self) -> MutexGuard<'_, LeaseTable> {
         lock(&self.lessor)
+    }
+
+    /// The open agent streams (for drills).
+    pub fn streams(&self) -> MutexGuard<'_, HashMap<crate::core::MemberId, (u64, agent::OutTx)>> {
+        lock(&self.streams)
     }
 
     pub fn serving_term(&self) -> Option<u64> {
@@ -254,6 +262,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         metrics: metrics::Metrics::new(),
         contacts,
         holderless_since: Mutex::new(HashMap::new()),
+        streams: Mutex::new(HashMap::new()),
     });
     let tasks = vec![
         tokio::spawn(track_leadership(ctx.clone())),
