@@ -806,7 +806,10 @@ impl Driver {
         let rid = self.request_id();
         let (kind, msg) = match op {
             CoordOp::Commit { token, session_id } => (
-                CoordKind::Commit,
+                {
+                    self.metrics.record_statistics(&self.stats);
+                    CoordKind::Commit
+                },
                 pb::agent_message::Msg::SessionOpened(pb::SessionOpened {
                     request_id: rid,
                     token,
@@ -829,6 +832,8 @@ impl Driver {
                 if message_id.is_some() {
                     self.stats = statistics;
                 }
+                // Scale-set-wide gauges come from the holder only (DESIGN §7).
+                self.metrics.record_statistics(&statistics);
                 (
                     CoordKind::Progress,
                     pb::agent_message::Msg::Progress(pb::Progress {

@@ -53,16 +53,9 @@ ALLOWED_UNSCRAPED = {
     "gha_started_jobs_total": "no series until the holder sees a JobStarted",
     "gha_completed_jobs_total": "no series until the holder sees a JobCompleted",
 }
-# The federated holder never records the session's statistics into these (agent/src/driver.rs
-# calls Metrics::record_statistics only in local_scale, i.e. standalone or fallback), so in
-# federated mode no agent exports them: a known agent bug, not a deploy/ choice. Remove each
-# entry once the scrape finds it (the check says so).
-KNOWN_UNEXPORTED = {
-    g: "KNOWN AGENT BUG: a federated holder never records GitHub's statistics into the scale-set-wide "
-    "gha_* gauges (record_statistics only runs in local_scale)"
-    for g in ("gha_assigned_jobs", "gha_running_jobs", "gha_registered_runners", "gha_busy_runners",
-              "gha_idle_runners")
-}
+# Series a running deployment is known not to export yet, with the reason (empty: the
+# federated holder now records GitHub's statistics into the scale-set-wide gha_* gauges).
+KNOWN_UNEXPORTED: dict[str, str] = {}
 ALLOWED_UNSCRAPED.update(KNOWN_UNEXPORTED)
 
 failures: list[str] = []
