@@ -430,14 +430,15 @@ async fn j_a_keepalive_after_the_deadline_gets_expired_and_rejoin_gives_a_new_ep
             assert!(e2 > e1, "epoch {e2} must exceed {e1}");
             // No renewal past death: every keepalive sent after the deadline and before the
             // agent learnt it was EXPIRED (so before its re-Join) went unacked.
-            let rec = a.rec();
-            let told = rec.expired.first().map(|e| e.1).expect("an EXPIRED");
-            let late: Vec<u64> =
-                rec.sent.iter().filter(|(_, t)| **t >= resumed && **t <= told).map(|(seq, _)| *seq).collect();
-            assert!(!late.is_empty(), "no keepalive was sent after the deadline");
-            let acked: Vec<u64> = rec.acks.iter().filter(|k| late.contains(&k.seq)).map(|k| k.seq).collect();
-            assert!(acked.is_empty(), "keepalives {acked:?} sent after the deadline were acked");
-            drop(rec);
+            {
+                let rec = a.rec();
+                let told = rec.expired.first().map(|e| e.1).expect("an EXPIRED");
+                let late: Vec<u64> =
+                    rec.sent.iter().filter(|(_, t)| **t >= resumed && **t <= told).map(|(seq, _)| *seq).collect();
+                assert!(!late.is_empty(), "no keepalive was sent after the deadline");
+                let acked: Vec<u64> = rec.acks.iter().filter(|k| late.contains(&k.seq)).map(|k| k.seq).collect();
+                assert!(acked.is_empty(), "keepalives {acked:?} sent after the deadline were acked");
+            }
             q.wait_status("a live again", WAIT, |s| s.members.iter().any(|m| m.status == "live" && m.epoch == e2))
                 .await?;
             Ok(())
