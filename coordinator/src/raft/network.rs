@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
 
 /// When this node last got any reply from each peer (for `arcfedctl status`: a stopped
 /// voter is not a follower). A std Mutex: each critical section is one map access.
@@ -73,7 +74,12 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         let addr = self.overrides.get(&target).cloned().unwrap_or_else(|| node.addr.clone());
-        PeerClient { target, client: self.channel(&addr).map(RaftServiceClient::new), contacts: self.contacts.clone() }
+        let client = self.channel(&addr).map(|ch| {
+            RaftServiceClient::new(ch)
+                .max_encoding_message_size(crate::config::MAX_MESSAGE)
+                .max_decoding_message_size(crate::config::MAX_MESSAGE)
+        });
+        PeerClient { target, client, contacts: self.contacts.clone() }
     }
 }
 
@@ -178,8 +184,18 @@ impl RaftService for PeerService {
         encode(&self.raft.append_entries(rpc).await)
     }
 
+    /// One chunk of a snapshot (openraft sends a snapshot above `--snapshot-chunk-size` as
+    /// several); the last one installs it.
     async fn snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
-        encode(&self.raft.install_snapshot(rpc).await)
+        let (offset, len, done) = (rpc.offset, rpc.data.len(), rpc.done);
+        let id = rpc.meta.snapshot_id.clone();
+        let r = self.raft.install_snapshot(rpc).await;
+        match &r {
+            Ok(_) if done => info!(snapshot = %id, bytes = offset + len as u64, "installed a snapshot from the leader"),
+            Ok(_) => debug!(snapshot = %id, offset, len, "received a snapshot chunk"),
+            Err(e) => warn!(snapshot = %id, offset, error = %e, "snapshot chunk refused"),
+        }
+        encode(&r)
     }
 }

@@ -33,8 +33,9 @@ use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
-/// Max gRPC message size: Raft snapshots travel in one message.
-const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Max gRPC message size between voters: the largest is a snapshot chunk, bounded by
+/// `--snapshot-chunk-size` (validated against this limit).
+use crate::config::MAX_MESSAGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -222,8 +223,11 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         election_timeout_min: cfg.election_min.as_millis() as u64,
         election_timeout_max: cfg.election_max.as_millis() as u64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
-        max_in_snapshot_log_to_keep: 1000,
         install_snapshot_timeout: 5_000,
+        // A snapshot larger than one chunk is sent as several InstallSnapshot RPCs (openraft's
+        // chunked transport), so a lagging follower of a big quorum catches up.
+        snapshot_max_chunk_size: cfg.snapshot_chunk_size,
+        max_in_snapshot_log_to_keep: cfg.snapshot_keep_log,
         ..Default::default()
     }
     .validate()
@@ -362,6 +366,7 @@ const LATE_SLACK_MS: u64 = 20;
 /// The leader's lease loop: expiries, silences and overdue handovers go through the log,
 /// then holderless groups get a Grant.
 async fn lessor_loop(ctx: Arc<Ctx>) {
+    let mut last_gc = Instant::now();
     loop {
         // `expected` is taken right before sleeping, so the time spent proposing below is
         // not mistaken for timer lateness.
@@ -407,7 +412,35 @@ async fn lessor_loop(ctx: Arc<Ctx>) {
                 }
             }
         }
+        if last_gc.elapsed() >= ctx.cfg.gc_interval {
+            last_gc = Instant::now();
+            collect_garbage(&ctx).await;
+        }
         grant_holderless(&ctx).await;
+    }
+}
+
+/// Proposes a `Collect` when the applied state holds garbage (DESIGN §3): vacant groups, busy
+/// runners of departed members, stale-session ids older than `--stale-session-ttl`. `apply`
+/// judges the same rules on the entry's timestamp, so every voter removes the same things.
+async fn collect_garbage(ctx: &Arc<Ctx>) {
+    let policy = ctx.cfg.gc;
+    let garbage = ctx.shared.read(|s| s.garbage(s.last_ts_ms.max(clock::wall_ms()), &policy));
+    if garbage.is_empty() {
+        return;
+    }
+    info!(
+        members = garbage.members,
+        groups = garbage.groups.len(),
+        busy_runners = garbage.busy_runners.len(),
+        stale_sessions = garbage.stale_sessions.len(),
+        unstamped = garbage.unstamped,
+        "collecting garbage through the log"
+    );
+    if ctx.propose(Command::Collect(policy)).await.is_ok() {
+        // Leader memory of groups that no longer exist.
+        let alive: std::collections::BTreeSet<_> = ctx.shared.read(|s| s.groups.keys().cloned().collect());
+        lock(&ctx.holderless_since).retain(|g, _| alive.contains(g));
     }
 }
 
