@@ -724,6 +724,82 @@ async fn r_status_shows_a_stopped_voter_as_unreachable_and_assignments_per_membe
     .await;
 }
 
+/// `arcfed_raft_applied_index` from a voter's admin port.
+async fn applied_index(http: std::net::SocketAddr) -> anyhow::Result<u64> {
+    let text = reqwest::get(format!("http://{http}/metrics")).await?.text().await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("arcfed_raft_applied_index ").and_then(|v| v.trim().parse::<f64>().ok()))
+        .map(|v| v as u64)
+        .ok_or_else(|| anyhow::anyhow!("no arcfed_raft_applied_index in /metrics"))
+}
+
+/// Sizes of the snapshots a voter logged as installed from the leader.
+fn installed_snapshot_sizes(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("installed a snapshot from the leader"))
+        .filter_map(|l| l.split("bytes=").nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s_a_lagging_follower_catches_up_through_a_snapshot_sent_in_chunks() {
+    // A tiny chunk, a snapshot every 10 entries and no log kept behind it: a follower that
+    // missed the entries can only catch up from a snapshot many chunks long.
+    const CHUNK: u64 = 512;
+    let opts = QuorumOptions {
+        extra_args: ["--snapshot-chunk-size", "512", "--snapshot-every", "10", "--snapshot-keep-log", "0"]
+            .map(String::from)
+            .to_vec(),
+        ..QuorumOptions::default()
+    };
+    with_quorum(opts, |mut q| async move {
+        let r = async {
+            let s = q.wait_status("three voters", WAIT, |s| s.voters.len() == 3).await?;
+            let follower = s.voters.iter().find(|v| v.id != s.leader).map(|v| v.id).expect("a follower");
+            q.voter(follower).kill();
+            // Entries the follower misses: a Join per agent, a Grant, more than a snapshot's worth.
+            let clusters: Vec<String> = (0..12).map(|i| format!("c{i}")).collect();
+            let agents: Vec<TestAgent> = clusters.iter().map(|c| agent(&q, c)).collect();
+            for a in &agents {
+                a.joined(WAIT).await?;
+            }
+            let s = q
+                .wait_status("every member and a holder", WAIT, |s| s.members.len() == 12 && holder_of(s).is_some())
+                .await?;
+            let leader_http = q.voters.iter().find(|v| v.id == s.leader).expect("leader").http;
+            let target = applied_index(leader_http).await?;
+            q.voter(follower).restart()?;
+            let http = q.voter(follower).http;
+            let end = Instant::now() + WAIT;
+            loop {
+                let applied = applied_index(http).await.unwrap_or(0);
+                let sizes = installed_snapshot_sizes(&q.voter(follower).log_text());
+                if applied >= target && !sizes.is_empty() {
+                    // The installed snapshot was larger than a chunk: it arrived in pieces.
+                    assert!(sizes.iter().any(|b| *b > CHUNK), "snapshots {sizes:?} all fit one {CHUNK}-byte chunk");
+                    break;
+                }
+                if Instant::now() > end {
+                    anyhow::bail!("follower {follower} applied {applied} of {target}; snapshots installed: {sizes:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // The caught-up follower carries the quorum: with the old leader gone it and the
+            // other voter serve the same state.
+            q.voter(s.leader).kill();
+            let s2 = q
+                .wait_status("a new leader with every member", WAIT, |x| x.leader != s.leader && x.members.len() == 12)
+                .await?;
+            assert_eq!(holder_of(&s2), holder_of(&s), "no holder change");
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
 /// An agent that reaches every voter through its own fault proxy, so the test can cut its
 /// streams one-sidedly.
 struct ProxiedAgent {
