@@ -33,8 +33,8 @@ use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
-/// Max gRPC message size between voters: the largest is a snapshot chunk, bounded by
-/// `--snapshot-chunk-size` (validated against this limit).
+// Max gRPC message size between voters: the largest is a snapshot chunk, bounded by
+// `--snapshot-chunk-size` (validated against this limit).
 use crate::config::MAX_MESSAGE;
 
 #[derive(Debug, thiserror::Error)]
