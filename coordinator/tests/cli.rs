@@ -130,6 +130,10 @@ fn help_explains_every_flag_and_its_env_var() {
         "--election-timeout-min",
         "--election-timeout-max",
         "--advertise",
+        "--commit-latency",
+        "--agent-retry-max",
+        "--group-gc-after",
+        "--stale-session-ttl",
     ] {
         assert!(h.contains(flag), "--help lacks {flag}");
     }
