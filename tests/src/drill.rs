@@ -704,7 +704,11 @@ async fn finish(
     while message_accounting(&sb.emu.timeline()).0 > 0 && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (messages_lost, messages_stranded) = message_accounting(&sb.emu.timeline());
+    let timeline = sb.emu.timeline();
+    let (messages_lost, messages_stranded) = message_accounting(&timeline);
+    // Keep GitHub's side of the story next to the logs, for whoever reads a failed check.
+    let _ = std::fs::write(sb.dir.join("emulator-timeline.json"), serde_json::to_vec(&timeline)?);
+    let _ = std::fs::write(sb.dir.join("emulator-report.json"), serde_json::to_vec_pretty(&sb.emu.report())?);
     let rep = sb.emu.report();
     let ss = rep.scale_set(sb.set).context("the scale set in the emulator report")?;
     let history = sb.sampler.history();
