@@ -224,6 +224,12 @@ impl Link {
         if max == 0 { 0 } else { self.rng % max }
     }
 
+    /// The longest pause between attach attempts now (see `go_down`).
+    pub fn retry_cap_ms(&self, now: u64) -> u64 {
+        let down = self.down_since.map_or(0, |d| now.saturating_sub(d));
+        if down < self.ttl_ms { (self.ttl_ms / 20).max(20) } else { 2_000 }
+    }
+
     fn go_down(&mut self, now: u64, immediate: bool) {
         self.sent.clear();
         if self.down_since.is_none() {
@@ -232,10 +238,14 @@ impl Link {
         let delay = if immediate {
             0
         } else {
-            // 50 ms, 100 ms, … capped at 1 s, plus up to 50 % jitter: a leader change is found
-            // in a few hundred milliseconds, and a dead quorum is not hammered.
-            let base = 50u64.saturating_mul(1 << self.failures.min(5)).min(1000);
-            base + self.jitter(base / 2 + 1)
+            // 50 ms, 100 ms, … with up to 50 % jitter, never above `retry_cap_ms`: while the
+            // fence could still be saved (the first TTL without a stream) the agent retries at
+            // least every TTL/20 (150 ms on LAN, the coordinator's --agent-retry-max), so it
+            // attaches to a new leader right after its promotion; after that a dead quorum is
+            // not hammered (2 s cap).
+            let cap = self.retry_cap_ms(now);
+            let base = 50u64.saturating_mul(1 << self.failures.min(6)).min(cap * 2 / 3).max(1);
+            (base + self.jitter(base / 2 + 1)).min(cap)
         };
         self.failures = self.failures.saturating_add(1);
         self.phase = Phase::Down { retry_at: now.saturating_add(delay) };
@@ -415,6 +425,28 @@ mod tests {
         let a = l.step(at, LinkEvent::Tick);
         assert!(a.contains(&LinkAction::Close { reason: "no ack in time" }), "{a:?}");
         assert!(a.iter().any(|x| matches!(x, LinkAction::Attach { addr } if addr == "b:1")), "{a:?}");
+    }
+
+    #[test]
+    fn retries_stay_fast_for_a_ttl_then_back_off() {
+        let mut l = link();
+        up(&mut l, 0);
+        let mut now = 100;
+        let mut gaps = vec![];
+        l.step(now, LinkEvent::StreamFailed { redirect: None });
+        for _ in 0..40 {
+            let Phase::Down { retry_at } = l.phase.clone() else {
+                l.step(now, LinkEvent::StreamFailed { redirect: None });
+                continue;
+            };
+            gaps.push((now, retry_at - now));
+            now = retry_at;
+            l.step(now, LinkEvent::Tick); // attach
+            l.step(now, LinkEvent::StreamFailed { redirect: None }); // refused: no leader yet
+        }
+        assert!(gaps.iter().filter(|(t, _)| *t < 3000).all(|(_, g)| *g <= 150), "{gaps:?}");
+        assert!(gaps.iter().any(|(t, g)| *t >= 3100 && *g > 150), "backs off after a TTL: {gaps:?}");
+        assert!(gaps.iter().all(|(_, g)| *g <= 2000));
     }
 
     #[test]
