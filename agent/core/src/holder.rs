@@ -275,6 +275,8 @@ pub struct Holder {
     deleted: Vec<String>,
     /// Tokens given up: never used again.
     done_tokens: BTreeSet<u64>,
+    /// Given-up tokens already released explicitly because acks still listed them.
+    released_notified: BTreeSet<u64>,
     /// Whether an ack has listed our token yet (a Grant can arrive before that ack).
     listed: bool,
     last_acked: i64,
@@ -318,6 +320,7 @@ impl Holder {
             stale: BTreeSet::new(),
             deleted: Vec::new(),
             done_tokens: BTreeSet::new(),
+            released_notified: BTreeSet::new(),
             listed: false,
             last_acked: 0,
             last_message: 0,
@@ -757,6 +760,15 @@ impl Holder {
 
     /// Starts whatever the current phase needs next.
     fn advance(&mut self, now: u64, fence: &FenceView, out: &mut Vec<Action>) {
+        // A token we gave up that the coordinator still lists: say so, or the group would
+        // stay with a holder that no longer acts (the coordinator ignores a stale report).
+        if let Some(t) = fence.token
+            && self.token != Some(t)
+            && self.done_tokens.contains(&t)
+            && self.released_notified.insert(t)
+        {
+            out.push(Action::Notify(CoordOp::Release { token: t, deleted: vec![], reason: ReleaseReason::LostLease }));
+        }
         let Some(token) = self.token else { return };
         if fence.token == Some(token) {
             self.listed = true;
@@ -1098,6 +1110,23 @@ mod tests {
         );
         assert_eq!(gh(&a), vec![GitHubOp::Poll { last_message_id: 0 }], "{a:?}");
         assert_eq!(h.session_id(), Some("s-fb"));
+    }
+
+    #[test]
+    fn a_given_up_token_that_acks_still_list_is_released_once() {
+        let mut h = Holder::new(cfg(), 0);
+        let f = fence(7, 2800, 25);
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
+        h.step(30, &fresh(&f), Input::Tick);
+        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
+        h.step(50, &f, Input::Committed { accepted: true });
+        // The lease is lost (not listed), then the acks list 7 again: the holder stays down
+        // (7 is given up) and tells the coordinator, once.
+        h.step(60, &FenceView::default(), Input::Tick);
+        let release = Action::Notify(CoordOp::Release { token: 7, deleted: vec![], reason: ReleaseReason::LostLease });
+        let a = h.step(70, &f, Input::Tick);
+        assert!(a.contains(&release) && gh(&a).is_empty(), "{a:?}");
+        assert!(!h.step(80, &f, Input::Tick).contains(&release));
     }
 
     #[test]

@@ -285,10 +285,11 @@ impl Link {
             LinkEvent::Joined { epoch, ttl_ms, margin_permille } => {
                 if let Phase::Attaching { addr, .. } | Phase::Up { addr, .. } = &self.phase {
                     let addr = addr.clone();
-                    // A new epoch is a new lease: nothing held under the old one carries over.
-                    if self.epoch != Some(epoch) {
-                        self.held.clear();
-                    }
+                    // A re-Join after a stream gap keeps the member's holding (the coordinator
+                    // decides: its next ack lists the group, or no longer does and the holding
+                    // ends). The fence from the last listing ack still bounds any action, and
+                    // a lease that expired in between had already outlived that fence. Only
+                    // EXPIRED clears holdings (no renewal past death).
                     self.epoch = Some(epoch);
                     self.ttl_ms = ttl_ms.max(40);
                     self.margin_permille = margin_permille.min(999);
