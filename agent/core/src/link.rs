@@ -227,7 +227,10 @@ impl Link {
     /// The longest pause between attach attempts now (see `go_down`).
     pub fn retry_cap_ms(&self, now: u64) -> u64 {
         let down = self.down_since.map_or(0, |d| now.saturating_sub(d));
-        if down < self.ttl_ms { (self.ttl_ms / 20).max(20) } else { 2_000 }
+        // After the first TTL, TTL/4: a returning quorum holds Grants for one TTL after its
+        // promotion so that a fallback holder can Adopt its session first (DESIGN §5.11), so
+        // every agent must attach well within a TTL of the leader serving again.
+        if down < self.ttl_ms { (self.ttl_ms / 20).max(20) } else { (self.ttl_ms / 4).max(100) }
     }
 
     fn go_down(&mut self, now: u64, immediate: bool) {
@@ -242,7 +245,7 @@ impl Link {
             // fence could still be saved (the first TTL without a stream) the agent retries at
             // least every TTL/20 (150 ms on LAN, the coordinator's --agent-retry-max), so it
             // attaches to a new leader right after its promotion; after that a dead quorum is
-            // not hammered (2 s cap).
+            // tried every TTL/4 at most.
             let cap = self.retry_cap_ms(now);
             let base = 50u64.saturating_mul(1 << self.failures.min(6)).min(cap * 2 / 3).max(1);
             (base + self.jitter(base / 2 + 1)).min(cap)
@@ -447,7 +450,7 @@ mod tests {
         }
         assert!(gaps.iter().filter(|(t, _)| *t < 3000).all(|(_, g)| *g <= 150), "{gaps:?}");
         assert!(gaps.iter().any(|(t, g)| *t >= 3100 && *g > 150), "backs off after a TTL: {gaps:?}");
-        assert!(gaps.iter().all(|(_, g)| *g <= 2000));
+        assert!(gaps.iter().all(|(_, g)| *g <= 750), "never slower than TTL/4: {gaps:?}");
     }
 
     #[test]
