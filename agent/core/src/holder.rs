@@ -752,6 +752,11 @@ impl Holder {
                     if let Some(r) = self.pending_release {
                         out.push(Action::Note(Note::Released { reason: r }));
                     }
+                    // Already released: acks that still list it until the coordinator moves on
+                    // need no second report.
+                    if let Some(t) = self.token {
+                        self.released_notified.insert(t);
+                    }
                     self.reset_to_standby();
                 }
             }
@@ -1059,6 +1064,9 @@ mod tests {
         let a = h.step(100, &f, Input::ReleaseSent);
         assert!(a.contains(&Action::Note(Note::Released { reason: ReleaseReason::Handover })));
         assert_eq!(h.phase, Phase::Standby);
+        // Acks that still list 7 until the grant moves on bring no second report.
+        let a = h.step(105, &f, Input::Tick);
+        assert!(!a.iter().any(|x| matches!(x, Action::Notify(_))), "{a:?}");
         // The released token is never used again.
         let a = h.step(
             110,
