@@ -521,6 +521,13 @@ impl Driver {
 
     /// Steps the holder with `input` (and anything queued), executing its actions.
     fn pump_holder(&mut self, input: Input) {
+        // Every log line about the session carries the group and the fencing token.
+        let span = tracing::info_span!(
+            "holder",
+            group = self.group_key.as_deref().unwrap_or(""),
+            token = self.holder.token.map_or(-1, |t| t as i64)
+        );
+        let _entered = span.enter();
         self.pending.push_back(input);
         while let Some(input) = self.pending.pop_front() {
             let fence = self.fence();

@@ -747,3 +747,39 @@ async fn an_agent_without_allow_drills_refuses_a_drill() -> anyhow::Result<()> {
     assert!(holder.log_text().contains("drill refused"), "the agent logs the refusal");
     Ok(())
 }
+
+/// Standalone, a holder stall (GitHub failing on the session's polls past the client's own
+/// retries) releases the session and the agent contends again by itself: never below ARC,
+/// never an exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_holder_stall_releases_and_contends_again() -> anyhow::Result<()> {
+    use arcfed_tests::emulator::{FaultKind, FaultSpec, PathClass};
+    let dir = tempfile::tempdir()?;
+    let (emu, set) = emulator(Duration::from_secs(2)).await?;
+    let mut spec = AgentSpec::new("solo", github(&emu, set));
+    spec.holder_stall = Some("2s".into());
+    let mut a = AgentProc::start(dir.path(), spec)?;
+    let first = wait_polling_owner(&emu, set, "arcfed/solo/", None).await?;
+    emu.add_fault(FaultSpec {
+        kind: FaultKind::Status { status: 503, retry_after: None, type_name: None, message: None },
+        handle_first: false,
+        path_class: Some(PathClass::Poll),
+        owner: None,
+        session_id: Some(first.clone()),
+        scale_set_id: None,
+        count: None,
+        duration: Some("120s".into()),
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let second = wait_polling_owner(&emu, set, "arcfed/solo/", Some(&first))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", a.log_text()))?;
+    assert_ne!(second, first);
+    assert!(a.running(), "the agent never exits; log:\n{}", a.log_text());
+    let rep = emu.report();
+    let ss = rep.scale_set(set).expect("scale set");
+    let old = ss.sessions.iter().find(|s| s.session_id == first).expect("first");
+    assert_eq!(old.close_reason, CloseReason::Deleted, "the stalled session was released (deleted), not abandoned");
+    assert!(a.log_text().contains("contending for the session again"));
+    Ok(())
+}
