@@ -5,11 +5,9 @@
 //! 127.0.0.1 port. Faults are the real ones: SIGKILL, SIGSTOP/SIGCONT, SIGTERM.
 
 use crate::agent_client::TlsFiles;
-use crate::harness::{bin_path, free_port};
-use anyhow::Context;
+use crate::harness::{Proc, free_port};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Where an agent's GitHub is, and as whom it talks to it.
@@ -73,8 +71,7 @@ pub struct AgentProc {
     pub admin: SocketAddr,
     pub log: PathBuf,
     pub state_file: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
+    proc: Proc,
 }
 
 impl AgentProc {
@@ -137,84 +134,48 @@ impl AgentProc {
         }
         args.extend(spec.extra.iter().cloned());
         let log = dir.join(format!("agent-{}.log", spec.cluster));
-        let mut a = AgentProc { spec, admin, log, state_file, args, child: None };
-        a.spawn()?;
-        Ok(a)
-    }
-
-    fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(bin_path("arcfed-agent"))
-            .args(&self.args)
-            .env("ARCFED_LOG_LEVEL", std::env::var("ARCFED_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .env("ARCFED_CONFIG_ERROR_DELAY", "0s")
-            .env_remove("LISTENER_CONFIG_PATH")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawn arcfed-agent (is it built? run `cargo build --workspace`)")?;
-        self.child = Some(child);
-        Ok(())
+        let env = vec![
+            ("ARCFED_LOG_LEVEL".into(), std::env::var("ARCFED_TEST_LOG").unwrap_or_else(|_| "info".into())),
+            ("ARCFED_CONFIG_ERROR_DELAY".into(), "0s".into()),
+        ];
+        let mut proc = Proc::new("arcfed-agent", args, env, log.clone());
+        proc.spawn()?;
+        Ok(AgentProc { spec, admin, log, state_file, proc })
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    fn signal(&self, sig: &str) {
-        if let Some(pid) = self.pid() {
-            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
-        }
+        self.proc.pid()
     }
 
     /// SIGKILL and reap, as a node loss or an OOM kill would.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill()
     }
 
     /// SIGTERM, as Kubernetes does on pod deletion; waits up to `within`; the exit code.
     pub fn terminate(&mut self, within: Duration) -> Option<i32> {
-        self.signal("-TERM");
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(st)) = c.try_wait()
-            {
-                self.child = None;
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill();
-        None
+        self.proc.terminate(within)
     }
 
     pub fn freeze(&self) {
-        self.signal("-STOP");
+        self.proc.freeze()
     }
 
     pub fn thaw(&self) {
-        self.signal("-CONT");
+        self.proc.thaw()
     }
 
     /// Starts the same agent again (a recreated pod: a new process, a new member id).
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill();
-        self.spawn()
+        self.proc.restart()
     }
 
     pub fn running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.proc.running()
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log_text()
     }
 
     /// The agent's `/metrics` text.
@@ -256,13 +217,6 @@ impl AgentProc {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.thaw();
-        self.kill();
     }
 }
 

@@ -35,6 +35,108 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
+/// One child process of a workspace binary, its stderr appended to a log file. Faults are
+/// real signals: SIGKILL, SIGTERM, SIGSTOP/SIGCONT. Voters and agents both use it.
+pub struct Proc {
+    bin: &'static str,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn new(bin: &'static str, args: Vec<String>, env: Vec<(String, String)>, log: PathBuf) -> Proc {
+        Proc { bin, args, env, log, child: None }
+    }
+
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(bin_path(self.bin));
+        cmd.args(&self.args).stdout(Stdio::null()).stderr(log).env_remove("LISTENER_CONFIG_PATH");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child =
+            cmd.spawn().with_context(|| format!("spawn {} (is it built? run `cargo build --workspace`)", self.bin))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether a child was started and not reaped by this handle.
+    pub fn started(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+        }
+    }
+
+    /// SIGKILL and reap, as a node loss or an OOM kill would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (what Kubernetes sends on pod deletion); waits up to `within`; the exit code.
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        self.signal("-TERM");
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                self.child = None;
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    /// The same command again: a new process.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Started and not exited.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.thaw();
+        self.kill();
+    }
+}
+
 /// Runs `arcfedctl` with args; fails with its stderr.
 pub fn arcfedctl(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(bin_path("arcfedctl")).args(args).output().context("run arcfedctl")?;
@@ -101,8 +203,7 @@ pub struct Voter {
     pub http: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
+    proc: Proc,
 }
 
 impl Voter {
@@ -132,81 +233,44 @@ impl Voter {
             args.push("--peer".into());
             args.push(format!("{peer}={addr}"));
         }
-        Voter { id, grpc, http, log: dir.join(format!("voter-{id}.log")), data_dir, args, child: None }
+        let log = dir.join(format!("voter-{id}.log"));
+        let level = std::env::var("ARCFED_TEST_LOG")
+            .unwrap_or_else(|_| "info,openraft=warn,tonic::transport::server::io_stream=debug".into());
+        let proc = Proc::new("arcfed-coordinator", args, vec![("ARCFED_LOG_LEVEL".into(), level)], log.clone());
+        Voter { id, grpc, http, log, data_dir, proc }
     }
 
     pub fn addr(&self) -> String {
         self.grpc.to_string()
     }
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.proc.pid()
     }
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(bin_path("arcfed-coordinator"))
-            .args(&self.args)
-            .env(
-                "ARCFED_LOG_LEVEL",
-                std::env::var("ARCFED_TEST_LOG")
-                    .unwrap_or_else(|_| "info,openraft=warn,tonic::transport::server::io_stream=debug".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawn arcfed-coordinator (is it built? run `cargo nextest run --workspace`)")?;
-        self.child = Some(child);
-        Ok(())
-    }
-    fn signal(&self, sig: &str) {
-        if let Some(pid) = self.pid() {
-            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
-        }
+        self.proc.spawn()
     }
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill()
     }
     /// SIGTERM and wait for exit; returns the exit status code.
     pub fn terminate(&mut self, within: Duration) -> Option<i32> {
-        self.signal("-TERM");
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(st)) = c.try_wait()
-            {
-                self.child = None;
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill();
-        None
+        self.proc.terminate(within)
     }
     pub fn freeze(&self) {
-        self.signal("-STOP");
+        self.proc.freeze()
     }
     pub fn thaw(&self) {
-        self.signal("-CONT");
+        self.proc.thaw()
     }
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill();
-        self.spawn()
+        self.proc.restart()
     }
     pub fn running(&self) -> bool {
-        self.child.is_some()
+        self.proc.started()
     }
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Voter {
-    fn drop(&mut self) {
-        self.thaw();
-        self.kill();
+        self.proc.log_text()
     }
 }
 
@@ -249,7 +313,7 @@ impl Quorum {
                 })
                 .collect();
             let mut v = Voter::new(dir, *id, grpc[id], &tls, opts.lease_ttl, &peers);
-            v.args.extend(opts.extra_args.iter().cloned());
+            v.proc.args.extend(opts.extra_args.iter().cloned());
             v.spawn()?;
             voters.push(v);
         }
