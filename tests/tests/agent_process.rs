@@ -36,13 +36,20 @@ fn github(emu: &EmulatorHandle, set: i64) -> GitHubSide {
 
 impl World {
     async fn start(clusters: &[&str]) -> anyhow::Result<World> {
+        World::start_with(clusters, |_| {}).await
+    }
+
+    /// A world whose agents' specs `tune` adjusts (extra flags, shorter timers).
+    async fn start_with(clusters: &[&str], tune: impl Fn(&mut AgentSpec)) -> anyhow::Result<World> {
         let dir = tempfile::tempdir()?;
         let (emu, set) = emulator(Duration::from_secs(2)).await?;
         let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
         q.wait_serving(WAIT).await?;
         let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
         for c in clusters {
-            w.add(c)?;
+            let mut spec = w.spec(c)?;
+            tune(&mut spec);
+            w.add_spec(spec)?;
         }
         Ok(w)
     }
@@ -54,11 +61,6 @@ impl World {
     fn spec(&self, cluster: &str) -> anyhow::Result<AgentSpec> {
         let q = self.q();
         Ok(AgentSpec::new(cluster, github(&self.emu, self.set)).federated(q.endpoints(), q.certs.agent(cluster)?))
-    }
-
-    fn add(&mut self, cluster: &str) -> anyhow::Result<()> {
-        let spec = self.spec(cluster)?;
-        self.add_spec(spec)
     }
 
     fn add_spec(&mut self, spec: AgentSpec) -> anyhow::Result<()> {
@@ -430,16 +432,7 @@ async fn f_github_faults_are_survived_without_exit() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_a_stalled_holder_releases_and_another_member_serves() -> anyhow::Result<()> {
     use arcfed_tests::emulator::{FaultKind, FaultSpec, PathClass};
-    let dir = tempfile::tempdir()?;
-    let (emu, set) = emulator(Duration::from_secs(2)).await?;
-    let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
-    q.wait_serving(WAIT).await?;
-    let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
-    for c in ["a", "b"] {
-        let mut spec = w.spec(c)?;
-        spec.holder_stall = Some("4s".into());
-        w.add_spec(spec)?;
-    }
+    let w = World::start_with(&["a", "b"], |s| s.holder_stall = Some("4s".into())).await?;
     let (cluster, member, token) = w.holder().await?;
     let sid = w.polling_session(token).await?;
     let owner = format!("arcfed/{cluster}/{member}/t{token}");
@@ -467,16 +460,8 @@ async fn g_a_stalled_holder_releases_and_another_member_serves() -> anyhow::Resu
 /// (Adopt or its kept grant): no session churn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h_quorum_loss_falls_back_to_one_holder_and_the_quorum_adopts_it() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (emu, set) = emulator(Duration::from_secs(2)).await?;
-    let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
-    q.wait_serving(WAIT).await?;
-    let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
-    for c in ["a", "b", "c"] {
-        let mut spec = w.spec(c)?;
-        spec.coordinator_lost_for = Some("3s".into());
-        w.add_spec(spec)?;
-    }
+    let mut w = World::start_with(&["a", "b", "c"], |s| s.coordinator_lost_for = Some("3s".into())).await?;
+    let set = w.set;
     let (_, _, token) = w.holder().await?;
     let sid = w.polling_session(token).await?;
     let ids: Vec<u64> = w.q().voters.iter().map(|v| v.id).collect();
@@ -662,16 +647,7 @@ async fn an_agent_started_from_arcs_listener_config_patches_the_ers_as_arc_does(
 /// without --allow-drills refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arcfedctl_drill_kill_holder_reports_from_the_quorum() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (emu, set) = emulator(Duration::from_secs(2)).await?;
-    let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
-    q.wait_serving(WAIT).await?;
-    let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
-    for c in ["a", "b"] {
-        let mut spec = w.spec(c)?;
-        spec.extra.push("--allow-drills".into());
-        w.add_spec(spec)?;
-    }
+    let mut w = World::start_with(&["a", "b"], |s| s.extra.push("--allow-drills".into())).await?;
     let (cluster, _, token) = w.holder().await?;
     w.polling_session(token).await?;
     let q = w.q();

@@ -929,6 +929,16 @@ mod tests {
         FenceView { listed_seq: f.listed_seq.map(|s| s + 1), sent_seq: f.sent_seq + 1, ..*f }
     }
 
+    /// Grants token 7 under `f` and brings the holder to its first poll of session "s1"
+    /// (a poll is then in flight), at times 10–50.
+    fn to_polling(h: &mut Holder, f: &FenceView) {
+        h.step(10, f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
+        h.step(30, &fresh(f), Input::Tick);
+        h.step(40, f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
+        let a = h.step(50, f, Input::Committed { accepted: true });
+        assert_eq!(gh(&a), vec![GitHubOp::Poll { last_message_id: 0 }], "{a:?}");
+    }
+
     fn gh(a: &[Action]) -> Vec<GitHubOp> {
         a.iter().filter_map(|x| if let Action::GitHub(op) = x { Some(op.clone()) } else { None }).collect()
     }
@@ -966,10 +976,7 @@ mod tests {
     fn message_is_acked_only_after_progress_is_accepted() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
-        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
-        h.step(30, &fresh(&f), Input::Tick);
-        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
-        h.step(50, &f, Input::Committed { accepted: true });
+        to_polling(&mut h, &f);
         let a = h.step(60, &f, Input::Polled(PollOutcome::Message { message_id: 5, job_available: true }));
         assert_eq!(gh(&a), vec![GitHubOp::Acquire { message_id: 5 }]);
         let a = h.step(70, &f, Input::Acquired);
@@ -994,10 +1001,7 @@ mod tests {
     fn a_poll_is_cancelled_before_the_fence_ends_and_a_late_200_is_dropped() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2000, 25);
-        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
-        h.step(30, &fresh(&f), Input::Tick);
-        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
-        h.step(50, &f, Input::Committed { accepted: true });
+        to_polling(&mut h, &f);
         assert_eq!(h.next_wakeup(50, &f), Some(1600));
         let a = h.step(1600, &f, Input::Tick);
         assert!(a.contains(&Action::Cancel), "{a:?}");
@@ -1043,10 +1047,7 @@ mod tests {
     fn handover_deletes_our_session_then_releases() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
-        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
-        h.step(30, &fresh(&f), Input::Tick);
-        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
-        h.step(50, &f, Input::Committed { accepted: true });
+        to_polling(&mut h, &f);
         // The long poll in flight is dropped at once (a 200 it brings is never acked), then
         // the session is deleted.
         let a = h.step(60, &f, Input::Handover { token: 7 });
@@ -1124,10 +1125,7 @@ mod tests {
     fn a_given_up_token_that_acks_still_list_is_released_once() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
-        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
-        h.step(30, &fresh(&f), Input::Tick);
-        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
-        h.step(50, &f, Input::Committed { accepted: true });
+        to_polling(&mut h, &f);
         // The lease is lost (not listed), then the acks list 7 again: the holder stays down
         // (7 is given up) and tells the coordinator, once.
         h.step(60, &FenceView::default(), Input::Tick);
@@ -1141,10 +1139,7 @@ mod tests {
     fn lost_listing_drops_the_session_without_a_request() {
         let mut h = Holder::new(cfg(), 0);
         let f = fence(7, 2800, 25);
-        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
-        h.step(30, &fresh(&f), Input::Tick);
-        h.step(40, &f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
-        h.step(50, &f, Input::Committed { accepted: true });
+        to_polling(&mut h, &f);
         let gone = FenceView::default();
         let a = h.step(60, &gone, Input::Tick);
         assert!(a.contains(&Action::Cancel) && a.contains(&Action::Forget { session_id: "s1".into() }), "{a:?}");
