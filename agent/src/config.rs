@@ -173,7 +173,9 @@ pub struct Args {
     /// (transport, TLS, 401/403, 5xx), releases the session so another member serves.
     #[arg(long, env = "ARCFED_HOLDER_STALL", value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "15s")]
     pub holder_stall: Duration,
-    /// Obey drill requests from the coordinator (pause keepalives, freeze polls). Never in production.
+    /// Obey failover drills relayed by the coordinator (`arcfedctl drill`): crash = exit at once without
+    /// releasing anything, freeze = stop the agent loop for a while. Without it a drill is logged and
+    /// refused. Never in production.
     #[arg(long, env = "ARCFED_ALLOW_DRILLS")]
     pub allow_drills: bool,
     /// Connect to ADDR for GitHub host HOST on PORT, like curl's --resolve (split-horizon DNS,
