@@ -135,7 +135,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
             return;
         }
     };
-    let Some(mut joined) = join(&ctx, &cluster, first, &tx).await else {
+    let Some(mut joined) = join(&ctx, &cluster, term, first, &tx).await else {
         ctx.metrics.streams_open.dec();
         return;
     };
@@ -154,7 +154,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(pb::AgentMessage { msg: Some(In::Keepalive(k)) })) => keepalive(&ctx, term, &joined, k, &tx).await,
-                Ok(Some(pb::AgentMessage { msg: Some(In::Join(j)) })) => match join(&ctx, &cluster, j, &tx).await {
+                Ok(Some(pb::AgentMessage { msg: Some(In::Join(j)) })) => match join(&ctx, &cluster, term, j, &tx).await {
                     Some(j) if j.member == joined.member => {
                         joined = j;
                         tracing::Span::current().record("epoch", joined.epoch);
@@ -201,8 +201,8 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
 }
 
 /// Proposes a Join and answers Joined; None (after answering the error) if refused.
-async fn join(ctx: &Arc<Ctx>, cluster: &str, j: pb::Join, tx: &OutTx) -> Option<Joined> {
-    match try_join(ctx, cluster, j).await {
+async fn join(ctx: &Arc<Ctx>, cluster: &str, term: u64, j: pb::Join, tx: &OutTx) -> Option<Joined> {
+    match try_join(ctx, cluster, term, j).await {
         Ok((joined, msg)) => {
             let _ = tx.send(out(msg)).await;
             Some(joined)
@@ -219,7 +219,7 @@ async fn join(ctx: &Arc<Ctx>, cluster: &str, j: pb::Join, tx: &OutTx) -> Option<
 
 /// Input is checked before the log (`convert::join`); who owns a member id is decided by
 /// `apply`, in log order (invariant 6), never by a read made before proposing.
-async fn try_join(ctx: &Arc<Ctx>, cluster: &str, j: pb::Join) -> Result<(Joined, Out), AgentError> {
+async fn try_join(ctx: &Arc<Ctx>, cluster: &str, term: u64, j: pb::Join) -> Result<(Joined, Out), AgentError> {
     let spec = convert::join(j, cluster)?;
     let member = spec.member.clone();
     let group = spec.group.clone();
@@ -236,6 +236,7 @@ async fn try_join(ctx: &Arc<Ctx>, cluster: &str, j: pb::Join) -> Result<(Joined,
                 cluster: cluster.to_string(),
                 lease_ttl_ms: cfg.ttl_ms,
                 margin_permille: cfg.margin_permille as u32,
+                term,
             });
             Ok((Joined { member, group, epoch }, msg))
         }
@@ -401,6 +402,7 @@ async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: 
     let mut sent_grant: Option<(GroupKey, u64)> = None;
     let mut sent_handover: Option<u64> = None;
     let mut sent_revision: Option<(u64, u64)> = None;
+    let mut sent_stale: Option<Vec<String>> = None;
     loop {
         let j = who.borrow_and_update().clone();
         let msgs = ctx.shared.read(|s| {
@@ -429,8 +431,11 @@ async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: 
                     to_member: h.to.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
                 }));
             }
-            if sent_revision != Some((j.epoch, g.revision)) {
+            // Stale ids change without a new revision: a changed list is pushed again too.
+            let stale_changed = sent_stale.as_ref().is_none_or(|v| !v.iter().eq(g.stale_sessions.iter()));
+            if sent_revision != Some((j.epoch, g.revision)) || stale_changed {
                 sent_revision = Some((j.epoch, g.revision));
+                sent_stale = Some(g.stale_sessions.iter().cloned().collect());
                 msgs.push(Out::Assignment(pb::Assignment {
                     group_key: g.key.0.clone(),
                     revision: g.revision,
@@ -438,6 +443,7 @@ async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: 
                     dirty: g.dirty.contains(&j.member),
                     force_zero_patch: m.draining || !m.status.has_lease(),
                     max_capacity: s.max_capacity(&g.key),
+                    stale_sessions: g.stale_sessions.iter().cloned().collect(),
                 }));
             }
             msgs
