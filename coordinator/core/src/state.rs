@@ -181,7 +181,11 @@ pub struct Counters {
     pub collected: u64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The replicated state. Only the first six fields are data (serialized, compared); the rest
+/// are indexes derived from them by `apply`, never serialized and rebuilt by one function
+/// ([`State::rebuild_indexes`]) whenever a state is deserialized (snapshot install, restore
+/// at start), so a restored state cannot carry a stale index.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct State {
     /// Clamped leader timestamp of the last applied entry (display and accounting only).
     pub last_ts_ms: i64,
@@ -191,7 +195,146 @@ pub struct State {
     /// Raft node id → agent-facing address, recorded by each leader on promotion.
     pub leader_addrs: BTreeMap<u64, String>,
     pub counters: Counters,
+    /// Derived; see [`Indexes`].
+    #[serde(skip)]
+    idx: Indexes,
+    /// Derived: which group changed at which log index, so each agent stream wakes only for
+    /// its own group (see [`State::groups_changed_since`]).
+    #[serde(skip)]
+    changes: ChangeLog,
+    /// Groups the entry being applied touched; synced into the indexes at the end of `apply`.
+    #[serde(skip)]
+    pending: BTreeSet<GroupKey>,
 }
+
+/// Indexes of `groups` and `members`, so the hot paths (holder choice, keepalive acks, the
+/// lessor loop, agent pushes, and `apply` itself) cost what one group or one member costs,
+/// not what the whole state costs (issue 8, Scale). Each is a pure function of the data;
+/// [`Indexes::compute`] computes them from scratch and a property test checks that `apply`
+/// keeps them equal to that.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Indexes {
+    /// Every member record, by its group (member records never change group).
+    by_group: BTreeMap<GroupKey, BTreeSet<MemberId>>,
+    /// The holder of each held group.
+    holder_of: BTreeMap<GroupKey, MemberId>,
+    /// The groups each member holds.
+    holdings: BTreeMap<MemberId, BTreeSet<GroupKey>>,
+    /// Groups held, by the holder's cluster (holders with a member record): the load term of
+    /// [`State::choose_holder`]. No zero entries.
+    held_by_cluster: BTreeMap<String, usize>,
+    /// Groups without a holder (what the leader grants).
+    holderless: BTreeSet<GroupKey>,
+    /// Groups with a handover in progress.
+    handovers: BTreeSet<GroupKey>,
+    /// Member records without a lease, by (status_since_ms, id): the retention GC takes the
+    /// due ones from the front.
+    retired: BTreeSet<(i64, MemberId)>,
+}
+
+impl Indexes {
+    /// The indexes of `groups` and `members`, computed from scratch.
+    pub fn compute(groups: &BTreeMap<GroupKey, Group>, members: &BTreeMap<MemberId, Member>) -> Indexes {
+        let mut idx = Indexes::default();
+        for m in members.values() {
+            idx.by_group.entry(m.group.clone()).or_default().insert(m.id.clone());
+            if !m.status.has_lease() {
+                idx.retired.insert((m.status_since_ms, m.id.clone()));
+            }
+        }
+        for g in groups.values() {
+            match &g.holder {
+                Some(h) => {
+                    idx.holder_of.insert(g.key.clone(), h.clone());
+                    idx.holdings.entry(h.clone()).or_default().insert(g.key.clone());
+                    if let Some(m) = members.get(h) {
+                        *idx.held_by_cluster.entry(m.cluster.clone()).or_default() += 1;
+                    }
+                }
+                None => {
+                    idx.holderless.insert(g.key.clone());
+                }
+            }
+            if g.handover.is_some() {
+                idx.handovers.insert(g.key.clone());
+            }
+        }
+        idx
+    }
+
+    fn add_held(&mut self, cluster: &str, n: usize) {
+        if n > 0 {
+            *self.held_by_cluster.entry(cluster.to_string()).or_default() += n;
+        }
+    }
+
+    fn sub_held(&mut self, cluster: &str, n: usize) {
+        if let Some(c) = self.held_by_cluster.get_mut(cluster) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                self.held_by_cluster.remove(cluster);
+            }
+        }
+    }
+
+    fn held_count(&self, m: &MemberId) -> usize {
+        self.holdings.get(m).map_or(0, BTreeSet::len)
+    }
+}
+
+/// Which group changed at which log index (derived, not replicated data). A group appears
+/// once, at its latest change, so the log holds at most one entry per group.
+#[derive(Clone, Debug, Default)]
+struct ChangeLog {
+    at: BTreeMap<GroupKey, u64>,
+    by_index: BTreeSet<(u64, GroupKey)>,
+    /// Changes at or before this index are unknown (the state was deserialized there).
+    floor: u64,
+}
+
+/// The replicated part of [`State`], as serialized.
+#[derive(Deserialize)]
+struct StateData {
+    last_ts_ms: i64,
+    last_index: u64,
+    groups: BTreeMap<GroupKey, Group>,
+    members: BTreeMap<MemberId, Member>,
+    leader_addrs: BTreeMap<u64, String>,
+    counters: Counters,
+}
+
+/// Every deserialized state (snapshot install, restore at start, tests) goes through
+/// [`State::rebuild_indexes`].
+impl<'de> Deserialize<'de> for State {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<State, D::Error> {
+        let data = StateData::deserialize(d)?;
+        let mut s = State {
+            last_ts_ms: data.last_ts_ms,
+            last_index: data.last_index,
+            groups: data.groups,
+            members: data.members,
+            leader_addrs: data.leader_addrs,
+            counters: data.counters,
+            ..State::default()
+        };
+        s.rebuild_indexes();
+        Ok(s)
+    }
+}
+
+/// Equality of the replicated data; the derived indexes follow from it (and the change log
+/// depends on how the state was reached, not on what it is).
+impl PartialEq for State {
+    fn eq(&self, o: &State) -> bool {
+        self.last_ts_ms == o.last_ts_ms
+            && self.last_index == o.last_index
+            && self.groups == o.groups
+            && self.members == o.members
+            && self.leader_addrs == o.leader_addrs
+            && self.counters == o.counters
+    }
+}
+impl Eq for State {}
 
 impl State {
     /// Applies one committed entry. `index` is the entry's Raft log index.
@@ -200,23 +343,194 @@ impl State {
         self.last_ts_ms = ts;
         self.last_index = self.last_index.max(index);
         let mut effects = Vec::new();
+        self.note_named_groups(&req.cmd);
         let outcome = self.apply_cmd(index, ts, &req.cmd, &mut effects);
         if let Outcome::Rejected { reason: RejectReason::StaleToken, .. } = outcome {
             self.counters.stale_token_rejections = self.counters.stale_token_rejections.saturating_add(1);
         }
+        for key in std::mem::take(&mut self.pending) {
+            self.sync_group(&key, index);
+        }
         Applied { outcome, effects }
+    }
+
+    /// Recomputes every derived index from the data. The one way a deserialized state gets
+    /// its indexes; changes before `last_index` become unknown to [`State::groups_changed_since`].
+    pub fn rebuild_indexes(&mut self) {
+        self.idx = Indexes::compute(&self.groups, &self.members);
+        self.changes = ChangeLog { floor: self.last_index, ..ChangeLog::default() };
+        self.pending.clear();
+    }
+
+    /// The indexes `apply` keeps (for tests comparing them with [`Indexes::compute`]).
+    pub fn indexes(&self) -> &Indexes {
+        &self.idx
+    }
+
+    /// Marks the groups a command names, directly or through its members, as touched: the
+    /// end of `apply` syncs their index entries and records the change. Functions that touch
+    /// other groups (`recompute`, `gc`, `collect`) mark those themselves.
+    fn note_named_groups(&mut self, cmd: &Command) {
+        let group_of = |members: &BTreeMap<MemberId, Member>, id: &MemberId| members.get(id).map(|m| m.group.clone());
+        match cmd {
+            Command::Join(spec) => {
+                self.pending.insert(spec.group.clone());
+            }
+            Command::Leave { member }
+            | Command::SetReady { member, .. }
+            | Command::Drain { member, .. } => {
+                self.pending.extend(group_of(&self.members, member));
+            }
+            Command::Expire { members } | Command::MarkSilent { members } => {
+                for (id, _) in members {
+                    self.pending.extend(group_of(&self.members, id));
+                }
+            }
+            Command::Grant { group, .. }
+            | Command::Revoke { group, .. }
+            | Command::Progress { group, .. }
+            | Command::SessionOpened { group, .. }
+            | Command::Release { group, .. }
+            | Command::Adopt { group, .. }
+            | Command::RequestHandover { group, .. } => {
+                self.pending.insert(group.clone());
+            }
+            Command::Advertise { .. } | Command::Collect(_) => {}
+        }
+    }
+
+    /// Brings the per-group indexes of `key` in line with `groups[key]` and records that the
+    /// group changed at `index`.
+    fn sync_group(&mut self, key: &GroupKey, index: u64) {
+        let g = self.groups.get(key);
+        let new = g.and_then(|g| g.holder.clone());
+        let old = self.idx.holder_of.get(key).cloned();
+        if old != new {
+            if let Some(o) = old {
+                self.idx.holder_of.remove(key);
+                if let Some(set) = self.idx.holdings.get_mut(&o) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.idx.holdings.remove(&o);
+                    }
+                }
+                if let Some(m) = self.members.get(&o) {
+                    self.idx.sub_held(&m.cluster, 1);
+                }
+            }
+            if let Some(n) = new {
+                self.idx.holder_of.insert(key.clone(), n.clone());
+                self.idx.holdings.entry(n.clone()).or_default().insert(key.clone());
+                if let Some(m) = self.members.get(&n) {
+                    self.idx.add_held(&m.cluster, 1);
+                }
+            }
+        }
+        match g {
+            Some(g) if g.holder.is_none() => self.idx.holderless.insert(key.clone()),
+            _ => self.idx.holderless.remove(key),
+        };
+        match g {
+            Some(g) if g.handover.is_some() => self.idx.handovers.insert(key.clone()),
+            _ => self.idx.handovers.remove(key),
+        };
+        if let Some(prev) = self.changes.at.insert(key.clone(), index) {
+            self.changes.by_index.remove(&(prev, key.clone()));
+        }
+        self.changes.by_index.insert((index, key.clone()));
+    }
+
+    /// Inserts (or replaces) a member record, keeping the member indexes.
+    fn put_member(&mut self, m: Member) {
+        let held = self.idx.held_count(&m.id);
+        if let Some(old) = self.members.get(&m.id) {
+            let old = old.clone();
+            self.unindex_member(&old, held);
+        }
+        self.idx.by_group.entry(m.group.clone()).or_default().insert(m.id.clone());
+        if !m.status.has_lease() {
+            self.idx.retired.insert((m.status_since_ms, m.id.clone()));
+        }
+        self.idx.add_held(&m.cluster, held);
+        self.pending.insert(m.group.clone());
+        self.members.insert(m.id.clone(), m);
+    }
+
+    /// Removes a member record, keeping the member indexes.
+    fn drop_member(&mut self, id: &MemberId) {
+        let held = self.idx.held_count(id);
+        if let Some(old) = self.members.remove(id) {
+            self.unindex_member(&old, held);
+            self.pending.insert(old.group);
+        }
+    }
+
+    fn unindex_member(&mut self, old: &Member, held: usize) {
+        if let Some(set) = self.idx.by_group.get_mut(&old.group) {
+            set.remove(&old.id);
+            if set.is_empty() {
+                self.idx.by_group.remove(&old.group);
+            }
+        }
+        if !old.status.has_lease() {
+            self.idx.retired.remove(&(old.status_since_ms, old.id.clone()));
+        }
+        self.idx.sub_held(&old.cluster, held);
+    }
+
+    /// Sets a member's status (stamped `ts`), keeping the retention index.
+    fn set_status(&mut self, id: &MemberId, status: MemberStatus, ts: i64) {
+        let Some(m) = self.members.get_mut(id) else { return };
+        if !m.status.has_lease() {
+            self.idx.retired.remove(&(m.status_since_ms, id.clone()));
+        }
+        m.status = status;
+        m.status_since_ms = ts;
+        if !status.has_lease() {
+            self.idx.retired.insert((ts, id.clone()));
+        }
+    }
+
+    /// The member records of a group (any status), in id order.
+    pub fn members_of<'a>(&'a self, group: &GroupKey) -> impl Iterator<Item = &'a Member> + 'a {
+        self.idx.by_group.get(group).into_iter().flatten().filter_map(|id| self.members.get(id))
+    }
+
+    /// The groups `member` holds, with their tokens.
+    pub fn holdings_of<'a>(&'a self, member: &MemberId) -> impl Iterator<Item = (&'a GroupKey, u64)> + 'a {
+        self.idx.holdings.get(member).into_iter().flatten().filter_map(|k| self.groups.get(k).map(|g| (k, g.token)))
+    }
+
+    /// Groups without a holder.
+    pub fn holderless_groups(&self) -> impl Iterator<Item = &GroupKey> {
+        self.idx.holderless.iter()
+    }
+
+    /// Groups with a handover in progress.
+    pub fn handover_groups(&self) -> impl Iterator<Item = &Group> {
+        self.idx.handovers.iter().filter_map(|k| self.groups.get(k))
+    }
+
+    /// Groups that changed after log index `since` (their record, holder, assignments or a
+    /// member record of theirs), or `None` when this state does not know (it was
+    /// deserialized after `since`): then the caller must treat every group as changed.
+    pub fn groups_changed_since(&self, since: u64) -> Option<Vec<GroupKey>> {
+        if since < self.changes.floor {
+            return None;
+        }
+        let from = (since.saturating_add(1), GroupKey(String::new()));
+        Some(self.changes.by_index.range(from..).map(|(_, k)| k.clone()).collect())
     }
 
     fn apply_cmd(&mut self, index: u64, ts: i64, cmd: &Command, effects: &mut Vec<Effect>) -> Outcome {
         match cmd {
             Command::Join(spec) => self.join(index, ts, spec),
             Command::Leave { member } => {
-                let Some(m) = self.members.get_mut(member) else {
+                let Some(m) = self.members.get(member) else {
                     return Outcome::rejected(RejectReason::UnknownMember, member.0.clone());
                 };
-                m.status = MemberStatus::Left;
-                m.status_since_ms = ts;
                 let group = m.group.clone();
+                self.set_status(member, MemberStatus::Left, ts);
                 if let Some(g) = self.groups.get_mut(&group)
                     && g.holder.as_ref() == Some(member)
                 {
@@ -230,15 +544,14 @@ impl State {
             Command::Expire { members } => {
                 let mut touched = BTreeSet::new();
                 for (id, epoch) in members {
-                    let Some(m) = self.members.get_mut(id) else { continue };
+                    let Some(m) = self.members.get(id) else { continue };
                     // A Join applied after the leader decided may have started a new lease.
                     if m.epoch != *epoch || !m.status.has_lease() {
                         continue;
                     }
-                    m.status = MemberStatus::Expired;
-                    m.status_since_ms = ts;
-                    self.counters.expirations = self.counters.expirations.saturating_add(1);
                     let group = m.group.clone();
+                    self.set_status(id, MemberStatus::Expired, ts);
+                    self.counters.expirations = self.counters.expirations.saturating_add(1);
                     if let Some(g) = self.groups.get_mut(&group)
                         && g.holder.as_ref() == Some(id)
                     {
@@ -255,12 +568,8 @@ impl State {
             }
             Command::MarkSilent { members } => {
                 for (id, epoch) in members {
-                    if let Some(m) = self.members.get_mut(id)
-                        && m.epoch == *epoch
-                        && m.status == MemberStatus::Live
-                    {
-                        m.status = MemberStatus::Silent;
-                        m.status_since_ms = ts;
+                    if self.members.get(id).is_some_and(|m| m.epoch == *epoch && m.status == MemberStatus::Live) {
+                        self.set_status(id, MemberStatus::Silent, ts);
                     }
                 }
                 Outcome::Done
@@ -302,7 +611,7 @@ impl State {
                     g.last_acked_message_id = *mid;
                     g.statistics = sanitize(*statistics);
                     for ev in events {
-                        let owner = route_runner(&self.members, group, &ev.runner_name);
+                        let owner = route_runner(&self.idx, &self.members, group, &ev.runner_name);
                         match ev.kind {
                             JobEventKind::Started => {
                                 g.busy_runners.insert(ev.runner_name.clone(), ev.job_id.clone());
@@ -520,7 +829,7 @@ impl State {
 
     /// Stamps the group vacant at `ts` once no member of it holds a lease.
     fn note_vacancy(&mut self, group: &GroupKey, ts: i64) {
-        let leased = self.members.values().any(|m| &m.group == group && m.status.has_lease());
+        let leased = self.members_of(group).any(|m| m.status.has_lease());
         if let Some(g) = self.groups.get_mut(group) {
             if leased {
                 g.vacant_since_ms = None;
@@ -596,6 +905,7 @@ impl State {
         for key in &garbage.groups {
             if self.groups.remove(key).is_some() {
                 removed += 1;
+                self.pending.insert(key.clone());
             }
         }
         let mut touched = BTreeSet::new();
@@ -613,17 +923,22 @@ impl State {
             {
                 g.forget_stale(id);
                 removed += 1;
+                self.pending.insert(key.clone());
             }
         }
         if garbage.unstamped > 0 {
             let leased: BTreeSet<&GroupKey> =
                 self.members.values().filter(|m| m.status.has_lease()).map(|m| &m.group).collect();
             for g in self.groups.values_mut() {
+                let before = (g.vacant_since_ms, g.stale_since_ms.len());
                 if g.vacant_since_ms.is_none() && !leased.contains(&g.key) {
                     g.vacant_since_ms = Some(ts);
                 }
                 for id in &g.stale_sessions {
                     g.stale_since_ms.entry(id.clone()).or_insert(ts);
+                }
+                if before != (g.vacant_since_ms, g.stale_since_ms.len()) {
+                    self.pending.insert(g.key.clone());
                 }
             }
         }
@@ -660,9 +975,9 @@ impl State {
             );
         }
         // The ERS name routes runners to members: it must be unique within the group.
-        let clash = self.members.values().find(|m| {
-            m.group == spec.group && m.status.has_lease() && m.ers_name == spec.ers_name && m.cluster != spec.cluster
-        });
+        let clash = self
+            .members_of(&spec.group)
+            .find(|m| m.status.has_lease() && m.ers_name == spec.ers_name && m.cluster != spec.cluster);
         if let Some(c) = clash {
             return Outcome::rejected(
                 RejectReason::Conflict,
@@ -677,13 +992,18 @@ impl State {
             return Outcome::rejected(RejectReason::NotEligible, format!("cluster {} is not allowed", spec.cluster));
         }
         // Older incarnations of the same (cluster, ERS) become standbys.
-        for m in self.members.values_mut() {
-            if m.id != spec.member
-                && m.group == spec.group
-                && m.cluster == spec.cluster
-                && m.ers_namespace == spec.ers_namespace
-                && m.ers_name == spec.ers_name
-            {
+        let superseded: Vec<MemberId> = self
+            .members_of(&spec.group)
+            .filter(|m| {
+                m.id != spec.member
+                    && m.cluster == spec.cluster
+                    && m.ers_namespace == spec.ers_namespace
+                    && m.ers_name == spec.ers_name
+            })
+            .map(|m| m.id.clone())
+            .collect();
+        for id in superseded {
+            if let Some(m) = self.members.get_mut(&id) {
                 m.standby = true;
             }
         }
@@ -706,7 +1026,7 @@ impl State {
             standby: false,
             status_since_ms: ts,
         };
-        self.members.insert(spec.member.clone(), member);
+        self.put_member(member);
         if let Some(g) = self.groups.get_mut(&spec.group) {
             g.vacant_since_ms = None;
         }
@@ -787,15 +1107,11 @@ impl State {
         {
             return Some(p.clone());
         }
-        let load = |cluster: &str| {
-            self.groups
-                .values()
-                .filter(|g| g.holder.as_ref().and_then(|h| self.members.get(h)).is_some_and(|m| m.cluster == cluster))
-                .count()
-        };
-        self.members
-            .values()
-            .filter(|m| &m.group == group && ok(&m.id))
+        // Groups held by the cluster, from the index: the choice costs what the group's
+        // members cost, whatever the number of groups.
+        let load = |cluster: &str| self.idx.held_by_cluster.get(cluster).copied().unwrap_or(0);
+        self.members_of(group)
+            .filter(|m| ok(&m.id))
             .min_by(|a, b| {
                 (a.priority, load(&a.cluster), &a.cluster, &a.id).cmp(&(
                     b.priority,
@@ -822,9 +1138,8 @@ impl State {
 
     /// Σ max_i of the live, non-draining members, capped to int32 (X-ScaleSetMaxCapacity).
     pub fn max_capacity(&self, group: &GroupKey) -> i64 {
-        self.members
-            .values()
-            .filter(|m| &m.group == group && m.counts_for_split())
+        self.members_of(group)
+            .filter(|m| m.counts_for_split())
             .fold(0i64, |a, m| a.saturating_add(m.max_runners.max(0)))
             .min(MAX_CAPACITY)
     }
@@ -833,13 +1148,16 @@ impl State {
     pub fn busy_of(&self, member: &MemberId) -> i64 {
         let Some(m) = self.members.get(member) else { return 0 };
         let Some(g) = self.groups.get(&m.group) else { return 0 };
-        g.busy_runners.keys().filter(|r| route_runner(&self.members, &m.group, r).as_ref() == Some(member)).count()
-            as i64
+        g.busy_runners
+            .keys()
+            .filter(|r| route_runner(&self.idx, &self.members, &m.group, r).as_ref() == Some(member))
+            .count() as i64
     }
 
     /// Recomputes the split of one group and bumps its revision.
     fn recompute(&mut self, group: &GroupKey, dirty: BTreeSet<MemberId>) {
-        let live: Vec<&Member> = self.members.values().filter(|m| &m.group == group && m.counts_for_split()).collect();
+        self.pending.insert(group.clone());
+        let live: Vec<&Member> = self.members_of(group).filter(|m| m.counts_for_split()).collect();
         let Some(g) = self.groups.get(group) else { return };
         let inputs: Vec<SplitInput> = live
             .iter()
@@ -861,8 +1179,14 @@ impl State {
     }
 
     /// Drops expired/left members after the retention period, so snapshots stay small.
+    /// Takes the due records from the front of the retention index (oldest first).
     fn gc(&mut self, ts: i64) {
-        self.members.retain(|_, m| !member_due(m, ts));
+        while let Some((_, id)) = self.idx.retired.first().cloned() {
+            if !self.members.get(&id).is_some_and(|m| member_due(m, ts)) {
+                break;
+            }
+            self.drop_member(&id);
+        }
     }
 
     /// Assignment of a member in the applied state (0 when it has none).
@@ -908,10 +1232,18 @@ impl Garbage {
 }
 
 /// The member whose ERS name (followed by `-`) is the longest prefix of the runner name.
-pub fn route_runner(members: &BTreeMap<MemberId, Member>, group: &GroupKey, runner: &str) -> Option<MemberId> {
-    members
-        .values()
-        .filter(|m| &m.group == group && !m.standby && m.status.has_lease())
+fn route_runner(
+    idx: &Indexes,
+    members: &BTreeMap<MemberId, Member>,
+    group: &GroupKey,
+    runner: &str,
+) -> Option<MemberId> {
+    idx.by_group
+        .get(group)
+        .into_iter()
+        .flatten()
+        .filter_map(|id| members.get(id))
+        .filter(|m| !m.standby && m.status.has_lease())
         .filter(|m| runner.strip_prefix(m.ers_name.as_str()).is_some_and(|rest| rest.starts_with('-')))
         .max_by_key(|m| m.ers_name.len())
         .map(|m| m.id.clone())

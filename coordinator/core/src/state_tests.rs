@@ -896,3 +896,126 @@ proptest! {
         prop_assert!(state.garbage(at, &policy).is_empty(), "{:?}", state.garbage(at, &policy));
     }
 }
+
+// ---- derived indexes (issue 8, Scale): kept by apply, equal to a recomputation ----
+
+fn gk_n(n: i64) -> GroupKey {
+    GroupKey::new("https://GitHub.example/Org/", n).expect("valid key")
+}
+
+/// `arb_cmd` spread over three groups (the member ids stay shared, so Joins into a second
+/// group are refused until the first record is collected).
+fn arb_multi_cmd() -> impl Strategy<Value = Command> {
+    (arb_cmd(), 1i64..=3, arb_policy(), 0u8..10).prop_map(|(mut cmd, n, policy, collect)| {
+        if collect == 0 {
+            return Command::Collect(policy);
+        }
+        let key = gk_n(n);
+        match &mut cmd {
+            Command::Join(spec) => spec.group = key,
+            Command::Grant { group, .. }
+            | Command::Revoke { group, .. }
+            | Command::Progress { group, .. }
+            | Command::SessionOpened { group, .. }
+            | Command::Release { group, .. }
+            | Command::Adopt { group, .. }
+            | Command::RequestHandover { group, .. } => *group = key,
+            _ => {}
+        }
+        cmd
+    })
+}
+
+/// Groups whose record, or a member record of theirs, differs between two states.
+fn changed_groups(before: &State, after: &State) -> std::collections::BTreeSet<GroupKey> {
+    let mut out = std::collections::BTreeSet::new();
+    for key in before.groups.keys().chain(after.groups.keys()) {
+        if before.groups.get(key) != after.groups.get(key) {
+            out.insert(key.clone());
+        }
+    }
+    for id in before.members.keys().chain(after.members.keys()) {
+        let (b, a) = (before.members.get(id), after.members.get(id));
+        if b != a {
+            out.extend(b.map(|m| m.group.clone()));
+            out.extend(a.map(|m| m.group.clone()));
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// After every entry the indexes `apply` keeps equal a from-scratch recomputation; every
+    /// group whose data changed is reported by `groups_changed_since`; and a snapshot
+    /// round-trip (serde, as install and restore do it) rebuilds equal indexes, after which
+    /// both copies stay equal under the same entries.
+    #[test]
+    fn indexes_equal_a_recomputation_and_survive_a_snapshot(
+        steps in proptest::collection::vec((arb_multi_cmd(), 0i64..400_000), 1..80),
+        cut in 0usize..80,
+    ) {
+        let mut state = State::default();
+        let mut restored: Option<State> = None;
+        let mut ts = 0i64;
+        for (i, (cmd, step)) in steps.into_iter().enumerate() {
+            let index = i as u64 + 1;
+            ts = ts.saturating_add(step);
+            let req = Request { ts_ms: ts, cmd };
+            let before = state.clone();
+            let a = state.apply(index, &req);
+            prop_assert_eq!(state.indexes(), &Indexes::compute(&state.groups, &state.members), "after {:?}", req.cmd);
+            let reported: std::collections::BTreeSet<GroupKey> =
+                state.groups_changed_since(index - 1).expect("the log reaches back one entry").into_iter().collect();
+            let changed = changed_groups(&before, &state);
+            prop_assert!(changed.is_subset(&reported), "changed {:?}, reported {:?}", changed, reported);
+            if let Some(r) = restored.as_mut() {
+                prop_assert_eq!(r.apply(index, &req), a);
+                prop_assert_eq!(&*r, &state);
+                prop_assert_eq!(r.indexes(), state.indexes());
+            }
+            if i == cut {
+                let json = serde_json::to_vec(&state).expect("serialize");
+                let r: State = serde_json::from_slice(&json).expect("deserialize");
+                prop_assert_eq!(&r, &state);
+                prop_assert_eq!(r.indexes(), state.indexes());
+                prop_assert!(r.groups_changed_since(index - 1).is_none(), "a restored state knows no earlier change");
+                restored = Some(r);
+            }
+        }
+    }
+}
+
+#[test]
+fn choose_holder_prefers_the_cluster_holding_fewer_groups() {
+    let mut w = World::new();
+    let spec = |m: &str, c: &str, g: i64| {
+        Command::Join(JoinSpec {
+            member: mid(m),
+            cluster: c.into(),
+            group: gk_n(g),
+            ers_namespace: "ns".into(),
+            ers_name: format!("set-{c}"),
+            weight: 1,
+            min_runners: 0,
+            max_runners: 5,
+            priority: 0,
+            github_ready: true,
+            policy: SplitPolicy::Spread,
+        })
+    };
+    // Cluster a holds groups 1 and 2; b holds nothing; group 3 is holderless.
+    for (m, c, g) in [("a1", "a", 1), ("a2", "a", 2), ("a3", "a", 3), ("b3", "b", 3)] {
+        w.apply(spec(m, c, g));
+    }
+    for (g, m) in [(1, "a1"), (2, "a2")] {
+        assert!(matches!(w.apply(Command::Grant { group: gk_n(g), member: mid(m) }).outcome, Outcome::Granted { .. }));
+    }
+    assert_eq!(w.state.holderless_groups().cloned().collect::<Vec<_>>(), vec![gk_n(3)]);
+    assert_eq!(w.state.choose_holder(&gk_n(3), 0, &|_| true), Some(mid("b3")));
+    assert_eq!(w.state.holdings_of(&mid("a1")).map(|(k, t)| (k.clone(), t)).collect::<Vec<_>>(), vec![(
+        gk_n(1),
+        w.state.groups[&gk_n(1)].token
+    )]);
+}
