@@ -105,6 +105,11 @@ impl SimGitHub for SimVia {
 #[derive(Debug)]
 enum RunnerCmd {
     Patch(Patch),
+    /// Record our federated session on our ERS (`arcfed.io/session-id`), so that the next
+    /// listener of this cluster can delete it once the quorum lists it stale.
+    Record(String),
+    /// Clear the record if it still names this session.
+    ClearRecord(String),
     JobStarted(String, JobStarted),
     JobCompleted(String),
 }
@@ -134,6 +139,8 @@ enum Event {
     Message(Result<Option<pb::CoordinatorMessage>, tonic::Status>),
     GitHub(GhDone),
     Local(Input),
+    /// The stale-session sweep finished: (session id, deleted or already gone).
+    Swept(String, bool),
 }
 
 pub struct Driver {
@@ -186,6 +193,15 @@ pub struct Driver {
     /// cert-manager rotates the agent's certificate in place: a change closes the stream, and
     /// the next attach reads the new files.
     tls_watch: Option<(crate::config::TlsWatcher, u64)>,
+    /// Raft term of the leader that accepted our last Join (log spans only).
+    term: u64,
+    /// Federated: the session id our cluster's previous listener recorded on our ERS. Once the
+    /// quorum lists it stale (nobody holds it), this member deletes it with its own cluster's
+    /// credentials, holder or not (DESIGN §5.12; see `maybe_sweep`).
+    predecessor: Option<String>,
+    sweep: Option<BoxFuture<'static, (String, bool)>>,
+    sweep_next_at: u64,
+    sweep_failures: u32,
 }
 
 /// How often the TLS files are checked for a rotation.
@@ -284,10 +300,26 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         shutdown_at: None,
         pending: VecDeque::new(),
         tls_watch: None,
+        term: 0,
+        predecessor: None,
+        sweep: None,
+        sweep_next_at: 0,
+        sweep_failures: 0,
     };
     d.tls_watch = d.cfg.tls.clone().map(|p| (crate::config::TlsWatcher::new(p), now + TLS_CHECK_EVERY_MS));
     if standalone {
         d.start_open_holder().await;
+    } else {
+        d.predecessor = match runners.session_record().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the session record on the EphemeralRunnerSet; continuing without it");
+                None
+            }
+        };
+        if let Some(id) = &d.predecessor {
+            tracing::info!(session = %id, "our cluster's previous listener recorded a session: deleting it once the quorum lists it stale");
+        }
     }
     let result = d.run_loop(&mut shutdown).await;
     ready_task.abort();
@@ -363,6 +395,9 @@ impl Driver {
         if let Some(r) = self.regrant_at {
             t = t.min(r);
         }
+        if self.sweep_due().is_some() {
+            t = t.min(self.sweep_next_at);
+        }
         t
     }
 
@@ -389,6 +424,10 @@ impl Driver {
             i = async { match self.local.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
                 self.local = None;
                 Event::Local(i)
+            }
+            (id, ok) = async { match self.sweep.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                self.sweep = None;
+                Event::Swept(id, ok)
             }
         }
     }
@@ -458,6 +497,7 @@ impl Driver {
                 }
                 Event::GitHub(done) => self.on_github(done),
                 Event::Local(input) => self.pump_holder(input),
+                Event::Swept(id, ok) => self.on_swept(id, ok),
             }
         }
     }
@@ -525,7 +565,8 @@ impl Driver {
         let span = tracing::info_span!(
             "holder",
             group = self.group_key.as_deref().unwrap_or(""),
-            token = self.holder.token.map_or(-1, |t| t as i64)
+            token = self.holder.token.map_or(-1, |t| t as i64),
+            term = self.term
         );
         let _entered = span.enter();
         self.pending.push_back(input);
@@ -815,6 +856,9 @@ impl Driver {
             CoordOp::Commit { token, session_id } => (
                 {
                     self.metrics.record_statistics(&self.stats);
+                    // Best effort and off the commit's path: the record only lets this
+                    // cluster's next listener free the slot early (see `maybe_sweep`).
+                    let _ = self.runners_tx.try_send(RunnerCmd::Record(session_id.clone()));
                     CoordKind::Commit
                 },
                 pb::agent_message::Msg::SessionOpened(pb::SessionOpened {
@@ -853,7 +897,12 @@ impl Driver {
                 )
             }
             CoordOp::Release { token, deleted, reason } => (
-                CoordKind::Release,
+                {
+                    for id in &deleted {
+                        let _ = self.runners_tx.try_send(RunnerCmd::ClearRecord(id.clone()));
+                    }
+                    CoordKind::Release
+                },
                 pb::agent_message::Msg::Release(pb::Release {
                     request_id: rid,
                     token,
@@ -997,7 +1046,8 @@ impl Driver {
         let Some(m) = m.msg else { return };
         match m {
             Out::Joined(j) => {
-                tracing::info!(epoch = j.epoch, group = %j.group_key, cluster = %j.cluster, ttl_ms = j.lease_ttl_ms, "joined");
+                tracing::info!(epoch = j.epoch, term = j.term, group = %j.group_key, cluster = %j.cluster, ttl_ms = j.lease_ttl_ms, "joined");
+                self.term = j.term;
                 self.group_key = Some(j.group_key.clone());
                 self.metrics.coordinator_connected.set(1);
                 self.pump_link(LinkEvent::Joined {
@@ -1062,6 +1112,7 @@ impl Driver {
                     self.apply_assignment(a.runners, a.dirty, a.force_zero_patch);
                 }
                 self.assignment = Some(a);
+                self.maybe_sweep();
             }
             Out::JobEvent(e) => {
                 if let Some(ev) = e.event {
@@ -1145,6 +1196,82 @@ impl Driver {
 
     /// Timers that are not the machines': re-patch, fallback, certificate rotation, and
     /// contending again in open mode after a release (never below ARC: keep trying).
+    /// The predecessor's session, when the quorum lists it stale and this member may delete
+    /// it now: not in fallback or shutdown, and not the session our own holder machine has.
+    fn sweep_due(&self) -> Option<&String> {
+        let id = self.predecessor.as_ref()?;
+        let listed = self.assignment.as_ref().is_some_and(|a| a.stale_sessions.contains(id));
+        let ours =
+            self.holder.session_id() == Some(id.as_str()) || self.session.as_ref().is_some_and(|s| &s.session_id == id);
+        (listed
+            && !ours
+            && !self.holder.is_holding()
+            && !self.fallback
+            && !self.open_fence
+            && self.shutdown_at.is_none()
+            && self.sweep.is_none())
+        .then_some(id)
+    }
+
+    /// Deletes the session our cluster's previous listener left, once the quorum lists it
+    /// stale. This is the one DELETE a non-holder sends, and it is safe outside the fence: an id
+    /// enters the stale set only after its holder's fence has ended (a lapsed or revoked lease,
+    /// or a late SessionOpened under an old token), so it cannot cut a live holder's session.
+    /// It matters with per-cluster credentials, where GitHub refuses the successor's DELETE
+    /// of another credential's session: the dead holder's restarted pod frees the slot instead
+    /// of GitHub's ~90 s orphan expiry. The holder's own revoke then sees the id gone.
+    fn maybe_sweep(&mut self) {
+        let now = self.now();
+        if now < self.sweep_next_at {
+            return;
+        }
+        let Some(id) = self.sweep_due().cloned() else { return };
+        tracing::info!(session = %id, "deleting the stale session our cluster's previous listener opened");
+        let client = self.client.clone();
+        let runners = self.runners.clone();
+        let metrics = self.metrics.clone();
+        self.sweep = Some(Box::pin(async move {
+            let r = tokio::time::timeout(GITHUB_OP_TIMEOUT, client.delete_session(&github::Open, &id))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(github::Error::Config(format!("session delete timed out after {GITHUB_OP_TIMEOUT:?}")))
+                });
+            match r {
+                Ok(()) => {
+                    metrics.session_deletes.inc();
+                    metrics.stale_sweeps.inc();
+                    if let Ok(Some(rec)) = runners.session_record().await
+                        && rec == id
+                        && let Err(e) = runners.set_session_record(None).await
+                    {
+                        tracing::warn!(error = %e, "cannot clear the session record");
+                    }
+                    (id, true)
+                }
+                Err(e) => {
+                    metrics.github_error(error_kind(&e));
+                    tracing::warn!(session = %id, error = %e, "stale session delete failed; will retry");
+                    (id, false)
+                }
+            }
+        }));
+    }
+
+    fn on_swept(&mut self, id: String, ok: bool) {
+        if ok {
+            tracing::info!(session = %id, "stale session of our cluster's previous listener deleted");
+            if self.predecessor.as_ref() == Some(&id) {
+                self.predecessor = None;
+            }
+            self.sweep_failures = 0;
+        } else {
+            // Exponential backoff with full jitter, 0.5 s .. 15 s.
+            self.sweep_failures = self.sweep_failures.saturating_add(1);
+            let cap = (500u64 << self.sweep_failures.min(5)).min(15_000);
+            self.sweep_next_at = self.now() + 250 + rand::random::<u64>() % cap;
+        }
+    }
+
     fn periodic(&mut self) {
         let now = self.now();
         if self.open_fence && self.shutdown_at.is_none() && self.holder.phase == HolderPhase::Standby {
@@ -1173,6 +1300,7 @@ impl Driver {
                 self.stream_failed(None);
             }
         }
+        self.maybe_sweep();
         if now >= self.next_repatch {
             // At least every 50 s with a fresh patchID (DESIGN §5.6), holder or not.
             // Standalone, and the fallback winner, run ARC's algorithm; everyone else keeps
@@ -1368,6 +1496,12 @@ async fn runner_task(runners: Arc<Runners<SimVia>>, mut rx: mpsc::Receiver<Runne
             RunnerCmd::Patch(p) => runners.patch_replicas(*p).await,
             RunnerCmd::JobStarted(name, job) => runners.patch_job_started(name, job).await,
             RunnerCmd::JobCompleted(name) => runners.on_job_completed(name).await,
+            RunnerCmd::Record(id) => runners.set_session_record(Some(id)).await,
+            RunnerCmd::ClearRecord(id) => match runners.session_record().await {
+                Ok(Some(r)) if &r == id => runners.set_session_record(None).await,
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            },
         };
         match r {
             Ok(()) => tracing::debug!(?cmd, "runner backend updated"),

@@ -334,6 +334,8 @@ pub struct Metrics {
     pub token: Gauge,
     pub session_creates: Counter,
     pub session_deletes: Counter,
+    /// Stale sessions of this cluster's previous listener deleted while not holding.
+    pub stale_sweeps: Counter,
     pub conflicts_409: Counter,
     /// 1 while a 409 names a session owner that is not arcfed (a stock listener runs somewhere).
     pub foreign_session: Gauge,
@@ -428,6 +430,7 @@ impl Metrics {
             token: Gauge::default(),
             session_creates: Counter::default(),
             session_deletes: Counter::default(),
+            stale_sweeps: Counter::default(),
             conflicts_409: Counter::default(),
             foreign_session: Gauge::default(),
             revocation_ineffective: Counter::default(),
@@ -452,6 +455,11 @@ impl Metrics {
         a.register("token", "Fencing token held by this agent (0 = none)", m.token.clone());
         a.register("session_creates", "Message sessions created", m.session_creates.clone());
         a.register("session_deletes", "Message sessions deleted (own and stale)", m.session_deletes.clone());
+        a.register(
+            "stale_sweeps",
+            "Stale sessions left by this cluster's previous listener, deleted by this member with its own credentials",
+            m.stale_sweeps.clone(),
+        );
         a.register("conflicts_409", "409 Conflict answers to session creation", m.conflicts_409.clone());
         a.register(
             "foreign_session",

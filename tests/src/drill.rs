@@ -239,6 +239,16 @@ async fn kill_holder(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let mut r = RunReport { token_before: token, ..RunReport::default() };
     let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
     sb.regions[i].agent.kill();
+    if sb.opts.per_region_credentials {
+        // ARC recreates the listener pod at once; with per-region credentials only that pod
+        // (same cluster, same credential) can delete the orphan, and it does so once the
+        // quorum lists it stale.
+        let leader = sb.status().await?.leader;
+        sb.regions[i].respawn(Some(leader)).await?;
+        let to = takeover(sb, &member, fault, fault_emu, &mut r).await?;
+        r.what = format!("{} → {to} (pod recreated at once)", sb.regions[i].name);
+        return Ok(r);
+    }
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await?;
     r.what = format!("{} → {to}", sb.regions[i].name);
     let leader = sb.status().await?.leader;

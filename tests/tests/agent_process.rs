@@ -20,11 +20,20 @@ struct World {
 
 /// The emulator with the adversarial values of the undocumented knobs (tests/EMULATOR.md).
 async fn emulator(long_poll: Duration) -> anyhow::Result<(EmulatorHandle, i64)> {
+    emulator_with(long_poll, |_| {}).await
+}
+
+/// [`emulator`], with `tune` applied to the config last.
+async fn emulator_with(
+    long_poll: Duration,
+    tune: impl FnOnce(&mut EmulatorConfig),
+) -> anyhow::Result<(EmulatorHandle, i64)> {
     let mut cfg = EmulatorConfig::default();
     cfg.settings.long_poll = long_poll;
     cfg.settings.queue_token_survives_session_delete = true;
     cfg.settings.session_ttl_from = SessionTtlFrom::Creation;
     cfg.settings.cursor = Cursor::PerScaleSet;
+    tune(&mut cfg);
     let emu = Emulator::start(cfg, tokio::net::TcpListener::bind("127.0.0.1:0").await?).await?;
     let set = emu.create_scale_set("federated", 1).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Ok((emu, set.id))
@@ -41,8 +50,18 @@ impl World {
 
     /// A world whose agents' specs `tune` adjusts (extra flags, shorter timers).
     async fn start_with(clusters: &[&str], tune: impl Fn(&mut AgentSpec)) -> anyhow::Result<World> {
-        let dir = tempfile::tempdir()?;
         let (emu, set) = emulator(Duration::from_secs(2)).await?;
+        World::start_on(emu, set, clusters, tune).await
+    }
+
+    /// A world on a given emulator and scale set.
+    async fn start_on(
+        emu: EmulatorHandle,
+        set: i64,
+        clusters: &[&str],
+        tune: impl Fn(&mut AgentSpec),
+    ) -> anyhow::Result<World> {
+        let dir = tempfile::tempdir()?;
         let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
         q.wait_serving(WAIT).await?;
         let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
@@ -244,6 +263,56 @@ async fn c_sigkill_holder_successor_revokes_the_orphan_and_takes_over() -> anyho
         })
         .await?;
     assert_eq!(w.q().status().await?.groups[0].token, new_token, "no failback");
+    w.assert_clean();
+    Ok(())
+}
+
+/// Per-cluster credentials, and GitHub refusing to delete another credential's session: the
+/// successor cannot revoke the SIGKILLed holder's orphan, so the dead holder's recreated pod
+/// (same cluster, same credentials) deletes it once the quorum lists it stale, instead of
+/// everyone waiting for GitHub's orphan expiry (10 min here, so expiry cannot be the cure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_cluster_credentials_the_recreated_pod_deletes_its_predecessors_orphan() -> anyhow::Result<()> {
+    use arcfed_tests::emulator::CrossCredentialDelete;
+    let (emu, set) = emulator_with(Duration::from_secs(2), |c| {
+        c.pats = vec!["pat-a".into(), "pat-b".into()];
+        c.settings.cross_credential_delete = CrossCredentialDelete::Deny;
+        c.settings.session_ttl = Duration::from_secs(600);
+    })
+    .await?;
+    let mut w = World::start_on(emu, set, &["a", "b"], |s| s.github.pat = format!("pat-{}", s.cluster)).await?;
+    let (cluster, member, token) = w.holder().await?;
+    let orphan = w.polling_session(token).await?;
+    w.agent(&cluster).kill();
+    // The other cluster is granted, and its revocation is refused (403, another credential).
+    w.q()
+        .wait_status("a grant to the other cluster", WAIT, |s| {
+            s.groups.first().is_some_and(|g| !g.holder.is_empty() && g.holder != member)
+        })
+        .await?;
+    let open = |w: &World| {
+        let rep = w.emu.report();
+        rep.scale_set(w.set)
+            .and_then(|s| s.sessions.iter().find(|x| x.session_id == orphan).map(|x| x.closed_at.is_none()))
+    };
+    assert_eq!(open(&w), Some(true), "the successor alone cannot delete another credential's session");
+    // ARC recreates the killed listener pod: it reads its predecessor's session off its ERS.
+    w.agent(&cluster).restart()?;
+    let (new_cluster, new_token, _) = w.successor(&member).await?;
+    assert_ne!(new_cluster, cluster, "the successor is the other cluster");
+    assert!(new_token > token, "tokens only grow");
+    let rep = w.emu.report();
+    let ss = rep.scale_set(w.set).expect("scale set");
+    let o = ss.sessions.iter().find(|s| s.session_id == orphan).expect("orphan");
+    assert_eq!(o.close_reason, CloseReason::Deleted, "deleted, not expired");
+    let swept = w
+        .agent(&cluster)
+        .wait_metric("the recreated pod's stale sweep", WAIT, |t| {
+            metric_value(t, "arcfed_agent_stale_sweeps_total").is_some_and(|v| v >= 1.0)
+        })
+        .await;
+    assert!(swept.is_ok(), "the recreated pod deleted it; logs:\n{}", w.logs());
+    w.q().wait_status("the stale list drained", WAIT, |s| s.groups[0].stale_sessions.is_empty()).await?;
     w.assert_clean();
     Ok(())
 }
