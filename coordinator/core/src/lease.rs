@@ -46,6 +46,8 @@ impl LeaseConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseEntry {
     pub epoch: u64,
+    /// Inside the table this is relative to [`LeaseTable`]'s `shift` (the accumulated timer
+    /// lateness); [`LeaseTable::entry`] returns it as the real deadline.
     pub deadline: u64,
     pub last_keepalive: Option<u64>,
     pub stream_open: bool,
@@ -90,6 +92,19 @@ pub struct LeaseTable {
     /// judging it would collapse the fast-path floor to `now + grace` (issue 8, item 1).
     term: Option<u64>,
     entries: BTreeMap<MemberId, LeaseEntry>,
+    /// Lateness of late ticks added so far this term: an entry's real deadline is its stored
+    /// deadline + `shift`, so extending every deadline costs one addition.
+    shift: u64,
+    /// (stored deadline, member) of every entry whose Expire is not proposed yet: a tick
+    /// takes the due ones from the front, so it costs O(due), not O(members).
+    by_deadline: BTreeSet<(u64, MemberId)>,
+    /// (when the no-stream rule makes it Silent, member) of every entry without a stream whose
+    /// MarkSilent and Expire are not proposed yet. Real time: lateness does not move it.
+    by_silence: BTreeSet<(u64, MemberId)>,
+    /// Members whose entry `on_join` created since the driver last asked
+    /// ([`LeaseTable::take_joined`]): the driver checks them against the applied state once,
+    /// so a Join answered after a later Leave cannot leave an entry behind.
+    joined: Vec<MemberId>,
     handovers: BTreeMap<(GroupKey, u64), HandoverTimer>,
     /// Groups known at the promotion, and until when Grants for them wait: a fallback
     /// holder that reattaches after a quorum loss reports `Adopt` first (DESIGN §5.11).
@@ -103,6 +118,10 @@ impl LeaseTable {
             cfg,
             term: None,
             entries: BTreeMap::new(),
+            shift: 0,
+            by_deadline: BTreeSet::new(),
+            by_silence: BTreeSet::new(),
+            joined: Vec::new(),
             handovers: BTreeMap::new(),
             grant_hold: BTreeSet::new(),
             grant_hold_until: 0,
@@ -118,28 +137,93 @@ impl LeaseTable {
     pub fn clear(&mut self) {
         self.term = None;
         self.grant_hold.clear();
-        self.entries.clear();
+        self.clear_entries();
         self.handovers.clear();
     }
 
-    pub fn entry(&self, m: &MemberId) -> Option<&LeaseEntry> {
-        self.entries.get(m)
+    fn clear_entries(&mut self) {
+        self.entries.clear();
+        self.by_deadline.clear();
+        self.by_silence.clear();
+        self.joined.clear();
+        self.shift = 0;
+    }
+
+    /// Members `on_join` gave an entry since the last call.
+    pub fn take_joined(&mut self) -> Vec<MemberId> {
+        std::mem::take(&mut self.joined)
+    }
+
+    /// A copy of a member's entry, with its real deadline.
+    pub fn entry(&self, m: &MemberId) -> Option<LeaseEntry> {
+        self.entries.get(m).map(|e| LeaseEntry { deadline: e.deadline.saturating_add(self.shift), ..e.clone() })
+    }
+
+    /// Where an entry sits in the two indexes (deadline stored relative to `shift`).
+    fn keys(e: &LeaseEntry, bound: u64) -> (Option<u64>, Option<u64>) {
+        let deadline = (!e.expire_proposed).then_some(e.deadline);
+        let silence = match e.closed_at {
+            Some(closed) if !e.stream_open && !e.silent_proposed && !e.expire_proposed => {
+                Some(closed.max(e.last_keepalive.unwrap_or(0)).saturating_add(bound))
+            }
+            _ => None,
+        };
+        (deadline, silence)
+    }
+
+    fn unindex(&mut self, m: &MemberId, e: &LeaseEntry) {
+        let (d, s) = Self::keys(e, self.cfg.fence_bound_ms());
+        if let Some(d) = d {
+            self.by_deadline.remove(&(d, m.clone()));
+        }
+        if let Some(s) = s {
+            self.by_silence.remove(&(s, m.clone()));
+        }
+    }
+
+    fn index(&mut self, m: &MemberId, e: &LeaseEntry) {
+        let (d, s) = Self::keys(e, self.cfg.fence_bound_ms());
+        if let Some(d) = d {
+            self.by_deadline.insert((d, m.clone()));
+        }
+        if let Some(s) = s {
+            self.by_silence.insert((s, m.clone()));
+        }
+    }
+
+    /// Inserts or replaces an entry; `deadline` is real time.
+    fn put(&mut self, m: &MemberId, mut e: LeaseEntry) {
+        if let Some(old) = self.entries.remove(m) {
+            self.unindex(m, &old);
+        }
+        e.deadline = e.deadline.saturating_sub(self.shift);
+        self.index(m, &e);
+        self.entries.insert(m.clone(), e);
+    }
+
+    /// Changes an entry in place and moves it in the indexes. `f` sees the stored deadline.
+    fn update<T>(&mut self, m: &MemberId, f: impl FnOnce(&mut LeaseEntry, u64) -> T) -> Option<T> {
+        let mut e = self.entries.remove(m)?;
+        self.unindex(m, &e);
+        let out = f(&mut e, self.shift);
+        self.index(m, &e);
+        self.entries.insert(m.clone(), e);
+        Some(out)
     }
 
     /// A committed Join started (or restarted) a lease.
     pub fn on_join(&mut self, m: &MemberId, epoch: u64, now: u64) {
-        self.entries.insert(
-            m.clone(),
-            LeaseEntry {
-                epoch,
-                deadline: now.saturating_add(self.cfg.ttl_ms),
-                last_keepalive: Some(now),
-                stream_open: true,
-                closed_at: None,
-                expire_proposed: false,
-                silent_proposed: false,
-            },
-        );
+        let e = LeaseEntry {
+            epoch,
+            deadline: now.saturating_add(self.cfg.ttl_ms),
+            last_keepalive: Some(now),
+            stream_open: true,
+            closed_at: None,
+            expire_proposed: false,
+            silent_proposed: false,
+        };
+        self.put(m, e);
+        self.joined.push(m.clone());
     }
 
     /// A keepalive for `epoch` arrived at `now`. `quorum_age_ms` is how long ago this
@@ -147,14 +231,14 @@ impl LeaseTable {
     pub fn on_keepalive(&mut self, m: &MemberId, epoch: u64, now: u64, quorum_age_ms: Option<u64>) -> KeepaliveVerdict {
         let window = self.cfg.quorum_window_ms();
         let ttl = self.cfg.ttl_ms;
-        let Some(e) = self.entries.get_mut(m) else {
+        let Some(e) = self.entries.get(m) else {
             return KeepaliveVerdict::Expired("no lease on this leader; join again");
         };
         if e.epoch != epoch {
             return KeepaliveVerdict::Expired("lease epoch is not current; join again");
         }
         // No renewal past death: once the deadline passed, only a new Join helps.
-        if now >= e.deadline || e.expire_proposed {
+        if now >= e.deadline.saturating_add(self.shift) || e.expire_proposed {
             return KeepaliveVerdict::Expired("lease deadline passed; join again");
         }
         if e.silent_proposed {
@@ -163,10 +247,12 @@ impl LeaseTable {
         // The member is alive and talks to us: keep its deadline fresh even without quorum,
         // so that a leader that regains quorum does not expire a healthy member. Safety does
         // not depend on the deadline but on the ack, which needs quorum.
-        e.deadline = now.saturating_add(ttl);
-        e.last_keepalive = Some(now);
-        e.stream_open = true;
-        e.closed_at = None;
+        self.update(m, |e, shift| {
+            e.deadline = now.saturating_add(ttl).saturating_sub(shift);
+            e.last_keepalive = Some(now);
+            e.stream_open = true;
+            e.closed_at = None;
+        });
         match quorum_age_ms {
             Some(age) if age <= window => KeepaliveVerdict::Ack,
             _ => KeepaliveVerdict::NoQuorum,
@@ -187,20 +273,24 @@ impl LeaseTable {
         }
         let grace = self.cfg.reconnect_grace_ms;
         let bound = self.cfg.fence_bound_ms();
-        let Some(e) = self.entries.get_mut(m) else { return };
-        if e.epoch != epoch {
+        let Some(e) = self.entries.get(m) else { return };
+        if e.epoch != epoch || e.last_keepalive.is_none() {
             return;
         }
-        let Some(last) = e.last_keepalive else { return };
-        e.stream_open = false;
-        e.closed_at = Some(now);
-        let floor = now.saturating_add(grace).max(last.saturating_add(bound));
-        e.deadline = e.deadline.min(floor);
+        self.update(m, |e, shift| {
+            let last = e.last_keepalive.unwrap_or(now);
+            e.stream_open = false;
+            e.closed_at = Some(now);
+            let floor = now.saturating_add(grace).max(last.saturating_add(bound));
+            e.deadline = e.deadline.saturating_add(shift).min(floor).saturating_sub(shift);
+        });
     }
 
     /// The lease ended through the log (Expire/Leave applied) or the member was collected.
     pub fn remove(&mut self, m: &MemberId) {
-        self.entries.remove(m);
+        if let Some(e) = self.entries.remove(m) {
+            self.unindex(m, &e);
+        }
     }
 
     /// Periodic check. `expected` is when this tick was due: if it fired late (a stalled
@@ -209,24 +299,37 @@ impl LeaseTable {
     pub fn tick(&mut self, now: u64, expected: u64) -> TickOutput {
         let late = now.saturating_sub(expected);
         let mut out = TickOutput { late_ms: late, ..TickOutput::default() };
-        let bound = self.cfg.fence_bound_ms();
         let ttl = self.cfg.ttl_ms;
-        for (id, e) in self.entries.iter_mut() {
-            if late > 0 {
-                e.deadline = e.deadline.saturating_add(late);
+        self.shift = self.shift.saturating_add(late);
+        // Due deadlines first: an entry due for both gets only Expire.
+        while let Some((d, id)) = self.by_deadline.first().cloned() {
+            if now < d.saturating_add(self.shift) {
+                break;
             }
-            if !e.expire_proposed && now >= e.deadline {
+            if let Some(epoch) = self.update(&id, |e, _| {
                 e.expire_proposed = true;
-                out.expire.push((id.clone(), e.epoch));
-            } else if !e.stream_open
-                && !e.silent_proposed
-                && !e.expire_proposed
-                && now >= e.closed_at.unwrap_or(now).max(e.last_keepalive.unwrap_or(0)).saturating_add(bound)
-            {
-                e.silent_proposed = true;
-                out.silent.push((id.clone(), e.epoch));
+                e.epoch
+            }) {
+                out.expire.push((id, epoch));
+            } else {
+                self.by_deadline.remove(&(d, id));
             }
         }
+        while let Some((at, id)) = self.by_silence.first().cloned() {
+            if now < at {
+                break;
+            }
+            if let Some(epoch) = self.update(&id, |e, _| {
+                e.silent_proposed = true;
+                e.epoch
+            }) {
+                out.silent.push((id, epoch));
+            } else {
+                self.by_silence.remove(&(at, id));
+            }
+        }
+        out.expire.sort();
+        out.silent.sort();
         for ((g, t), h) in self.handovers.iter_mut() {
             if late > 0 {
                 h.deadline = h.deadline.saturating_add(late);
@@ -241,9 +344,7 @@ impl LeaseTable {
 
     /// A proposal failed (e.g. leadership lost): allow proposing again.
     pub fn retry_expire(&mut self, m: &MemberId) {
-        if let Some(e) = self.entries.get_mut(m) {
-            e.expire_proposed = false;
-        }
+        self.update(m, |e, _| e.expire_proposed = false);
     }
 
     /// Promotion (etcd's promote): once the new leader has applied every earlier entry, every
@@ -252,7 +353,7 @@ impl LeaseTable {
     /// `term` is the term this node now serves; only its streams may use the fast path.
     pub fn promote(&mut self, now: u64, term: u64, members: impl IntoIterator<Item = (MemberId, u64, bool)>) {
         self.term = Some(term);
-        self.entries.clear();
+        self.clear_entries();
         self.handovers.clear();
         // A deposed leader may still ack for up to TTL×margin after its last quorum contact,
         // and this leader cannot see those acks. So the no-stream (Silent) clock starts only
@@ -260,8 +361,8 @@ impl LeaseTable {
         let silent_clock = now.saturating_add(self.cfg.quorum_window_ms());
         for (id, epoch, silent) in members {
             let deadline = now.saturating_add(if silent { self.cfg.reconnect_grace_ms } else { self.cfg.ttl_ms });
-            self.entries.insert(
-                id,
+            self.put(
+                &id,
                 LeaseEntry {
                     epoch,
                     deadline,
@@ -291,11 +392,13 @@ impl LeaseTable {
 
     /// Members whose lease this leader still holds valid at `now`.
     pub fn is_live(&self, m: &MemberId, now: u64) -> bool {
-        self.entries.get(m).is_some_and(|e| now < e.deadline && !e.expire_proposed && !e.silent_proposed)
+        self.entries
+            .get(m)
+            .is_some_and(|e| now < e.deadline.saturating_add(self.shift) && !e.expire_proposed && !e.silent_proposed)
     }
 
     pub fn remaining_ms(&self, m: &MemberId, now: u64) -> Option<i64> {
-        self.entries.get(m).map(|e| e.deadline.saturating_sub(now) as i64)
+        self.entries.get(m).map(|e| e.deadline.saturating_add(self.shift).saturating_sub(now) as i64)
     }
 
     /// The leader saw a handover for (group, token) in the applied state; start its timer
@@ -327,8 +430,14 @@ impl LeaseTable {
         self.handovers.keys()
     }
 
-    pub fn members(&self) -> impl Iterator<Item = (&MemberId, &LeaseEntry)> {
-        self.entries.iter()
+    /// Every member with an entry, with its lease epoch.
+    pub fn members(&self) -> impl Iterator<Item = (&MemberId, u64)> {
+        self.entries.iter().map(|(m, e)| (m, e.epoch))
+    }
+
+    /// The epoch of a member's entry, if it has one.
+    pub fn epoch_of(&self, m: &MemberId) -> Option<u64> {
+        self.entries.get(m).map(|e| e.epoch)
     }
 }
 
@@ -511,7 +620,95 @@ mod tests {
         assert_eq!(t.tick(9_999 + t.cfg.ttl_ms, 9_999 + t.cfg.ttl_ms).revoke, vec![(g.clone(), 5)]);
     }
 
+    type Proposals = Vec<(MemberId, u64)>;
+
+    /// The lessor as it was before the deadline indexes: every entry scanned on every tick,
+    /// every deadline moved on a late tick. The indexed table must decide exactly as it does.
+    #[derive(Default)]
+    struct Scan {
+        entries: BTreeMap<MemberId, LeaseEntry>,
+    }
+
+    impl Scan {
+        fn tick(&mut self, cfg: &LeaseConfig, now: u64, expected: u64) -> (Proposals, Proposals) {
+            let late = now.saturating_sub(expected);
+            let bound = cfg.fence_bound_ms();
+            let (mut expire, mut silent) = (Vec::new(), Vec::new());
+            for (id, e) in self.entries.iter_mut() {
+                e.deadline = e.deadline.saturating_add(late);
+                if !e.expire_proposed && now >= e.deadline {
+                    e.expire_proposed = true;
+                    expire.push((id.clone(), e.epoch));
+                } else if !e.stream_open
+                    && !e.silent_proposed
+                    && !e.expire_proposed
+                    && now >= e.closed_at.unwrap_or(now).max(e.last_keepalive.unwrap_or(0)).saturating_add(bound)
+                {
+                    e.silent_proposed = true;
+                    silent.push((id.clone(), e.epoch));
+                }
+            }
+            (expire, silent)
+        }
+    }
+
     proptest! {
+        /// The indexed tick decides what a scan of every entry decides: the same Expire and
+        /// MarkSilent proposals at the same ticks, and the same deadline for every member,
+        /// through joins, keepalives, closes, removals, retries, late ticks and promotions.
+        #[test]
+        fn indexed_tick_decides_what_a_full_scan_decides(
+            ops in proptest::collection::vec((0u8..8, 0usize..5, 0u64..900, 0u64..3), 1..200)
+        ) {
+            let mut t = table();
+            let mut scan = Scan::default();
+            let cfg = t.cfg;
+            let ids: Vec<MemberId> = (0..5).map(|i| mid(&format!("m{i}"))).collect();
+            let mut now = 0u64;
+            for (op, who, gap, epoch) in ops {
+                now += gap;
+                let m = &ids[who];
+                match op {
+                    0 => {
+                        t.on_join(m, epoch, now);
+                        scan.entries.insert(m.clone(), t.entry(m).unwrap());
+                    }
+                    1 | 2 => {
+                        let _ = t.on_keepalive(m, epoch, now, Some(0));
+                    }
+                    3 => t.on_stream_closed(m, epoch, TERM, now),
+                    4 => t.remove(m),
+                    5 => t.retry_expire(m),
+                    6 => {
+                        // A tick that fired `gap` late.
+                        let (e, s) = scan.tick(&cfg, now, now - gap.min(now) / 2);
+                        let out = t.tick(now, now - gap.min(now) / 2);
+                        prop_assert_eq!(out.expire, e);
+                        prop_assert_eq!(out.silent, s);
+                    }
+                    _ => {
+                        let members: Vec<_> = ids.iter().take(who + 1).map(|i| (i.clone(), epoch, gap % 2 == 0)).collect();
+                        t.promote(now, TERM, members);
+                        scan.entries.clear();
+                    }
+                }
+                // The scan model learns every entry's state from the table except what the
+                // tick decides, which it computes itself.
+                for id in &ids {
+                    match (t.entry(id), scan.entries.get_mut(id)) {
+                        (None, _) => { scan.entries.remove(id); }
+                        (Some(e), Some(s)) if op != 6 => *s = e,
+                        (Some(e), None) => { scan.entries.insert(id.clone(), e); }
+                        (Some(e), Some(s)) => prop_assert_eq!(&e, &*s, "after a tick"),
+                    }
+                }
+                let (e, s) = scan.tick(&cfg, now, now);
+                let out = t.tick(now, now);
+                prop_assert_eq!(out.expire, e);
+                prop_assert_eq!(out.silent, s);
+            }
+        }
+
         /// Invariant 5 at the lessor: a member that keeps sending keepalives every ≤ TTL/4 is
         /// never expired, whatever the leader changes (promotions) in between.
         #[test]

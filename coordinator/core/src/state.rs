@@ -376,9 +376,7 @@ impl State {
             Command::Join(spec) => {
                 self.pending.insert(spec.group.clone());
             }
-            Command::Leave { member }
-            | Command::SetReady { member, .. }
-            | Command::Drain { member, .. } => {
+            Command::Leave { member } | Command::SetReady { member, .. } | Command::Drain { member, .. } => {
                 self.pending.extend(group_of(&self.members, member));
             }
             Command::Expire { members } | Command::MarkSilent { members } => {

@@ -1014,8 +1014,8 @@ fn choose_holder_prefers_the_cluster_holding_fewer_groups() {
     }
     assert_eq!(w.state.holderless_groups().cloned().collect::<Vec<_>>(), vec![gk_n(3)]);
     assert_eq!(w.state.choose_holder(&gk_n(3), 0, &|_| true), Some(mid("b3")));
-    assert_eq!(w.state.holdings_of(&mid("a1")).map(|(k, t)| (k.clone(), t)).collect::<Vec<_>>(), vec![(
-        gk_n(1),
-        w.state.groups[&gk_n(1)].token
-    )]);
+    assert_eq!(
+        w.state.holdings_of(&mid("a1")).map(|(k, t)| (k.clone(), t)).collect::<Vec<_>>(),
+        vec![(gk_n(1), w.state.groups[&gk_n(1)].token)]
+    );
 }

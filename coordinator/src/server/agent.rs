@@ -263,13 +263,10 @@ async fn keepalive(ctx: &Arc<Ctx>, term: u64, j: &Joined, k: pb::Keepalive, tx: 
         KeepaliveVerdict::Ack => {
             let held: Vec<pb::HeldGroup> = {
                 let mut l = ctx.lessor();
-                let pairs = ctx.shared.read(|s| {
-                    s.groups
-                        .values()
-                        .filter(|g| g.holder.as_ref() == Some(&j.member))
-                        .map(|g| (g.key.clone(), g.token))
-                        .collect::<Vec<_>>()
-                });
+                // The member's own holdings, from the state's index: an ack costs what the
+                // member holds, not what the quorum holds.
+                let pairs =
+                    ctx.shared.read(|s| s.holdings_of(&j.member).map(|(g, t)| (g.clone(), t)).collect::<Vec<_>>());
                 let mut held = Vec::new();
                 for (g, t) in pairs {
                     if l.may_list(&g, t, now) {
@@ -394,17 +391,23 @@ fn to_command(j: &Joined, m: pb::AgentMessage) -> Result<(u64, Command), (u64, S
     })
 }
 
-/// Pushes what the applied state says about this member: grants, handover requests,
-/// assignments, routed job events and sessions to delete.
+/// Pushes what the applied state says about this member: grants, handover requests and
+/// assignments. It wakes only when its own group changed (the per-group bus of
+/// [`super::relay_changes`]), so a change costs the streams of that group, not every
+/// stream; routed job events and sessions to delete reach the stream through the same relay.
 async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: OutTx) {
-    let mut applied = ctx.shared.applied.subscribe();
-    let mut effects = ctx.shared.effects.subscribe();
+    let mut group = who.borrow().group.clone();
+    let mut changes = ctx.bus.subscribe(&group);
     let mut sent_grant: Option<(GroupKey, u64)> = None;
     let mut sent_handover: Option<u64> = None;
     let mut sent_revision: Option<(u64, u64)> = None;
     let mut sent_stale: Option<Vec<String>> = None;
     loop {
         let j = who.borrow_and_update().clone();
+        if j.group != group {
+            group = j.group.clone();
+            changes = ctx.bus.subscribe(&group);
+        }
         let msgs = ctx.shared.read(|s| {
             let mut msgs = Vec::new();
             let (Some(m), Some(g)) = (s.members.get(&j.member), s.groups.get(&j.group)) else { return msgs };
@@ -454,26 +457,34 @@ async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: 
             }
         }
         tokio::select! {
-            r = applied.changed() => if r.is_err() { return },
+            r = changes.changed() => if r.is_err() { return },
             r = who.changed() => if r.is_err() { return },
-            ev = effects.recv() => match ev {
-                Ok((_, Effect::JobEvent { member, group, event })) if member == j.member => {
-                    let m = Out::JobEvent(pb::RoutedJobEvent { group_key: group.0, event: Some(convert::job_event_pb(&event)) });
-                    if tx.send(out(m)).await.is_err() { return }
-                }
-                Ok((_, Effect::DeleteSessions { group, token, session_ids })) => {
-                    let holder = ctx.shared.read(|s| s.groups.get(&group).is_some_and(|g| g.holder.as_ref() == Some(&j.member) && g.token == token));
-                    if holder {
-                        let m = Out::DeleteSessions(pb::DeleteSessions { group_key: group.0, token, session_ids });
-                        if tx.send(out(m)).await.is_err() { return }
-                    }
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    warn!(skipped = n, "effects lagged: grants and assignments resync from state; skipped job events and session deletions are lost for this stream");
-                }
-                Err(_) => return,
-            },
         }
+    }
+}
+
+/// Delivers one applied effect to the stream it concerns (the relay calls this once per
+/// effect, not once per stream): a routed job event to its member, sessions to delete to
+/// the group's current holder of that token. A stream whose queue is full loses it, as a
+/// lagging receiver did: grants and assignments resync from the state, and the member's
+/// `dirty` flag in the next Assignment says a job event concerned it.
+pub(super) fn deliver(ctx: &Ctx, effect: Effect) {
+    let (member, msg) = match effect {
+        Effect::JobEvent { member, group, event } => (
+            member,
+            Out::JobEvent(pb::RoutedJobEvent { group_key: group.0, event: Some(convert::job_event_pb(&event)) }),
+        ),
+        Effect::DeleteSessions { group, token, session_ids } => {
+            let holder =
+                ctx.shared.read(|s| s.groups.get(&group).filter(|g| g.token == token).and_then(|g| g.holder.clone()));
+            let Some(holder) = holder else { return };
+            (holder, Out::DeleteSessions(pb::DeleteSessions { group_key: group.0, token, session_ids }))
+        }
+    };
+    let tx = ctx.streams().get(&member).map(|(_, tx)| tx.clone());
+    if let Some(tx) = tx
+        && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(out(msg))
+    {
+        warn!(member = %member, "stream queue full: an effect for this member is lost (state resyncs)");
     }
 }

@@ -87,6 +87,77 @@ pub struct Ctx {
     /// The open agent streams of this node, by member (stream id, sender): where an
     /// operator's drill is relayed. Only the latest stream of a member is kept.
     pub streams: Mutex<HashMap<crate::core::MemberId, (u64, agent::OutTx)>>,
+    /// One watch per group with an open stream: an agent stream wakes when its group changed,
+    /// not on every applied entry (50,000 streams × every change would not fit).
+    pub bus: GroupBus,
+}
+
+/// Per-group change notification for agent streams. [`relay_changes`] sends the applied
+/// index on the watch of every group the state reports changed.
+#[derive(Default)]
+pub struct GroupBus {
+    /// A std Mutex: held for a map lookup or insert, never across an `.await`.
+    senders: Mutex<HashMap<crate::core::GroupKey, watch::Sender<u64>>>,
+}
+
+impl GroupBus {
+    /// A receiver that sees every later change of `group`.
+    pub fn subscribe(&self, group: &crate::core::GroupKey) -> watch::Receiver<u64> {
+        lock(&self.senders).entry(group.clone()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    /// Wakes the streams of these groups; drops watches nobody listens to any more.
+    fn notify<'a>(&self, groups: impl IntoIterator<Item = &'a crate::core::GroupKey>, index: u64) {
+        let mut senders = lock(&self.senders);
+        for g in groups {
+            if let Some(tx) = senders.get(g) {
+                if tx.receiver_count() == 0 {
+                    senders.remove(g);
+                } else {
+                    tx.send_replace(index);
+                }
+            }
+        }
+    }
+
+    /// Wakes every stream (the state was replaced: its change log starts afresh).
+    fn notify_all(&self, index: u64) {
+        lock(&self.senders).retain(|_, tx| {
+            tx.send_replace(index);
+            tx.receiver_count() > 0
+        });
+    }
+}
+
+/// Relays applied changes to the agent streams: the groups that changed (from the state's
+/// change log, O(changed groups)) wake their streams, and each effect goes to the one stream
+/// it concerns ([`agent::deliver`]).
+async fn relay_changes(ctx: Arc<Ctx>) {
+    let mut applied = ctx.shared.applied.subscribe();
+    let mut effects = ctx.shared.effects.subscribe();
+    let mut seen = ctx.shared.read(|s| s.last_index);
+    loop {
+        tokio::select! {
+            r = applied.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let (changed, last) = ctx.shared.read(|s| (s.groups_changed_since(seen), s.last_index));
+                match changed {
+                    Some(groups) => ctx.bus.notify(&groups, last),
+                    None => ctx.bus.notify_all(last),
+                }
+                seen = seen.max(last);
+            }
+            ev = effects.recv() => match ev {
+                Ok((_, effect)) => agent::deliver(&ctx, effect),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(skipped = n, "effects lagged: skipped job events and session deletions are lost (state resyncs)");
+                }
+                Err(_) => return,
+            },
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -267,8 +338,10 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         contacts,
         holderless_since: Mutex::new(HashMap::new()),
         streams: Mutex::new(HashMap::new()),
+        bus: GroupBus::default(),
     });
     let tasks = vec![
+        tokio::spawn(relay_changes(ctx.clone())),
         tokio::spawn(track_leadership(ctx.clone())),
         tokio::spawn(lessor_loop(ctx.clone())),
         tokio::spawn(http::serve(ctx.clone(), http_listener)),
@@ -367,6 +440,7 @@ const LATE_SLACK_MS: u64 = 20;
 /// then holderless groups get a Grant.
 async fn lessor_loop(ctx: Arc<Ctx>) {
     let mut last_gc = Instant::now();
+    let mut sweep = Sweep::default();
     loop {
         // `expected` is taken right before sleeping, so the time spent proposing below is
         // not mistaken for timer lateness.
@@ -416,7 +490,7 @@ async fn lessor_loop(ctx: Arc<Ctx>) {
             last_gc = Instant::now();
             collect_garbage(&ctx).await;
         }
-        grant_holderless(&ctx).await;
+        grant_holderless(&ctx, &mut sweep).await;
     }
 }
 
@@ -439,67 +513,98 @@ async fn collect_garbage(ctx: &Arc<Ctx>) {
     );
     if ctx.propose(Command::Collect(policy)).await.is_ok() {
         // Leader memory of groups that no longer exist.
-        let alive: std::collections::BTreeSet<_> = ctx.shared.read(|s| s.groups.keys().cloned().collect());
-        lock(&ctx.holderless_since).retain(|g, _| alive.contains(g));
+        ctx.shared.read(|s| lock(&ctx.holderless_since).retain(|g, _| s.groups.contains_key(g)));
     }
 }
 
-async fn grant_holderless(ctx: &Arc<Ctx>) {
+/// Where the lessor loop's sweep of ended leases stands: the term it serves and the applied
+/// index up to which it has checked the changed groups.
+#[derive(Default)]
+struct Sweep {
+    term: Option<u64>,
+    index: u64,
+}
+
+/// Reads only what changed: handover groups, holderless groups, and the members of groups
+/// changed since the last tick (a full pass once per term, or after a snapshot replaced the
+/// state). The applied state is read under its lock, never cloned.
+async fn grant_holderless(ctx: &Arc<Ctx>, sweep: &mut Sweep) {
     let now = ctx.now();
-    let state = ctx.shared.snapshot();
-    let ts = state.last_ts_ms.max(clock::wall_ms());
+    let wall = clock::wall_ms();
     {
         let mut l = ctx.lessor();
         // Start timers of handovers the leader has not seen yet; drop finished ones.
-        let live: Vec<_> = l.handovers().cloned().collect();
-        for (g, t) in live {
-            let still = state.groups.get(&g).and_then(|gr| gr.handover.as_ref()).is_some_and(|h| h.token == t);
-            if !still {
+        let (current, changed, last_index) = ctx.shared.read(|s| {
+            let current: Vec<_> = s
+                .handover_groups()
+                .filter_map(|g| {
+                    g.handover.as_ref().map(|h| (g.key.clone(), h.token, g.token, g.holder.is_some(), h.timeout_ms))
+                })
+                .collect();
+            let full = sweep.term != l.term();
+            (current, if full { None } else { s.groups_changed_since(sweep.index) }, s.last_index)
+        });
+        let timers: Vec<_> = l.handovers().cloned().collect();
+        for (g, t) in timers {
+            if !current.iter().any(|(k, ht, ..)| *k == g && *ht == t) {
                 l.handover_done(&g, t);
             }
         }
-        for g in state.groups.values() {
-            if let Some(h) = &g.handover
-                && h.token == g.token
-                && g.holder.is_some()
-            {
-                l.handover_seen(&g.key, g.token, now, h.timeout_ms.max(0) as u64);
+        for (key, ht, token, held, timeout) in current {
+            if ht == token && held {
+                l.handover_seen(&key, token, now, timeout.max(0) as u64);
             }
         }
-        // Lease entries of members that no longer hold a lease are dropped.
-        // An entry whose Join was applied after `state` was read (epoch = that Join's log
-        // index, above the snapshot's last index) is new, not gone.
-        let gone: Vec<_> = l
-            .members()
-            .filter(|(id, e)| {
-                e.epoch <= state.last_index && !state.members.get(*id).is_some_and(|m| m.status.has_lease())
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
+        // Lease entries of members that no longer hold a lease are dropped. Candidates: the
+        // members of groups changed since the last sweep, and members whose entry a Join
+        // created since then. An entry whose Join was applied after the state was read
+        // (epoch = that Join's log index, above the read's last index) is new, not gone.
+        let mut candidates = l.take_joined();
+        let gone: Vec<_> = ctx.shared.read(|s| {
+            match &changed {
+                Some(groups) => {
+                    for g in groups {
+                        candidates.extend(s.members_of(g).map(|m| m.id.clone()));
+                    }
+                }
+                None => candidates.extend(l.members().map(|(id, _)| id.clone())),
+            }
+            candidates
+                .into_iter()
+                .filter(|id| {
+                    l.epoch_of(id).is_some_and(|epoch| {
+                        epoch <= s.last_index && !s.members.get(id).is_some_and(|m| m.status.has_lease())
+                    })
+                })
+                .collect()
+        });
         for id in gone {
             l.remove(&id);
         }
+        sweep.term = l.term();
+        sweep.index = sweep.index.max(last_index);
     }
     // Pick every holderless group's next holder, then propose the grants together so
     // openraft batches them into few log writes (one fsync each) instead of one per group.
-    let mut picks = Vec::new();
-    for g in state.groups.values() {
-        if g.holder.is_some() {
-            lock(&ctx.holderless_since).remove(&g.key);
-            continue;
-        }
-        let since = *lock(&ctx.holderless_since).entry(g.key.clone()).or_insert_with(Instant::now);
-        let pick = {
-            let l = ctx.lessor();
-            if l.grant_held(&g.key, now) {
-                continue;
-            }
-            state.choose_holder(&g.key, ts, &|m| l.is_live(m, now))
-        };
-        if let Some(member) = pick {
-            picks.push((g.key.clone(), member, since));
-        }
-    }
+    let picks: Vec<_> = {
+        let l = ctx.lessor();
+        ctx.shared.read(|s| {
+            let ts = s.last_ts_ms.max(wall);
+            let mut since = lock(&ctx.holderless_since);
+            // Leader memory of holderless groups only: a group granted (or adopted) since
+            // leaves it, so a later vacancy starts a fresh clock.
+            since.retain(|g, _| s.groups.get(g).is_some_and(|g| g.holder.is_none()));
+            s.holderless_groups()
+                .filter_map(|g| {
+                    let first = *since.entry(g.clone()).or_insert_with(Instant::now);
+                    if l.grant_held(g, now) {
+                        return None;
+                    }
+                    s.choose_holder(g, ts, &|m| l.is_live(m, now)).map(|m| (g.clone(), m, first))
+                })
+                .collect()
+        })
+    };
     let proposals = picks.into_iter().map(|(group, member, since)| async move {
         let r = ctx.propose(Command::Grant { group: group.clone(), member: member.clone() }).await;
         (group, member, since, r)
