@@ -63,11 +63,7 @@ pub enum BackendKind {
     Sim,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use arcfed_proto::ops::LogFormat;
 
 /// Where assignments land.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,17 +117,8 @@ pub struct Args {
     /// each voter; the agent follows the leader. Without it the agent runs standalone.
     #[arg(long = "coordinator", env = "ARCFED_COORDINATOR", value_name = "HOST:PORT", value_delimiter = ',')]
     pub coordinators: Vec<String>,
-    /// PEM certificate chain of this agent (cert-manager's tls.crt); its URI SAN must be
-    /// spiffe://arcfed/agent/<--cluster>. Needed only with --coordinator; reloaded when it changes.
-    #[arg(long, env = "ARCFED_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert (cert-manager's tls.key). Needed only with --coordinator.
-    #[arg(long, env = "ARCFED_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// PEM CA bundle that signs the coordinators' certificates (cert-manager's ca.crt). Needed
-    /// only with --coordinator.
-    #[arg(long, env = "ARCFED_TLS_CA", value_name = "FILE")]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: arcfed_proto::ops::TlsArgs,
 
     /// Where assignments land: `kube` patches this cluster's EphemeralRunnerSet (needs nothing
     /// beyond ARC's listener Role); `sim` drives the emulator's simulated runners (tests).
@@ -186,13 +173,8 @@ pub struct Args {
     /// logs. Default: the hostname, i.e. the pod name, as ARC's listener uses.
     #[arg(long, env = "ARCFED_OWNER_NAME", value_name = "NAME")]
     pub owner_name: Option<String>,
-    /// Log format. Default: the listener config's log_format, else text.
-    #[arg(long, env = "ARCFED_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Log filter in tracing's EnvFilter syntax (`info`, `arcfed_agent=debug,info`). Default: the
-    /// listener config's log_level (debug|info|warn|error; debug applies to arcfed only), else info.
-    #[arg(long, env = "ARCFED_LOG_LEVEL", value_name = "FILTER")]
-    pub log_level: Option<String>,
+    #[command(flatten)]
+    pub log: arcfed_proto::ops::LogArgs,
 
     /// GitHub URL of the scale set's scope: https://<host>/<org>, /<org>/<repo> or
     /// /enterprises/<name> (listener config key configure_url).
@@ -663,22 +645,7 @@ fn build(a: Args) -> Result<Config, ConfigError> {
     let tls = if coordinators.is_empty() {
         None
     } else {
-        let missing: Vec<&str> = [
-            ("--tls-cert", a.tls_cert.is_none()),
-            ("--tls-key", a.tls_key.is_none()),
-            ("--tls-ca", a.tls_ca.is_none()),
-        ]
-        .into_iter()
-        .filter_map(|(f, m)| m.then_some(f))
-        .collect();
-        if !missing.is_empty() {
-            return Err(ConfigError::invalid(flag("coordinator"), format!("needs {} too", missing.join(", "))));
-        }
-        let paths = TlsPaths {
-            cert: a.tls_cert.clone().unwrap_or_default(),
-            key: a.tls_key.clone().unwrap_or_default(),
-            ca: a.tls_ca.clone().unwrap_or_default(),
-        };
+        let paths = a.tls.require("with --coordinator").map_err(|e| ConfigError::invalid(flag("coordinator"), e))?;
         let material = paths.load()?;
         let want = Identity { role: Role::Agent, name: cluster.clone() };
         if material.identity() != &want {
@@ -742,7 +709,7 @@ fn build(a: Args) -> Result<Config, ConfigError> {
             format!("{metrics_path:?} must start with / and differ from /live and /ready"),
         ));
     }
-    let format = match (a.log_format, file.log_format.as_deref()) {
+    let format = match (a.log.log_format, file.log_format.as_deref()) {
         (Some(f), _) => f,
         (None, None | Some("text")) => LogFormat::Text,
         (None, Some("json")) => LogFormat::Json,
@@ -750,7 +717,7 @@ fn build(a: Args) -> Result<Config, ConfigError> {
             return Err(ConfigError::invalid(K_LOG_FORMAT, format!("{other:?}: expected text or json")));
         }
     };
-    let filter = match (&a.log_level, file.log_level.as_deref()) {
+    let filter = match (&a.log.log_level, file.log_level.as_deref()) {
         (Some(f), _) => f.clone(),
         (None, Some(level)) => filter_from_arc_level(level)?,
         (None, None) => "info".to_string(),

@@ -1,5 +1,6 @@
-//! Admin HTTP on `--admin-listen`: `/live`, `/ready` and the metrics path (plain HTTP; keep it
-//! cluster-internal). The caller binds the socket, so tests bind port 0.
+//! What the agent's admin HTTP port (`--admin-listen`, served by the shared
+//! `arcfed_proto::ops::serve_admin`; plain HTTP, keep it cluster-internal) answers on
+//! `/live`, `/ready` and the metrics path.
 //!
 //! ```text
 //!  driver ──set_ready / beat / set_dead──▶ HttpState ◀── GET /live /ready /metrics
@@ -8,12 +9,6 @@
 //! standing by; federated: coordinator connected); this module only reports what it was told.
 
 use crate::metrics::Metrics;
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -37,7 +32,6 @@ impl Readiness {
 #[derive(Debug)]
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
-    metrics_path: String,
     /// A watch so the driver (or a test) can also await readiness changes.
     ready: watch::Sender<Readiness>,
     /// Why the process stopped being live, once a supervised loop has died.
@@ -49,11 +43,10 @@ pub struct HttpState {
 }
 
 impl HttpState {
-    /// `metrics_path` is `Config::metrics_path`; `beat_timeout` applies once the driver beats.
-    pub fn new(metrics: Arc<Metrics>, metrics_path: impl Into<String>, beat_timeout: Duration) -> HttpState {
+    /// `beat_timeout` applies once the driver beats.
+    pub fn new(metrics: Arc<Metrics>, beat_timeout: Duration) -> HttpState {
         HttpState {
             metrics,
-            metrics_path: metrics_path.into(),
             ready: watch::Sender::new(Readiness::NotReady("starting".into())),
             dead: Mutex::new(None),
             last_beat_ms: std::sync::atomic::AtomicU64::new(0),
@@ -106,35 +99,20 @@ impl HttpState {
     }
 }
 
-/// Serves until `shutdown` completes, then drains open requests.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: Arc<HttpState>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/live", get(live))
-        .route("/ready", get(ready))
-        .route(&state.metrics_path.clone(), get(metrics))
-        .with_state(state);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-}
-
-async fn live(State(s): State<Arc<HttpState>>) -> Response {
-    match s.liveness() {
-        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+/// What the shared admin server (`arcfed_proto::ops::serve_admin`) answers for the agent.
+impl arcfed_proto::ops::Probe for HttpState {
+    fn live(&self) -> Result<String, String> {
+        self.liveness().map(|()| "ok\n".to_string())
     }
-}
 
-async fn ready(State(s): State<Arc<HttpState>>) -> Response {
-    match s.readiness() {
-        Readiness::Ready(what) => (StatusCode::OK, format!("ok ({what})\n")).into_response(),
-        Readiness::NotReady(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    fn ready(&self) -> Result<String, String> {
+        match self.readiness() {
+            Readiness::Ready(what) => Ok(format!("ok ({what})\n")),
+            Readiness::NotReady(why) => Err(why),
+        }
     }
-}
 
-async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
-        .into_response()
+    fn metrics(&self) -> Result<String, String> {
+        Ok(self.metrics.encode())
+    }
 }

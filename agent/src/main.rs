@@ -1,7 +1,7 @@
 //! `arcfed-agent`: the drop-in for ARC's listener container. See `--help` and the README.
 
-use arcfed_agent::config::{self, LogFormat};
-use arcfed_agent::http::{self, HttpState};
+use arcfed_agent::config;
+use arcfed_agent::http::HttpState;
 use arcfed_agent::metrics::Metrics;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +28,7 @@ async fn run() -> i32 {
         tracing::warn!("{w}");
     }
     let metrics = Arc::new(Metrics::new(cfg.metrics_labels.clone(), &cfg.gha_metrics));
-    let state = Arc::new(HttpState::new(metrics, cfg.metrics_path.clone(), Duration::from_secs(30)));
+    let state = Arc::new(HttpState::new(metrics, Duration::from_secs(30)));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let http_task = match cfg.admin_listen {
@@ -39,7 +39,7 @@ async fn run() -> i32 {
                 let shutdown = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
-                Some(tokio::spawn(http::serve(l, state.clone(), shutdown)))
+                Some(tokio::spawn(arcfed_proto::ops::serve_admin(l, state.clone(), cfg.metrics_path.clone(), shutdown)))
             }
             Err(e) => config::fail_slowly(&format!("--admin-listen {addr}: cannot bind: {e}")).await,
         },
@@ -87,15 +87,5 @@ async fn wait_for_signal() {
 }
 
 fn init_logging(log: &config::LogSettings) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&log.filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match log.format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
-    }
+    arcfed_proto::ops::init_logging(log.format, &log.filter);
 }

@@ -5,7 +5,7 @@ use arcfed_agent::config::{
     Args, Backend, Config, ConfigError, LogFormat, Profile, TlsWatcher, parse_configure_url, parse_resolve,
 };
 use arcfed_agent::github::Credentials;
-use arcfed_agent::http::{HttpState, Readiness, serve};
+use arcfed_agent::http::{HttpState, Readiness};
 use arcfed_agent::metrics::{GhaMetricsSpec, MetricLabels, Metrics, WorkflowRef};
 use arcfed_core::github::{JobMessage, Statistics};
 use clap::{CommandFactory, Parser};
@@ -648,11 +648,11 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn admin_server_answers_live_ready_and_metrics() {
     let metrics = Arc::new(Metrics::new(labels(), &GhaMetricsSpec::arc_default()));
-    let state = Arc::new(HttpState::new(metrics.clone(), "/metrics", Duration::from_secs(3600)));
+    let state = Arc::new(HttpState::new(metrics.clone(), Duration::from_secs(3600)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, state.clone(), async {
+    let server = tokio::spawn(arcfed_proto::ops::serve_admin(listener, state.clone(), "/metrics".into(), async {
         let _ = stop_rx.await;
     }));
 

@@ -5,7 +5,7 @@
 
 use crate::core::{GcPolicy, LeaseConfig};
 use crate::tls::TlsPaths;
-use clap::{Args, Parser, ValueEnum};
+use clap::{Parser, ValueEnum};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,58 +22,18 @@ pub enum Profile {
     Wan,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use arcfed_proto::ops::{LogArgs, LogFormat, TlsArgs};
 
-/// TLS files in cert-manager's layout (`tls.crt`, `tls.key`, `ca.crt`).
-#[derive(Args, Clone, Debug)]
-pub struct TlsArgs {
-    /// PEM certificate chain of this process; its URI SAN spiffe://arcfed/<role>/<name> is its identity.
-    #[arg(long, env = "ARCFED_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: PathBuf,
-    /// PEM private key for --tls-cert.
-    #[arg(long, env = "ARCFED_TLS_KEY", value_name = "FILE")]
-    pub tls_key: PathBuf,
-    /// PEM CA bundle that signs every arcfed certificate; peers from any other CA are refused.
-    #[arg(long, env = "ARCFED_TLS_CA", value_name = "FILE")]
-    pub tls_ca: PathBuf,
-}
+/// The coordinator's log filter when --log-level is not given: also logs refused TLS
+/// handshakes (unknown CA, missing client certificate).
+pub const DEFAULT_LOG_FILTER: &str = "info,tonic::transport::server::io_stream=debug";
 
-impl TlsArgs {
-    pub fn paths(&self) -> TlsPaths {
-        TlsPaths { cert: self.tls_cert.clone(), key: self.tls_key.clone(), ca: self.tls_ca.clone() }
-    }
-}
-
-/// Logging flags shared by the binaries.
-#[derive(Args, Clone, Debug)]
-pub struct LogArgs {
-    /// Log format.
-    #[arg(long, env = "ARCFED_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-    /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `arcfed_coordinator=debug,info`.
-    /// The default also logs refused TLS handshakes (unknown CA, missing client certificate).
-    #[arg(long, env = "ARCFED_LOG_LEVEL", default_value = "info,tonic::transport::server::io_stream=debug")]
-    pub log_level: String,
-}
-
-impl LogArgs {
-    pub fn init(&self) {
-        let filter = tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        use std::io::IsTerminal;
-        let b = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal());
-        match self.log_format {
-            LogFormat::Json => b.json().init(),
-            LogFormat::Text => b.init(),
-        }
-    }
+/// Installs logging from the shared log flags with the coordinator's defaults.
+pub fn init_logging(log: &LogArgs) {
+    arcfed_proto::ops::init_logging(
+        log.log_format.unwrap_or_default(),
+        log.log_level.as_deref().unwrap_or(DEFAULT_LOG_FILTER),
+    );
 }
 
 /// arcfed-coordinator: one openraft voter of the arcfed quorum.
@@ -354,7 +314,7 @@ impl Cli {
             advertise: self.advertise.clone().unwrap_or_else(|| self.listen.to_string()),
             data_dir: self.data_dir.clone(),
             peers,
-            tls: self.tls.paths(),
+            tls: self.tls.require("(the coordinator speaks only mTLS)")?,
             lease,
             heartbeat: Duration::from_millis(hb),
             election_min: Duration::from_millis(emin),

@@ -1,7 +1,7 @@
 //! arcfedctl: the operator CLI. Talks to the leader's AdminService over mTLS with an
 //! `spiffe://arcfed/admin/<name>` certificate, following `x-arcfed-leader` redirects.
 use crate::certs;
-use crate::tls::{Role, TlsMaterial, TlsPaths};
+use crate::tls::{Role, TlsMaterial};
 use anyhow::{Context, anyhow, bail};
 use arcfed_proto as pb;
 use arcfed_proto::admin_service_client::AdminServiceClient;
@@ -21,15 +21,8 @@ pub struct Cli {
     /// Coordinator gRPC addresses, comma-separated; any voter works (followers redirect).
     #[arg(long, env = "ARCFED_ENDPOINTS", value_delimiter = ',', value_name = "HOST:PORT,...", global = true)]
     pub endpoints: Vec<String>,
-    /// Admin client certificate (spiffe://arcfed/admin/<name>).
-    #[arg(long, env = "ARCFED_TLS_CERT", value_name = "FILE", global = true)]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key for --tls-cert.
-    #[arg(long, env = "ARCFED_TLS_KEY", value_name = "FILE", global = true)]
-    pub tls_key: Option<PathBuf>,
-    /// CA bundle of the quorum.
-    #[arg(long, env = "ARCFED_TLS_CA", value_name = "FILE", global = true)]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: arcfed_proto::ops::TlsArgs,
     /// Per-request timeout.
     #[arg(long, env = "ARCFED_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s", global = true)]
     pub timeout: Duration,
@@ -262,12 +255,11 @@ impl Admin {
         if cli.endpoints.is_empty() {
             bail!("--endpoints is required (a coordinator's HOST:PORT)");
         }
-        let (Some(cert), Some(key), Some(ca)) = (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) else {
-            bail!(
-                "--tls-cert, --tls-key and --tls-ca are required (an admin certificate from `arcfedctl certs issue --role admin`)"
-            );
-        };
-        let tls = TlsPaths { cert: cert.clone(), key: key.clone(), ca: ca.clone() }.load()?;
+        let tls = cli
+            .tls
+            .require("(an admin certificate from `arcfedctl certs issue --role admin`)")
+            .map_err(anyhow::Error::msg)?
+            .load()?;
         Ok(Admin { tls, endpoints: cli.endpoints.clone(), timeout: cli.timeout, current: None })
     }
 

@@ -96,6 +96,20 @@ fn an_unwritable_data_dir_is_named() {
 }
 
 #[test]
+fn missing_tls_files_are_named_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path());
+    let mut args = base_args(dir.path(), &tls, &dir.path().join("data"));
+    let at = args.iter().position(|a| a == "--tls-key").unwrap();
+    args.drain(at..at + 2);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = coordinator(&refs);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--tls-key required"), "{}", stderr(&o));
+    assert!(!dir.path().join("data").join("arcfed.redb").exists());
+}
+
+#[test]
 fn a_corrupt_certificate_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let tls = certs(dir.path());

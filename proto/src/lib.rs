@@ -9,6 +9,7 @@
 //!  tls     mTLS material and SPIFFE identities (coordinator, agent, arcfedctl)
 //!  leader  the `x-arcfed-leader` hint a follower returns, read in one place
 //!  clock   CLOCK_BOOTTIME milliseconds, the clock both ends measure fences on
+//!  ops     (feature `ops`) TLS/log flag groups and the /live /ready /metrics server
 //! ```
 //! Conversions between protobuf and domain types live in the coordinator's `server::convert`
 //! and the agent's `coordinator_client` module, not here.
@@ -22,3 +23,5 @@ pub use v1::*;
 pub mod clock;
 pub mod leader;
 pub mod tls;
+#[cfg(feature = "ops")]
+pub mod ops;

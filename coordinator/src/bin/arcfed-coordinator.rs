@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     // One rustls provider for the whole process (ring), before any TLS object exists.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    cli.log.init();
+    arcfed_coordinator::config::init_logging(&cli.log);
     let cfg = match cli.validate() {
         Ok(c) => c,
         Err(e) => {

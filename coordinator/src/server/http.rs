@@ -1,44 +1,41 @@
-//! Admin HTTP: `/live`, `/ready` and `/metrics` (plain HTTP, cluster-internal).
+//! What the coordinator's admin HTTP port (`--admin-listen`, served by the shared
+//! `arcfed_proto::ops::serve_admin`; plain HTTP, cluster-internal) answers on `/live`,
+//! `/ready` and `/metrics`.
 use super::Ctx;
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use openraft::ServerState;
 use std::sync::Arc;
 
 pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
-    let app = Router::new()
-        .route("/live", get(|| async { "ok\n" }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .with_state(ctx);
-    if let Err(e) = axum::serve(listener, app).await {
+    let probe = Arc::new(Probe(ctx));
+    if let Err(e) = arcfed_proto::ops::serve_admin(listener, probe, "/metrics".into(), std::future::pending()).await {
         tracing::error!(error = %e, "admin HTTP server stopped");
     }
 }
 
-/// Ready = this node knows a leader and has applied the log (a leader must also serve).
-async fn ready(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
-    let m = ctx.raft.metrics().borrow().clone();
-    match m.current_leader {
-        None => (StatusCode::SERVICE_UNAVAILABLE, "no known leader\n".to_string()),
-        Some(l) if l == ctx.id && ctx.serving_term().is_none() => {
-            (StatusCode::SERVICE_UNAVAILABLE, "leader not serving yet\n".to_string())
-        }
-        Some(l) => (StatusCode::OK, format!("ok (leader {l})\n")),
-    }
-}
+struct Probe(Arc<Ctx>);
 
-async fn metrics(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
-    refresh(&ctx);
-    let mut body = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &ctx.metrics.registry) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encode: {e}\n")).into_response();
+impl arcfed_proto::ops::Probe for Probe {
+    fn live(&self) -> Result<String, String> {
+        Ok("ok\n".into())
     }
-    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
-        .into_response()
+
+    /// Ready = this node knows a leader and has applied the log (a leader must also serve).
+    fn ready(&self) -> Result<String, String> {
+        let ctx = &self.0;
+        let m = ctx.raft.metrics().borrow().clone();
+        match m.current_leader {
+            None => Err("no known leader".into()),
+            Some(l) if l == ctx.id && ctx.serving_term().is_none() => Err("leader not serving yet".into()),
+            Some(l) => Ok(format!("ok (leader {l})\n")),
+        }
+    }
+
+    fn metrics(&self) -> Result<String, String> {
+        refresh(&self.0);
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &self.0.metrics.registry).map_err(|e| e.to_string())?;
+        Ok(body)
+    }
 }
 
 /// Copies Raft metrics and the applied state into the gauges.

@@ -1,0 +1,170 @@
+//! What every arcfed daemon and `arcfedctl` share on the operations side: the TLS and log
+//! flag groups (one definition, one set of `ARCFED_*` env vars, one help text) and the
+//! admin HTTP server (`/live`, `/ready`, metrics).
+//!
+//! ```text
+//!  arcfed-coordinator ─┐  TlsArgs · LogArgs (clap, flattened)      init_logging
+//!  arcfed-agent ───────┼─▶ serve_admin(listener, Arc<dyn Probe>, metrics path, shutdown)
+//!  arcfedctl ──────────┘  TlsArgs
+//! ```
+//! Each daemon decides *what* live and ready mean (a `Probe`); this module only serves it.
+
+use crate::tls::TlsPaths;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// TLS files in cert-manager's layout (`tls.crt`, `tls.key`, `ca.crt`). All three or none;
+/// whether they are required is the binary's call (`require`, `all_or_none`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// PEM certificate chain of this process (cert-manager's tls.crt). Its URI SAN
+    /// spiffe://arcfed/<role>/<name> is its identity: coordinator/<node>, agent/<cluster> or
+    /// admin/<name>. Required by arcfed-coordinator and arcfedctl's quorum commands;
+    /// arcfed-agent needs the three files only with --coordinator and reloads them on change.
+    #[arg(long, env = "ARCFED_TLS_CERT", value_name = "FILE", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert (cert-manager's tls.key).
+    #[arg(long, env = "ARCFED_TLS_KEY", value_name = "FILE", global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle that signs every arcfed certificate (cert-manager's ca.crt); peers from
+    /// any other CA are refused.
+    #[arg(long, env = "ARCFED_TLS_CA", value_name = "FILE", global = true)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The flags that are missing, in flag order.
+    pub fn missing(&self) -> Vec<&'static str> {
+        [
+            ("--tls-cert", self.tls_cert.is_none()),
+            ("--tls-key", self.tls_key.is_none()),
+            ("--tls-ca", self.tls_ca.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(f, m)| m.then_some(f))
+        .collect()
+    }
+
+    /// All three files, or an error naming the missing flags and why they are needed.
+    pub fn require(&self, why: &str) -> Result<TlsPaths, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(TlsPaths { cert: cert.clone(), key: key.clone(), ca: ca.clone() }),
+            _ => Err(format!("{} required {why}", self.missing().join(", "))),
+        }
+    }
+
+    /// None when no TLS flag is given; all three when all are; else an error naming the rest.
+    pub fn all_or_none(&self, why: &str) -> Result<Option<TlsPaths>, String> {
+        if self.missing().len() == 3 { Ok(None) } else { self.require(why).map(Some) }
+    }
+}
+
+/// Log output format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The log flags. Each binary supplies its own defaults (the agent's come from ARC's listener
+/// config first), so both are optional here.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct LogArgs {
+    /// Log format: text or json. Default: text (arcfed-agent: the listener config's
+    /// log_format first).
+    #[arg(long, env = "ARCFED_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `arcfed_agent=debug,info`.
+    /// Default: info (arcfed-agent: the listener config's log_level first, where ARC's `debug`
+    /// applies to arcfed's crates only; arcfed-coordinator also logs refused TLS handshakes).
+    #[arg(long, env = "ARCFED_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// Installs the global subscriber on stderr (ANSI colours only on a terminal). A filter that
+/// does not parse falls back to `info`; binaries check theirs while reading the config.
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+/// What a daemon answers on its admin port. `Ok(text)` is a 200 with that body, `Err(why)` a
+/// 503 naming the reason.
+pub trait Probe: Send + Sync + 'static {
+    fn live(&self) -> Result<String, String>;
+    fn ready(&self) -> Result<String, String>;
+    /// The OpenMetrics text exposition.
+    fn metrics(&self) -> Result<String, String>;
+}
+
+/// Serves `/live`, `/ready` and `metrics_path` until `shutdown` completes, then drains open
+/// requests. The caller binds the socket (tests bind port 0).
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    probe: Arc<dyn Probe>,
+    metrics_path: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route(&metrics_path, get(metrics))
+        .with_state(probe);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+fn answer(r: Result<String, String>) -> Response {
+    match r {
+        Ok(body) => (StatusCode::OK, body).into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
+async fn live(State(p): State<Arc<dyn Probe>>) -> Response {
+    answer(p.live())
+}
+
+async fn ready(State(p): State<Arc<dyn Probe>>) -> Response {
+    answer(p.ready())
+}
+
+async fn metrics(State(p): State<Arc<dyn Probe>>) -> Response {
+    match p.metrics() {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encode: {e}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_flags_are_all_or_none_and_errors_name_the_missing_ones() {
+        assert_eq!(TlsArgs::default().all_or_none("with --coordinator"), Ok(None));
+        let partial = TlsArgs { tls_cert: Some("c".into()), ..TlsArgs::default() };
+        assert_eq!(
+            partial.all_or_none("with --coordinator"),
+            Err("--tls-key, --tls-ca required with --coordinator".into())
+        );
+        let all = TlsArgs { tls_cert: Some("c".into()), tls_key: Some("k".into()), tls_ca: Some("a".into()) };
+        assert_eq!(all.require("x").map(|p| p.key), Ok(PathBuf::from("k")));
+    }
+}
