@@ -8,6 +8,11 @@
 //! - keepalives/s acked with `--agents` agents keeping alive at TTL/4;
 //! - leader SIGKILL → every agent acked again by the new leader;
 //! - holder SIGKILL (a child process holding a group) → Grant to the other member.
+//!
+//! Two subcommands measure what issue 8 asks (see `scale.rs` and `vs_etcd.rs` beside this
+//! file, and the README's "Scale and etcd side by side"):
+//! - `quorum-bench scale --groups N --clusters C [--profile lan|wan] [--duration 60s] --json`
+//! - `quorum-bench vs-etcd [--ttl 2s --ttl 3s] [--runs 5] --json`
 use anyhow::Context;
 use arcfed_tests::agent_client::{AgentOptions, TestAgent};
 use arcfed_tests::harness::{Quorum, QuorumOptions};
@@ -15,9 +20,18 @@ use clap::Parser;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+#[path = "quorum_bench/fleet.rs"]
+mod fleet;
+#[path = "quorum_bench/scale.rs"]
+mod scale;
+#[path = "quorum_bench/vs_etcd.rs"]
+mod vs_etcd;
+
 #[derive(Parser, Debug)]
-#[command(name = "quorum-bench", about)]
+#[command(name = "quorum-bench", about, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Groups (federated scale sets) to grant, one member each.
     #[arg(long, env = "ARCFED_BENCH_GROUPS", default_value = "200")]
     groups: usize,
@@ -38,7 +52,18 @@ struct Args {
     child: Option<Vec<String>>,
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// N groups × C clusters of real mTLS agent streams keeping alive against three voters:
+    /// keepalive rate, ack latency, leader/follower CPU and RSS, grant and leader-kill
+    /// recovery under that load, snapshot size.
+    Scale(scale::ScaleArgs),
+    /// Failover (holder SIGKILL → waiting candidate holds) and keepalive/grant throughput,
+    /// arcfed beside a 3-member etcd 3.4 on loopback, at equal TTLs.
+    VsEtcd(vs_etcd::VsEtcdArgs),
+}
+
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -63,6 +88,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(c) = args.child {
         return child(&c).await;
+    }
+    match args.cmd {
+        Some(Cmd::Scale(a)) => return scale::run(a).await,
+        Some(Cmd::VsEtcd(a)) => return vs_etcd::run(a).await,
+        None => {}
     }
     let dir = tempfile::tempdir()?;
     let mut q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
@@ -167,7 +197,8 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The holder child: joins `member:set` and keeps alive until killed.
+/// The holder child: joins `member:set` and keeps alive until killed. It prints
+/// `granted <token>` once it holds the group, so a parent under load need not poll status.
 async fn child(c: &[String]) -> anyhow::Result<()> {
     let endpoints: Vec<String> = c[0].split(',').map(str::to_string).collect();
     let tls = arcfed_tests::agent_client::TlsFiles::in_dir(&c[1]);
@@ -176,7 +207,9 @@ async fn child(c: &[String]) -> anyhow::Result<()> {
     o.member_id = member.to_string();
     o.scale_set_id = set.parse()?;
     let a = TestAgent::start(o);
-    a.joined(Duration::from_secs(30)).await?;
+    a.joined(Duration::from_secs(60)).await?;
+    a.wait_for("grant", Duration::from_secs(120), |r| !r.grants.is_empty()).await?;
+    println!("granted {}", a.rec().grants[0].token);
     std::future::pending::<()>().await;
     Ok(())
 }
