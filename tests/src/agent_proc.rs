@@ -36,6 +36,8 @@ pub struct AgentSpec {
     pub coordinator_lost_for: Option<String>,
     pub holder_stall: Option<String>,
     pub extra: Vec<String>,
+    /// Run in this network namespace, with the admin port on `.1` (`--netns` regions).
+    pub netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 impl AgentSpec {
@@ -52,6 +54,7 @@ impl AgentSpec {
             coordinator_lost_for: None,
             holder_stall: None,
             extra: vec![],
+            netns: None,
         }
     }
 
@@ -78,7 +81,8 @@ impl AgentProc {
     /// Starts an agent whose files (log, simulated ERS) live in `dir`.
     pub fn start(dir: &Path, spec: AgentSpec) -> anyhow::Result<AgentProc> {
         std::fs::create_dir_all(dir)?;
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let ip = spec.netns.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |(_, ip)| *ip);
+        let admin = SocketAddr::from((ip, free_port()));
         let state_file = dir.join(format!("ers-{}.json", spec.cluster));
         let mut args: Vec<String> = vec![
             "--cluster".into(),
@@ -139,6 +143,7 @@ impl AgentProc {
             ("ARCFED_CONFIG_ERROR_DELAY".into(), "0s".into()),
         ];
         let mut proc = Proc::new("arcfed-agent", args, env, log.clone());
+        proc.netns = spec.netns.as_ref().map(|(ns, _)| ns.clone());
         proc.spawn()?;
         Ok(AgentProc { spec, admin, log, state_file, proc })
     }

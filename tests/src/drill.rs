@@ -306,17 +306,29 @@ async fn half_close_holder(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     Ok(r)
 }
 
+/// Cuts (`up` false) or restores a region from the quorum and the other regions, keeping its
+/// GitHub: with `--netns` its WAN link goes down, else its proxies blackhole.
+fn partition(sb: &Sandbox, i: usize, up: bool) -> anyhow::Result<()> {
+    if let Some(w) = &sb.wan {
+        return w.set_wan_link(&sb.regions[i].name, up);
+    }
+    let mode = if up { Mode::Pass } else { Mode::Blackhole };
+    sb.q.isolate(sb.regions[i].voter, mode.clone());
+    sb.regions[i].cut(mode);
+    Ok(())
+}
+
 async fn partition_region(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
-    holder_behind_link(sb).await?;
+    if sb.wan.is_none() {
+        holder_behind_link(sb).await?;
+    }
     let (i, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, ..RunReport::default() };
     let voter = sb.regions[i].voter;
     let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
-    sb.q.isolate(voter, Mode::Blackhole);
-    sb.regions[i].cut(Mode::Blackhole);
+    partition(sb, i, false)?;
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
-    sb.q.isolate(voter, Mode::Pass);
-    sb.regions[i].cut(Mode::Pass);
+    partition(sb, i, true)?;
     let to = to?;
     wait_standby(&sb.regions[i].agent).await?;
     r.what = format!("region {} (voter {voter}) partitioned → {to}", sb.regions[i].name);
@@ -504,11 +516,22 @@ async fn holder_stall(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let mut r = RunReport { token_before: token, ..RunReport::default() };
     let owner = format!("arcfed/{}/{member}/t{token}", sb.regions[i].name);
     let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
-    sb.emu.add_fault(stall_fault(owner, sid, WAIT)).map_err(|e| anyhow::anyhow!(e))?;
+    let name = sb.regions[i].name.clone();
+    // With --netns the region's GitHub link is cut; on loopback GitHub answers it 503.
+    match &sb.wan {
+        Some(w) => w.set_github_link(&name, false)?,
+        None => {
+            sb.emu.add_fault(stall_fault(owner, sid, WAIT)).map_err(|e| anyhow::anyhow!(e))?;
+        }
+    }
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
-    sb.emu.clear_faults();
+    match &sb.wan {
+        Some(w) => w.set_github_link(&name, true)?,
+        None => sb.emu.clear_faults(),
+    }
     let to = to?;
-    r.what = format!("GitHub 503 for {} only → {to}", sb.regions[i].name);
+    let how = if sb.wan.is_some() { "GitHub link cut" } else { "GitHub 503" };
+    r.what = format!("{how} for {name} only → {to}");
     Ok(r)
 }
 
@@ -616,11 +639,9 @@ async fn apply_random(sb: &mut Sandbox, f: &PlannedFault) -> anyhow::Result<Stri
         }
         Scenario::PartitionRegion => {
             let v = sb.regions[pick].voter;
-            sb.q.isolate(v, Mode::Blackhole);
-            sb.regions[pick].cut(Mode::Blackhole);
+            partition(sb, pick, false)?;
             tokio::time::sleep(hold).await;
-            sb.q.isolate(v, Mode::Pass);
-            sb.regions[pick].cut(Mode::Pass);
+            partition(sb, pick, true)?;
             Ok(format!("region {} + voter {v}", sb.regions[pick].name))
         }
         Scenario::KillLeader => {
@@ -659,6 +680,12 @@ async fn apply_random(sb: &mut Sandbox, f: &PlannedFault) -> anyhow::Result<Stri
         Scenario::HolderStall => {
             let Some(s) = latest.filter(|s| !s.holder.is_empty()) else { return Ok("no holder: skipped".into()) };
             let owner = format!("arcfed/{}/{}/t{}", s.holder_cluster, s.holder, s.token);
+            if let Some(w) = &sb.wan {
+                w.set_github_link(&s.holder_cluster, false)?;
+                tokio::time::sleep(hold).await;
+                w.set_github_link(&s.holder_cluster, true)?;
+                return Ok(format!("GitHub link of {} cut", s.holder_cluster));
+            }
             sb.emu.add_fault(stall_fault(owner, s.session_id.clone(), hold)).map_err(|e| anyhow::anyhow!(e))?;
             tokio::time::sleep(hold).await;
             Ok(format!("GitHub 503 for {}", s.holder_cluster))
@@ -772,10 +799,12 @@ async fn finish(
 
 /// (lost, stranded) from the emulator's timeline, per session: every 200 poll delivered one
 /// envelope, every 2xx ack deleted one. An undeleted delivery is *stranded* when it was the
-/// session's last poll answer and the session made no request after it: its holder died or
-/// froze with GitHub's answer in flight, and with the adversarial per-scale-set cursor GitHub
-/// never offers it again (its jobs still count in the next statistics). Any other undeleted
-/// delivery went to a holder that kept talking and never deleted it: *lost* (DESIGN §6.3).
+/// session's last poll answer and the session neither polled nor acked after it (an acquire
+/// of its jobs may follow): its holder died, froze, or was cut from the quorum with GitHub's
+/// answer in hand, so no Progress could be accepted and DESIGN §4 forbids the ack; with the
+/// adversarial per-scale-set cursor GitHub never offers it again (its jobs still count in the
+/// next statistics). Any other undeleted delivery went to a holder that moved on without
+/// deleting it: *lost* (DESIGN §6.3).
 pub fn message_accounting(timeline: &[crate::emulator::Event]) -> (u64, u64) {
     use std::collections::BTreeMap;
     #[derive(Default)]
@@ -798,7 +827,9 @@ pub fn message_accounting(timeline: &[crate::emulator::Event]) -> (u64, u64) {
                 a.deleted += 1;
                 a.last_was_delivery = false;
             }
-            PathClass::Acquire | PathClass::Ack => a.last_was_delivery = false,
+            // Acquiring the delivered jobs is part of handling that delivery.
+            PathClass::Acquire => {}
+            PathClass::Ack => a.last_was_delivery = false,
             _ => {}
         }
     }
@@ -935,6 +966,13 @@ mod tests {
         // s1 acked its first message, then died with the second in its last poll answer.
         let dead = [ev(1, Poll, 200, "s1"), ev(2, Ack, 204, "s1"), ev(3, Poll, 200, "s1")];
         assert_eq!(message_accounting(&dead), (0, 1));
+        // s3 acquired its last delivery's jobs, then was cut from the quorum (no Progress
+        // accepted, so no ack) and never polled again: stranded too.
+        let cut = [ev(1, Poll, 200, "s3"), ev(2, PathClass::Acquire, 200, "s3")];
+        assert_eq!(message_accounting(&cut), (0, 1));
+        // s4 acquired, then polled on without deleting: lost.
+        let moved_on = [ev(1, Poll, 200, "s4"), ev(2, PathClass::Acquire, 200, "s4"), ev(3, Poll, 202, "s4")];
+        assert_eq!(message_accounting(&moved_on), (1, 0));
         // s2 received a message, never deleted it, and went on polling: lost.
         let mut skipped = dead.to_vec();
         skipped.extend([ev(4, Poll, 200, "s2"), ev(5, Poll, 202, "s2")]);

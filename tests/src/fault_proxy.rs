@@ -86,7 +86,12 @@ impl FaultProxy {
     /// Binds 127.0.0.1 on an ephemeral port and starts forwarding to `upstream` in
     /// [`Mode::Pass`].
     pub async fn start(upstream: SocketAddr) -> io::Result<FaultProxy> {
-        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        FaultProxy::start_on(std::net::Ipv4Addr::LOCALHOST, upstream).await
+    }
+
+    /// [`FaultProxy::start`] on another local address (the sandbox's WAN address with `--netns`).
+    pub async fn start_on(ip: std::net::Ipv4Addr, upstream: SocketAddr) -> io::Result<FaultProxy> {
+        let listener = TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
         let (mode, rx) = watch::channel(Mode::Pass);
         let counters = Arc::new(Counters::default());

@@ -42,17 +42,27 @@ pub struct Proc {
     args: Vec<String>,
     env: Vec<(String, String)>,
     pub log: PathBuf,
+    /// Run inside this network namespace (`ip netns exec`, which execs: the pid and the
+    /// signals are the binary's own).
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
 impl Proc {
     pub fn new(bin: &'static str, args: Vec<String>, env: Vec<(String, String)>, log: PathBuf) -> Proc {
-        Proc { bin, args, env, log, child: None }
+        Proc { bin, args, env, log, netns: None, child: None }
     }
 
     pub fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut cmd = Command::new(bin_path(self.bin));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin_path(self.bin));
+                c
+            }
+            None => Command::new(bin_path(self.bin)),
+        };
         cmd.args(&self.args).stdout(Stdio::null()).stderr(log).env_remove("LISTENER_CONFIG_PATH");
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -158,27 +168,36 @@ impl Certs {
         Ok(Certs { dir: dir.to_path_buf() })
     }
 
-    fn issue(&self, role: &str, name: &str) -> anyhow::Result<TlsFiles> {
+    fn issue(&self, role: &str, name: &str, extra_ips: &[std::net::IpAddr]) -> anyhow::Result<TlsFiles> {
         let out = self.dir.join(format!("{role}-{name}"));
         if !out.join("tls.crt").exists() {
             let ca = self.dir.join("ca").display().to_string();
             let o = out.display().to_string();
             let mut args = vec!["certs", "issue", "--ca", &ca, "--role", role, "--name", name, "--out", &o];
+            let ips: Vec<String> = extra_ips.iter().map(|i| i.to_string()).collect();
             if role == "coordinator" {
                 args.extend(["--ip", "127.0.0.1", "--dns", "localhost"]);
+                for ip in &ips {
+                    args.extend(["--ip", ip]);
+                }
             }
             arcfedctl(&args)?;
         }
         Ok(TlsFiles::in_dir(out))
     }
     pub fn coordinator(&self, id: u64) -> anyhow::Result<TlsFiles> {
-        self.issue("coordinator", &id.to_string())
+        self.issue("coordinator", &id.to_string(), &[])
+    }
+    /// A coordinator certificate that also names `ips` (a voter on a region's WAN address, and
+    /// the address of the proxies in front of it).
+    pub fn coordinator_at(&self, id: u64, ips: &[std::net::IpAddr]) -> anyhow::Result<TlsFiles> {
+        self.issue("coordinator", &id.to_string(), ips)
     }
     pub fn agent(&self, cluster: &str) -> anyhow::Result<TlsFiles> {
-        self.issue("agent", cluster)
+        self.issue("agent", cluster, &[])
     }
     pub fn admin(&self, name: &str) -> anyhow::Result<TlsFiles> {
-        self.issue("admin", name)
+        self.issue("admin", name, &[])
     }
 }
 
@@ -189,11 +208,24 @@ pub struct QuorumOptions {
     /// Route every voter-to-voter connection through a fault proxy (one per direction).
     pub peer_proxies: bool,
     pub extra_args: Vec<String>,
+    /// Voter i (1-based) runs in namespace `placement[i-1].0` on address `.1` (`--netns`
+    /// regions); empty = every voter on 127.0.0.1.
+    pub placement: Vec<(String, std::net::Ipv4Addr)>,
+    /// More addresses every coordinator certificate names (where proxies in front of the
+    /// voters listen with `--netns`).
+    pub cert_ips: Vec<std::net::Ipv4Addr>,
 }
 
 impl Default for QuorumOptions {
     fn default() -> Self {
-        QuorumOptions { voters: 3, lease_ttl: "3s", peer_proxies: false, extra_args: vec![] }
+        QuorumOptions {
+            voters: 3,
+            lease_ttl: "3s",
+            peer_proxies: false,
+            extra_args: vec![],
+            placement: vec![],
+            cert_ips: vec![],
+        }
     }
 }
 
@@ -208,8 +240,14 @@ pub struct Voter {
 
 impl Voter {
     /// A voter's command line: `peers` are (id, address this voter dials), itself included.
-    fn new(dir: &Path, id: u64, grpc: SocketAddr, tls: &TlsFiles, lease_ttl: &str, peers: &[(u64, String)]) -> Voter {
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    fn new(
+        dir: &Path,
+        id: u64,
+        (grpc, http): (SocketAddr, SocketAddr),
+        tls: &TlsFiles,
+        lease_ttl: &str,
+        peers: &[(u64, String)],
+    ) -> Voter {
         let data_dir = dir.join(format!("voter-{id}"));
         let mut args: Vec<String> = vec![
             "--node-id".into(),
@@ -290,8 +328,18 @@ impl Quorum {
         let certs = Certs::init(&dir.join("certs"))?;
         let admin = certs.admin("test-operator")?;
         let ids: Vec<u64> = (1..=opts.voters).collect();
-        let grpc: BTreeMap<u64, SocketAddr> =
-            ids.iter().map(|id| (*id, SocketAddr::from(([127, 0, 0, 1], free_port())))).collect();
+        if !opts.placement.is_empty() && opts.placement.len() < ids.len() {
+            anyhow::bail!("{} voters need {} placements, got {}", ids.len(), ids.len(), opts.placement.len());
+        }
+        let place = |id: u64| opts.placement.get(id as usize - 1);
+        // In a namespace the voter owns its address: fixed ports there, free ports on loopback.
+        let grpc: BTreeMap<u64, SocketAddr> = ids
+            .iter()
+            .map(|id| match place(*id) {
+                Some((_, ip)) => (*id, SocketAddr::from((*ip, 7000))),
+                None => (*id, SocketAddr::from(([127, 0, 0, 1], free_port()))),
+            })
+            .collect();
         let mut proxies = BTreeMap::new();
         if opts.peer_proxies {
             for from in &ids {
@@ -304,7 +352,9 @@ impl Quorum {
         }
         let mut voters = Vec::new();
         for id in &ids {
-            let tls = certs.coordinator(*id)?;
+            let mut ips: Vec<std::net::IpAddr> = opts.cert_ips.iter().map(|i| (*i).into()).collect();
+            ips.extend(place(*id).map(|(_, ip)| std::net::IpAddr::from(*ip)));
+            let tls = certs.coordinator_at(*id, &ips)?;
             let peers: Vec<(u64, String)> = ids
                 .iter()
                 .map(|peer| match proxies.get(&(*id, *peer)) {
@@ -312,8 +362,13 @@ impl Quorum {
                     None => (*peer, grpc[peer].to_string()),
                 })
                 .collect();
-            let mut v = Voter::new(dir, *id, grpc[id], &tls, opts.lease_ttl, &peers);
+            let http = match place(*id) {
+                Some((_, ip)) => SocketAddr::from((*ip, 8000)),
+                None => SocketAddr::from(([127, 0, 0, 1], free_port())),
+            };
+            let mut v = Voter::new(dir, *id, (grpc[id], http), &tls, opts.lease_ttl, &peers);
             v.proc.args.extend(opts.extra_args.iter().cloned());
+            v.proc.netns = place(*id).map(|(ns, _)| ns.clone());
             v.spawn()?;
             voters.push(v);
         }
@@ -327,7 +382,8 @@ impl Quorum {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut peers = vec![(id, grpc.to_string())];
         peers.extend(self.voters.iter().map(|v| (v.id, v.grpc.to_string())));
-        let mut v = Voter::new(&self.dir, id, grpc, &tls, self.opts.lease_ttl, &peers);
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut v = Voter::new(&self.dir, id, (grpc, http), &tls, self.opts.lease_ttl, &peers);
         v.spawn()?;
         self.voters.push(v);
         Ok(self.voters.last().expect("just pushed"))

@@ -20,4 +20,5 @@ pub mod drill;
 pub mod emulator;
 pub mod fault_proxy;
 pub mod harness;
+pub mod netns;
 pub mod sandbox;

@@ -28,6 +28,7 @@ use crate::emulator::{
 };
 use crate::fault_proxy::{FaultProxy, Mode};
 use crate::harness::{Quorum, QuorumOptions};
+use crate::netns::{Wan, WanOptions};
 use anyhow::{Context, bail};
 use arcfed_proto as pb;
 use arcfed_proto::admin_service_client::AdminServiceClient;
@@ -65,8 +66,14 @@ pub struct SandboxOptions {
     /// Route each agent's coordinator traffic through its link proxies (needed by
     /// half-close-holder and partition-region); off = agents dial the voters directly.
     pub agent_links: bool,
-    /// Route voter-to-voter traffic through fault proxies (partition-region needs them).
+    /// Route voter-to-voter traffic through fault proxies (partition-region needs them
+    /// without `netns`).
     pub peer_proxies: bool,
+    /// Real regions: one network namespace per region, joined by a WAN with this delay
+    /// (`netns.rs`, root only). Partitions are then link cuts, not proxies.
+    pub netns: Option<WanOptions>,
+    /// `--profile` of the voters and agents (`lan` or `wan`); None = their default (lan).
+    pub profile: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -86,6 +93,8 @@ impl Default for SandboxOptions {
             job_mode: JobMode::Ghes,
             agent_links: true,
             peer_proxies: true,
+            netns: None,
+            profile: None,
         }
     }
 }
@@ -238,6 +247,8 @@ pub struct Sandbox {
     pub q: Quorum,
     pub regions: Vec<Region>,
     pub sampler: Sampler,
+    /// The namespaces and WAN of `--netns` (dropped last, after every process).
+    pub wan: Option<Wan>,
 }
 
 impl Sandbox {
@@ -261,22 +272,72 @@ impl Sandbox {
             ecfg.settings.session_ttl_from = SessionTtlFrom::Creation;
             ecfg.settings.cursor = Cursor::PerScaleSet;
         }
-        let emu = Emulator::start(ecfg, tokio::net::TcpListener::bind("127.0.0.1:0").await?).await?;
+        let wan = match opts.netns {
+            Some(w) => {
+                if opts.regions.len() < 3 {
+                    bail!("--netns needs at least three regions (each hosts one of the three voters)");
+                }
+                Some(Wan::create(&opts.regions, w)?)
+            }
+            None => None,
+        };
+        // With regions in namespaces GitHub listens on its own address, reached by each region
+        // over its own link.
+        let listener = match &wan {
+            Some(w) => {
+                let l = tokio::net::TcpListener::bind((w.github_ip, 0)).await?;
+                ecfg.advertise_url = Some(format!("http://{}", l.local_addr()?));
+                l
+            }
+            None => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        };
+        let emu = Emulator::start(ecfg, listener).await?;
         let set = emu.create_scale_set("arcfed-sandbox", 1).map_err(|e| anyhow::anyhow!("create scale set: {e:?}"))?.id;
 
         let ttl: &'static str = Box::leak(opts.lease_ttl.clone().into_boxed_str());
         let q = Quorum::start(
             dir,
-            QuorumOptions { lease_ttl: ttl, peer_proxies: opts.peer_proxies, ..QuorumOptions::default() },
+            QuorumOptions {
+                lease_ttl: ttl,
+                peer_proxies: opts.peer_proxies && wan.is_none(),
+                placement: wan
+                    .as_ref()
+                    .map(|w| w.regions.iter().map(|r| (r.ns.clone(), r.ip)).collect())
+                    .unwrap_or_default(),
+                cert_ips: wan.as_ref().map(|w| vec![w.root_ip]).unwrap_or_default(),
+                extra_args: opts
+                    .profile
+                    .iter()
+                    .flat_map(|p| ["--profile".to_string(), p.clone()])
+                    // The voters' timing-rule check then knows the real round trip between
+                    // regions, and refuses a profile that cannot fit it.
+                    .chain(
+                        opts.netns
+                            .iter()
+                            .flat_map(|w| ["--rtt".to_string(), format!("{}ms", 2 * w.delay.as_millis().max(1))]),
+                    )
+                    .collect(),
+                ..QuorumOptions::default()
+            },
         )
         .await?;
-        let s =
-            q.wait_serving(WAIT).await.with_context(|| format!("quorum did not start; logs in {}", dir.display()))?;
+        let s = q.wait_serving(WAIT).await.with_context(|| {
+            let last: Vec<String> = q
+                .voters
+                .iter()
+                .map(|v| format!("voter {}: {}", v.id, v.log_text().lines().last().unwrap_or("(no log)")))
+                .collect();
+            format!("quorum did not start; logs in {}\n{}", dir.display(), last.join("\n"))
+        })?;
         let mut regions = Vec::new();
         for (i, name) in opts.regions.iter().enumerate() {
             let mut links = BTreeMap::new();
             for v in &q.voters {
-                links.insert(v.id, FaultProxy::start(v.grpc).await?);
+                let p = match &wan {
+                    Some(w) => FaultProxy::start_on(w.root_ip, v.grpc).await?,
+                    None => FaultProxy::start(v.grpc).await?,
+                };
+                links.insert(v.id, p);
             }
             let pat = if opts.per_region_credentials { format!("pat-{name}") } else { emu.pat().to_string() };
             let gh = GitHubSide { config_url: emu.config_url(), pat, scale_set_id: set, resolve: vec![] };
@@ -284,6 +345,10 @@ impl Sandbox {
             spec.lease_ttl = Some(opts.lease_ttl.clone());
             spec.coordinator_lost_for = opts.coordinator_lost_for.clone();
             spec.holder_stall = opts.holder_stall.clone();
+            spec.netns = wan.as_ref().and_then(|w| w.region(name)).map(|r| (r.ns.clone(), r.ip));
+            if let Some(p) = &opts.profile {
+                spec.extra.extend(["--profile".to_string(), p.clone()]);
+            }
             let rdir = dir.join(format!("region-{name}"));
             let voter = q.voters[i % q.voters.len()].id;
             let direct = (!opts.agent_links).then(|| q.voters.iter().map(|v| (v.id, v.addr())).collect());
@@ -291,7 +356,7 @@ impl Sandbox {
             regions.push(Region { name: name.clone(), voter, agent, links, direct, dir: rdir, spec });
         }
         let sampler = Sampler::start(q.admin.clone(), q.endpoints());
-        let sb = Sandbox { opts, dir: dir.to_path_buf(), emu, set, q, regions, sampler };
+        let sb = Sandbox { opts, dir: dir.to_path_buf(), emu, set, q, regions, sampler, wan };
         sb.set_workload(sb.opts.jobs_per_minute).await?;
         sb.wait_settled().await.with_context(|| format!("the sandbox did not settle; logs in {}", dir.display()))?;
         Ok(sb)
@@ -494,11 +559,12 @@ impl Sandbox {
 
     /// Stops every process and the emulator.
     pub async fn shutdown(self) {
-        let Sandbox { emu, q, regions, sampler, .. } = self;
+        let Sandbox { emu, q, regions, sampler, wan, .. } = self;
         drop(sampler);
         drop(regions);
         drop(q);
         emu.shutdown().await;
+        drop(wan);
     }
 }
 

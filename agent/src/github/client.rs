@@ -334,9 +334,18 @@ impl Client {
                 Some(jwt::parse_app_key(private_key_pem)?)
             }
         };
+        // A long poll is idle for up to ~50 s, so only TCP keepalive probes can tell a dead
+        // path (a cut link, a silent middlebox) from GitHub holding the poll: probes after 3 s
+        // idle, every 1 s, 3 unanswered → the request fails in ~6 s and the holder-stall rule
+        // sees it, instead of waiting out REQUEST_TIMEOUT. Unacknowledged writes give up
+        // after 10 s (TCP_USER_TIMEOUT).
         let mut b = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_keepalive(Duration::from_secs(3))
+            .tcp_keepalive_interval(Duration::from_secs(1))
+            .tcp_keepalive_retries(3)
+            .tcp_user_timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::limited(10));
         if let Some(pem) = s.root_ca_pem.as_deref().filter(|p| !p.trim().is_empty()) {
             let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())

@@ -39,7 +39,8 @@ impl PeerContacts {
     }
 }
 
-/// Creates one lazily-connected channel per peer.
+/// One lazily-connected channel per peer address, shared by every client openraft makes
+/// (it makes a new one for each election's vote requests).
 #[derive(Clone)]
 pub struct PeerNetwork {
     /// `--peer` addresses: how *this* node reaches each voter. They win over the membership's
@@ -47,6 +48,11 @@ pub struct PeerNetwork {
     pub overrides: Arc<BTreeMap<NodeId, String>>,
     pub tls: Arc<TlsMaterial>,
     pub contacts: Arc<PeerContacts>,
+    /// Channels by address. A connection survives the RPC that started it: on a WAN the
+    /// TCP and TLS handshakes alone take longer than a vote's deadline, so a channel made
+    /// per request would never connect; a shared one finishes connecting in the background
+    /// and the next request uses it.
+    pub channels: Arc<std::sync::Mutex<BTreeMap<String, Channel>>>,
 }
 
 pub struct PeerClient {
@@ -57,6 +63,10 @@ pub struct PeerClient {
 
 impl PeerNetwork {
     fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = channels.get(addr) {
+            return Ok(ch.clone());
+        }
         let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']);
         let ep = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| format!("bad peer address {addr}: {e}"))?
@@ -65,7 +75,9 @@ impl PeerNetwork {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .tls_config(self.tls.client_config(host))
             .map_err(|e| format!("TLS config for {addr}: {e}"))?;
-        Ok(ep.connect_lazy())
+        let ch = ep.connect_lazy();
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
     }
 }
 

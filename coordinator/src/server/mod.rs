@@ -310,6 +310,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
             cfg.peers.iter().filter(|(id, _)| **id != cfg.node_id).map(|(k, v)| (*k, v.clone())).collect(),
         ),
         tls,
+        channels: Default::default(),
     };
     let raft =
         Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm).await.map_err(|e| Error::Raft(e.to_string()))?;

@@ -33,9 +33,9 @@ struct Args {
     /// Regions (clusters), one agent each; region i hosts voter i (mod 3).
     #[arg(long, env = "ARCFED_SANDBOX_REGIONS", value_delimiter = ',', default_value = "a,b,c")]
     regions: Vec<String>,
-    /// Lease TTL of the quorum.
-    #[arg(long, env = "ARCFED_SANDBOX_LEASE_TTL", default_value = "3s")]
-    lease_ttl: String,
+    /// Lease TTL of the quorum (default: the profile's, 3s on lan, 10s on wan).
+    #[arg(long, env = "ARCFED_SANDBOX_LEASE_TTL")]
+    lease_ttl: Option<String>,
     /// Run a DESIGN §10 drill instead of the live view.
     #[arg(long, env = "ARCFED_SANDBOX_DRILL", value_enum, conflicts_with = "random_faults")]
     drill: Option<Scenario>,
@@ -92,6 +92,22 @@ struct Args {
     /// partition-region cannot cut a voter).
     #[arg(long, env = "ARCFED_SANDBOX_DIRECT_PEERS")]
     direct_peers: bool,
+    /// Real regions (root only): each region's voter and agent run in a network namespace of
+    /// their own, joined by a WAN with --wan-delay between regions; GitHub is reached over a
+    /// separate link per region. partition-region and holder-stall then cut links.
+    #[arg(long, env = "ARCFED_SANDBOX_NETNS")]
+    netns: bool,
+    /// One-way delay between two regions with --netns (half of it between a region and the
+    /// sandbox's own connections).
+    #[arg(long, env = "ARCFED_SANDBOX_WAN_DELAY", value_parser = humantime::parse_duration, default_value = "40ms")]
+    wan_delay: Duration,
+    /// Percent of WAN frames to or from a region that are dropped, with --netns.
+    #[arg(long, env = "ARCFED_SANDBOX_WAN_LOSS", default_value = "0")]
+    wan_loss: f64,
+    /// Timing profile of the voters and agents: lan (TTL 3s) or wan (TTL 10s, slower
+    /// elections). With wan, --lease-ttl defaults to 10s.
+    #[arg(long, env = "ARCFED_SANDBOX_PROFILE", value_parser = ["lan", "wan"], default_value = "lan")]
+    profile: String,
 }
 
 fn log(json: bool, msg: impl AsRef<str>) {
@@ -142,7 +158,11 @@ async fn main() -> anyhow::Result<()> {
     let random = args.random_faults;
     let opts = SandboxOptions {
         regions: args.regions.clone(),
-        lease_ttl: args.lease_ttl.clone(),
+        lease_ttl: args.lease_ttl.clone().unwrap_or_else(|| if args.profile == "wan" { "10s" } else { "3s" }.into()),
+        netns: args
+            .netns
+            .then_some(arcfed_tests::netns::WanOptions { delay: args.wan_delay, loss: args.wan_loss / 100.0 }),
+        profile: (args.profile != "lan").then(|| args.profile.clone()),
         adversarial: args.adversarial || args.drill.is_some() || random,
         per_region_credentials: args.credentials == Credentials::PerRegion,
         cross_credential_delete: args.cross_credential_delete,
