@@ -1080,10 +1080,13 @@ impl Driver {
                         return;
                     }
                     let open = self.session.as_ref().map(|s| s.session_id.clone());
+                    // Both resume candidates are consumed by this Grant, whichever is used: a
+                    // leftover would make a much later Grant resume a session that has since
+                    // been released or deleted (found by a 200-fault random run: a holder
+                    // polled a deleted session's queue token under a new token).
                     let kept = self.held_before_fallback.take().filter(|(t, _)| *t == g.token).map(|(_, s)| s);
-                    let resume = kept
-                        .filter(|id| open.as_ref() == Some(id))
-                        .or_else(|| self.adopted.take().filter(|id| open.as_ref() == Some(id)));
+                    let adopted = self.adopted.take();
+                    let resume = kept.or(adopted).filter(|id| open.as_ref() == Some(id));
                     if resume.is_none() && self.holder.token.is_none() {
                         self.session = None;
                     }

@@ -1265,7 +1265,10 @@ impl Core {
         if let Some(id) = a.session
             && let Some(s) = self.sessions.get_mut(&id)
         {
-            if e.class.holder_only() {
+            // Holder activity: any holder-only request while the session is open, and any
+            // that succeeds after it closed (a zombie). A refused request on a closed session
+            // (a late DELETE answered 400 by a member that found it stale) serves nothing.
+            if e.class.holder_only() && (s.closed.is_none() || e.status < 400) {
                 s.first_holder = s.first_holder.min(e.at_ms);
                 s.last_holder = s.last_holder.max(e.at_ms);
             }
