@@ -22,6 +22,6 @@ pub use v1::*;
 
 pub mod clock;
 pub mod leader;
-pub mod tls;
 #[cfg(feature = "ops")]
 pub mod ops;
+pub mod tls;
