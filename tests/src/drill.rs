@@ -803,8 +803,11 @@ async fn finish(
 /// of its jobs may follow): its holder died, froze, or was cut from the quorum with GitHub's
 /// answer in hand, so no Progress could be accepted and DESIGN §4 forbids the ack; with the
 /// adversarial per-scale-set cursor GitHub never offers it again (its jobs still count in the
-/// next statistics). Any other undeleted delivery went to a holder that moved on without
-/// deleting it: *lost* (DESIGN §6.3).
+/// next statistics). A delivery is stranded too when the session's next poll asks again from
+/// the same point (the same `lastMessageId`, or none): the holder never saw that answer (its
+/// poll was cancelled at the fence as GitHub sent it), and a cursor that honours
+/// `lastMessageId` would hand it out again. Any other undeleted delivery went to a holder
+/// that moved on without deleting it: *lost* (DESIGN §6.3).
 pub fn message_accounting(timeline: &[crate::emulator::Event]) -> (u64, u64) {
     use std::collections::BTreeMap;
     #[derive(Default)]
@@ -812,30 +815,50 @@ pub fn message_accounting(timeline: &[crate::emulator::Event]) -> (u64, u64) {
         delivered: u64,
         deleted: u64,
         last_was_delivery: bool,
+        /// `lastMessageId` of the poll that brought the pending delivery.
+        pending_from: Option<i64>,
+        unseen: u64,
     }
+    let last_id = |q: &str| -> i64 {
+        q.split('&').find_map(|kv| kv.strip_prefix("lastMessageId=")).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
     let mut by: BTreeMap<&str, Acc> = BTreeMap::new();
     for e in timeline {
         let Some(sid) = e.session_id.as_deref() else { continue };
         let a = by.entry(sid).or_default();
         match e.class {
-            PathClass::Poll if e.status == 200 => {
-                a.delivered += 1;
-                a.last_was_delivery = true;
+            PathClass::Poll => {
+                let from = last_id(&e.query);
+                if a.last_was_delivery && a.pending_from.is_some_and(|p| from <= p) {
+                    a.unseen += 1; // asked again from the same point: the answer never arrived
+                }
+                a.pending_from = None;
+                a.last_was_delivery = false;
+                if e.status == 200 {
+                    a.delivered += 1;
+                    a.last_was_delivery = true;
+                    a.pending_from = Some(from);
+                }
             }
-            PathClass::Poll => a.last_was_delivery = false,
             PathClass::Ack if (200..300).contains(&e.status) => {
                 a.deleted += 1;
                 a.last_was_delivery = false;
             }
             // Acquiring the delivered jobs is part of handling that delivery.
             PathClass::Acquire => {}
-            PathClass::Ack => a.last_was_delivery = false,
+            PathClass::Ack => {
+                a.last_was_delivery = false;
+                a.pending_from = None;
+            }
             _ => {}
         }
     }
     let (mut lost, mut stranded) = (0, 0);
     for a in by.values() {
         let mut undeleted = a.delivered.saturating_sub(a.deleted);
+        let unseen = a.unseen.min(undeleted);
+        stranded += unseen;
+        undeleted -= unseen;
         if undeleted > 0 && a.last_was_delivery {
             stranded += 1;
             undeleted -= 1;
@@ -971,11 +994,20 @@ mod tests {
         let cut = [ev(1, Poll, 200, "s3"), ev(2, PathClass::Acquire, 200, "s3")];
         assert_eq!(message_accounting(&cut), (0, 1));
         // s4 acquired, then polled on without deleting: lost.
-        let moved_on = [ev(1, Poll, 200, "s4"), ev(2, PathClass::Acquire, 200, "s4"), ev(3, Poll, 202, "s4")];
+        let mut moved_on = [ev(1, Poll, 200, "s4"), ev(2, PathClass::Acquire, 200, "s4"), ev(3, Poll, 202, "s4")];
+        moved_on[2].query = "lastMessageId=7".into();
         assert_eq!(message_accounting(&moved_on), (1, 0));
+        // s5's poll from message 7 brought a message, and its next poll asks from 7 again:
+        // the answer never reached the holder (cancelled at the fence): stranded, not lost.
+        let mut again = [ev(1, Poll, 200, "s5"), ev(2, Poll, 202, "s5")];
+        again[0].query = "lastMessageId=7".into();
+        again[1].query = "lastMessageId=7".into();
+        assert_eq!(message_accounting(&again), (0, 1));
         // s2 received a message, never deleted it, and went on polling: lost.
         let mut skipped = dead.to_vec();
-        skipped.extend([ev(4, Poll, 200, "s2"), ev(5, Poll, 202, "s2")]);
+        let mut went_on = ev(5, Poll, 202, "s2");
+        went_on.query = "api-version=6.0-preview&lastMessageId=4".into();
+        skipped.extend([ev(4, Poll, 200, "s2"), went_on]);
         assert_eq!(message_accounting(&skipped), (1, 1));
         // Everything delivered was deleted.
         assert_eq!(message_accounting(&[ev(1, Poll, 200, "s"), ev(2, Ack, 204, "s"), ev(3, Poll, 202, "s")]), (0, 0));

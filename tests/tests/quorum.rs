@@ -726,11 +726,16 @@ async fn r_status_shows_a_stopped_voter_as_unreachable_and_assignments_per_membe
 
 /// `arcfed_raft_applied_index` from a voter's admin port.
 async fn applied_index(http: std::net::SocketAddr) -> anyhow::Result<u64> {
+    raft_gauge(http, "arcfed_raft_applied_index").await
+}
+
+async fn raft_gauge(http: std::net::SocketAddr, name: &str) -> anyhow::Result<u64> {
     let text = reqwest::get(format!("http://{http}/metrics")).await?.text().await?;
+    let prefix = format!("{name} ");
     text.lines()
-        .find_map(|l| l.strip_prefix("arcfed_raft_applied_index ").and_then(|v| v.trim().parse::<f64>().ok()))
+        .find_map(|l| l.strip_prefix(prefix.as_str()).and_then(|v| v.trim().parse::<f64>().ok()))
         .map(|v| v as u64)
-        .ok_or_else(|| anyhow::anyhow!("no arcfed_raft_applied_index in /metrics"))
+        .ok_or_else(|| anyhow::anyhow!("no {name} in /metrics"))
 }
 
 /// Sizes of the snapshots a voter logged as installed from the leader.
@@ -757,6 +762,7 @@ async fn s_a_lagging_follower_catches_up_through_a_snapshot_sent_in_chunks() {
         let r = async {
             let s = q.wait_status("three voters", WAIT, |s| s.voters.len() == 3).await?;
             let follower = s.voters.iter().find(|v| v.id != s.leader).map(|v| v.id).expect("a follower");
+            let had = applied_index(q.voter(follower).http).await.unwrap_or(0);
             q.voter(follower).kill();
             // Entries the follower misses: a Join per agent, a Grant, more than a snapshot's worth.
             let clusters: Vec<String> = (0..12).map(|i| format!("c{i}")).collect();
@@ -769,6 +775,16 @@ async fn s_a_lagging_follower_catches_up_through_a_snapshot_sent_in_chunks() {
                 .await?;
             let leader_http = q.voters.iter().find(|v| v.id == s.leader).expect("leader").http;
             let target = applied_index(leader_http).await?;
+            // Restart the follower only once the leader has purged past what it had: then only
+            // a snapshot can bring it up to date (openraft purges after a snapshot, once no
+            // replication still reads those entries; without this wait the test was flaky).
+            let end = Instant::now() + WAIT;
+            while raft_gauge(leader_http, "arcfed_raft_purged_index").await.unwrap_or(0) <= had {
+                if Instant::now() > end {
+                    anyhow::bail!("the leader never purged its log past index {had}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             q.voter(follower).restart()?;
             let http = q.voter(follower).http;
             let end = Instant::now() + WAIT;

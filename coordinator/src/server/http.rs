@@ -47,6 +47,7 @@ pub fn refresh(ctx: &Ctx) {
     mm.is_leader.set(i64::from(m.state == ServerState::Leader));
     mm.serving.set(i64::from(ctx.serving_term().is_some()));
     mm.applied_index.set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
+    mm.purged_index.set(m.purged.map(|l| l.index).unwrap_or(0) as i64);
     mm.commit_index.set(commit_index(&m) as i64);
     mm.quorum_contact_age_ms.set(ctx.quorum_age_ms().map(|v| v as i64).unwrap_or(-1));
     ctx.shared.read(|s| {

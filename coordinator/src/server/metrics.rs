@@ -24,6 +24,7 @@ pub struct Metrics {
     pub serving: Gauge,
     pub commit_index: Gauge,
     pub applied_index: Gauge,
+    pub purged_index: Gauge,
     pub quorum_contact_age_ms: Gauge,
     pub members: Family<StatusLabel, Gauge>,
     pub groups: Gauge,
@@ -58,6 +59,7 @@ impl Metrics {
             serving: Gauge::default(),
             commit_index: Gauge::default(),
             applied_index: Gauge::default(),
+            purged_index: Gauge::default(),
             quorum_contact_age_ms: Gauge::default(),
             members: Family::default(),
             groups: Gauge::default(),
@@ -82,6 +84,11 @@ impl Metrics {
         r.register("serving", "1 when this node serves agents (leader, linearizable, promoted)", m.serving.clone());
         r.register("raft_commit_index", "Last committed log index known to this node", m.commit_index.clone());
         r.register("raft_applied_index", "Last applied log index", m.applied_index.clone());
+        r.register(
+            "raft_purged_index",
+            "Last log index purged after a snapshot (a follower behind it needs a snapshot)",
+            m.purged_index.clone(),
+        );
         r.register(
             "quorum_contact_age_ms",
             "Milliseconds since the leader last heard from a quorum (-1 when not leader)",
