@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   root ns: emulator on 10.B.255.1 (lo)      sandbox, arcfedctl, status sampler on afh<k>
-//!      │ afg<k>1 (veth, own link)   │ afg<k>2 …                    │ afh<k> 10.B.0.254 (tap)
+//!      │ afg<k>1 (tap pair, own link) │ afg<k>2 …                    │ afh<k> 10.B.0.254 (tap)
 //!      ▼                            ▼                              ▼
 //!   ns afs<k>-a: gh0 10.B.1.2    ns afs<k>-b: gh0 10.B.2.2     ┌──────────────────────────┐
 //!                afw<k>1 10.B.0.1 ───────(tap)──────────────▶  │ WAN switch (this process)│
@@ -15,8 +15,11 @@
 //! `delay/2`. This kernel has no `sch_netem` (`tc qdisc add … netem` answers "Specified qdisc
 //! kind is unknown"), so the delay is applied here, to real frames between real stacks.
 //! Partitions are link cuts: `ip link set … down` on the region's WAN interface (cut from the
-//! quorum, still reaching GitHub) or on its GitHub link (GitHub unreachable from that region
-//! only). Everything is removed when the [`Wan`] is dropped.
+//! quorum, still reaching GitHub). `Wan::set_github_link` blackholes a region's GitHub link;
+//! the drills do not use it yet: the agent notices a dead GitHub path in the middle of a long
+//! poll only after about 60 s (its TCP keepalive settings did not shorten that here; not
+//! investigated further), so holder-stall keeps the emulator's 503 fault. Everything is
+//! removed when the [`Wan`] is dropped.
 
 use anyhow::{Context, bail};
 use std::collections::BinaryHeap;
@@ -52,6 +55,11 @@ pub struct WanRegion {
     pub ip: Ipv4Addr,
     wan_if: String,
     github_if: String,
+    /// The region's end of its GitHub link (a TAP in the region).
+    github_peer_if: String,
+    /// Set: the GitHub link drops every frame silently, as a blackholed path does (a link
+    /// set down would fail sends locally, which TCP keepalive never counts as a lost probe).
+    github_cut: Arc<AtomicBool>,
 }
 
 /// The namespaces, links and the WAN switch. Dropping it removes them all.
@@ -154,6 +162,8 @@ impl Wan {
                 ip: Ipv4Addr::new(10, b, 0, n),
                 wan_if: format!("afw{k}{n}"),
                 github_if: format!("afg{k}{n}"),
+                github_peer_if: format!("afq{k}{n}"),
+                github_cut: Arc::new(AtomicBool::new(false)),
             });
         }
         wan.remove_links(); // leftovers of a crashed run with the same instance number
@@ -183,15 +193,20 @@ impl Wan {
             run(&["ip", "-n", &r.ns, "addr", "add", &format!("{}/24", r.ip), "dev", &r.wan_if])?;
             run(&["ip", "-n", &r.ns, "link", "set", &r.wan_if, "up"])?;
             ports.push(Port::new(fd, opts.delay / 2, true));
-            // GitHub: a veth link of its own to the root namespace.
-            run(&["ip", "link", "add", &r.github_if, "type", "veth", "peer", "name", "gh0", "netns", &r.ns])?;
+            // GitHub: a link of its own to the root namespace, two TAPs joined here with no
+            // delay, so that a cut can blackhole it.
+            let root_end = open_tap(&r.github_if)?;
             run(&["ip", "addr", "add", &format!("10.{b}.{n}.1/30"), "dev", &r.github_if])?;
             run(&["ip", "link", "set", &r.github_if, "up"])?;
-            run(&["ip", "-n", &r.ns, "addr", "add", &format!("10.{b}.{n}.2/30"), "dev", "gh0"])?;
-            run(&["ip", "-n", &r.ns, "link", "set", "gh0", "up"])?;
+            let region_end = open_tap(&r.github_peer_if)?;
+            run(&["ip", "link", "set", &r.github_peer_if, "netns", &r.ns])?;
+            run(&["ip", "-n", &r.ns, "addr", "add", &format!("10.{b}.{n}.2/30"), "dev", &r.github_peer_if])?;
+            run(&["ip", "-n", &r.ns, "link", "set", &r.github_peer_if, "up"])?;
             run(&["ip", "-n", &r.ns, "route", "add", &gh, "via", &format!("10.{b}.{n}.1")])?;
+            let link = vec![Port::new(root_end, Duration::ZERO, false), Port::new(region_end, Duration::ZERO, false)];
+            start_switch(link, 0.0, wan.stop.clone(), r.github_cut.clone());
         }
-        start_switch(ports, opts.loss, wan.stop.clone());
+        start_switch(ports, opts.loss, wan.stop.clone(), Arc::new(AtomicBool::new(false)));
         Ok(wan)
     }
 
@@ -207,10 +222,12 @@ impl Wan {
         run(&["ip", "-n", &r.ns, "link", "set", &r.wan_if, if up { "up" } else { "down" }])
     }
 
-    /// Cuts (or restores) a region's link to GitHub, and only that.
+    /// Cuts (or restores) a region's link to GitHub, and only that: frames are dropped
+    /// silently, so the region's TCP sees a dead path, not a local error.
     pub fn set_github_link(&self, name: &str, up: bool) -> anyhow::Result<()> {
         let r = self.region(name).with_context(|| format!("no region {name}"))?;
-        run(&["ip", "link", "set", &r.github_if, if up { "up" } else { "down" }])
+        r.github_cut.store(!up, Ordering::Relaxed);
+        Ok(())
     }
 
     fn remove_links(&self) {
@@ -244,11 +261,11 @@ impl Port {
 /// One reader thread per port floods each frame to every other port's queue (due after both
 /// ports' half delays); one writer thread per port writes frames when due. Threads end when
 /// their TAP goes away (the namespace is deleted) or `stop` is set.
-fn start_switch(ports: Vec<Port>, loss: f64, stop: Arc<AtomicBool>) {
+fn start_switch(ports: Vec<Port>, loss: f64, stop: Arc<AtomicBool>, cut: Arc<AtomicBool>) {
     let ports: Arc<Vec<Port>> = Arc::new(ports);
     let seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for i in 0..ports.len() {
-        let (p, s, st) = (ports.clone(), seq.clone(), stop.clone());
+        let (p, s, st, cut) = (ports.clone(), seq.clone(), stop.clone(), cut.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65_536];
             let mut rng = rand::rng();
@@ -258,6 +275,9 @@ fn start_switch(ports: Vec<Port>, loss: f64, stop: Arc<AtomicBool>) {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
+                if cut.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let now = Instant::now();
                 for (j, out) in p.iter().enumerate() {
                     if j == i {

@@ -157,18 +157,3 @@ async fn netns_wan_partitioned_region_by_a_link_cut_stops_holding() -> anyhow::R
     assert!(r.runs[0].what.contains("partitioned"), "{:?}", r.runs[0]);
     Ok(())
 }
-
-/// Real regions on the LAN profile (2 ms between regions): the holder's region loses its
-/// GitHub link only, and another region serves.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn netns_lan_holder_cut_from_github_hands_over() -> anyhow::Result<()> {
-    let opts = SandboxOptions {
-        netns: Some(arcfed_tests::netns::WanOptions { delay: std::time::Duration::from_millis(2), loss: 0.0 }),
-        holder_stall: Some("4s".into()),
-        ..SandboxOptions::default()
-    };
-    let r = drill_once(Scenario::HolderStall, opts).await?;
-    assert_failed_over(&r);
-    assert!(r.runs[0].what.contains("GitHub link cut"), "{:?}", r.runs[0]);
-    Ok(())
-}
