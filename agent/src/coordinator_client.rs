@@ -81,7 +81,9 @@ pub struct JoinInfo {
     pub priority: i64,
 }
 
-pub fn join(j: &JoinInfo, github_ready: bool) -> pb::AgentMessage {
+/// `resume_epoch`: the lease epoch this process holds (0: none); a leader that holds that
+/// lease live re-attaches to it without a log write.
+pub fn join(j: &JoinInfo, github_ready: bool, resume_epoch: u64) -> pb::AgentMessage {
     msg(pb::agent_message::Msg::Join(pb::Join {
         member_id: j.member_id.clone(),
         group: Some(pb::GroupRef { configure_url: j.configure_url.clone(), scale_set_id: j.scale_set_id }),
@@ -93,6 +95,7 @@ pub fn join(j: &JoinInfo, github_ready: bool) -> pb::AgentMessage {
         priority: j.priority,
         github_ready,
         policy: 0,
+        resume_epoch,
     }))
 }
 

@@ -523,11 +523,14 @@ impl Driver {
         let now = self.now();
         let Some(link) = self.link.as_mut() else { return };
         let actions = link.step(now, ev);
+        // The lease this process holds, if any (None after EXPIRED): a Join names it so that a
+        // leader that still holds it live re-attaches without a log write.
+        let resume_epoch = link.epoch.unwrap_or(0);
         for a in actions {
             match a {
                 LinkAction::Attach { addr } => {
                     let Some(tls) = self.cfg.tls.clone() else { continue };
-                    let join = cc::join(&self.join, self.github_ready.load(Ordering::Relaxed));
+                    let join = cc::join(&self.join, self.github_ready.load(Ordering::Relaxed), resume_epoch);
                     tracing::debug!(%addr, "attaching to coordinator");
                     self.stream = None;
                     self.attaching = Some(Box::pin(async move {
@@ -535,7 +538,7 @@ impl Driver {
                     }));
                 }
                 LinkAction::SendJoin => {
-                    let join = cc::join(&self.join, self.github_ready.load(Ordering::Relaxed));
+                    let join = cc::join(&self.join, self.github_ready.load(Ordering::Relaxed), resume_epoch);
                     if let Some(s) = &self.stream {
                         let _ = s.tx.try_send(join);
                     }

@@ -9,6 +9,7 @@
 //!  tls     mTLS material and SPIFFE identities (coordinator, agent, arcfedctl)
 //!  leader  the `x-arcfed-leader` hint a follower returns, read in one place
 //!  clock   CLOCK_BOOTTIME milliseconds, the clock both ends measure fences on
+//!  codec   the gRPC codec of every service: prost with small per-stream buffers
 //!  ops     (feature `ops`) TLS/log flag groups and the /live /ready /metrics server
 //! ```
 //! Conversions between protobuf and domain types live in the coordinator's `server::convert`
@@ -21,6 +22,7 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod clock;
+pub mod codec;
 pub mod leader;
 #[cfg(feature = "ops")]
 pub mod ops;

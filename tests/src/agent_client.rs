@@ -32,6 +32,9 @@ pub struct AgentOptions {
     pub max_runners: i64,
     pub priority: i64,
     pub github_ready: bool,
+    /// Name the lease held (as the real agent does) when attaching again, so a leader that
+    /// holds it live re-attaches without a log write. Off: every attach is a log Join.
+    pub resume: bool,
 }
 
 impl AgentOptions {
@@ -49,6 +52,7 @@ impl AgentOptions {
             max_runners: 10,
             priority: 0,
             github_ready: true,
+            resume: true,
         }
     }
 }
@@ -73,6 +77,8 @@ pub struct GrantSeen {
 #[derive(Debug, Default)]
 pub struct Record {
     pub joined: Vec<(u64, Instant)>,
+    /// The lease held: the latest Joined epoch, cleared by EXPIRED.
+    pub lease: Option<u64>,
     pub acks: Vec<AckSeen>,
     pub grants: Vec<GrantSeen>,
     pub expired: Vec<(String, Instant)>,
@@ -330,7 +336,7 @@ enum StreamEnd {
     Failed,
 }
 
-fn join_msg(o: &AgentOptions) -> pb::AgentMessage {
+fn join_msg(o: &AgentOptions, lease: Option<u64>) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(In::Join(pb::Join {
             member_id: o.member_id.clone(),
@@ -343,6 +349,7 @@ fn join_msg(o: &AgentOptions) -> pb::AgentMessage {
             priority: o.priority,
             github_ready: o.github_ready,
             policy: 0,
+            resume_epoch: if o.resume { lease.unwrap_or(0) } else { 0 },
         })),
     }
 }
@@ -365,7 +372,8 @@ async fn one_stream(
     };
     let mut client = AgentServiceClient::new(channel);
     let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(64);
-    let _ = out_tx.send(join_msg(opts)).await;
+    let lease = lock(record).lease;
+    let _ = out_tx.send(join_msg(opts, lease)).await;
     // Bounded: a frozen coordinator accepts TCP but never completes the handshake.
     let attach = client.attach(tokio_stream::wrappers::ReceiverStream::new(out_rx));
     let mut inbound = match tokio::time::timeout(Duration::from_secs(3), attach).await {
@@ -432,6 +440,7 @@ async fn one_stream(
                         match m {
                             Out::Joined(j) => {
                                 r.joined.push((j.epoch, now));
+                                r.lease = Some(j.epoch);
                                 r.ttl_ms = j.lease_ttl_ms;
                                 r.margin_permille = u64::from(j.margin_permille);
                                 ka_every = Duration::from_millis((j.lease_ttl_ms / 4).max(10));
@@ -448,6 +457,7 @@ async fn one_stream(
                             }
                             Out::Expired(e) => {
                                 r.expired.push((e.reason, now));
+                                r.lease = None;
                                 rejoin = true;
                             }
                             Out::Grant(g) => r.grants.push(GrantSeen {
@@ -470,7 +480,7 @@ async fn one_stream(
                         let _ = tx.send(res);
                     }
                     // The lease is gone: Join again for a new epoch.
-                    if rejoin && out_tx.send(join_msg(opts)).await.is_err() {
+                    if rejoin && out_tx.send(join_msg(opts, None)).await.is_err() {
                         return StreamEnd::Failed;
                     }
                 }

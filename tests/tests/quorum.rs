@@ -161,6 +161,7 @@ async fn c_killing_the_raft_leader_changes_no_holder() {
             let (h, t) = wait_holder(&q, &[&a, &b]).await?;
             let holder = if h == 0 { &a } else { &b };
             let old = q.status().await?.leader;
+            let epochs: Vec<u64> = [&a, &b].iter().map(|x| x.rec().epoch().unwrap_or(0)).collect();
             let killed_at = Instant::now();
             q.voter(old).kill();
             let s = q.wait_status("a new serving leader", WAIT, |s| s.leader != old).await?;
@@ -172,6 +173,16 @@ async fn c_killing_the_raft_leader_changes_no_holder() {
                 })
                 .await?;
             }
+            // Both re-attached to their live leases: the same epochs, no Join in the new
+            // leader's log (a leader change costs no log write per member).
+            for (x, e) in [&a, &b].iter().zip(&epochs) {
+                let r = x.rec();
+                let after: Vec<u64> = r.joined.iter().filter(|j| j.1 > killed_at).map(|j| j.0).collect();
+                assert!(!after.is_empty(), "no Joined from the new leader");
+                assert!(after.iter().all(|ep| ep == e), "the lease epoch changed ({e} → {after:?}): a log Join");
+            }
+            let resumes = raft_gauge(q.voter(s.leader).http, "arcfed_lease_resumes_total").await?;
+            assert!(resumes >= 2, "the new leader counts {resumes} resumes");
             holder
                 .wait_for("an ack listing the same token", WAIT, |r| {
                     r.acks.last().is_some_and(|k| k.received_at > killed_at && k.held.iter().any(|x| x.1 == t))
@@ -764,11 +775,13 @@ async fn s_a_lagging_follower_catches_up_through_a_snapshot_sent_in_chunks() {
             let follower = s.voters.iter().find(|v| v.id != s.leader).map(|v| v.id).expect("a follower");
             let had = applied_index(q.voter(follower).http).await.unwrap_or(0);
             q.voter(follower).kill();
-            // Entries the follower misses: a Join per agent, a Grant, more than a snapshot's worth.
-            let clusters: Vec<String> = (0..12).map(|i| format!("c{i}")).collect();
-            let agents: Vec<TestAgent> = clusters.iter().map(|c| agent(&q, c)).collect();
-            for a in &agents {
+            // Entries the follower misses: a Join per agent, a Grant, more than a snapshot's
+            // worth. One agent at a time: concurrent Joins would share entries (group commit).
+            let mut agents: Vec<TestAgent> = Vec::new();
+            for i in 0..12 {
+                let a = agent(&q, &format!("c{i}"));
                 a.joined(WAIT).await?;
+                agents.push(a);
             }
             let s = q
                 .wait_status("every member and a holder", WAIT, |s| s.members.len() == 12 && holder_of(s).is_some())

@@ -137,7 +137,8 @@ pub struct Link {
     /// Since when no stream has been up (for `coordinator_lost_for`).
     down_since: Option<u64>,
     rng: u64,
-    /// Epoch of the latest Join answered on any stream (a re-Join after Expired gets a new one).
+    /// Epoch of the lease this process holds: set by `Joined` on any stream, cleared by
+    /// EXPIRED (a re-Join then gets a new one). A Join names it to re-attach to it.
     pub epoch: Option<u64>,
 }
 
@@ -307,8 +308,10 @@ impl Link {
                 }
             }
             LinkEvent::Expired => {
-                // No renewal past death: drop every holding, Join again on this stream.
+                // No renewal past death: drop every holding and the lease, Join again on
+                // this stream for a new epoch.
                 self.held.clear();
+                self.epoch = None;
                 self.sent.clear();
                 if let Phase::Up { addr, .. } = &self.phase {
                     self.phase = Phase::Attaching { addr: addr.clone(), since: now };
@@ -458,8 +461,10 @@ mod tests {
         let mut l = link();
         up(&mut l, 0);
         l.step(1, LinkEvent::Ack { seq: 1, held: vec![("g".into(), 3)] });
+        assert_eq!(l.epoch, Some(1), "a Joined lease is remembered, to resume it on a new stream");
         assert_eq!(l.step(2, LinkEvent::Expired), vec![LinkAction::SendJoin]);
         assert_eq!(l.fence("g").token, None);
+        assert_eq!(l.epoch, None, "an EXPIRED lease is never named again: the next Join starts a new one");
     }
 
     #[test]

@@ -226,6 +226,36 @@ impl LeaseTable {
         self.joined.push(m.clone());
     }
 
+    /// A Join that names a lease this table holds (`resume_epoch`) re-attaches to it without a
+    /// log entry: allowed only for the term this table serves, the same epoch, and a lease
+    /// that is still live (not past its deadline, no Expire or MarkSilent proposed). It then
+    /// counts as a keepalive: the deadline is renewed and the stream is open. No renewal past
+    /// death holds as for a keepalive; `false` means the Join must go through the log.
+    ///
+    /// This is what lets a leader change cost no log write per member: after `promote` every
+    /// live lease has a fresh deadline, and each member's first message on the new leader
+    /// renews it as etcd's lease keepalive would.
+    pub fn on_resume(&mut self, m: &MemberId, epoch: u64, term: u64, now: u64) -> bool {
+        if self.term != Some(term) {
+            return false;
+        }
+        let ttl = self.cfg.ttl_ms;
+        let Some(e) = self.entries.get(m) else { return false };
+        let live =
+            e.epoch == epoch && now < e.deadline.saturating_add(self.shift) && !e.expire_proposed && !e.silent_proposed;
+        if !live {
+            return false;
+        }
+        self.update(m, |e, shift| {
+            e.deadline = now.saturating_add(ttl).saturating_sub(shift);
+            e.last_keepalive = Some(now);
+            e.stream_open = true;
+            e.closed_at = None;
+        });
+        self.joined.push(m.clone());
+        true
+    }
+
     /// A keepalive for `epoch` arrived at `now`. `quorum_age_ms` is how long ago this
     /// leader last heard from a quorum (None: unknown / not leader).
     pub fn on_keepalive(&mut self, m: &MemberId, epoch: u64, now: u64, quorum_age_ms: Option<u64>) -> KeepaliveVerdict {
@@ -474,6 +504,34 @@ mod tests {
         t.on_join(&mid("a"), 9, 4002);
         assert!(matches!(t.on_keepalive(&mid("a"), 7, 4003, Some(0)), KeepaliveVerdict::Expired(_)));
         assert_eq!(t.on_keepalive(&mid("a"), 9, 4003, Some(0)), KeepaliveVerdict::Ack);
+    }
+
+    #[test]
+    fn a_resume_renews_only_a_live_lease_of_the_served_term() {
+        let ttl = LeaseConfig::default().ttl_ms;
+        // After a promotion every live lease is fresh: its holder re-attaches with its epoch.
+        let mut t = LeaseTable::new(LeaseConfig::default());
+        t.promote(100, TERM, vec![(mid("a"), 7, false), (mid("s"), 8, true)]);
+        assert!(t.on_resume(&mid("a"), 7, TERM, 200), "a live lease resumes");
+        assert_eq!(t.entry(&mid("a")).map(|e| e.deadline), Some(200 + ttl), "renewed as by a keepalive");
+        assert_eq!(t.entry(&mid("a")).and_then(|e| e.last_keepalive), Some(200), "the fast path floor is known");
+        assert_eq!(t.take_joined(), vec![mid("a")], "the driver checks a resumed entry against the state");
+        assert!(!t.on_resume(&mid("a"), 6, TERM, 210), "another epoch is not this lease");
+        assert!(!t.on_resume(&mid("a"), 7, TERM + 1, 210), "a stream of another term may not renew");
+        assert!(!t.on_resume(&mid("s"), 8, TERM, 210), "a Silent member joins through the log");
+        assert!(!t.on_resume(&mid("x"), 1, TERM, 210), "no entry, no resume");
+        // No renewal past death: once the deadline passed, only a log Join helps.
+        assert!(!t.on_resume(&mid("a"), 7, TERM, 200 + ttl), "the deadline passed");
+        // Nor once an Expire is proposed (the tick marks it before the deadline is reached
+        // again by a late keepalive).
+        let mut t = table();
+        t.on_join(&mid("b"), 5, 0);
+        let out = t.tick(ttl, ttl);
+        assert_eq!(out.expire, vec![(mid("b"), 5)]);
+        assert!(!t.on_resume(&mid("b"), 5, TERM, ttl), "Expire proposed");
+        // A table that serves no term (a follower, or a deposed leader) resumes nothing.
+        let mut t = LeaseTable::new(LeaseConfig::default());
+        assert!(!t.on_resume(&mid("a"), 7, TERM, 0));
     }
 
     #[test]

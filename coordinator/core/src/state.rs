@@ -342,9 +342,28 @@ impl State {
         let ts = self.last_ts_ms.max(req.ts_ms);
         self.last_ts_ms = ts;
         self.last_index = self.last_index.max(index);
+        let Command::Batch(cmds) = &req.cmd else { return self.apply_one(index, ts, &req.cmd) };
+        // In order, at this one index; the entry's effects are every command's.
+        let mut all = Vec::with_capacity(cmds.len());
         let mut effects = Vec::new();
-        self.note_named_groups(&req.cmd);
-        let outcome = self.apply_cmd(index, ts, &req.cmd, &mut effects);
+        for cmd in cmds {
+            let a = match cmd {
+                Command::Batch(_) => Applied {
+                    outcome: Outcome::rejected(RejectReason::InvalidInput, "a batch inside a batch"),
+                    effects: Vec::new(),
+                },
+                cmd => self.apply_one(index, ts, cmd),
+            };
+            effects.extend(a.effects.iter().cloned());
+            all.push(a);
+        }
+        Applied { outcome: Outcome::Batch(all), effects }
+    }
+
+    fn apply_one(&mut self, index: u64, ts: i64, cmd: &Command) -> Applied {
+        let mut effects = Vec::new();
+        self.note_named_groups(cmd);
+        let outcome = self.apply_cmd(index, ts, cmd, &mut effects);
         if let Outcome::Rejected { reason: RejectReason::StaleToken, .. } = outcome {
             self.counters.stale_token_rejections = self.counters.stale_token_rejections.saturating_add(1);
         }
@@ -393,7 +412,7 @@ impl State {
             | Command::RequestHandover { group, .. } => {
                 self.pending.insert(group.clone());
             }
-            Command::Advertise { .. } | Command::Collect(_) => {}
+            Command::Advertise { .. } | Command::Collect(_) | Command::Batch(_) => {}
         }
     }
 
@@ -822,6 +841,8 @@ impl State {
                 self.collect(ts, policy);
                 Outcome::Done
             }
+            // `apply` unpacks batches; one nested in a batch is refused there.
+            Command::Batch(_) => Outcome::rejected(RejectReason::InvalidInput, "a batch inside a batch"),
         }
     }
 
@@ -1031,6 +1052,33 @@ impl State {
         self.recompute(&spec.group, BTreeSet::new());
         self.gc(ts);
         Outcome::Joined { epoch: index }
+    }
+
+    /// Whether a Join carrying `epoch` may re-attach to the member's existing lease without a
+    /// log entry: the member is live in this state under that epoch, of the same cluster and
+    /// group, not a standby, allowed in its group, and asks for nothing a log Join would change
+    /// (ERS, weight, bounds, priority). `github_ready` may differ: the keepalive proposes
+    /// `SetReady` for it as it does on any stream. The leader must also hold the lease live
+    /// ([`crate::LeaseTable::on_resume`]); a `false` here means the Join goes through the log.
+    pub fn resumable(&self, spec: &JoinSpec, epoch: u64) -> bool {
+        let Some(m) = self.members.get(&spec.member) else { return false };
+        let allowed = self
+            .groups
+            .get(&spec.group)
+            .is_some_and(|g| g.allow_clusters.as_ref().is_none_or(|a| a.contains(&spec.cluster)));
+        epoch != 0
+            && allowed
+            && m.epoch == epoch
+            && m.status == MemberStatus::Live
+            && !m.standby
+            && m.cluster == spec.cluster
+            && m.group == spec.group
+            && m.ers_namespace == spec.ers_namespace
+            && m.ers_name == spec.ers_name
+            && m.weight == spec.weight
+            && m.min_runners == spec.min_runners
+            && m.max_runners == spec.max_runners
+            && m.priority == spec.priority
     }
 
     fn grant(&mut self, index: u64, ts: i64, group: &GroupKey, member: &MemberId) -> Outcome {

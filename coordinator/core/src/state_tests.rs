@@ -221,6 +221,45 @@ fn ers_name_of_another_cluster_is_refused_and_older_incarnations_become_standby(
     assert!(w.apply(Command::Grant { group: gk(), member: mid("a1") }).outcome.is_rejected());
 }
 
+/// A re-attach without a log entry is allowed only for a member the state holds live and
+/// unchanged under the named epoch; anything a log Join would change goes through the log.
+#[test]
+fn only_an_unchanged_live_member_may_resume_its_epoch() {
+    let mut w = World::new();
+    w.apply(join("a1", "a", 10));
+    let e = w.epoch("a1");
+    let spec = |f: &dyn Fn(&mut JoinSpec)| match join("a1", "a", 10) {
+        Command::Join(mut s) => {
+            f(&mut s);
+            s
+        }
+        _ => unreachable!(),
+    };
+    assert!(w.state.resumable(&spec(&|_| {}), e));
+    assert!(w.state.resumable(&spec(&|s| s.github_ready = false), e), "readiness goes by SetReady");
+    assert!(!w.state.resumable(&spec(&|_| {}), 0), "epoch 0 names no lease");
+    assert!(!w.state.resumable(&spec(&|_| {}), e + 1), "another epoch");
+    assert!(!w.state.resumable(&spec(&|s| s.cluster = "b".into()), e), "a member id never changes cluster");
+    assert!(!w.state.resumable(&spec(&|s| s.max_runners = 11), e), "new bounds are a log Join");
+    assert!(!w.state.resumable(&spec(&|s| s.weight = 2), e), "a new weight is a log Join");
+    assert!(!w.state.resumable(&spec(&|s| s.ers_name = "other".into()), e), "a new ERS is a log Join");
+    assert!(!w.state.resumable(&spec(&|s| s.member = mid("zz")), e), "unknown member");
+    // A superseded incarnation (standby) must Join through the log to be the latest again.
+    w.apply(join("a2", "a", 10));
+    assert!(!w.state.resumable(&spec(&|_| {}), e), "standby");
+    // Silent or expired members do not resume either.
+    let e2 = w.epoch("a2");
+    let a2 = match join("a2", "a", 10) {
+        Command::Join(s) => s,
+        _ => unreachable!(),
+    };
+    assert!(w.state.resumable(&a2, e2));
+    w.apply(Command::MarkSilent { members: vec![(mid("a2"), e2)] });
+    assert!(!w.state.resumable(&a2, e2), "silent");
+    w.apply(Command::Expire { members: vec![(mid("a2"), e2)] });
+    assert!(!w.state.resumable(&a2, e2), "expired");
+}
+
 #[test]
 fn expire_of_an_old_epoch_does_not_end_a_new_lease() {
     let mut w = World::new();
@@ -1018,4 +1057,65 @@ fn choose_holder_prefers_the_cluster_holding_fewer_groups() {
         w.state.holdings_of(&mid("a1")).map(|(k, t)| (k.clone(), t)).collect::<Vec<_>>(),
         vec![(gk_n(1), w.state.groups[&gk_n(1)].token)]
     );
+}
+
+// ---- batched entries: the proposer packs concurrent commands into one log entry ----
+
+#[test]
+fn a_batch_applies_its_commands_in_order_at_one_index() {
+    let mut w = World::new();
+    let a = w.apply(Command::Batch(vec![
+        join("a1", "a", 10),
+        join("b1", "b", 10),
+        Command::Grant { group: gk(), member: mid("a1") },
+        Command::Grant { group: gk(), member: mid("b1") },
+        Command::Batch(vec![]),
+    ]));
+    let Outcome::Batch(all) = a.outcome else { panic!("a batch answers a batch: {:?}", a.outcome) };
+    let outcomes: Vec<Outcome> = all.into_iter().map(|x| x.outcome).collect();
+    assert_eq!(outcomes[0], Outcome::Joined { epoch: 1 });
+    assert_eq!(outcomes[1], Outcome::Joined { epoch: 1 }, "members joined in one entry share its index as epoch");
+    assert_eq!(outcomes[2], Outcome::Granted { token: 1 }, "the token is the entry's index");
+    assert!(
+        matches!(&outcomes[3], Outcome::Rejected { reason: RejectReason::Conflict, .. }),
+        "one holder, even inside one entry"
+    );
+    assert!(matches!(&outcomes[4], Outcome::Rejected { reason: RejectReason::InvalidInput, .. }), "no nesting");
+    assert_eq!(w.group().holder, Some(mid("a1")));
+    // The next entry's Grant token is above it (tokens grow per group).
+    w.apply(Command::Expire { members: vec![(mid("a1"), 1)] });
+    assert!(w.grant("b1") > 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// A batch gives the same state, outcomes and effects as its commands applied one after
+    /// another at the same index, and the indexes `apply` keeps stay equal to a recomputation.
+    #[test]
+    fn a_batch_equals_its_commands_one_by_one(
+        prefix in proptest::collection::vec(arb_multi_cmd(), 0..30),
+        batch in proptest::collection::vec(arb_multi_cmd(), 1..12),
+    ) {
+        let mut one = State::default();
+        for (i, cmd) in prefix.into_iter().enumerate() {
+            let _ = one.apply(i as u64 + 1, &Request { ts_ms: i as i64 * 100, cmd });
+        }
+        let mut packed = one.clone();
+        let index = one.last_index + 1;
+        let ts = 1_000_000;
+        let mut outcomes = Vec::new();
+        let mut effects = Vec::new();
+        for cmd in &batch {
+            let a = one.apply(index, &Request { ts_ms: ts, cmd: cmd.clone() });
+            effects.extend(a.effects.clone());
+            outcomes.push(a);
+        }
+        let a = packed.apply(index, &Request { ts_ms: ts, cmd: Command::Batch(batch) });
+        prop_assert_eq!(&a.outcome, &Outcome::Batch(outcomes));
+        prop_assert_eq!(&a.effects, &effects);
+        prop_assert_eq!(&packed.groups, &one.groups);
+        prop_assert_eq!(&packed.members, &one.members);
+        prop_assert_eq!(packed.indexes(), &Indexes::compute(&packed.groups, &packed.members));
+    }
 }

@@ -251,6 +251,13 @@ pub enum Command {
     /// groups, busy runners of departed members and old stale-session ids are removed in
     /// `apply`, judged against this entry's timestamp and these thresholds.
     Collect(GcPolicy),
+    /// Commands proposed concurrently, applied in order at one log index: the leader's
+    /// proposer packs what queued while the previous entry was being written, so one fsync
+    /// and one replication round serve them all. Each keeps its own outcome
+    /// ([`Outcome::Batch`]); a Grant's token and a Join's epoch are this index, so two
+    /// groups granted in one batch share a token value (tokens grow per group, which is what
+    /// fencing compares). A batch inside a batch is refused.
+    Batch(Vec<Command>),
 }
 
 /// The thresholds of a `Collect` (the proposing leader's `--group-gc-after` and
@@ -282,6 +289,7 @@ impl Command {
             Command::Drain { .. } => "drain",
             Command::Advertise { .. } => "advertise",
             Command::Collect(_) => "collect",
+            Command::Batch(_) => "batch",
         }
     }
 }
@@ -323,6 +331,8 @@ pub enum Outcome {
         detail: String,
     },
     Done,
+    /// One result per command of a [`Command::Batch`], in order.
+    Batch(Vec<Applied>),
 }
 
 impl Outcome {

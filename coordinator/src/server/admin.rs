@@ -142,7 +142,7 @@ impl AdminSvc {
                 duration_ms: r.duration_ms,
             })),
         };
-        tx.send(Ok(msg)).await.map_err(|_| AdminError::Refused(format!("{member}'s stream closed")))?;
+        tx.send(Box::new(Ok(msg))).await.map_err(|_| AdminError::Refused(format!("{member}'s stream closed")))?;
         tracing::warn!(%member, action = %r.action, duration_ms = r.duration_ms, "drill relayed to an agent");
         Ok(pb::AdminReply {
             message: format!("drill {} relayed to {member} (it obeys only if started with --allow-drills)", r.action),

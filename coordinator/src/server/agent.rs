@@ -21,8 +21,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -30,7 +30,11 @@ pub struct AgentSvc {
     pub ctx: Arc<Ctx>,
 }
 
-pub type OutTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+/// One message to an agent stream, boxed: a channel allocates its slots 32 at a time, and a
+/// slot of a pointer costs 8 bytes where an unboxed message with its status costs ~200. A
+/// leader holds one such channel per agent stream (50,000 at 10,000 scale sets × 5).
+pub type OutItem = Box<Result<pb::CoordinatorMessage, Status>>;
+pub type OutTx = mpsc::Sender<OutItem>;
 
 /// Numbers streams, so a closing stream unregisters only itself.
 static NEXT_STREAM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -81,6 +85,11 @@ fn status_of(ctx: &Ctx, e: AgentError) -> Status {
 }
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued towards one agent before a sender waits (or a relayed effect is dropped,
+/// see [`deliver`]): grants and assignments resync from the state, so a short queue is enough.
+const OUT_QUEUE: usize = 64;
+/// Agent commands (Progress, SessionOpened, Release, Adopt, Leave) queued for proposal.
+const CMD_QUEUE: usize = 32;
 
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentSvc {
@@ -95,16 +104,21 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let Some(term) = self.ctx.serving_term() else {
             return Err(self.ctx.not_leader());
         };
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel::<OutItem>(OUT_QUEUE);
         let ctx = self.ctx.clone();
         let span = info_span!("member", cluster = %ident.name, term, member = tracing::field::Empty, epoch = tracing::field::Empty);
         tokio::spawn(session(ctx, ident.name, term, req.into_inner(), tx).instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
     }
 }
 
-fn out(msg: Out) -> Result<pb::CoordinatorMessage, Status> {
-    Ok(pb::CoordinatorMessage { msg: Some(msg) })
+fn out(msg: Out) -> OutItem {
+    Box::new(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
+}
+
+/// A status that ends the stream.
+fn fail(st: Status) -> OutItem {
+    Box::new(Err(st))
 }
 
 /// The member this stream speaks for, once joined.
@@ -120,7 +134,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
     let first = match tokio::time::timeout(JOIN_TIMEOUT, inbound.message()).await {
         Ok(Ok(Some(pb::AgentMessage { msg: Some(In::Join(j)) }))) => j,
         Ok(Ok(_)) => {
-            let _ = tx.send(Err(status_of(&ctx, AgentError::FirstNotJoin))).await;
+            let _ = tx.send(fail(status_of(&ctx, AgentError::FirstNotJoin))).await;
             ctx.metrics.streams_open.dec();
             return;
         }
@@ -130,7 +144,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
             return;
         }
         Err(_) => {
-            let _ = tx.send(Err(status_of(&ctx, AgentError::JoinTimeout(JOIN_TIMEOUT)))).await;
+            let _ = tx.send(fail(status_of(&ctx, AgentError::JoinTimeout(JOIN_TIMEOUT)))).await;
             ctx.metrics.streams_open.dec();
             return;
         }
@@ -144,7 +158,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
     let stream_id = NEXT_STREAM.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     ctx.streams().insert(joined.member.clone(), (stream_id, tx.clone()));
 
-    let (cmd_tx, cmd_rx) = mpsc::channel::<pb::AgentMessage>(256);
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Box<pb::AgentMessage>>(CMD_QUEUE);
     let (who_tx, who_rx) = tokio::sync::watch::channel(joined.clone());
     let commands = tokio::spawn(run_commands(ctx.clone(), who_rx.clone(), cmd_rx, tx.clone()).in_current_span());
     let pusher = tokio::spawn(push(ctx.clone(), who_rx, tx.clone()).in_current_span());
@@ -161,18 +175,18 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
                         let _ = who_tx.send(joined.clone());
                     }
                     Some(_) => {
-                        let _ = tx.send(Err(status_of(&ctx, AgentError::OtherMember))).await;
+                        let _ = tx.send(fail(status_of(&ctx, AgentError::OtherMember))).await;
                         break;
                     }
                     None => break,
                 },
                 Ok(Some(m @ pb::AgentMessage { msg: Some(_) })) => {
-                    if cmd_tx.send(m).await.is_err() {
+                    if cmd_tx.send(Box::new(m)).await.is_err() {
                         break;
                     }
                 }
                 Ok(Some(pb::AgentMessage { msg: None })) => {
-                    let _ = tx.send(Err(status_of(&ctx, AgentError::EmptyMessage))).await;
+                    let _ = tx.send(fail(status_of(&ctx, AgentError::EmptyMessage))).await;
                     break;
                 }
                 Ok(None) => { debug!("agent closed its stream"); break; }
@@ -180,7 +194,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
             },
             changed = serving.changed() => {
                 if changed.is_err() || *serving.borrow() != Some(term) {
-                    let _ = tx.send(Err(ctx.not_leader())).await;
+                    let _ = tx.send(fail(ctx.not_leader())).await;
                     break;
                 }
             }
@@ -189,13 +203,19 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
     }
     commands.abort();
     pusher.abort();
-    {
+    // Only the member's current stream speaks for its lease: a resumed lease keeps its epoch,
+    // so an older stream of the same member that closes late must not move the deadline.
+    let current = {
         let mut streams = ctx.streams();
-        if streams.get(&joined.member).is_some_and(|(id, _)| *id == stream_id) {
+        let current = streams.get(&joined.member).is_some_and(|(id, _)| *id == stream_id);
+        if current {
             streams.remove(&joined.member);
         }
+        current
+    };
+    if current {
+        ctx.lessor().on_stream_closed(&joined.member, joined.epoch, term, ctx.now());
     }
-    ctx.lessor().on_stream_closed(&joined.member, joined.epoch, term, ctx.now());
     ctx.metrics.streams_open.dec();
     info!("stream closed");
 }
@@ -211,38 +231,65 @@ async fn join(ctx: &Arc<Ctx>, cluster: &str, term: u64, j: pb::Join, tx: &OutTx)
             if let AgentError::Rejected { reason: RejectReason::WrongCluster, detail } = &e {
                 warn!(cluster, "refused: {detail}");
             }
-            let _ = tx.send(Err(status_of(ctx, e))).await;
+            let _ = tx.send(fail(status_of(ctx, e))).await;
             None
         }
     }
 }
 
 /// Input is checked before the log (`convert::join`); who owns a member id is decided by
-/// `apply`, in log order (invariant 6), never by a read made before proposing.
+/// `apply`, in log order (invariant 6), never by a read made before proposing. A Join that
+/// names a lease this leader still holds live re-attaches without a log entry ([`resume`]).
 async fn try_join(ctx: &Arc<Ctx>, cluster: &str, term: u64, j: pb::Join) -> Result<(Joined, Out), AgentError> {
+    let resume_epoch = j.resume_epoch;
     let spec = convert::join(j, cluster)?;
     let member = spec.member.clone();
     let group = spec.group.clone();
+    if resume_epoch != 0 && resume(ctx, term, &spec, resume_epoch) {
+        ctx.metrics.resumes.inc();
+        debug!(member = %member, epoch = resume_epoch, group = %group, "re-attached to a live lease (no log entry)");
+        return Ok(joined(ctx, cluster, term, member, group, resume_epoch));
+    }
     let applied = ctx.propose(Command::Join(spec)).await?;
     match applied.outcome {
         Outcome::Joined { epoch } => {
             ctx.lessor().on_join(&member, epoch, ctx.now());
+            // The group may be holderless with this member eligible: grant now, not at the tick.
+            ctx.grant_wake.notify_one();
             info!(member = %member, epoch, group = %group, "joined");
-            let cfg = ctx.cfg.lease;
-            let msg = Out::Joined(pb::Joined {
-                member_id: member.0.clone(),
-                epoch,
-                group_key: group.0.clone(),
-                cluster: cluster.to_string(),
-                lease_ttl_ms: cfg.ttl_ms,
-                margin_permille: cfg.margin_permille as u32,
-                term,
-            });
-            Ok((Joined { member, group, epoch }, msg))
+            Ok(joined(ctx, cluster, term, member, group, epoch))
         }
         Outcome::Rejected { reason, detail } => Err(AgentError::Rejected { reason, detail }),
         other => Err(AgentError::Unexpected(other)),
     }
+}
+
+/// Re-attach to a live lease: the applied state must hold the member unchanged under that
+/// epoch ([`crate::core::State::resumable`]; a member id never changes cluster while it is in
+/// the state, so this read cannot race invariant 6), and this leader's lessor must hold the
+/// lease live in the term the stream serves ([`crate::core::LeaseTable::on_resume`]), which
+/// renews it as a keepalive would. The state is read under the lessor lock, so an `Expire`
+/// proposed in between has already marked the entry.
+fn resume(ctx: &Ctx, term: u64, spec: &crate::core::JoinSpec, epoch: u64) -> bool {
+    let mut l = ctx.lessor();
+    if ctx.serving_term() != Some(term) || !ctx.shared.read(|s| s.resumable(spec, epoch)) {
+        return false;
+    }
+    l.on_resume(&spec.member, epoch, term, ctx.now())
+}
+
+fn joined(ctx: &Ctx, cluster: &str, term: u64, member: MemberId, group: GroupKey, epoch: u64) -> (Joined, Out) {
+    let cfg = ctx.cfg.lease;
+    let msg = Out::Joined(pb::Joined {
+        member_id: member.0.clone(),
+        epoch,
+        group_key: group.0.clone(),
+        cluster: cluster.to_string(),
+        lease_ttl_ms: cfg.ttl_ms,
+        margin_permille: cfg.margin_permille as u32,
+        term,
+    });
+    (Joined { member, group, epoch }, msg)
 }
 
 /// Keepalives never touch the log: the lessor judges them in memory.
@@ -299,7 +346,9 @@ async fn keepalive(ctx: &Arc<Ctx>, term: u64, j: &Joined, k: pb::Keepalive, tx: 
         let ctx = ctx.clone();
         let member = j.member.clone();
         tokio::spawn(async move {
-            let _ = ctx.propose(Command::SetReady { member, ready: k.github_ready }).await;
+            if ctx.propose(Command::SetReady { member, ready: k.github_ready }).await.is_ok() {
+                ctx.grant_wake.notify_one();
+            }
         });
     }
 }
@@ -308,12 +357,12 @@ async fn keepalive(ctx: &Arc<Ctx>, term: u64, j: &Joined, k: pb::Keepalive, tx: 
 async fn run_commands(
     ctx: Arc<Ctx>,
     who: tokio::sync::watch::Receiver<Joined>,
-    mut rx: mpsc::Receiver<pb::AgentMessage>,
+    mut rx: mpsc::Receiver<Box<pb::AgentMessage>>,
     tx: OutTx,
 ) {
     while let Some(m) = rx.recv().await {
         let j = who.borrow().clone();
-        let (request_id, cmd) = match to_command(&j, m) {
+        let (request_id, cmd) = match to_command(&j, *m) {
             Ok(x) => x,
             Err((rid, why)) => {
                 let _ = tx.send(out(Out::Result(convert::rejected(rid, format!("invalid_input: {why}"))))).await;
@@ -321,15 +370,20 @@ async fn run_commands(
             }
         };
         let leave = matches!(cmd, Command::Leave { .. });
+        let vacates = leave || matches!(cmd, Command::Release { .. });
         match ctx.propose(cmd).await {
             Ok(a) => {
                 if leave {
                     ctx.lessor().remove(&j.member);
                 }
+                if vacates {
+                    // A released or departed holder leaves its group grantable now.
+                    ctx.grant_wake.notify_one();
+                }
                 let _ = tx.send(out(Out::Result(convert::result(request_id, &a.outcome)))).await;
             }
             Err(ProposeError::NotLeader) => {
-                let _ = tx.send(Err(ctx.not_leader())).await;
+                let _ = tx.send(fail(ctx.not_leader())).await;
                 return;
             }
             Err(e) => {

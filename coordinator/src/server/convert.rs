@@ -116,6 +116,8 @@ pub fn result(request_id: u64, o: &Outcome) -> pb::CommandResult {
         Outcome::Accepted { duplicate } => R::Accepted(pb::Accepted { duplicate: *duplicate, token: 0 }),
         Outcome::Granted { token } => R::Accepted(pb::Accepted { duplicate: false, token: *token }),
         Outcome::Joined { .. } | Outcome::Done | Outcome::None => R::Accepted(pb::Accepted::default()),
+        // The proposer unpacks batches before answering; an agent never sends one.
+        Outcome::Batch(_) => R::Rejected(pb::Rejected { reason: "internal: an unpacked batch outcome".into() }),
     };
     pb::CommandResult { request_id, result: Some(r) }
 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub keepalives: Counter,
     pub acks_withheld: Counter,
     pub expired_replies: Counter,
+    pub resumes: Counter,
+    pub batched: Counter,
     pub streams_open: Gauge,
     pub lessor_late: Counter,
     pub proposal_errors: Counter,
@@ -73,6 +75,8 @@ impl Metrics {
             keepalives: Counter::default(),
             acks_withheld: Counter::default(),
             expired_replies: Counter::default(),
+            resumes: Counter::default(),
+            batched: Counter::default(),
             streams_open: Gauge::default(),
             lessor_late: Counter::default(),
             proposal_errors: Counter::default(),
@@ -118,6 +122,16 @@ impl Metrics {
         r.register("keepalives", "Keepalives received by this leader", m.keepalives.clone());
         r.register("acks_withheld", "Keepalives not acked for lack of recent quorum contact", m.acks_withheld.clone());
         r.register("expired_replies", "EXPIRED answers to keepalives", m.expired_replies.clone());
+        r.register(
+            "lease_resumes",
+            "Joins that re-attached to a lease this leader holds live, without a log entry",
+            m.resumes.clone(),
+        );
+        r.register(
+            "batched_proposals",
+            "Proposals written as part of a multi-command log entry (group commit)",
+            m.batched.clone(),
+        );
         r.register("agent_streams_open", "Open agent streams on this node", m.streams_open.clone());
         r.register(
             "lessor_late_ticks",

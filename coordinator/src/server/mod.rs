@@ -90,6 +90,12 @@ pub struct Ctx {
     /// One watch per group with an open stream: an agent stream wakes when its group changed,
     /// not on every applied entry (50,000 streams × every change would not fit).
     pub bus: GroupBus,
+    /// Wakes the lessor loop between ticks when a group may have become grantable (a member
+    /// joined, a holder released or left), so a Grant follows at once instead of at the
+    /// next 50 ms tick.
+    pub grant_wake: tokio::sync::Notify,
+    /// Where [`Ctx::propose`] queues proposals for [`batch_proposals`].
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
 }
 
 /// Per-group change notification for agent streams. [`relay_changes`] sends the applied
@@ -216,7 +222,56 @@ impl Ctx {
     }
 
     /// Proposes a command with the leader's wall-clock timestamp and waits for its outcome.
+    /// It goes through the batcher ([`batch_proposals`]): proposals that queue while earlier
+    /// entries are written share the next entry.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, ProposeError> {
+        let stopped = || ProposeError::Raft("the proposer stopped".into());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.proposals.send((cmd, tx)).await.is_err() {
+            return Err(stopped());
+        }
+        rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Writes one batch: a lone command as itself, several as one [`Command::Batch`] whose
+    /// outcomes go back to their callers in order.
+    async fn write_batch(&self, mut batch: Vec<Proposal>) {
+        if batch.len() == 1 {
+            let Some((cmd, tx)) = batch.pop() else { return };
+            let _ = tx.send(self.write(cmd).await);
+            return;
+        }
+        let (cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let n = cmds.len();
+        self.metrics.batched.inc_by(n as u64);
+        match self.write(Command::Batch(cmds)).await {
+            Ok(Applied { outcome: crate::core::Outcome::Batch(all), .. }) if all.len() == n => {
+                for (tx, a) in txs.into_iter().zip(all) {
+                    let _ = tx.send(Ok(a));
+                }
+            }
+            Ok(other) => {
+                let why = format!("a batch of {n} commands was answered with {:?}", other.outcome);
+                for tx in txs {
+                    let _ = tx.send(Err(ProposeError::Raft(why.clone().into())));
+                }
+            }
+            Err(e) => {
+                let not_leader = matches!(e, ProposeError::NotLeader);
+                let why = e.to_string();
+                for tx in txs {
+                    let _ = tx.send(Err(if not_leader {
+                        ProposeError::NotLeader
+                    } else {
+                        ProposeError::Raft(why.clone().into())
+                    }));
+                }
+            }
+        }
+    }
+
+    /// One `client_write` with the leader's wall-clock timestamp.
+    async fn write(&self, cmd: Command) -> Result<Applied, ProposeError> {
         let name = cmd.name();
         let req = Request { ts_ms: clock::wall_ms(), cmd };
         match self.raft.client_write(req).await {
@@ -228,6 +283,40 @@ impl Ctx {
                 Err(ProposeError::Raft(Box::new(e)))
             }
         }
+    }
+}
+
+/// A proposal waiting for the batcher, with where its outcome goes.
+type Proposal = (Command, tokio::sync::oneshot::Sender<Result<Applied, ProposeError>>);
+
+/// Commands packed into one log entry at most (a Join is ~300 bytes of JSON: 512 of them
+/// stay far below the gRPC message limit between voters).
+const MAX_BATCH: usize = 512;
+/// Entries the batcher keeps in flight: openraft writes them one after another, so a second
+/// one waiting lets the next batch grow while the first is written and replicated.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Group commit. openraft 0.9 writes (fsyncs) and replicates each `client_write` on its own,
+/// so a burst of N proposals costs N fsyncs in a row. Here every proposal that queued while
+/// earlier entries were being written goes into the next entry as one [`Command::Batch`]:
+/// one fsync, one replication round, each command with its own outcome.
+async fn batch_proposals(ctx: std::sync::Weak<Ctx>, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        // What queued while waiting for a slot joins this entry.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let Some(ctx) = ctx.upgrade() else { return };
+        tokio::spawn(async move {
+            ctx.write_batch(batch).await;
+            drop(slot);
+        });
     }
 }
 
@@ -327,6 +416,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
     }
 
     let (serving, _) = watch::channel(None);
+    let (proposals, proposal_rx) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
     let ctx = Arc::new(Ctx {
         id: cfg.node_id,
         lessor: Mutex::new(LeaseTable::new(cfg.lease)),
@@ -340,8 +430,11 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         holderless_since: Mutex::new(HashMap::new()),
         streams: Mutex::new(HashMap::new()),
         bus: GroupBus::default(),
+        grant_wake: tokio::sync::Notify::new(),
+        proposals,
     });
     let tasks = vec![
+        tokio::spawn(batch_proposals(Arc::downgrade(&ctx), proposal_rx)),
         tokio::spawn(relay_changes(ctx.clone())),
         tokio::spawn(track_leadership(ctx.clone())),
         tokio::spawn(lessor_loop(ctx.clone())),
@@ -438,15 +531,26 @@ const TICK: Duration = Duration::from_millis(50);
 const LATE_SLACK_MS: u64 = 20;
 
 /// The leader's lease loop: expiries, silences and overdue handovers go through the log,
-/// then holderless groups get a Grant.
+/// then holderless groups get a Grant. Between ticks, [`Ctx::grant_wake`] runs the Grant
+/// pass alone, so a group that became grantable is granted without waiting for the tick.
 async fn lessor_loop(ctx: Arc<Ctx>) {
     let mut last_gc = Instant::now();
     let mut sweep = Sweep::default();
     loop {
         // `expected` is taken right before sleeping, so the time spent proposing below is
-        // not mistaken for timer lateness.
+        // not mistaken for timer lateness; wakes for grants do not move the tick.
         let expected = ctx.now() + TICK.as_millis() as u64;
-        tokio::time::sleep(TICK).await;
+        let next_tick = tokio::time::Instant::now() + TICK;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_tick) => break,
+                _ = ctx.grant_wake.notified() => {
+                    if ctx.serving_term().is_some() {
+                        grant_holderless(&ctx, &mut sweep).await;
+                    }
+                }
+            }
+        }
         let now = ctx.now();
         if ctx.serving_term().is_none() {
             continue;

@@ -133,7 +133,8 @@ pub struct Spec {
     pub ka_every: Option<Duration>,
 }
 
-fn join_msg(s: &Spec) -> pb::AgentMessage {
+/// `lease`: the epoch held (0: none), named so a leader holding it live re-attaches without a log write.
+fn join_msg(s: &Spec, lease: u64) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(In::Join(pb::Join {
             member_id: s.member.clone(),
@@ -149,6 +150,7 @@ fn join_msg(s: &Spec) -> pb::AgentMessage {
             priority: 0,
             github_ready: true,
             policy: 0,
+            resume_epoch: lease,
         })),
     }
 }
@@ -165,6 +167,7 @@ pub async fn agent(
     let mut ep = spec.index;
     let mut redirect: Option<String> = None;
     let mut seq = 0u64;
+    let mut lease = 0u64;
     let mut first = true;
     loop {
         if *stop.borrow() {
@@ -175,7 +178,7 @@ pub async fn agent(
         }
         first = false;
         let addr = redirect.take().unwrap_or_else(|| endpoints[ep % endpoints.len()].clone());
-        match one_stream(&spec, &addr, &pools, &stats, &mut seq, &mut stop).await {
+        match one_stream(&spec, &addr, &pools, &stats, &mut seq, &mut lease, &mut stop).await {
             End::Stopped => return,
             End::Redirect(l) => redirect = Some(l),
             End::Failed => {
@@ -207,12 +210,13 @@ async fn one_stream(
     pools: &Pools,
     stats: &Stats,
     seq: &mut u64,
+    lease: &mut u64,
     stop: &mut watch::Receiver<bool>,
 ) -> End {
     let Ok(ch) = pools.channel(&spec.cluster, addr, spec.index) else { return End::Failed };
     let mut client = AgentServiceClient::new(ch);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(8);
-    let _ = tx.send(join_msg(spec)).await;
+    let _ = tx.send(join_msg(spec, *lease)).await;
     let attach = client.attach(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut inbound = match tokio::time::timeout(Duration::from_secs(5), attach).await {
         Ok(Ok(r)) => r.into_inner(),
@@ -250,8 +254,9 @@ async fn one_stream(
             }
             msg = inbound.message() => match msg {
                 Ok(Some(pb::CoordinatorMessage { msg: Some(m) })) => match m {
-                    Out::Joined(_) => {
+                    Out::Joined(j) => {
                         joined = true;
+                        *lease = j.epoch;
                         last_ack = Instant::now();
                         stats.joins.fetch_add(1, Ordering::Relaxed);
                         // As an agent does: the first keepalive right after Joined.
@@ -274,8 +279,9 @@ async fn one_stream(
                     }
                     Out::Expired(_) => {
                         joined = false;
+                        *lease = 0;
                         inflight.clear();
-                        if tx.send(join_msg(spec)).await.is_err() {
+                        if tx.send(join_msg(spec, 0)).await.is_err() {
                             return End::Failed;
                         }
                     }

@@ -307,13 +307,26 @@ async fn etcd_throughput(etcd: &Etcd, workers: usize, d: Duration) -> anyhow::Re
     Ok((keepalives, grants))
 }
 
-/// A quorum at `ttl` (LAN profile). Below 3 s the elections are shortened so the startup
-/// timing rule (the leader-change path fits the fence) still holds.
+/// A quorum at `ttl` (LAN profile). Below 3 s the elections, heartbeat and agent retry are
+/// shortened so the startup timing rule (the leader-change path, two election timeouts
+/// among it, fits the fence after one keepalive interval) still holds.
 async fn arcfed_quorum(dir: &std::path::Path, ttl_s: u64) -> anyhow::Result<Quorum> {
     let ttl: &'static str = Box::leak(format!("{ttl_s}s").into_boxed_str());
     let mut extra: Vec<String> = ["--profile", "lan", "--log-level", "warn"].iter().map(|s| s.to_string()).collect();
     if ttl_s < 3 {
-        extra.extend(["--election-timeout-min", "250ms", "--election-timeout-max", "500ms"].map(String::from));
+        extra.extend(
+            [
+                "--heartbeat-interval",
+                "30ms",
+                "--election-timeout-min",
+                "150ms",
+                "--election-timeout-max",
+                "300ms",
+                "--agent-retry-max",
+                "100ms",
+            ]
+            .map(String::from),
+        );
     }
     let q = Quorum::start(dir, QuorumOptions { lease_ttl: ttl, extra_args: extra, ..QuorumOptions::default() }).await?;
     q.wait_serving(Duration::from_secs(60)).await?;
