@@ -108,6 +108,12 @@ pub struct RunReport {
     pub token_after: u64,
     /// kill-leader, rolling-restart: whether leader changes alone moved the holder (§6.5).
     pub leader_change_moved_holder: Option<bool>,
+    /// kill-leader: the fault → the holder's agent attached to the new leader again (its
+    /// `arcfed_agent_coordinator_connected` back to 1), the step that must fit its fence.
+    pub holder_reattached_ms: Option<u64>,
+    /// kill-leader: times the holder's fence ran out during the run (its
+    /// `arcfed_agent_self_fence_total` grew): a leader change must not lapse it (issue 8 item 7).
+    pub holder_fence_lapses: Option<u64>,
 }
 
 /// One DESIGN §6 invariant, as checked at the end of a drill.
@@ -142,6 +148,11 @@ pub struct DrillReport {
     pub detect_ms: Option<Summary>,
     pub failover_ms: Option<Summary>,
     pub first_poll_ms: Option<Summary>,
+    /// kill-leader: the fault → the holder attached to the new leader (see [`RunReport`]).
+    pub holder_reattached_ms: Option<Summary>,
+    /// kill-leader: the holder's fence lapses over every run (0 when each leader change fit
+    /// inside the fence).
+    pub holder_fence_lapses: u64,
     pub sessions_overlap_ms: u64,
     pub zombie_requests: u64,
     pub stale_token_rejections: Option<u64>,
@@ -336,11 +347,28 @@ async fn partition_region(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
 }
 
 async fn kill_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
-    let (_, member, token, _) = holder(sb).await?;
+    let (hi, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, token_after: token, ..RunReport::default() };
     let old = sb.status().await?.leader;
+    const LAPSES: &str = "arcfed_agent_self_fence_total";
+    let lapses_before = sb.regions[hi].agent.metric(LAPSES).await.unwrap_or(0.0);
     let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
     sb.q.voter(old).kill();
+    // The holder's stream to the dead leader drops; time its attach to the new one.
+    let mut dropped = false;
+    let end = Instant::now() + WAIT;
+    loop {
+        match sb.regions[hi].agent.metric("arcfed_agent_coordinator_connected").await {
+            Some(v) if v == 0.0 => dropped = true,
+            Some(v) if v == 1.0 && dropped => break,
+            _ => {}
+        }
+        if Instant::now() > end {
+            anyhow::bail!("the holder's agent did not attach to a new leader within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    r.holder_reattached_ms = Some(ms(fault));
     let names: Vec<String> = sb.regions.iter().map(|r| r.name.clone()).collect();
     let s = sb
         .wait_status("a new leader serving every region", |s| {
@@ -355,6 +383,8 @@ async fn kill_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     r.token_after = now.groups.first().map(|g| g.token).unwrap_or(0);
     let same = now.groups.first().is_some_and(|g| g.holder == member);
     r.leader_change_moved_holder = Some(!same);
+    let lapses_after = sb.regions[hi].agent.metric(LAPSES).await.unwrap_or(lapses_before);
+    r.holder_fence_lapses = Some((lapses_after - lapses_before).max(0.0) as u64);
     sb.q.voter(old).restart()?;
     r.what = format!("leader {old} → {}; holder {}", s.leader, if same { "unchanged" } else { "CHANGED" });
     Ok(r)
@@ -760,6 +790,8 @@ async fn finish(
         detect_ms: Summary::of(runs.iter().filter_map(|r| r.detect_ms)),
         failover_ms: Summary::of(runs.iter().filter_map(|r| r.failover_ms)),
         first_poll_ms: Summary::of(runs.iter().filter_map(|r| r.first_poll_ms)),
+        holder_reattached_ms: Summary::of(runs.iter().filter_map(|r| r.holder_reattached_ms)),
+        holder_fence_lapses: runs.iter().filter_map(|r| r.holder_fence_lapses).sum(),
         runs,
         sessions_overlap_ms: ss.sessions_overlap_ms,
         zombie_requests: ss.zombie_requests,

@@ -546,6 +546,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let db = self.db.clone();
         let (m, d) = (meta.clone(), data.clone());
         blocking(|e| StorageIOError::write_snapshot(None, e), move || store_snapshot(&db, &m, &d)).await?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built a snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }

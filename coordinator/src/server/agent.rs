@@ -149,7 +149,7 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
             return;
         }
     };
-    let Some(mut joined) = join(&ctx, &cluster, term, first, &tx).await else {
+    let Some(mut joined) = Box::pin(join(&ctx, &cluster, term, first, &tx)).await else {
         ctx.metrics.streams_open.dec();
         return;
     };
@@ -158,21 +158,34 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
     let stream_id = NEXT_STREAM.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     ctx.streams().insert(joined.member.clone(), (stream_id, tx.clone()));
 
-    let (cmd_tx, cmd_rx) = mpsc::channel::<Box<pb::AgentMessage>>(CMD_QUEUE);
-    let (who_tx, who_rx) = tokio::sync::watch::channel(joined.clone());
-    let commands = tokio::spawn(run_commands(ctx.clone(), who_rx.clone(), cmd_rx, tx.clone()).in_current_span());
-    let pusher = tokio::spawn(push(ctx.clone(), who_rx, tx.clone()).in_current_span());
+    // One task per stream: grants and assignments are pushed from this loop, and the command
+    // task starts only when the member sends its first command (most members are standbys
+    // that never do). A leader holds 50,000 of these at 10,000 scale sets × 5 clusters.
+    let mut commands: Option<Commands> = None;
+    let mut push = Push::new(&ctx, &joined.group);
     let mut serving = ctx.serving.subscribe();
+    let mut pushing = true;
 
-    loop {
+    'stream: loop {
+        if pushing {
+            pushing = false;
+            for m in push.pending(&ctx, &joined) {
+                if tx.send(out(m)).await.is_err() {
+                    break 'stream;
+                }
+            }
+        }
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(pb::AgentMessage { msg: Some(In::Keepalive(k)) })) => keepalive(&ctx, term, &joined, k, &tx).await,
-                Ok(Some(pb::AgentMessage { msg: Some(In::Join(j)) })) => match join(&ctx, &cluster, term, j, &tx).await {
+                Ok(Some(pb::AgentMessage { msg: Some(In::Join(j)) })) => match Box::pin(join(&ctx, &cluster, term, j, &tx)).await {
                     Some(j) if j.member == joined.member => {
                         joined = j;
                         tracing::Span::current().record("epoch", joined.epoch);
-                        let _ = who_tx.send(joined.clone());
+                        if let Some(c) = &commands {
+                            let _ = c.who.send(joined.clone());
+                        }
+                        pushing = true;
                     }
                     Some(_) => {
                         let _ = tx.send(fail(status_of(&ctx, AgentError::OtherMember))).await;
@@ -181,7 +194,8 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
                     None => break,
                 },
                 Ok(Some(m @ pb::AgentMessage { msg: Some(_) })) => {
-                    if cmd_tx.send(Box::new(m)).await.is_err() {
+                    let c = commands.get_or_insert_with(|| Commands::start(&ctx, &joined, &tx));
+                    if c.queue.send(Box::new(m)).await.is_err() {
                         break;
                     }
                 }
@@ -192,6 +206,12 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
                 Ok(None) => { debug!("agent closed its stream"); break; }
                 Err(e) => { debug!(error = %e, "agent stream failed"); break; }
             },
+            r = push.changes.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                pushing = true;
+            }
             changed = serving.changed() => {
                 if changed.is_err() || *serving.borrow() != Some(term) {
                     let _ = tx.send(fail(ctx.not_leader())).await;
@@ -201,8 +221,9 @@ async fn session(ctx: Arc<Ctx>, cluster: String, term: u64, mut inbound: Streami
             _ = tx.closed() => break,
         }
     }
-    commands.abort();
-    pusher.abort();
+    if let Some(c) = commands {
+        c.task.abort();
+    }
     // Only the member's current stream speaks for its lease: a resumed lease keeps its epoch,
     // so an older stream of the same member that closes late must not move the deadline.
     let current = {
@@ -445,28 +466,61 @@ fn to_command(j: &Joined, m: pb::AgentMessage) -> Result<(u64, Command), (u64, S
     })
 }
 
-/// Pushes what the applied state says about this member: grants, handover requests and
-/// assignments. It wakes only when its own group changed (the per-group bus of
-/// [`super::relay_changes`]), so a change costs the streams of that group, not every
-/// stream; routed job events and sessions to delete reach the stream through the same relay.
-async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: OutTx) {
-    let mut group = who.borrow().group.clone();
-    let mut changes = ctx.bus.subscribe(&group);
-    let mut sent_grant: Option<(GroupKey, u64)> = None;
-    let mut sent_handover: Option<u64> = None;
-    let mut sent_revision: Option<(u64, u64)> = None;
-    let mut sent_stale: Option<Vec<String>> = None;
-    loop {
-        let j = who.borrow_and_update().clone();
-        if j.group != group {
-            group = j.group.clone();
-            changes = ctx.bus.subscribe(&group);
+/// The member's command task, started at its first command: commands are proposed one at a
+/// time, in the order they were sent, without holding up keepalives.
+struct Commands {
+    queue: mpsc::Sender<Box<pb::AgentMessage>>,
+    who: tokio::sync::watch::Sender<Joined>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Commands {
+    fn start(ctx: &Arc<Ctx>, joined: &Joined, tx: &OutTx) -> Commands {
+        let (queue, rx) = mpsc::channel::<Box<pb::AgentMessage>>(CMD_QUEUE);
+        let (who, who_rx) = tokio::sync::watch::channel(joined.clone());
+        let task = tokio::spawn(run_commands(ctx.clone(), who_rx, rx, tx.clone()).in_current_span());
+        Commands { queue, who, task }
+    }
+}
+
+/// What the applied state says about this member, pushed when it changes: grants, handover
+/// requests and assignments. The stream wakes only when its own group changed (the
+/// per-group bus of [`super::relay_changes`]), so a change costs the streams of that group,
+/// not every stream; routed job events and sessions to delete reach the stream through the
+/// same relay.
+struct Push {
+    group: GroupKey,
+    changes: tokio::sync::watch::Receiver<u64>,
+    sent_grant: Option<(GroupKey, u64)>,
+    sent_handover: Option<u64>,
+    sent_revision: Option<(u64, u64)>,
+    sent_stale: Option<Vec<String>>,
+}
+
+impl Push {
+    fn new(ctx: &Ctx, group: &GroupKey) -> Push {
+        Push {
+            group: group.clone(),
+            changes: ctx.bus.subscribe(group),
+            sent_grant: None,
+            sent_handover: None,
+            sent_revision: None,
+            sent_stale: None,
         }
-        let msgs = ctx.shared.read(|s| {
+    }
+
+    /// The messages not sent yet for the member's current view of the state.
+    fn pending(&mut self, ctx: &Ctx, j: &Joined) -> Vec<Out> {
+        if j.group != self.group {
+            self.group = j.group.clone();
+            self.changes = ctx.bus.subscribe(&self.group);
+        }
+        self.changes.borrow_and_update();
+        ctx.shared.read(|s| {
             let mut msgs = Vec::new();
             let (Some(m), Some(g)) = (s.members.get(&j.member), s.groups.get(&j.group)) else { return msgs };
-            if g.holder.as_ref() == Some(&j.member) && sent_grant != Some((g.key.clone(), g.token)) {
-                sent_grant = Some((g.key.clone(), g.token));
+            if g.holder.as_ref() == Some(&j.member) && self.sent_grant != Some((g.key.clone(), g.token)) {
+                self.sent_grant = Some((g.key.clone(), g.token));
                 msgs.push(Out::Grant(pb::Grant {
                     group_key: g.key.0.clone(),
                     token: g.token,
@@ -478,9 +532,9 @@ async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: 
             if let Some(h) = &g.handover
                 && h.from == j.member
                 && h.token == g.token
-                && sent_handover != Some(h.token)
+                && self.sent_handover != Some(h.token)
             {
-                sent_handover = Some(h.token);
+                self.sent_handover = Some(h.token);
                 msgs.push(Out::Handover(pb::HandoverRequest {
                     group_key: g.key.0.clone(),
                     token: h.token,
@@ -489,10 +543,10 @@ async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: 
                 }));
             }
             // Stale ids change without a new revision: a changed list is pushed again too.
-            let stale_changed = sent_stale.as_ref().is_none_or(|v| !v.iter().eq(g.stale_sessions.iter()));
-            if sent_revision != Some((j.epoch, g.revision)) || stale_changed {
-                sent_revision = Some((j.epoch, g.revision));
-                sent_stale = Some(g.stale_sessions.iter().cloned().collect());
+            let stale_changed = self.sent_stale.as_ref().is_none_or(|v| !v.iter().eq(g.stale_sessions.iter()));
+            if self.sent_revision != Some((j.epoch, g.revision)) || stale_changed {
+                self.sent_revision = Some((j.epoch, g.revision));
+                self.sent_stale = Some(g.stale_sessions.iter().cloned().collect());
                 msgs.push(Out::Assignment(pb::Assignment {
                     group_key: g.key.0.clone(),
                     revision: g.revision,
@@ -504,16 +558,7 @@ async fn push(ctx: Arc<Ctx>, mut who: tokio::sync::watch::Receiver<Joined>, tx: 
                 }));
             }
             msgs
-        });
-        for m in msgs {
-            if tx.send(out(m)).await.is_err() {
-                return;
-            }
-        }
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            r = who.changed() => if r.is_err() { return },
-        }
+        })
     }
 }
 
