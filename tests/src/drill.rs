@@ -109,11 +109,12 @@ pub struct RunReport {
     /// kill-leader, rolling-restart: whether leader changes alone moved the holder (§6.5).
     pub leader_change_moved_holder: Option<bool>,
     /// kill-leader: the fault → the holder's agent attached to the new leader again (its
-    /// `arcfed_agent_coordinator_connected` back to 1), the step that must fit its fence.
+    /// `arcfed_agent_coordinator_connected` back to 1; its first keepalive is acked right
+    /// after). While its stream is down the holder pauses holder-only requests (DESIGN §4)
+    /// and resumes under the same token with that ack. The goal (issue 8, item 7) is that
+    /// this fits its fence: TTL×(1−margin) after its last acked keepalive, at least
+    /// TTL×(1−margin) − TTL/4 after the fault (1,250 ms at the LAN defaults).
     pub holder_reattached_ms: Option<u64>,
-    /// kill-leader: times the holder's fence ran out during the run (its
-    /// `arcfed_agent_self_fence_total` grew): a leader change must not lapse it (issue 8 item 7).
-    pub holder_fence_lapses: Option<u64>,
 }
 
 /// One DESIGN §6 invariant, as checked at the end of a drill.
@@ -150,9 +151,6 @@ pub struct DrillReport {
     pub first_poll_ms: Option<Summary>,
     /// kill-leader: the fault → the holder attached to the new leader (see [`RunReport`]).
     pub holder_reattached_ms: Option<Summary>,
-    /// kill-leader: the holder's fence lapses over every run (0 when each leader change fit
-    /// inside the fence).
-    pub holder_fence_lapses: u64,
     pub sessions_overlap_ms: u64,
     pub zombie_requests: u64,
     pub stale_token_rejections: Option<u64>,
@@ -350,18 +348,17 @@ async fn kill_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let (hi, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, token_after: token, ..RunReport::default() };
     let old = sb.status().await?.leader;
-    const LAPSES: &str = "arcfed_agent_self_fence_total";
-    let lapses_before = sb.regions[hi].agent.metric(LAPSES).await.unwrap_or(0.0);
     let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
     sb.q.voter(old).kill();
     // The holder's stream to the dead leader drops; time its attach to the new one.
     let mut dropped = false;
     let end = Instant::now() + WAIT;
     loop {
-        match sb.regions[hi].agent.metric("arcfed_agent_coordinator_connected").await {
-            Some(v) if v == 0.0 => dropped = true,
-            Some(v) if v == 1.0 && dropped => break,
-            _ => {}
+        let connected = sb.regions[hi].agent.metric("arcfed_agent_coordinator_connected").await;
+        if connected == Some(0.0) {
+            dropped = true;
+        } else if connected == Some(1.0) && dropped {
+            break;
         }
         if Instant::now() > end {
             anyhow::bail!("the holder's agent did not attach to a new leader within {WAIT:?}");
@@ -383,8 +380,6 @@ async fn kill_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     r.token_after = now.groups.first().map(|g| g.token).unwrap_or(0);
     let same = now.groups.first().is_some_and(|g| g.holder == member);
     r.leader_change_moved_holder = Some(!same);
-    let lapses_after = sb.regions[hi].agent.metric(LAPSES).await.unwrap_or(lapses_before);
-    r.holder_fence_lapses = Some((lapses_after - lapses_before).max(0.0) as u64);
     sb.q.voter(old).restart()?;
     r.what = format!("leader {old} → {}; holder {}", s.leader, if same { "unchanged" } else { "CHANGED" });
     Ok(r)
@@ -791,7 +786,6 @@ async fn finish(
         failover_ms: Summary::of(runs.iter().filter_map(|r| r.failover_ms)),
         first_poll_ms: Summary::of(runs.iter().filter_map(|r| r.first_poll_ms)),
         holder_reattached_ms: Summary::of(runs.iter().filter_map(|r| r.holder_reattached_ms)),
-        holder_fence_lapses: runs.iter().filter_map(|r| r.holder_fence_lapses).sum(),
         runs,
         sessions_overlap_ms: ss.sessions_overlap_ms,
         zombie_requests: ss.zombie_requests,

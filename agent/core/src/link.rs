@@ -126,6 +126,10 @@ pub struct Link {
     pub phase: Phase,
     next_endpoint: usize,
     redirect: Option<String>,
+    /// The endpoint whose established stream failed, and until when it is passed over: after
+    /// a leader dies, followers still name it until they elect another, and an attempt on it
+    /// only costs the holder time inside its fence. Passed over for one TTL at most.
+    lost: Option<(String, u64)>,
     failures: u32,
     ttl_ms: u64,
     margin_permille: u64,
@@ -154,6 +158,7 @@ impl Link {
             phase: Phase::Down { retry_at: now },
             next_endpoint: 0,
             redirect: None,
+            lost: None,
             failures: 0,
             ttl_ms: ttl,
             margin_permille: 333,
@@ -232,6 +237,11 @@ impl Link {
         // promotion so that a fallback holder can Adopt its session first (DESIGN §5.11), so
         // every agent must attach well within a TTL of the leader serving again.
         if down < self.ttl_ms { (self.ttl_ms / 20).max(20) } else { (self.ttl_ms / 4).max(100) }
+    }
+
+    /// Whether `addr` is the endpoint whose stream just failed, still passed over at `now`.
+    fn passed_over(&self, addr: &str, now: u64) -> bool {
+        self.lost.as_ref().is_some_and(|(a, until)| a == addr && now < *until)
     }
 
     fn go_down(&mut self, now: u64, immediate: bool) {
@@ -319,6 +329,11 @@ impl Link {
                 }
             }
             LinkEvent::StreamFailed { redirect } => {
+                if let Phase::Up { addr, .. } = &self.phase {
+                    self.lost = Some((addr.clone(), now.saturating_add(self.ttl_ms)));
+                }
+                // A redirect to the endpoint that just failed names a dead leader: go on.
+                let redirect = redirect.filter(|r| !self.passed_over(r, now));
                 let follow = redirect.is_some();
                 self.redirect = redirect;
                 if !follow {
@@ -335,7 +350,13 @@ impl Link {
                     let addr = match self.redirect.take() {
                         Some(a) => a,
                         None if self.cfg.endpoints.is_empty() => break,
-                        None => self.cfg.endpoints[self.next_endpoint % self.cfg.endpoints.len()].clone(),
+                        None => {
+                            let n = self.cfg.endpoints.len();
+                            if n > 1 && self.passed_over(&self.cfg.endpoints[self.next_endpoint % n], now) {
+                                self.next_endpoint = self.next_endpoint.wrapping_add(1);
+                            }
+                            self.cfg.endpoints[self.next_endpoint % n].clone()
+                        }
                     };
                     self.phase = Phase::Attaching { addr: addr.clone(), since: now };
                     out.push(LinkAction::Attach { addr });
@@ -454,6 +475,45 @@ mod tests {
         assert!(gaps.iter().filter(|(t, _)| *t < 3000).all(|(_, g)| *g <= 150), "{gaps:?}");
         assert!(gaps.iter().any(|(t, g)| *t >= 3100 && *g > 150), "backs off after a TTL: {gaps:?}");
         assert!(gaps.iter().all(|(_, g)| *g <= 750), "never slower than TTL/4: {gaps:?}");
+    }
+
+    #[test]
+    fn after_a_leader_dies_its_endpoint_and_stale_redirects_to_it_are_passed_over_for_a_ttl() {
+        let mut l = link();
+        up(&mut l, 0);
+        let Phase::Up { addr: dead, .. } = l.phase.clone() else { panic!("up") };
+        l.step(100, LinkEvent::StreamFailed { redirect: None });
+        let mut now = 100;
+        let mut tried = vec![];
+        for _ in 0..12 {
+            let Phase::Down { retry_at } = l.phase.clone() else { panic!("down: {:?}", l.phase) };
+            now = retry_at;
+            for a in l.step(now, LinkEvent::Tick) {
+                if let LinkAction::Attach { addr } = a {
+                    tried.push(addr);
+                }
+            }
+            // A follower that has not seen the election yet still names the dead leader.
+            l.step(now, LinkEvent::StreamFailed { redirect: Some(dead.clone()) });
+        }
+        assert!(now < 3000, "all within one TTL: {now}");
+        assert!(!tried.contains(&dead), "the dead endpoint was tried again: {tried:?}");
+        assert!(tried.len() == 12 && tried.iter().collect::<std::collections::BTreeSet<_>>().len() == 2, "{tried:?}");
+        // After a TTL it is an endpoint like any other again.
+        let mut later = vec![];
+        for _ in 0..40 {
+            if let Phase::Down { retry_at } = l.phase.clone() {
+                now = retry_at.max(now);
+            }
+            for a in l.step(now, LinkEvent::Tick) {
+                if let LinkAction::Attach { addr } = a {
+                    later.push(addr);
+                }
+            }
+            l.step(now, LinkEvent::StreamFailed { redirect: None });
+            now += 1;
+        }
+        assert!(later.contains(&dead), "{later:?}");
     }
 
     #[test]

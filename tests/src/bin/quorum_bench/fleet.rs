@@ -166,9 +166,12 @@ pub async fn agent(
 ) {
     let mut ep = spec.index;
     let mut redirect: Option<String> = None;
-    let mut seq = 0u64;
-    let mut lease = 0u64;
+    let mut st = StreamState::default();
     let mut first = true;
+    // As the agent's link does: the endpoint whose joined stream failed is passed over for a
+    // TTL, and so are redirects to it (followers name a dead leader until they elect another).
+    let ttl = spec.ka_every.map_or(Duration::from_secs(3), |k| k * 4);
+    let mut lost: Option<(String, Instant)> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -177,11 +180,27 @@ pub async fn agent(
             stats.reconnects.fetch_add(1, Ordering::Relaxed);
         }
         first = false;
-        let addr = redirect.take().unwrap_or_else(|| endpoints[ep % endpoints.len()].clone());
-        match one_stream(&spec, &addr, &pools, &stats, &mut seq, &mut lease, &mut stop).await {
+        let passed_over = |a: &str, lost: &Option<(String, Instant)>| {
+            lost.as_ref().is_some_and(|(l, until)| l == a && Instant::now() < *until)
+        };
+        let addr = match redirect.take() {
+            Some(a) => a,
+            None => {
+                if endpoints.len() > 1 && passed_over(&endpoints[ep % endpoints.len()], &lost) {
+                    ep += 1;
+                }
+                endpoints[ep % endpoints.len()].clone()
+            }
+        };
+        st.was_up = false;
+        let end = one_stream(&spec, &addr, &pools, &stats, &mut st, &mut stop).await;
+        if st.was_up {
+            lost = Some((addr.clone(), Instant::now() + ttl));
+        }
+        match end {
             End::Stopped => return,
-            End::Redirect(l) => redirect = Some(l),
-            End::Failed => {
+            End::Redirect(l) if !passed_over(&l, &lost) => redirect = Some(l),
+            End::Redirect(_) | End::Failed => {
                 ep += 1;
                 // Spread the retries of thousands of agents (an agent retries ≤ 150 ms on LAN).
                 let jitter = rand::random::<u64>() % 100;
@@ -189,6 +208,16 @@ pub async fn agent(
             }
         }
     }
+}
+
+/// What one agent keeps across its streams.
+#[derive(Default)]
+struct StreamState {
+    seq: u64,
+    /// The lease epoch held (0: none), named in the next Join to re-attach to it.
+    lease: u64,
+    /// Whether the last stream got as far as Joined.
+    was_up: bool,
 }
 
 enum End {
@@ -209,14 +238,13 @@ async fn one_stream(
     addr: &str,
     pools: &Pools,
     stats: &Stats,
-    seq: &mut u64,
-    lease: &mut u64,
+    st: &mut StreamState,
     stop: &mut watch::Receiver<bool>,
 ) -> End {
     let Ok(ch) = pools.channel(&spec.cluster, addr, spec.index) else { return End::Failed };
     let mut client = AgentServiceClient::new(ch);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(8);
-    let _ = tx.send(join_msg(spec, *lease)).await;
+    let _ = tx.send(join_msg(spec, st.lease)).await;
     let attach = client.attach(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut inbound = match tokio::time::timeout(Duration::from_secs(5), attach).await {
         Ok(Ok(r)) => r.into_inner(),
@@ -237,7 +265,7 @@ async fn one_stream(
             _ = stop.changed() => if *stop.borrow() { return End::Stopped },
             _ = ticker.tick(), if spec.ka_every.is_some() => {
                 if joined {
-                    if send_ka(&tx, seq, &mut inflight, stats).await.is_err() {
+                    if send_ka(&tx, &mut st.seq, &mut inflight, stats).await.is_err() {
                         return End::Failed;
                     }
                     // Two intervals without an ack past the expected one: not (or no longer) a
@@ -256,11 +284,12 @@ async fn one_stream(
                 Ok(Some(pb::CoordinatorMessage { msg: Some(m) })) => match m {
                     Out::Joined(j) => {
                         joined = true;
-                        *lease = j.epoch;
+                        st.was_up = true;
+                        st.lease = j.epoch;
                         last_ack = Instant::now();
                         stats.joins.fetch_add(1, Ordering::Relaxed);
                         // As an agent does: the first keepalive right after Joined.
-                        if send_ka(&tx, seq, &mut inflight, stats).await.is_err() {
+                        if send_ka(&tx, &mut st.seq, &mut inflight, stats).await.is_err() {
                             return End::Failed;
                         }
                     }
@@ -273,13 +302,13 @@ async fn one_stream(
                             stats.acks.fetch_add(1, Ordering::Relaxed);
                             stats.last_ack[spec.index].store(stats.ms(), Ordering::Relaxed);
                         }
-                        if spec.ka_every.is_none() && send_ka(&tx, seq, &mut inflight, stats).await.is_err() {
+                        if spec.ka_every.is_none() && send_ka(&tx, &mut st.seq, &mut inflight, stats).await.is_err() {
                             return End::Failed;
                         }
                     }
                     Out::Expired(_) => {
                         joined = false;
-                        *lease = 0;
+                        st.lease = 0;
                         inflight.clear();
                         if tx.send(join_msg(spec, 0)).await.is_err() {
                             return End::Failed;
