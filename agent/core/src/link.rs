@@ -126,10 +126,14 @@ pub struct Link {
     pub phase: Phase,
     next_endpoint: usize,
     redirect: Option<String>,
-    /// The endpoint whose established stream failed, and until when it is passed over: after
-    /// a leader dies, followers still name it until they elect another, and an attempt on it
-    /// only costs the holder time inside its fence. Passed over for one TTL at most.
-    lost: Option<(String, u64)>,
+    /// Addresses passed over until a time: the endpoint whose established stream failed, and
+    /// a redirect target that could not be attached to. After a leader dies, followers still
+    /// name it (by its advertised address, which may differ from the endpoint dialled) until
+    /// they elect another, and each attempt on it only costs the holder time inside its
+    /// fence. Each is passed over for one TTL at most.
+    lost: Vec<(String, u64)>,
+    /// The redirect target being attached to, if the current attempt follows one.
+    following: Option<String>,
     failures: u32,
     ttl_ms: u64,
     margin_permille: u64,
@@ -158,7 +162,8 @@ impl Link {
             phase: Phase::Down { retry_at: now },
             next_endpoint: 0,
             redirect: None,
-            lost: None,
+            lost: Vec::new(),
+            following: None,
             failures: 0,
             ttl_ms: ttl,
             margin_permille: 333,
@@ -241,7 +246,7 @@ impl Link {
 
     /// Whether `addr` is the endpoint whose stream just failed, still passed over at `now`.
     fn passed_over(&self, addr: &str, now: u64) -> bool {
-        self.lost.as_ref().is_some_and(|(a, until)| a == addr && now < *until)
+        self.lost.iter().any(|(a, until)| a == addr && now < *until)
     }
 
     fn go_down(&mut self, now: u64, immediate: bool) {
@@ -329,9 +334,16 @@ impl Link {
                 }
             }
             LinkEvent::StreamFailed { redirect } => {
-                if let Phase::Up { addr, .. } = &self.phase {
-                    self.lost = Some((addr.clone(), now.saturating_add(self.ttl_ms)));
+                let until = now.saturating_add(self.ttl_ms);
+                self.lost.retain(|(_, u)| now < *u);
+                match (&self.phase, self.following.take()) {
+                    (Phase::Up { addr, .. }, _) => self.lost.push((addr.clone(), until)),
+                    (Phase::Attaching { addr, .. }, Some(f)) if *addr == f && redirect.is_none() => {
+                        self.lost.push((f, until))
+                    }
+                    _ => {}
                 }
+                self.lost.truncate(8);
                 // A redirect to the endpoint that just failed names a dead leader: go on.
                 let redirect = redirect.filter(|r| !self.passed_over(r, now));
                 let follow = redirect.is_some();
@@ -348,7 +360,10 @@ impl Link {
             match self.phase.clone() {
                 Phase::Down { retry_at } if now >= retry_at => {
                     let addr = match self.redirect.take() {
-                        Some(a) => a,
+                        Some(a) => {
+                            self.following = Some(a.clone());
+                            a
+                        }
                         None if self.cfg.endpoints.is_empty() => break,
                         None => {
                             let n = self.cfg.endpoints.len();
@@ -514,6 +529,31 @@ mod tests {
             now += 1;
         }
         assert!(later.contains(&dead), "{later:?}");
+    }
+
+    #[test]
+    fn a_redirect_target_that_cannot_be_attached_to_is_passed_over_for_a_ttl() {
+        let mut l = link();
+        up(&mut l, 0);
+        l.step(100, LinkEvent::StreamFailed { redirect: None });
+        let mut tried = vec![];
+        for _ in 0..10 {
+            let Phase::Down { retry_at } = l.phase.clone() else { panic!("down: {:?}", l.phase) };
+            let now = retry_at;
+            assert!(now < 3000, "within one TTL");
+            let mut actions = l.step(now, LinkEvent::Tick);
+            // Every attach fails at once: followers name the dead leader by its advertised
+            // address (a redirect, followed in the same step), and that address refuses.
+            while let Some(LinkAction::Attach { addr }) =
+                actions.into_iter().find(|a| matches!(a, LinkAction::Attach { .. }))
+            {
+                tried.push(addr.clone());
+                let redirect = (addr != "advertised:9").then(|| "advertised:9".to_string());
+                actions = l.step(now, LinkEvent::StreamFailed { redirect });
+            }
+        }
+        let refused = tried.iter().filter(|a| *a == "advertised:9").count();
+        assert_eq!(refused, 1, "the refusing redirect target is tried once in a TTL: {tried:?}");
     }
 
     #[test]

@@ -171,7 +171,7 @@ pub async fn agent(
     // As the agent's link does: the endpoint whose joined stream failed is passed over for a
     // TTL, and so are redirects to it (followers name a dead leader until they elect another).
     let ttl = spec.ka_every.map_or(Duration::from_secs(3), |k| k * 4);
-    let mut lost: Option<(String, Instant)> = None;
+    let mut lost: Vec<(String, Instant)> = Vec::new();
     loop {
         if *stop.borrow() {
             return;
@@ -180,9 +180,10 @@ pub async fn agent(
             stats.reconnects.fetch_add(1, Ordering::Relaxed);
         }
         first = false;
-        let passed_over = |a: &str, lost: &Option<(String, Instant)>| {
-            lost.as_ref().is_some_and(|(l, until)| l == a && Instant::now() < *until)
-        };
+        let passed_over =
+            |a: &str, lost: &Vec<(String, Instant)>| lost.iter().any(|(l, until)| l == a && Instant::now() < *until);
+        lost.retain(|(_, until)| Instant::now() < *until);
+        let following = redirect.is_some();
         let addr = match redirect.take() {
             Some(a) => a,
             None => {
@@ -194,8 +195,10 @@ pub async fn agent(
         };
         st.was_up = false;
         let end = one_stream(&spec, &addr, &pools, &stats, &mut st, &mut stop).await;
-        if st.was_up {
-            lost = Some((addr.clone(), Instant::now() + ttl));
+        // A dead leader: the endpoint its stream was on, or the advertised address a
+        // follower named that could not be attached to.
+        if st.was_up || (following && matches!(end, End::Failed)) {
+            lost.push((addr.clone(), Instant::now() + ttl));
         }
         match end {
             End::Stopped => return,
