@@ -23,6 +23,9 @@ pub struct Stream {
 pub struct AttachError {
     pub message: String,
     pub redirect: Option<String>,
+    /// Nothing answered at the address (no TCP or TLS connection): a dead process, not a
+    /// coordinator that said no.
+    pub unreachable: bool,
 }
 
 impl From<tonic::Status> for AttachError {
@@ -30,6 +33,7 @@ impl From<tonic::Status> for AttachError {
         AttachError {
             redirect: arcfed_proto::leader::leader_hint(&st),
             message: format!("{:?}: {}", st.code(), st.message()),
+            unreachable: false,
         }
     }
 }
@@ -41,7 +45,7 @@ pub async fn attach(
     join: pb::AgentMessage,
     timeout: Duration,
 ) -> Result<Stream, AttachError> {
-    let fail = |message: String| AttachError { message, redirect: None };
+    let fail = |message: String| AttachError { message, redirect: None, unreachable: false };
     let material = tls.load().map_err(|e| fail(e.to_string()))?;
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
     let endpoint = Endpoint::from_shared(format!("https://{addr}"))
@@ -53,7 +57,11 @@ pub async fn attach(
         .tls_config(material.client_config(host))
         .map_err(|e| fail(format!("TLS settings for {addr}: {e}")))?;
     let open = async {
-        let channel = endpoint.connect().await.map_err(|e| fail(format!("connect to {addr}: {e}")))?;
+        let channel = endpoint.connect().await.map_err(|e| AttachError {
+            message: format!("connect to {addr}: {e}"),
+            redirect: None,
+            unreachable: true,
+        })?;
         let (tx, out_rx) = mpsc::channel::<pb::AgentMessage>(256);
         tx.send(join).await.map_err(|_| fail("stream closed before the Join".into()))?;
         let mut client = AgentServiceClient::new(channel);

@@ -483,8 +483,13 @@ impl Driver {
                     self.stream = Some(stream);
                 }
                 Event::Attached(Err(e)) => {
-                    tracing::debug!(error = %e.message, redirect = ?e.redirect, "attach failed");
-                    self.stream_failed(e.redirect);
+                    tracing::debug!(error = %e.message, redirect = ?e.redirect, unreachable = e.unreachable, "attach failed");
+                    if e.unreachable {
+                        self.stream = None;
+                        self.pump_link(LinkEvent::Unreachable);
+                    } else {
+                        self.stream_failed(e.redirect);
+                    }
                 }
                 Event::Message(Ok(Some(m))) => self.on_coordinator(m),
                 Event::Message(Ok(None)) => {

@@ -55,6 +55,10 @@ pub enum LinkEvent {
     Expired,
     /// The stream ended or could not be opened. `redirect`: a follower named the leader.
     StreamFailed { redirect: Option<String> },
+    /// Nothing answered at the address being attached to (no TCP or TLS connection). A
+    /// redirect target that does not answer is a dead leader a follower still names: it is
+    /// passed over for a TTL. Otherwise as `StreamFailed` without a redirect.
+    Unreachable,
     /// Send a keepalive now instead of at the next TTL/4 tick (fence (c) of DESIGN §5.2).
     KeepaliveNow,
 }
@@ -333,16 +337,24 @@ impl Link {
                     out.push(LinkAction::SendJoin);
                 }
             }
+            LinkEvent::Unreachable => {
+                let until = now.saturating_add(self.ttl_ms);
+                if let (Phase::Attaching { addr, .. }, Some(f)) = (&self.phase, self.following.take())
+                    && *addr == f
+                {
+                    self.lost.retain(|(_, u)| now < *u);
+                    self.lost.push((f, until));
+                    self.lost.truncate(8);
+                }
+                return self.step(now, LinkEvent::StreamFailed { redirect: None });
+            }
             LinkEvent::StreamFailed { redirect } => {
                 let until = now.saturating_add(self.ttl_ms);
                 self.lost.retain(|(_, u)| now < *u);
-                match (&self.phase, self.following.take()) {
-                    (Phase::Up { addr, .. }, _) => self.lost.push((addr.clone(), until)),
-                    (Phase::Attaching { addr, .. }, Some(f)) if *addr == f && redirect.is_none() => {
-                        self.lost.push((f, until))
-                    }
-                    _ => {}
+                if let Phase::Up { addr, .. } = &self.phase {
+                    self.lost.push((addr.clone(), until));
                 }
+                self.following = None;
                 self.lost.truncate(8);
                 // A redirect to the endpoint that just failed names a dead leader: go on.
                 let redirect = redirect.filter(|r| !self.passed_over(r, now));
@@ -548,12 +560,22 @@ mod tests {
                 actions.into_iter().find(|a| matches!(a, LinkAction::Attach { .. }))
             {
                 tried.push(addr.clone());
-                let redirect = (addr != "advertised:9").then(|| "advertised:9".to_string());
-                actions = l.step(now, LinkEvent::StreamFailed { redirect });
+                actions = if addr == "advertised:9" {
+                    l.step(now, LinkEvent::Unreachable)
+                } else {
+                    l.step(now, LinkEvent::StreamFailed { redirect: Some("advertised:9".into()) })
+                };
             }
         }
         let refused = tried.iter().filter(|a| *a == "advertised:9").count();
         assert_eq!(refused, 1, "the refusing redirect target is tried once in a TTL: {tried:?}");
+        // A redirect target that answers (a new leader not serving yet) is never passed over.
+        let mut l = link();
+        up(&mut l, 0);
+        l.step(100, LinkEvent::StreamFailed { redirect: Some("new:9".into()) });
+        assert!(matches!(&l.phase, Phase::Attaching { addr, .. } if addr == "new:9"), "{:?}", l.phase);
+        l.step(100, LinkEvent::StreamFailed { redirect: None });
+        assert!(!l.passed_over("new:9", 101), "a coordinator that said no is not dead");
     }
 
     #[test]
