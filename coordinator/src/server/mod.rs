@@ -539,7 +539,7 @@ async fn lessor_loop(ctx: Arc<Ctx>) {
     loop {
         // `expected` is taken right before sleeping, so the time spent proposing below is
         // not mistaken for timer lateness; wakes for grants do not move the tick.
-        let expected = ctx.now() + TICK.as_millis() as u64;
+        let mut expected = ctx.now() + TICK.as_millis() as u64;
         let next_tick = tokio::time::Instant::now() + TICK;
         loop {
             tokio::select! {
@@ -547,6 +547,9 @@ async fn lessor_loop(ctx: Arc<Ctx>) {
                 _ = ctx.grant_wake.notified() => {
                     if ctx.serving_term().is_some() {
                         grant_holderless(&ctx, &mut sweep).await;
+                        // Time spent waiting for a Grant to commit is not timer lateness:
+                        // only a stall past the end of this work extends the deadlines.
+                        expected = expected.max(ctx.now());
                     }
                 }
             }

@@ -317,7 +317,7 @@ async fn arcfed_quorum(dir: &std::path::Path, ttl_s: u64) -> anyhow::Result<Quor
         extra.extend(
             [
                 "--heartbeat-interval",
-                "30ms",
+                "50ms",
                 "--election-timeout-min",
                 "150ms",
                 "--election-timeout-max",
