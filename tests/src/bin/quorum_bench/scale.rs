@@ -121,18 +121,11 @@ async fn serving_leader(q: &mut Quorum, deadline: Duration) -> anyhow::Result<u6
     }
 }
 
-/// Sizes of the snapshots a voter logged as built.
-fn built_snapshot_sizes(log: &str) -> Vec<u64> {
+/// The `bytes=` of every line of a voter's log that contains `event` ("built a snapshot",
+/// "installed a snapshot from the leader").
+fn logged_snapshot_sizes(log: &str, event: &str) -> Vec<u64> {
     log.lines()
-        .filter(|l| l.contains("built a snapshot"))
-        .filter_map(|l| l.split("bytes=").nth(1))
-        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-        .collect()
-}
-
-fn installed_snapshot_sizes(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("installed a snapshot from the leader"))
+        .filter(|l| l.contains(event))
         .filter_map(|l| l.split("bytes=").nth(1))
         .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
         .collect()
@@ -341,11 +334,17 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
     q.voter(leader).restart()?;
     let end = Instant::now() + Duration::from_secs(20);
     let snapshot_bytes = loop {
-        if let Some(b) = installed_snapshot_sizes(&q.voter(leader).log_text()).last() {
+        if let Some(b) =
+            logged_snapshot_sizes(&q.voter(leader).log_text(), "installed a snapshot from the leader").last()
+        {
             break Some(*b);
         }
         if Instant::now() > end {
-            break q.voters.iter().filter_map(|v| built_snapshot_sizes(&v.log_text()).last().copied()).max();
+            break q
+                .voters
+                .iter()
+                .filter_map(|v| logged_snapshot_sizes(&v.log_text(), "built a snapshot").last().copied())
+                .max();
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
