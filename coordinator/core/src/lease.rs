@@ -239,28 +239,33 @@ impl LeaseTable {
         if self.term != Some(term) {
             return false;
         }
-        let ttl = self.cfg.ttl_ms;
         let Some(e) = self.entries.get(m) else { return false };
         let live =
             e.epoch == epoch && now < e.deadline.saturating_add(self.shift) && !e.expire_proposed && !e.silent_proposed;
         if !live {
             return false;
         }
+        self.renew(m, now);
+        self.joined.push(m.clone());
+        true
+    }
+
+    /// A live member was heard from at `now` (a keepalive or a resume): a full TTL from now,
+    /// its stream open.
+    fn renew(&mut self, m: &MemberId, now: u64) {
+        let ttl = self.cfg.ttl_ms;
         self.update(m, |e, shift| {
             e.deadline = now.saturating_add(ttl).saturating_sub(shift);
             e.last_keepalive = Some(now);
             e.stream_open = true;
             e.closed_at = None;
         });
-        self.joined.push(m.clone());
-        true
     }
 
     /// A keepalive for `epoch` arrived at `now`. `quorum_age_ms` is how long ago this
     /// leader last heard from a quorum (None: unknown / not leader).
     pub fn on_keepalive(&mut self, m: &MemberId, epoch: u64, now: u64, quorum_age_ms: Option<u64>) -> KeepaliveVerdict {
         let window = self.cfg.quorum_window_ms();
-        let ttl = self.cfg.ttl_ms;
         let Some(e) = self.entries.get(m) else {
             return KeepaliveVerdict::Expired("no lease on this leader; join again");
         };
@@ -277,12 +282,7 @@ impl LeaseTable {
         // The member is alive and talks to us: keep its deadline fresh even without quorum,
         // so that a leader that regains quorum does not expire a healthy member. Safety does
         // not depend on the deadline but on the ack, which needs quorum.
-        self.update(m, |e, shift| {
-            e.deadline = now.saturating_add(ttl).saturating_sub(shift);
-            e.last_keepalive = Some(now);
-            e.stream_open = true;
-            e.closed_at = None;
-        });
+        self.renew(m, now);
         match quorum_age_ms {
             Some(age) if age <= window => KeepaliveVerdict::Ack,
             _ => KeepaliveVerdict::NoQuorum,
