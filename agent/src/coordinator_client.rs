@@ -38,6 +38,10 @@ impl From<tonic::Status> for AttachError {
     }
 }
 
+/// What an attach keeps of its timeout for the answer of a coordinator that waited for a
+/// leader to reach it.
+const AWAIT_MARGIN: Duration = Duration::from_millis(300);
+
 /// Opens a stream to `addr` (HOST:PORT) and sends `join` as its first message.
 pub async fn attach(
     tls: &TlsPaths,
@@ -56,6 +60,7 @@ pub async fn attach(
         .keep_alive_timeout(Duration::from_secs(5))
         .tls_config(material.client_config(host))
         .map_err(|e| fail(format!("TLS settings for {addr}: {e}")))?;
+    let started = tokio::time::Instant::now();
     let open = async {
         let channel = endpoint.connect().await.map_err(|e| AttachError {
             message: format!("connect to {addr}: {e}"),
@@ -65,7 +70,12 @@ pub async fn attach(
         let (tx, out_rx) = mpsc::channel::<pb::AgentMessage>(256);
         tx.send(join).await.map_err(|_| fail("stream closed before the Join".into()))?;
         let mut client = AgentServiceClient::new(channel);
-        let rx = client.attach(tokio_stream::wrappers::ReceiverStream::new(out_rx)).await?.into_inner();
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+        // A coordinator that knows no live leader may hold the answer until one is elected,
+        // within what is left of the attach timeout (less a margin for the answer's way back).
+        let left = timeout.saturating_sub(started.elapsed());
+        arcfed_proto::leader::set_await_leader(&mut req, left.saturating_sub((left / 3).max(AWAIT_MARGIN)));
+        let rx = client.attach(req).await?.into_inner();
         Ok(Stream { tx, rx })
     };
     // Bounded: a frozen coordinator accepts TCP but never completes the handshake.

@@ -7,6 +7,27 @@ pub const LEADER_HEADER: &str = "x-arcfed-leader";
 /// The metadata key carrying the leader's node id (display only).
 pub const LEADER_ID_HEADER: &str = "x-arcfed-leader-id";
 
+/// Request metadata: how long (milliseconds) the client lets a coordinator that knows no live
+/// leader wait for one before it answers. Right after a leader dies its followers still name
+/// it; a follower asked with this header waits until it hears from a new leader (or becomes
+/// it) and then redirects (or serves), instead of naming the dead one. Without the header a
+/// coordinator answers at once.
+pub const AWAIT_LEADER_HEADER: &str = "x-arcfed-await-leader-ms";
+
+/// Asks the coordinator to wait up to `wait` for a live leader (see [`AWAIT_LEADER_HEADER`]).
+pub fn set_await_leader<T>(req: &mut tonic::Request<T>, wait: std::time::Duration) {
+    if let Ok(v) = wait.as_millis().to_string().parse() {
+        req.metadata_mut().insert(AWAIT_LEADER_HEADER, v);
+    }
+}
+
+/// How long the client lets the coordinator wait for a live leader (zero without the header,
+/// or if it is not a number of milliseconds).
+pub fn await_leader(meta: &tonic::metadata::MetadataMap) -> std::time::Duration {
+    let ms = meta.get(AWAIT_LEADER_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<u64>().ok());
+    std::time::Duration::from_millis(ms.unwrap_or(0))
+}
+
 /// The leader a refusal names, if it is an `UNAVAILABLE` redirect that names one.
 pub fn leader_hint(status: &tonic::Status) -> Option<String> {
     if status.code() != tonic::Code::Unavailable {
@@ -46,5 +67,15 @@ mod tests {
         let mut other = tonic::Status::failed_precondition("held");
         set_leader_hint(&mut other, "10.0.0.2:7000", None);
         assert_eq!(leader_hint(&other), None);
+    }
+
+    #[test]
+    fn the_await_leader_budget_round_trips_and_defaults_to_zero() {
+        let mut req = tonic::Request::new(());
+        assert_eq!(await_leader(req.metadata()), std::time::Duration::ZERO);
+        set_await_leader(&mut req, std::time::Duration::from_millis(900));
+        assert_eq!(await_leader(req.metadata()), std::time::Duration::from_millis(900));
+        req.metadata_mut().insert(AWAIT_LEADER_HEADER, "soon".parse().unwrap());
+        assert_eq!(await_leader(req.metadata()), std::time::Duration::ZERO);
     }
 }

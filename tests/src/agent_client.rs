@@ -375,7 +375,10 @@ async fn one_stream(
     let lease = lock(record).lease;
     let _ = out_tx.send(join_msg(opts, lease)).await;
     // Bounded: a frozen coordinator accepts TCP but never completes the handshake.
-    let attach = client.attach(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    // Like the real agent: a coordinator that knows no live leader may wait for one.
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    arcfed_proto::leader::set_await_leader(&mut req, Duration::from_secs(2));
+    let attach = client.attach(req);
     let mut inbound = match tokio::time::timeout(Duration::from_secs(3), attach).await {
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(st)) => return status_end(record, st),

@@ -248,7 +248,7 @@ async fn d_state_and_tokens_survive_a_full_sigkill_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_a_follower_redirects_an_agent_to_the_leader() {
-    with_quorum(QuorumOptions::default(), |q| async move {
+    with_quorum(QuorumOptions::default(), |mut q| async move {
         let r = async {
             let s = q.status().await?;
             let leader_addr = s.voters.iter().find(|v| v.role == "leader").map(|v| v.address.clone()).expect("leader");
@@ -264,9 +264,35 @@ async fn e_a_follower_redirects_an_agent_to_the_leader() {
             let hint = arcfed_proto::leader::leader_hint(&err);
             assert_eq!(hint.as_deref(), Some(leader_addr.as_str()), "{err:?}");
             // The library agent follows it and gets served.
-            let a = TestAgent::start(AgentOptions::new(vec![follower.clone()], tls, "a"));
+            let a = TestAgent::start(AgentOptions::new(vec![follower.clone()], tls.clone(), "a"));
             a.joined(WAIT).await?;
             assert!(a.rec().errors.iter().any(|e| e.2.as_deref() == Some(leader_addr.as_str())));
+            a.stop();
+            // After a leader SIGKILL its followers still name it until they elect another. An
+            // agent that lets the follower wait (x-arcfed-await-leader-ms) is answered only
+            // once a leader is alive: named (a redirect to the new leader, never the dead one)
+            // or the follower itself, serving.
+            q.voter(s.leader).kill();
+            let mut c = pb::agent_service_client::AgentServiceClient::new(tls.channel(&follower)?);
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            arcfed_proto::leader::set_await_leader(&mut req, Duration::from_secs(10));
+            let answer = c.attach(req).await;
+            drop(tx);
+            let now = q.wait_status("a new serving leader", WAIT, |x| x.leader != s.leader).await?;
+            let new_addr = now.voters.iter().find(|v| v.id == now.leader).map(|v| v.address.clone()).expect("leader");
+            match answer {
+                Err(err) => {
+                    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+                    let hint = arcfed_proto::leader::leader_hint(&err);
+                    assert_ne!(hint.as_deref(), Some(leader_addr.as_str()), "named the dead leader: {err:?}");
+                    assert_eq!(hint.as_deref(), Some(new_addr.as_str()), "{err:?}");
+                }
+                Ok(_) => {
+                    let served_by = q.voters.iter().find(|v| v.addr() == follower).map(|v| v.id);
+                    assert_eq!(served_by, Some(now.leader), "a follower opened an agent stream");
+                }
+            }
             Ok(())
         }
         .await;

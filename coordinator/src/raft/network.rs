@@ -24,18 +24,36 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-/// When this node last got any reply from each peer (for `arcfedctl status`: a stopped
-/// voter is not a follower). A std Mutex: each critical section is one map access.
+/// When this node last heard from each peer: any reply to its own RPCs, or an AppendEntries
+/// (a heartbeat) from a leader. `arcfedctl status` shows it (a stopped voter is not a
+/// follower), and a follower uses it to tell a live leader from a dead one it still names
+/// ([`crate::server::Ctx::await_leader`]). A std Mutex: each critical section is one map
+/// access.
 #[derive(Debug, Default)]
-pub struct PeerContacts(std::sync::Mutex<BTreeMap<NodeId, Instant>>);
+pub struct PeerContacts {
+    seen: std::sync::Mutex<BTreeMap<NodeId, Instant>>,
+    /// Woken on every AppendEntries from a leader: agents waiting for a live leader re-check.
+    pub leader_heard: tokio::sync::Notify,
+}
 
 impl PeerContacts {
     fn record(&self, peer: NodeId) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, Instant::now());
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, Instant::now());
     }
+
+    /// A leader's AppendEntries arrived (and was handled).
+    fn record_leader(&self, leader: NodeId) {
+        self.record(leader);
+        self.leader_heard.notify_waiters();
+    }
+    /// Has `peer` been heard from (a reply, or its AppendEntries as leader) after `t`?
+    pub fn heard_since(&self, peer: NodeId, t: Instant) -> bool {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).is_some_and(|&at| at > t)
+    }
+
     /// How long ago `peer` last answered an RPC of this node; None if it never did.
     pub fn age(&self, peer: NodeId) -> Option<Duration> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).map(Instant::elapsed)
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).map(Instant::elapsed)
     }
 }
 
@@ -171,6 +189,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 /// The server side: feeds peers' RPCs into the local Raft.
 pub struct PeerService {
     pub raft: Raft,
+    pub contacts: Arc<PeerContacts>,
 }
 
 fn decode<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
@@ -193,7 +212,15 @@ impl RaftService for PeerService {
 
     async fn append(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
-        encode(&self.raft.append_entries(rpc).await)
+        let leader = rpc.vote.leader_id().voted_for();
+        let reply = self.raft.append_entries(rpc).await;
+        // Anything but HigherVote accepted the sender as this term's leader.
+        if let (Some(leader), Ok(r)) = (leader, &reply)
+            && !matches!(r, AppendEntriesResponse::HigherVote(_))
+        {
+            self.contacts.record_leader(leader);
+        }
+        encode(&reply)
     }
 
     /// One chunk of a snapshot (openraft sends a snapshot above `--snapshot-chunk-size` as

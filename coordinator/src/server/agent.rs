@@ -101,8 +101,17 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .get::<Identity>()
             .cloned()
             .ok_or_else(|| status_of(&self.ctx, AgentError::Unauthenticated))?;
-        let Some(term) = self.ctx.serving_term() else {
-            return Err(self.ctx.not_leader());
+        let term = match self.ctx.serving_term() {
+            Some(term) => term,
+            // Not serving: an agent that may wait does so until a leader is live (or this node
+            // serves), so it is not sent to the dead leader its followers still name.
+            None => {
+                let wait = arcfed_proto::leader::await_leader(req.metadata());
+                match self.ctx.await_leader(wait).await {
+                    Some(term) => term,
+                    None => return Err(self.ctx.not_leader()),
+                }
+            }
         };
         let (tx, rx) = mpsc::channel::<OutItem>(OUT_QUEUE);
         let ctx = self.ctx.clone();

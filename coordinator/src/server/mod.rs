@@ -206,6 +206,41 @@ impl Ctx {
         Some((leader, addr))
     }
 
+    /// For a client that may wait (`x-arcfed-await-leader-ms`): waits up to `wait` until this
+    /// node serves (→ its term) or another node is the leader and proves it is alive by an
+    /// AppendEntries (a heartbeat comes every `--heartbeat-interval`) received after the call
+    /// began (→ None: redirect there). Right after a leader dies its followers still name it,
+    /// and an agent whose stream broke asks within milliseconds; it is sent on only once a
+    /// leader is heard from. None at the deadline too; the caller then answers with whatever
+    /// leader it knows.
+    pub async fn await_leader(&self, wait: Duration) -> Option<u64> {
+        if wait.is_zero() {
+            return self.serving_term();
+        }
+        let since = Instant::now();
+        let deadline = tokio::time::Instant::from_std(since) + wait.min(MAX_AWAIT_LEADER);
+        let mut serving = self.serving.subscribe();
+        let mut metrics = self.raft.metrics();
+        loop {
+            // Registered before the checks, so a heartbeat between them is not missed.
+            let heard = self.contacts.leader_heard.notified();
+            tokio::pin!(heard);
+            heard.as_mut().enable();
+            if let Some(term) = self.serving_term() {
+                return Some(term);
+            }
+            if self.leader_hint().is_some_and(|(id, _)| id != self.id && self.contacts.heard_since(id, since)) {
+                return None;
+            }
+            tokio::select! {
+                _ = &mut heard => {}
+                r = serving.changed() => if r.is_err() { return None },
+                r = metrics.changed() => if r.is_err() { return None },
+                _ = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
     /// UNAVAILABLE naming the leader in metadata, so clients can follow it.
     pub fn not_leader(&self) -> tonic::Status {
         let hint = self.leader_hint().filter(|(id, _)| *id != self.id);
@@ -292,6 +327,9 @@ type Proposal = (Command, tokio::sync::oneshot::Sender<Result<Applied, ProposeEr
 /// Commands packed into one log entry at most (a Join is ~300 bytes of JSON: 512 of them
 /// stay far below the gRPC message limit between voters).
 const MAX_BATCH: usize = 512;
+/// The longest an agent's attach waits on a node that knows no live leader, whatever the
+/// agent asks for: a few LAN or one WAN election.
+const MAX_AWAIT_LEADER: Duration = Duration::from_secs(5);
 /// Entries the batcher keeps in flight: openraft writes them one after another, so a second
 /// one waiting lets the next batch grow while the first is written and replicated.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -338,7 +376,7 @@ pub async fn run(
     let ctx = node.ctx.clone();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let peer = RaftServiceServer::new(PeerService { raft: ctx.raft.clone() })
+    let peer = RaftServiceServer::new(PeerService { raft: ctx.raft.clone(), contacts: ctx.contacts.clone() })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let agent_svc = AgentServiceServer::new(agent::AgentSvc { ctx: ctx.clone() });

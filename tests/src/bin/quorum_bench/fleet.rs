@@ -248,7 +248,10 @@ async fn one_stream(
     let mut client = AgentServiceClient::new(ch);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(8);
     let _ = tx.send(join_msg(spec, st.lease)).await;
-    let attach = client.attach(tokio_stream::wrappers::ReceiverStream::new(rx));
+    // As the real agent does: a coordinator that knows no live leader may wait for one.
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    arcfed_proto::leader::set_await_leader(&mut req, Duration::from_secs(3));
+    let attach = client.attach(req);
     let mut inbound = match tokio::time::timeout(Duration::from_secs(5), attach).await {
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(st)) => return status_end(&st),
