@@ -196,14 +196,22 @@ impl Ctx {
 
     /// The current leader's id and agent-facing address, as far as this node knows.
     pub fn leader_hint(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
-        let leader = m.current_leader?;
+        let leader = self.current_leader()?;
         let addr = self
             .shared
             .read(|s| s.leader_addrs.get(&leader).cloned())
-            .or_else(|| m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone()))
+            .or_else(|| {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+            })
             .unwrap_or_default();
         Some((leader, addr))
+    }
+
+    /// The leader this node's Raft knows of (no clone of the metrics).
+    fn current_leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
     }
 
     /// For a client that may wait (`x-arcfed-await-leader-ms`): waits up to `wait` until this
@@ -220,7 +228,8 @@ impl Ctx {
         let since = Instant::now();
         let deadline = tokio::time::Instant::from_std(since) + wait.min(MAX_AWAIT_LEADER);
         let mut serving = self.serving.subscribe();
-        let mut metrics = self.raft.metrics();
+        // Woken by the AppendEntries of a leader and by this node's promotion only (not by
+        // every metrics change): after a leader change tens of thousands of agents may wait.
         loop {
             // Registered before the checks, so a heartbeat between them is not missed.
             let heard = self.contacts.leader_heard.notified();
@@ -229,13 +238,12 @@ impl Ctx {
             if let Some(term) = self.serving_term() {
                 return Some(term);
             }
-            if self.leader_hint().is_some_and(|(id, _)| id != self.id && self.contacts.heard_since(id, since)) {
+            if self.current_leader().is_some_and(|id| id != self.id && self.contacts.heard_since(id, since)) {
                 return None;
             }
             tokio::select! {
                 _ = &mut heard => {}
                 r = serving.changed() => if r.is_err() { return None },
-                r = metrics.changed() => if r.is_err() { return None },
                 _ = tokio::time::sleep_until(deadline) => return None,
             }
         }

@@ -63,12 +63,18 @@ impl Hist {
 }
 
 /// What every agent of the fleet reports.
+/// Why a stream ended: the attach was redirected, refused without a leader named, not
+/// answered in time, or the stream stopped acking or broke after it was open.
+pub const END_KINDS: [&str; 5] = ["redirect", "refused", "attach_timeout", "no_ack", "broken"];
+
 pub struct Stats {
     pub t0: Instant,
     pub acks: AtomicU64,
     pub sent: AtomicU64,
     pub joins: AtomicU64,
     pub reconnects: AtomicU64,
+    /// How streams ended, by [`END_KINDS`] (where reconnects come from).
+    pub ends: [AtomicU64; END_KINDS.len()],
     pub hist: Hist,
     /// Per agent: ms since `t0` of the latest ack (0 = none yet).
     pub last_ack: Vec<AtomicU64>,
@@ -77,6 +83,15 @@ pub struct Stats {
 }
 
 impl Stats {
+    fn ended(&self, kind: usize) {
+        self.ends[kind].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts of [`END_KINDS`] so far.
+    pub fn end_counts(&self) -> Vec<(&'static str, u64)> {
+        END_KINDS.iter().zip(&self.ends).map(|(k, n)| (*k, n.load(Ordering::Relaxed))).collect()
+    }
+
     pub fn new(n: usize) -> Arc<Stats> {
         Arc::new(Stats {
             t0: Instant::now(),
@@ -84,6 +99,7 @@ impl Stats {
             sent: AtomicU64::new(0),
             joins: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            ends: Default::default(),
             hist: Hist::new(),
             last_ack: (0..n).map(|_| AtomicU64::new(0)).collect(),
             grant_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -229,10 +245,16 @@ enum End {
     Failed,
 }
 
-fn status_end(st: &tonic::Status) -> End {
+fn status_end(st: &tonic::Status, stats: &Stats) -> End {
     match arcfed_proto::leader::leader_hint(st) {
-        Some(l) => End::Redirect(l),
-        None => End::Failed,
+        Some(l) => {
+            stats.ended(0);
+            End::Redirect(l)
+        }
+        None => {
+            stats.ended(if st.code() == tonic::Code::Unavailable { 1 } else { 4 });
+            End::Failed
+        }
     }
 }
 
@@ -254,8 +276,11 @@ async fn one_stream(
     let attach = client.attach(req);
     let mut inbound = match tokio::time::timeout(Duration::from_secs(5), attach).await {
         Ok(Ok(r)) => r.into_inner(),
-        Ok(Err(st)) => return status_end(&st),
-        Err(_) => return End::Failed,
+        Ok(Err(st)) => return status_end(&st, stats),
+        Err(_) => {
+            stats.ended(2);
+            return End::Failed;
+        }
     };
     // Sent keepalives not yet acked: (seq, sent_at); a few at most.
     let mut inflight: Vec<(u64, Instant)> = Vec::new();
@@ -277,12 +302,14 @@ async fn one_stream(
                     // Two intervals without an ack past the expected one: not (or no longer) a
                     // serving leader. Try another endpoint.
                     if last_ack.elapsed() > every * 3 {
+                        stats.ended(3);
                         return End::Failed;
                     }
                 }
             }
             _ = tokio::time::sleep(Duration::from_secs(3)), if spec.ka_every.is_none() => {
                 if last_ack.elapsed() > Duration::from_secs(3) {
+                    stats.ended(3);
                     return End::Failed;
                 }
             }
@@ -324,8 +351,11 @@ async fn one_stream(
                     _ => {}
                 },
                 Ok(Some(_)) => {}
-                Ok(None) => return End::Failed,
-                Err(st) => return status_end(&st),
+                Ok(None) => {
+                    stats.ended(4);
+                    return End::Failed;
+                }
+                Err(st) => return status_end(&st, stats),
             },
         }
     }

@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use arcfed_tests::agent_client::{AgentOptions, TestAgent};
 use arcfed_tests::harness::{Quorum, QuorumOptions, Voter};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -80,6 +80,11 @@ struct ScaleReport {
     /// Leader SIGKILL under load → every member acked again by the new leader.
     leader_kill_all_acked_ms: Option<f64>,
     leader_kill_members_recovered: usize,
+    /// (ms after the kill, members acked again), sampled every 250 ms.
+    leader_kill_timeline: Vec<(u64, usize)>,
+    /// How agent streams ended between the leader kill and full recovery (redirect, refused,
+    /// attach_timeout, no_ack, broken).
+    leader_kill_stream_ends: BTreeMap<&'static str, u64>,
     /// TTL × (1 − margin): the goal for the leader-kill recovery.
     fence_ms: u64,
     /// Size of the snapshot the killed leader installed when it came back, or else of the
@@ -313,12 +318,19 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
     // Leader SIGKILL under load → every member acked again.
     let leader = serving_leader(&mut q, Duration::from_secs(10)).await?;
     let killed_at = stats.ms();
+    let ends_before = stats.end_counts();
     let killed = Instant::now();
     q.voter(leader).kill();
     let end = Instant::now() + Duration::from_secs(120);
     let mut recovered;
+    // (ms after the kill, members acked again) every 250 ms: where the recovery time goes.
+    let mut leader_kill_timeline: Vec<(u64, usize)> = Vec::new();
     let leader_kill_all_acked_ms = loop {
         recovered = stats.acked_since(killed_at);
+        let ms = killed.elapsed().as_millis() as u64;
+        if leader_kill_timeline.last().is_none_or(|(t, _)| ms >= t + 250) {
+            leader_kill_timeline.push((ms, recovered));
+        }
         if recovered == total {
             break Some(killed.elapsed().as_secs_f64() * 1000.0);
         }
@@ -328,6 +340,10 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     eprintln!("leader kill: {recovered} of {total} acked again, all after {leader_kill_all_acked_ms:?} ms");
+    eprintln!("leader kill timeline (ms, acked again): {leader_kill_timeline:?}");
+    let leader_kill_stream_ends: BTreeMap<&str, u64> =
+        stats.end_counts().iter().zip(&ends_before).map(|((k, n), (_, b))| (*k, n - b)).collect();
+    eprintln!("leader kill: how streams ended meanwhile {leader_kill_stream_ends:?}");
     // The killed leader comes back as a follower. Re-attaches no longer write the log, so it
     // may catch up from the log alone; the snapshot size is the one it installed if it needed
     // one, else the newest one a voter built (from their logs).
@@ -377,6 +393,8 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
         grant_under_load_ms,
         leader_kill_all_acked_ms,
         leader_kill_members_recovered: recovered,
+        leader_kill_timeline,
+        leader_kill_stream_ends,
         fence_ms: ttl_ms * 667 / 1000,
         snapshot_bytes,
         reconnects: stats.reconnects.load(Ordering::Relaxed),
