@@ -46,6 +46,7 @@ impl PeerContacts {
         self.record(leader);
         self.leader_heard.notify_waiters();
     }
+
     /// Has `peer` been heard from (a reply, or its AppendEntries as leader) after `t`?
     pub fn heard_since(&self, peer: NodeId, t: Instant) -> bool {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).is_some_and(|&at| at > t)

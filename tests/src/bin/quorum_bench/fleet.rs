@@ -62,11 +62,21 @@ impl Hist {
     }
 }
 
-/// What every agent of the fleet reports.
 /// Why a stream ended: the attach was redirected, refused without a leader named, not
 /// answered in time, or the stream stopped acking or broke after it was open.
+#[derive(Clone, Copy)]
+enum EndKind {
+    Redirect,
+    Refused,
+    AttachTimeout,
+    NoAck,
+    Broken,
+}
+
+/// The names of [`EndKind`], in its order (the JSON keys).
 pub const END_KINDS: [&str; 5] = ["redirect", "refused", "attach_timeout", "no_ack", "broken"];
 
+/// What every agent of the fleet reports.
 pub struct Stats {
     pub t0: Instant,
     pub acks: AtomicU64,
@@ -83,8 +93,8 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn ended(&self, kind: usize) {
-        self.ends[kind].fetch_add(1, Ordering::Relaxed);
+    fn ended(&self, kind: EndKind) {
+        self.ends[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The counts of [`END_KINDS`] so far.
@@ -248,11 +258,11 @@ enum End {
 fn status_end(st: &tonic::Status, stats: &Stats) -> End {
     match arcfed_proto::leader::leader_hint(st) {
         Some(l) => {
-            stats.ended(0);
+            stats.ended(EndKind::Redirect);
             End::Redirect(l)
         }
         None => {
-            stats.ended(if st.code() == tonic::Code::Unavailable { 1 } else { 4 });
+            stats.ended(if st.code() == tonic::Code::Unavailable { EndKind::Refused } else { EndKind::Broken });
             End::Failed
         }
     }
@@ -278,7 +288,7 @@ async fn one_stream(
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(st)) => return status_end(&st, stats),
         Err(_) => {
-            stats.ended(2);
+            stats.ended(EndKind::AttachTimeout);
             return End::Failed;
         }
     };
@@ -302,14 +312,14 @@ async fn one_stream(
                     // Two intervals without an ack past the expected one: not (or no longer) a
                     // serving leader. Try another endpoint.
                     if last_ack.elapsed() > every * 3 {
-                        stats.ended(3);
+                        stats.ended(EndKind::NoAck);
                         return End::Failed;
                     }
                 }
             }
             _ = tokio::time::sleep(Duration::from_secs(3)), if spec.ka_every.is_none() => {
                 if last_ack.elapsed() > Duration::from_secs(3) {
-                    stats.ended(3);
+                    stats.ended(EndKind::NoAck);
                     return End::Failed;
                 }
             }
@@ -352,7 +362,7 @@ async fn one_stream(
                 },
                 Ok(Some(_)) => {}
                 Ok(None) => {
-                    stats.ended(4);
+                    stats.ended(EndKind::Broken);
                     return End::Failed;
                 }
                 Err(st) => return status_end(&st, stats),
