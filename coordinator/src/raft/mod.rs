@@ -11,6 +11,7 @@ use std::io::Cursor;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, watch};
 
+pub mod election;
 pub mod network;
 pub mod store;
 

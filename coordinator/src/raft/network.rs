@@ -34,6 +34,12 @@ pub struct PeerContacts {
     seen: std::sync::Mutex<BTreeMap<NodeId, Instant>>,
     /// Woken on every AppendEntries from a leader: agents waiting for a live leader re-check.
     pub leader_heard: tokio::sync::Notify,
+    /// Election hints for [`super::election::drive`]: a vote this node asked for was refused
+    /// by a voter with a longer log (so this node should not stand again soon) ...
+    greater_log: std::sync::atomic::AtomicBool,
+    /// ... and the highest term of a candidate this node refused because its own log is longer
+    /// (so this node, the better candidate, should stand above that term now).
+    shorter_candidate: std::sync::Mutex<Option<(u64, Instant)>>,
 }
 
 impl PeerContacts {
@@ -50,6 +56,34 @@ impl PeerContacts {
     /// Has `peer` been heard from (a reply, or its AppendEntries as leader) after `t`?
     pub fn heard_since(&self, peer: NodeId, t: Instant) -> bool {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).is_some_and(|&at| at > t)
+    }
+
+    /// A vote of this node was refused by a voter holding a longer log.
+    fn note_greater_log(&self) {
+        self.greater_log.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Takes the note of [`Self::note_greater_log`].
+    pub fn take_greater_log(&self) -> bool {
+        self.greater_log.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// This node refused a candidate of `term` because the candidate's log is shorter.
+    fn note_shorter_candidate(&self, term: u64) {
+        let mut c = self.shorter_candidate.lock().unwrap_or_else(|p| p.into_inner());
+        if c.is_none_or(|(t, _)| t <= term) {
+            *c = Some((term, Instant::now()));
+        }
+    }
+
+    /// The highest term of a candidate refused for a shorter log, and when.
+    pub fn shorter_candidate(&self) -> Option<(u64, Instant)> {
+        *self.shorter_candidate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When `peer` was last heard from (see [`PeerContacts::heard_since`]).
+    pub fn last_heard(&self, peer: NodeId) -> Option<Instant> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).copied()
     }
 
     /// How long ago `peer` last answered an RPC of this node; None if it never did.
@@ -183,7 +217,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call("vote", &rpc, &option).await
+        let reply: Result<VoteResponse<NodeId>, _> = self.call("vote", &rpc, &option).await;
+        if let Ok(r) = &reply
+            && !r.vote_granted
+            && r.last_log_id > rpc.last_log_id
+        {
+            self.contacts.note_greater_log();
+        }
+        reply
     }
 }
 
@@ -208,7 +249,15 @@ fn encode<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
 impl RaftService for PeerService {
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: VoteRequest<NodeId> = decode(req)?;
-        encode(&self.raft.vote(rpc).await)
+        let (term, their_log) = (rpc.vote.leader_id.term, rpc.last_log_id);
+        let reply = self.raft.vote(rpc).await;
+        if let Ok(r) = &reply
+            && !r.vote_granted
+            && r.last_log_id > their_log
+        {
+            self.contacts.note_shorter_candidate(term);
+        }
+        encode(&reply)
     }
 
     async fn append(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

@@ -479,7 +479,13 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         grant_wake: tokio::sync::Notify::new(),
         proposals,
     });
+    let timing = crate::raft::election::Timing {
+        heartbeat: ctx.cfg.heartbeat,
+        min: ctx.cfg.election_min,
+        max: ctx.cfg.election_max,
+    };
     let tasks = vec![
+        tokio::spawn(crate::raft::election::drive(ctx.raft.clone(), ctx.id, ctx.contacts.clone(), timing)),
         tokio::spawn(batch_proposals(Arc::downgrade(&ctx), proposal_rx)),
         tokio::spawn(relay_changes(ctx.clone())),
         tokio::spawn(track_leadership(ctx.clone())),
