@@ -229,13 +229,15 @@ impl Cli {
             return Err(format!("--peer must list this node (--node-id {}) too", self.node_id));
         }
         // Elections: the path counts two election timeouts (openraft's leader lease, then the
-        // candidate's own timeout), so LAN elections of 150-300ms give a path of ≤ 0.85 s inside
-        // the 1.25 s a 2 s fence leaves after one keepalive interval. A follower stands only
-        // after 450-600ms without a heartbeat (9 heartbeats of 50ms at least), so a loaded
-        // machine does not start spurious elections. 250-450ms measured p99 1.5-1.8 s from the
-        // kill to the holder re-attached in the kill-leader drill; 350-700ms, 1.3-1.7 s
-        // before resume. WAN: 600ms-1.1s with a 150ms heartbeat
-        // (one RTT), so the path fits the 6.67 s fence after one 2.5 s keepalive interval.
+        // node's own delay; `raft::election` decides who stands, by rank slot), so LAN
+        // elections of 150-300ms give a path of ≤ 0.85 s inside the 1.25 s a 2 s fence leaves
+        // after one keepalive interval. A follower stands only after 450-600ms without a
+        // heartbeat (9 heartbeats of 50ms at least), so a loaded machine does not start
+        // spurious elections. With openraft's own timer (drawn once per process) the
+        // kill-leader drill measured p99 1.7-1.9 s from the kill to the holder re-attached;
+        // with the rank slots and the longer log standing at once, p99 0.62 s (30 runs).
+        // WAN: 600ms-1.1s with a 150ms heartbeat (one RTT), so the path fits the 6.67 s fence
+        // after one 2.5 s keepalive interval.
         let (ttl, grace, hb, emin, emax, rtt, commit, retry) = match self.profile {
             Profile::Lan => (3000, 500, 50, 150, 300, 5, 10, 150),
             Profile::Wan => (10_000, 2000, 150, 600, 1100, 150, 10, 400),
