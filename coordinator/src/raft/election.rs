@@ -137,7 +137,11 @@ mod tests {
     use super::*;
 
     fn lan() -> Timing {
-        Timing { heartbeat: Duration::from_millis(50), min: Duration::from_millis(150), max: Duration::from_millis(300) }
+        Timing {
+            heartbeat: Duration::from_millis(50),
+            min: Duration::from_millis(150),
+            max: Duration::from_millis(300),
+        }
     }
 
     #[test]
