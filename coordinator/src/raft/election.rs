@@ -76,7 +76,7 @@ pub async fn drive(raft: Raft, id: NodeId, contacts: Arc<PeerContacts>, timing: 
         let (stand_after, why, voters, vote) = {
             let m = rx.borrow_and_update();
             if last_vote.as_ref() != Some(&m.vote) {
-                last_vote = Some(m.vote.clone());
+                last_vote = Some(m.vote);
                 since = now;
             }
             let mut ids: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
@@ -90,25 +90,26 @@ pub async fn drive(raft: Raft, id: NodeId, contacts: Arc<PeerContacts>, timing: 
             }
             if ids.len() == 1 {
                 // The only voter stands at once (openraft's own rule), once per delay.
-                (Duration::ZERO, "the only voter", 1, m.vote.clone())
+                (Duration::ZERO, "the only voter", 1, m.vote)
             } else {
                 let committed = m.vote.is_committed();
                 let mut silent = Duration::MAX;
-                if committed && let Some(leader) = m.current_leader {
-                    if let Some(heard) = contacts.last_heard(leader) {
-                        since = since.max(heard);
-                        silent = now.saturating_duration_since(heard);
-                    }
+                if committed
+                    && let Some(leader) = m.current_leader
+                    && let Some(heard) = contacts.last_heard(leader)
+                {
+                    since = since.max(heard);
+                    silent = now.saturating_duration_since(heard);
                 }
                 let term = m.vote.leader_id.term;
                 let better = contacts
                     .shorter_candidate()
                     .is_some_and(|(t, at)| t >= term && now.saturating_duration_since(at) < 2 * timing.max);
                 if better && silent >= timing.max && now >= not_before {
-                    (Duration::ZERO, "refused a candidate with a shorter log", ids.len(), m.vote.clone())
+                    (Duration::ZERO, "refused a candidate with a shorter log", ids.len(), m.vote)
                 } else {
                     let lease = if committed { timing.max } else { Duration::ZERO };
-                    (lease + timing.delay(rank, ids.len(), jitter), "no leader heard", ids.len(), m.vote.clone())
+                    (lease + timing.delay(rank, ids.len(), jitter), "no leader heard", ids.len(), m.vote)
                 }
             }
         };
