@@ -434,6 +434,8 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         // chunked transport), so a lagging follower of a big quorum catches up.
         snapshot_max_chunk_size: cfg.snapshot_chunk_size,
         max_in_snapshot_log_to_keep: cfg.snapshot_keep_log,
+        // `raft::election::drive` decides when this node stands, not openraft's timer.
+        enable_elect: false,
         ..Default::default()
     }
     .validate()
