@@ -49,10 +49,49 @@ impl Timing {
         self.min + slot * rank.min(voters.saturating_sub(1)) as u32 + slot.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
     }
 
+    /// The rule: whether a node that sees `t` stands now, and why.
+    pub fn decide(&self, t: &Seen) -> Option<&'static str> {
+        if t.held_back {
+            return None;
+        }
+        if t.voters == 1 {
+            return Some("the only voter");
+        }
+        // How long the leader this node follows has been silent (no known leader: forever).
+        let silent = if t.committed { t.leader_silent.unwrap_or(Duration::MAX) } else { Duration::MAX };
+        let better = t.shorter_candidate.is_some_and(|(term, ago)| term >= t.term && ago < 2 * self.max);
+        if better && silent >= self.max {
+            return Some("refused a candidate with a shorter log");
+        }
+        let lease = if t.committed { self.max } else { Duration::ZERO };
+        (t.quiet >= lease + self.delay(t.rank, t.voters, t.jitter)).then_some("no leader heard")
+    }
+
     /// How often the rule is checked.
     fn tick(&self) -> Duration {
         (self.heartbeat / 4).clamp(Duration::from_millis(5), Duration::from_millis(50))
     }
+}
+
+/// What the rule sees of one voter at one tick.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    /// Position among the sorted voter ids, and how many voters there are.
+    pub rank: usize,
+    pub voters: usize,
+    /// This node's vote: committed (it follows a leader it heard of), and its term.
+    pub committed: bool,
+    pub term: u64,
+    /// Since the last event: start, the vote changed, the leader was heard, this node stood.
+    pub quiet: Duration,
+    /// Since the leader this node follows was last heard (None: never).
+    pub leader_silent: Option<Duration>,
+    /// A candidate this node refused for a shorter log: its term, and how long ago.
+    pub shorter_candidate: Option<(u64, Duration)>,
+    /// A longer log refused this node's own vote a moment ago: it holds back.
+    pub held_back: bool,
+    /// In `[0, 1)`, drawn afresh after each stand.
+    pub jitter: f64,
 }
 
 /// Turns openraft's own election timer off and runs the rule above until the node stops.
@@ -73,7 +112,7 @@ pub async fn drive(raft: Raft, id: NodeId, contacts: Arc<PeerContacts>, timing: 
         if contacts.take_greater_log() {
             not_before = now + 2 * timing.max;
         }
-        let (stand_after, why, voters, vote) = {
+        let (why, voters, vote) = {
             let m = rx.borrow_and_update();
             if last_vote.as_ref() != Some(&m.vote) {
                 last_vote = Some(m.vote);
@@ -88,34 +127,27 @@ pub async fn drive(raft: Raft, id: NodeId, contacts: Arc<PeerContacts>, timing: 
                 since = now;
                 continue;
             }
-            if ids.len() == 1 {
-                // The only voter stands at once (openraft's own rule), once per delay.
-                (Duration::ZERO, "the only voter", 1, m.vote)
-            } else {
-                let committed = m.vote.is_committed();
-                let mut silent = Duration::MAX;
-                if committed
-                    && let Some(leader) = m.current_leader
-                    && let Some(heard) = contacts.last_heard(leader)
-                {
-                    since = since.max(heard);
-                    silent = now.saturating_duration_since(heard);
-                }
-                let term = m.vote.leader_id.term;
-                let better = contacts
-                    .shorter_candidate()
-                    .is_some_and(|(t, at)| t >= term && now.saturating_duration_since(at) < 2 * timing.max);
-                if better && silent >= timing.max && now >= not_before {
-                    (Duration::ZERO, "refused a candidate with a shorter log", ids.len(), m.vote)
-                } else {
-                    let lease = if committed { timing.max } else { Duration::ZERO };
-                    (lease + timing.delay(rank, ids.len(), jitter), "no leader heard", ids.len(), m.vote)
-                }
+            let committed = m.vote.is_committed();
+            let heard = if committed { m.current_leader.and_then(|l| contacts.last_heard(l)) } else { None };
+            if let Some(heard) = heard {
+                since = since.max(heard);
+            }
+            let seen = Seen {
+                rank,
+                voters: ids.len(),
+                committed,
+                term: m.vote.leader_id.term,
+                quiet: now.saturating_duration_since(since),
+                leader_silent: heard.map(|h| now.saturating_duration_since(h)),
+                shorter_candidate: contacts.shorter_candidate().map(|(t, at)| (t, now.saturating_duration_since(at))),
+                held_back: now < not_before,
+                jitter,
+            };
+            match timing.decide(&seen) {
+                Some(why) => (why, ids.len(), m.vote),
+                None => continue,
             }
         };
-        if now < not_before || now.saturating_duration_since(since) < stand_after {
-            continue;
-        }
         info!(%vote, voters, waited_ms = now.saturating_duration_since(since).as_millis() as u64, "{why}: standing for election");
         match raft.trigger().elect().await {
             Ok(()) => debug!("election triggered"),
@@ -143,6 +175,61 @@ mod tests {
             min: Duration::from_millis(150),
             max: Duration::from_millis(300),
         }
+    }
+
+    fn follower() -> Seen {
+        Seen {
+            rank: 0,
+            voters: 3,
+            committed: true,
+            term: 5,
+            quiet: Duration::ZERO,
+            leader_silent: Some(Duration::ZERO),
+            shorter_candidate: None,
+            held_back: false,
+            jitter: 0.0,
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_follower_stands_only_after_the_lease_and_its_slot() {
+        let t = lan();
+        for rank in 0..3 {
+            let slot = t.delay(rank, 3, 0.0);
+            let quiet = |q| Seen { rank, quiet: q, leader_silent: Some(q), ..follower() };
+            assert_eq!(t.decide(&quiet(t.max + slot - ms(1))), None, "rank {rank}");
+            assert_eq!(t.decide(&quiet(t.max + slot)), Some("no leader heard"), "rank {rank}");
+        }
+        // Without a committed vote (it granted one, or stood) there is no lease to wait out.
+        let cand = Seen { committed: false, quiet: t.delay(0, 3, 0.0), ..follower() };
+        assert_eq!(t.decide(&cand), Some("no leader heard"));
+    }
+
+    #[test]
+    fn the_voter_that_refused_a_shorter_log_stands_at_once_once_its_leader_is_silent_for_a_lease() {
+        let t = lan();
+        let refused = Seen { rank: 2, shorter_candidate: Some((6, ms(1))), ..follower() };
+        // The leader is still heard: a spurious candidate behind does not unseat it.
+        assert_eq!(t.decide(&Seen { leader_silent: Some(t.max - ms(1)), ..refused }), None);
+        let silent = Seen { leader_silent: Some(t.max), quiet: t.max, ..refused };
+        assert_eq!(t.decide(&silent), Some("refused a candidate with a shorter log"));
+        // Not for a candidate below its own term, nor for an old refusal.
+        assert_eq!(t.decide(&Seen { term: 7, ..silent }), None);
+        assert_eq!(t.decide(&Seen { shorter_candidate: Some((6, 2 * t.max)), ..silent }), None);
+        // A voter whose own vote a longer log just refused holds back.
+        assert_eq!(t.decide(&Seen { held_back: true, ..silent }), None);
+    }
+
+    #[test]
+    fn a_held_back_voter_never_stands_and_a_lone_voter_always_does() {
+        let t = lan();
+        let long = Seen { quiet: ms(60_000), leader_silent: Some(ms(60_000)), ..follower() };
+        assert_eq!(t.decide(&Seen { held_back: true, ..long }), None);
+        assert_eq!(t.decide(&Seen { voters: 1, ..follower() }), Some("the only voter"));
     }
 
     #[test]
