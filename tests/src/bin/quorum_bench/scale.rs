@@ -36,6 +36,10 @@ pub struct ScaleArgs {
     /// Print one JSON object (the only output format; the flag is the scripts' contract).
     #[arg(long)]
     json: bool,
+    /// Keep the voters' data dirs and logs after the run (the path goes to stderr), to read
+    /// what the voters did during the leader kill.
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(Serialize)]
@@ -151,7 +155,11 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
             a.streams_per_conn
         );
     }
-    let dir = tempfile::tempdir()?;
+    let mut dir = tempfile::tempdir()?;
+    if a.keep {
+        dir.disable_cleanup(true);
+        eprintln!("voters' data dirs and logs: {} (kept)", dir.path().display());
+    }
     let opts = QuorumOptions {
         lease_ttl: ttl,
         extra_args: [
