@@ -13,8 +13,9 @@
 //!   vote while it heard a leader less than that ago) plus its own delay without hearing a
 //!   leader; after its vote changed (it granted one, or stood itself) it waits its delay only;
 //! - the delay lies in `[--election-timeout-min, --election-timeout-max)`, in a slot by the
-//!   node's rank among the voters (so two followers never stand within one vote round trip of
-//!   each other) plus fresh jitter inside the slot;
+//!   node's rank among the voters other than the leader it follows (so two followers never
+//!   stand within one vote round trip of each other, and the first survivor has the first
+//!   slot) plus fresh jitter inside the slot;
 //! - a node whose vote was refused by a voter with a longer log waits two more
 //!   `--election-timeout-max` before it stands again (openraft's rule), and the voter that
 //!   refused it stands at once, above the refused candidate's term, if it too has heard no
@@ -64,7 +65,7 @@ impl Timing {
             return Some("refused a candidate with a shorter log");
         }
         let lease = if t.committed { self.max } else { Duration::ZERO };
-        (t.quiet >= lease + self.delay(t.rank, t.voters, t.jitter)).then_some("no leader heard")
+        (t.quiet >= lease + self.delay(t.rank, t.slots, t.jitter)).then_some("no leader heard")
     }
 
     /// How often the rule is checked.
@@ -73,12 +74,28 @@ impl Timing {
     }
 }
 
+/// This node's slot among `voters` (sorted ids, this node among them), and how many slots:
+/// slots are shared by the voters that may replace `leader` (the leader this node follows, if
+/// any), so the first survivor stands in the first slot whichever voter died.
+pub fn slot_of(id: NodeId, voters: &[NodeId], leader: Option<NodeId>) -> (usize, usize) {
+    let mut rank = 0;
+    let mut slots = 0;
+    for v in voters.iter().filter(|v| Some(**v) != leader || **v == id) {
+        if *v == id {
+            rank = slots;
+        }
+        slots += 1;
+    }
+    (rank, slots.max(1))
+}
+
 /// What the rule sees of one voter at one tick.
 #[derive(Debug, Clone, Copy)]
 pub struct Seen {
-    /// Position among the sorted voter ids, and how many voters there are.
-    pub rank: usize,
+    /// How many voters there are; this node's slot, and how many slots ([`slot_of`]).
     pub voters: usize,
+    pub rank: usize,
+    pub slots: usize,
     /// This node's vote: committed (it follows a leader it heard of), and its term.
     pub committed: bool,
     pub term: u64,
@@ -119,15 +136,16 @@ pub async fn drive(raft: Raft, id: NodeId, contacts: Arc<PeerContacts>, timing: 
                 since = now;
             }
             let mut ids: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-            ids.sort_unstable();
-            let Some(rank) = ids.iter().position(|v| *v == id) else {
+            if !ids.contains(&id) {
                 continue; // a learner (or removed): never stands
-            };
+            }
             if m.state == ServerState::Leader {
                 since = now;
                 continue;
             }
             let committed = m.vote.is_committed();
+            ids.sort_unstable();
+            let (rank, slots) = slot_of(id, &ids, if committed { m.current_leader } else { None });
             let heard = if committed { m.current_leader.and_then(|l| contacts.last_heard(l)) } else { None };
             if let Some(heard) = heard {
                 since = since.max(heard);
@@ -135,6 +153,7 @@ pub async fn drive(raft: Raft, id: NodeId, contacts: Arc<PeerContacts>, timing: 
             let seen = Seen {
                 rank,
                 voters: ids.len(),
+                slots,
                 committed,
                 term: m.vote.leader_id.term,
                 quiet: now.saturating_duration_since(since),
@@ -181,6 +200,7 @@ mod tests {
         Seen {
             rank: 0,
             voters: 3,
+            slots: 3,
             committed: true,
             term: 5,
             quiet: Duration::ZERO,
@@ -230,6 +250,21 @@ mod tests {
         let long = Seen { quiet: ms(60_000), leader_silent: Some(ms(60_000)), ..follower() };
         assert_eq!(t.decide(&Seen { held_back: true, ..long }), None);
         assert_eq!(t.decide(&Seen { voters: 1, ..follower() }), Some("the only voter"));
+    }
+
+    #[test]
+    fn the_surviving_voters_share_the_slots_and_the_follower_of_two_still_waits_its_lease() {
+        assert_eq!(slot_of(2, &[1, 2, 3], Some(1)), (0, 2));
+        assert_eq!(slot_of(3, &[1, 2, 3], Some(1)), (1, 2));
+        assert_eq!(slot_of(1, &[1, 2, 3], Some(2)), (0, 2));
+        assert_eq!(slot_of(3, &[1, 2, 3], Some(2)), (1, 2));
+        assert_eq!(slot_of(3, &[1, 2, 3], None), (2, 3));
+        assert_eq!(slot_of(5, &[1, 2, 3, 4, 5], Some(3)), (3, 4));
+        // Two voters, one the leader: the other has every slot but is not "the only voter".
+        let t = lan();
+        let (rank, slots) = slot_of(2, &[1, 2], Some(1));
+        let seen = Seen { voters: 2, rank, slots, ..follower() };
+        assert_eq!(t.decide(&seen), None);
     }
 
     #[test]

@@ -166,7 +166,7 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
             "--profile",
             &a.profile,
             "--log-level",
-            "warn,arcfed_coordinator::raft::network=info,arcfed_coordinator::raft::store=info",
+            "warn,arcfed_coordinator::raft::network=info,arcfed_coordinator::raft::store=info,arcfed_coordinator::raft::election=info",
             "--snapshot-keep-log",
             "1000",
             // Joins share entries (group commit), so the default 5,000 entries between
