@@ -277,7 +277,32 @@ impl Admin {
     }
 
     /// Calls `f` on the leader: tries each endpoint, follows `x-arcfed-leader` redirects.
+    /// While an election runs (a voter answered that it knows no leader, or named one that
+    /// does not serve yet) it tries every endpoint again for up to [`LEADER_WAIT`], so a
+    /// command issued during a leader change waits for the new leader instead of failing.
+    /// Endpoints that cannot be reached at all fail at once.
     pub(crate) async fn call<T, F, Fut>(&mut self, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(AdminServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = std::time::Instant::now() + LEADER_WAIT;
+        loop {
+            match self.call_once(&f).await {
+                Ok(r) => return Ok(r),
+                Err((e, true)) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "no serving leader yet; trying every endpoint again");
+                    self.current = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// One pass over the endpoints. The error says whether some voter answered "not the
+    /// leader" (an election may be running) rather than only being unreachable.
+    async fn call_once<T, F, Fut>(&mut self, f: &F) -> Result<T, (anyhow::Error, bool)>
     where
         F: Fn(AdminServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -287,6 +312,7 @@ impl Admin {
             None => self.endpoints.clone(),
         };
         let mut last_err = anyhow!("no endpoint answered");
+        let mut no_leader = false;
         let mut hops = 0;
         while let Some(addr) = (!queue.is_empty()).then(|| queue.remove(0)) {
             let client = match &self.current {
@@ -307,6 +333,7 @@ impl Admin {
                 Err(st) if st.code() == tonic::Code::Unavailable => {
                     let leader = arcfed_proto::leader::leader_hint(&st);
                     last_err = anyhow!("{addr}: {}", st.message());
+                    no_leader |= arcfed_proto::leader::is_not_leader(&st);
                     if let Some(l) = leader
                         && hops < 3
                         && l != addr
@@ -315,12 +342,16 @@ impl Admin {
                         queue.insert(0, l);
                     }
                 }
-                Err(st) => bail!("{addr}: {:?}: {}", st.code(), st.message()),
+                Err(st) => return Err((anyhow!("{addr}: {:?}: {}", st.code(), st.message()), false)),
             }
         }
-        Err(last_err)
+        Err((last_err, no_leader))
     }
 }
+
+/// How long a command waits for a leader while an election runs (elections take well
+/// under a second at the LAN defaults, about two at the WAN ones).
+const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)

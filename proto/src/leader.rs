@@ -54,6 +54,25 @@ pub fn set_leader_hint(status: &mut tonic::Status, addr: &str, id: Option<u64>) 
     }
 }
 
+/// The metadata key on every "not the serving leader" refusal (value: the refusing node's
+/// id), also when it knows no leader to name: clients tell an election in progress from a
+/// coordinator they cannot reach, and wait for the former.
+pub const NOT_LEADER_HEADER: &str = "x-arcfed-not-leader";
+
+/// Marks `status` as a refusal by node `node`, which does not serve as leader now.
+pub fn mark_not_leader(status: &mut tonic::Status, node: u64) {
+    if let Ok(v) = node.to_string().parse() {
+        status.metadata_mut().insert(NOT_LEADER_HEADER, v);
+    }
+}
+
+/// Is `status` a coordinator's "not the serving leader" refusal (with or without a leader
+/// to follow)?
+pub fn is_not_leader(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && (status.metadata().contains_key(NOT_LEADER_HEADER) || leader_hint(status).is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +86,21 @@ mod tests {
         let mut other = tonic::Status::failed_precondition("held");
         set_leader_hint(&mut other, "10.0.0.2:7000", None);
         assert_eq!(leader_hint(&other), None);
+    }
+
+    #[test]
+    fn a_refusal_without_a_leader_to_name_is_still_a_not_leader_answer_and_a_transport_error_is_not() {
+        let mut st = tonic::Status::unavailable("node 1 is not the serving leader and knows no leader yet");
+        assert!(!is_not_leader(&st), "unmarked: could be a transport error");
+        mark_not_leader(&mut st, 1);
+        assert!(is_not_leader(&st));
+        let mut redirect = tonic::Status::unavailable("redirect");
+        set_leader_hint(&mut redirect, "10.0.0.2:7000", Some(2));
+        assert!(is_not_leader(&redirect));
+        assert!(!is_not_leader(&tonic::Status::unavailable("tcp connect error")));
+        let mut other = tonic::Status::failed_precondition("held");
+        mark_not_leader(&mut other, 1);
+        assert!(!is_not_leader(&other));
     }
 
     #[test]

@@ -597,6 +597,18 @@ async fn m_voters_are_added_and_removed_through_admin_and_sigterm_is_graceful() 
             // SIGTERM: the leader exits cleanly and promptly; a new leader serves; no holder change.
             let code = q.voter(leader).terminate(Duration::from_secs(10));
             assert_eq!(code, Some(0), "SIGTERM exit code");
+            // An operator command issued during the election waits for the new leader instead
+            // of failing on "not the serving leader" or a redirect to the stopped one.
+            let args = admin_args(&q);
+            let out = tokio::task::spawn_blocking(move || {
+                let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+                a.extend(["status", "-o", "json"]);
+                arcfedctl(&a)
+            })
+            .await??;
+            let during: serde_json::Value = serde_json::from_str(out.trim())?;
+            let new_leader = during["leader"].as_u64().unwrap_or(0);
+            assert!(new_leader != 0 && new_leader != leader, "status during the election: {during}");
             let s = q.wait_status("a new leader", WAIT, |s| s.leader != leader && s.leader != 4).await?;
             assert_eq!(holder_of(&s), Some((a.opts.member_id.clone(), t)));
             Ok(())

@@ -261,6 +261,7 @@ impl Ctx {
         if let Some((id, addr)) = hint {
             arcfed_proto::leader::set_leader_hint(&mut st, &addr, Some(id));
         }
+        arcfed_proto::leader::mark_not_leader(&mut st, self.id);
         st
     }
 
