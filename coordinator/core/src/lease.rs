@@ -323,17 +323,6 @@ impl LeaseTable {
         }
     }
 
-    /// When the next lease deadline or no-stream (Silent) time falls due, if any: the lessor
-    /// wakes then instead of waiting for its next periodic tick. O(1).
-    pub fn next_due(&self) -> Option<u64> {
-        let deadline = self.by_deadline.first().map(|(d, _)| d.saturating_add(self.shift));
-        let silence = self.by_silence.first().map(|(at, _)| *at);
-        match (deadline, silence) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
     /// Periodic check. `expected` is when this tick was due: if it fired late (a stalled
     /// leader), every deadline is first extended by the lateness, because a stalled leader
     /// must not revoke every lease.
@@ -577,28 +566,6 @@ mod tests {
         assert_eq!(t.tick(floor, floor).expire.len(), 1);
         // ~TTL·(1−margin) after the last keepalive instead of a full TTL.
         assert!(floor < 1000 + cfg.ttl_ms);
-    }
-
-    #[test]
-    fn next_due_is_the_earliest_deadline_after_lateness_and_expiry_happens_exactly_then() {
-        let mut t = table();
-        assert_eq!(t.next_due(), None);
-        t.on_join(&mid("a"), 1, 0);
-        t.on_join(&mid("b"), 1, 0);
-        assert_eq!(t.on_keepalive(&mid("a"), 1, 1000, Some(0)), KeepaliveVerdict::Ack);
-        assert_eq!(t.on_keepalive(&mid("b"), 1, 1000, Some(0)), KeepaliveVerdict::Ack);
-        let full = t.entry(&mid("b")).unwrap().deadline;
-        assert_eq!(t.next_due(), Some(full));
-        // A dead process: the fast path moves a's deadline earlier, and next_due follows it.
-        t.on_stream_closed(&mid("a"), 1, TERM, 1100);
-        let floor = t.entry(&mid("a")).unwrap().deadline;
-        assert!(floor < full);
-        assert_eq!(t.next_due(), Some(floor));
-        // A late tick extends every deadline, and next_due with it.
-        assert!(t.tick(1300, 1200).expire.is_empty());
-        assert_eq!(t.next_due(), Some(floor + 100));
-        assert!(t.tick(floor + 99, floor + 99).expire.is_empty());
-        assert_eq!(t.tick(floor + 100, floor + 100).expire, vec![(mid("a"), 1)]);
     }
 
     /// Issue 8, item 1: this node led term 5, lost it, another leader acked the agent, and

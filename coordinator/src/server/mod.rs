@@ -595,18 +595,7 @@ async fn lessor_loop(ctx: Arc<Ctx>) {
         // `expected` is taken right before sleeping, so the time spent proposing below is
         // not mistaken for timer lateness; wakes for grants do not move the tick.
         let mut expected = ctx.now() + TICK.as_millis() as u64;
-        let mut next_tick = tokio::time::Instant::now() + TICK;
-        // Wake exactly when the next deadline falls due, not up to a tick after it: a dead
-        // holder's group is granted that much sooner.
-        let due = if ctx.serving_term().is_some() { ctx.lessor().next_due() } else { None };
-        if let Some(due) = due
-            && due < expected
-        {
-            let now = ctx.now();
-            let wait = due.saturating_sub(now);
-            next_tick = tokio::time::Instant::now() + Duration::from_millis(wait);
-            expected = now + wait;
-        }
+        let next_tick = tokio::time::Instant::now() + TICK;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next_tick) => break,
