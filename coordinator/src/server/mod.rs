@@ -435,8 +435,9 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         // chunked transport), so a lagging follower of a big quorum catches up.
         snapshot_max_chunk_size: cfg.snapshot_chunk_size,
         max_in_snapshot_log_to_keep: cfg.snapshot_keep_log,
-        // `raft::election::drive` decides when this node stands, not openraft's timer.
-        enable_elect: false,
+        // With `--elections coordinator`, `raft::election::drive` decides when this node
+        // stands, not openraft's timer.
+        enable_elect: cfg.elections == crate::config::Elections::Openraft,
         ..Default::default()
     }
     .validate()
@@ -487,14 +488,16 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         min: ctx.cfg.election_min,
         max: ctx.cfg.election_max,
     };
-    let tasks = vec![
-        tokio::spawn(crate::raft::election::drive(ctx.raft.clone(), ctx.id, ctx.contacts.clone(), timing)),
+    let mut tasks = vec![
         tokio::spawn(batch_proposals(Arc::downgrade(&ctx), proposal_rx)),
         tokio::spawn(relay_changes(ctx.clone())),
         tokio::spawn(track_leadership(ctx.clone())),
         tokio::spawn(lessor_loop(ctx.clone())),
         tokio::spawn(http::serve(ctx.clone(), http_listener)),
     ];
+    if ctx.cfg.elections == crate::config::Elections::Coordinator {
+        tasks.push(tokio::spawn(crate::raft::election::drive(ctx.raft.clone(), ctx.id, ctx.contacts.clone(), timing)));
+    }
     Ok(Node { ctx, tasks })
 }
 
