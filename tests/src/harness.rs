@@ -274,9 +274,9 @@ impl Voter {
         let log = dir.join(format!("voter-{id}.log"));
         let level = std::env::var("ARCFED_TEST_LOG")
             .unwrap_or_else(|_| "info,openraft=warn,tonic::transport::server::io_stream=debug".into());
-        // What the image sets (deploy/Dockerfile), so benchmarks measure what ships.
-        let env = vec![("ARCFED_LOG_LEVEL".into(), level), ("MALLOC_ARENA_MAX".into(), "2".into())];
-        let proc = Proc::new("arcfed-coordinator", args, env, log.clone());
+        // Voters inherit the rest of the environment (the benchmarks' commands set
+        // MALLOC_ARENA_MAX=2 there, as the image does).
+        let proc = Proc::new("arcfed-coordinator", args, vec![("ARCFED_LOG_LEVEL".into(), level)], log.clone());
         Voter { id, grpc, http, log, data_dir, proc }
     }
 
