@@ -465,3 +465,22 @@ impl Quorum {
         self.voters.iter().map(|v| format!("==== voter {} ====\n{}\n", v.id, v.log_text())).collect()
     }
 }
+
+impl Drop for Quorum {
+    /// With `ARCFED_TEST_KEEP_LOGS=<dir>`, every quorum's voter logs are copied there (one file
+    /// per voter, named after the test and a timestamp) before its temp dir goes away:
+    /// for reading elections in runs that passed.
+    fn drop(&mut self) {
+        let Some(keep) = std::env::var_os("ARCFED_TEST_KEEP_LOGS") else { return };
+        let keep = PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        // nextest runs one test per process and names it on the command line.
+        let test = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_else(|| "test".into());
+        let test = test.rsplit("::").next().unwrap_or("test").to_string();
+        let stamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        for v in &self.voters {
+            let _ = std::fs::copy(&v.log, keep.join(format!("{test}-{stamp}-voter-{}.log", v.id)));
+        }
+    }
+}

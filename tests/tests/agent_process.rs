@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(40);
 
+/// Fields drop in order: the agents stop first, then the quorum, and the temp dir (which
+/// holds every log) goes last.
 struct World {
-    dir: tempfile::TempDir,
+    agents: Vec<AgentProc>,
     q: Option<Quorum>,
     emu: EmulatorHandle,
     set: i64,
-    agents: Vec<AgentProc>,
+    dir: tempfile::TempDir,
 }
 
 /// The emulator with the adversarial values of the undocumented knobs (tests/EMULATOR.md).
@@ -64,7 +66,7 @@ impl World {
         let dir = tempfile::tempdir()?;
         let q = Quorum::start(dir.path(), QuorumOptions::default()).await?;
         q.wait_serving(WAIT).await?;
-        let mut w = World { dir, q: Some(q), emu, set, agents: vec![] };
+        let mut w = World { agents: vec![], q: Some(q), emu, set, dir };
         for c in clusters {
             let mut spec = w.spec(c)?;
             tune(&mut spec);

@@ -1040,6 +1040,45 @@ fn check_grant_history(
     Ok(())
 }
 
+/// (t) A slow link between the leader and one follower (every append answered after its
+/// heartbeat-long deadline) starts no election: the leader retries that follower within the
+/// follower's election timeout, so the follower keeps hearing it. openraft's default pause of
+/// 500 ms after an unreachable peer made the follower stand although the leader was alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_a_slow_link_to_a_follower_starts_no_election() {
+    let opts = QuorumOptions { peer_proxies: true, ..QuorumOptions::default() };
+    with_quorum(opts, |q| async move {
+        let r = async {
+            let s = q.wait_status("three voters", WAIT, |s| s.voters.len() == 3).await?;
+            let (leader, term) = (s.leader, s.term);
+            let slow = s.voters.iter().find(|v| v.id != leader).map(|v| v.id).expect("a follower");
+            // 40 ms each way: a round trip of 80 ms or more, past the 50 ms append deadline.
+            for pair in [(leader, slow), (slow, leader)] {
+                q.proxies[&pair].set_mode(Mode::Delay(Duration::from_millis(40)));
+            }
+            // Hold it for ten of the follower's election timeouts (300 ms at most) and watch.
+            let end = Instant::now() + Duration::from_secs(3);
+            let mut looks = 0;
+            while Instant::now() < end {
+                let s = q.status().await?;
+                anyhow::ensure!(
+                    (s.leader, s.term) == (leader, term),
+                    "a leader change under a slow link: leader {leader} term {term} became leader {} term {}",
+                    s.leader,
+                    s.term
+                );
+                looks += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::ensure!(looks >= 10, "status answered only {looks} times in 3 s");
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
 /// The history check itself can fail: each broken history below is refused.
 #[test]
 fn q_history_check_refuses_broken_histories() {

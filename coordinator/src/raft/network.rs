@@ -10,7 +10,7 @@ use arcfed_proto::raft_service_client::RaftServiceClient;
 use arcfed_proto::raft_service_server::RaftService;
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -106,12 +106,27 @@ pub struct PeerNetwork {
     /// per request would never connect; a shared one finishes connecting in the background
     /// and the next request uses it.
     pub channels: Arc<std::sync::Mutex<BTreeMap<String, Channel>>>,
+    /// Pauses after an unreachable peer: (first, cap). See [`retry_delays`].
+    pub retry: (Duration, Duration),
 }
 
 pub struct PeerClient {
     target: NodeId,
     client: Result<RaftServiceClient<Channel>, String>,
     contacts: Arc<PeerContacts>,
+    retry: (Duration, Duration),
+}
+
+/// How long the leader's replication to a peer pauses after each failed RPC in a row:
+/// `first`, doubling, at most `cap`. openraft's default is a constant 500 ms, longer than a
+/// follower's election timeout: one slow reply (an append past its heartbeat-long deadline
+/// on a loaded machine, or a peer still starting) silenced the leader toward that follower
+/// for half a second, and the follower stood for election although the leader was alive.
+/// The server sets `first` to the heartbeat interval and `cap` to half the minimum election
+/// timeout, so a reachable follower hears from the leader within its timeout.
+pub fn retry_delays(first: Duration, cap: Duration) -> impl Iterator<Item = Duration> + Send + 'static {
+    let cap = cap.max(first);
+    std::iter::successors(Some(first), move |d| Some((*d * 2).min(cap)))
 }
 
 impl PeerNetwork {
@@ -144,7 +159,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
                 .max_encoding_message_size(crate::config::MAX_MESSAGE)
                 .max_decoding_message_size(crate::config::MAX_MESSAGE)
         });
-        PeerClient { target, client, contacts: self.contacts.clone() }
+        PeerClient { target, client, contacts: self.contacts.clone(), retry: self.retry }
     }
 }
 
@@ -195,6 +210,10 @@ impl PeerClient {
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
+    fn backoff(&self) -> Backoff {
+        Backoff::new(retry_delays(self.retry.0, self.retry.1))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -286,5 +305,23 @@ impl RaftService for PeerService {
             Err(e) => warn!(snapshot = %id, offset, error = %e, "snapshot chunk refused"),
         }
         encode(&r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delays;
+    use std::time::Duration;
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap_and_never_end() {
+        let ms = Duration::from_millis;
+        let d: Vec<Duration> = retry_delays(ms(50), ms(75)).take(4).collect();
+        assert_eq!(d, [ms(50), ms(75), ms(75), ms(75)]);
+        let d: Vec<Duration> = retry_delays(ms(150), ms(300)).take(3).collect();
+        assert_eq!(d, [ms(150), ms(300), ms(300)]);
+        // A cap below the first pause (a heartbeat above half the election timeout) keeps the
+        // first pause.
+        assert!(retry_delays(ms(100), ms(10)).take(1000).all(|x| x == ms(100)));
     }
 }

@@ -450,6 +450,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         ),
         tls,
         channels: Default::default(),
+        retry: (cfg.heartbeat, cfg.election_min / 2),
     };
     let raft =
         Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm).await.map_err(|e| Error::Raft(e.to_string()))?;
