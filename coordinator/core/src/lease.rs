@@ -372,6 +372,21 @@ impl LeaseTable {
         out
     }
 
+    /// The earliest time (real, ms) a [`LeaseTable::tick`] would find something due among the
+    /// leases (a deadline, or the no-stream rule's Silent time), if any. The lessor wakes then
+    /// instead of at its next fixed tick, so a dead holder is expired at its deadline rather
+    /// than up to one tick after it. Handover timers are not counted (the fixed tick serves
+    /// them). A value at or before `now` means an Expire or MarkSilent is due again after a
+    /// failed proposal; the lessor then keeps its fixed tick, so it never retries in a spin.
+    pub fn next_due(&self) -> Option<u64> {
+        let deadline = self.by_deadline.first().map(|(d, _)| d.saturating_add(self.shift));
+        let silent = self.by_silence.first().map(|(s, _)| *s);
+        match (deadline, silent) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// A proposal failed (e.g. leadership lost): allow proposing again.
     pub fn retry_expire(&mut self, m: &MemberId) {
         self.update(m, |e, _| e.expire_proposed = false);
@@ -646,6 +661,28 @@ mod tests {
     }
 
     #[test]
+    fn next_due_is_the_earliest_deadline_or_silent_time() {
+        let mut t = table();
+        let cfg = t.cfg;
+        assert_eq!(t.next_due(), None);
+        t.on_join(&mid("a"), 1, 0);
+        t.on_join(&mid("b"), 2, 500);
+        assert_eq!(t.next_due(), Some(cfg.ttl_ms), "a's deadline");
+        // A late tick moves every deadline, and so the wake.
+        assert!(t.tick(1000, 900).expire.is_empty());
+        assert_eq!(t.next_due(), Some(cfg.ttl_ms + 100));
+        // Once a's Expire is proposed only b is left; a failed proposal makes a due again, at
+        // a time already past (the lessor then keeps its fixed tick: no spin).
+        assert_eq!(t.tick(cfg.ttl_ms + 100, cfg.ttl_ms + 100).expire, vec![(mid("a"), 1)]);
+        assert_eq!(t.next_due(), Some(500 + cfg.ttl_ms + 100));
+        t.retry_expire(&mid("a"));
+        assert!(t.next_due().is_some_and(|d| d <= cfg.ttl_ms + 100));
+        t.remove(&mid("a"));
+        t.remove(&mid("b"));
+        assert_eq!(t.next_due(), None);
+    }
+
+    #[test]
     fn late_timer_extends_every_deadline_first() {
         let mut t = table();
         t.on_join(&mid("a"), 1, 0);
@@ -761,9 +798,17 @@ mod tests {
                     }
                 }
                 let (e, s) = scan.tick(&cfg, now, now);
+                let due = t.next_due();
                 let out = t.tick(now, now);
+                // `next_due` names exactly when a tick finds work: the lessor sleeps until it.
+                prop_assert_eq!(
+                    due.is_some_and(|d| d <= now),
+                    !out.expire.is_empty() || !out.silent.is_empty(),
+                    "next_due {:?} at {}", due, now
+                );
                 prop_assert_eq!(out.expire, e);
                 prop_assert_eq!(out.silent, s);
+                prop_assert!(t.next_due().is_none_or(|d| d > now), "a tick leaves nothing due");
             }
         }
 

@@ -597,9 +597,17 @@ async fn lessor_loop(ctx: Arc<Ctx>) {
     let mut sweep = Sweep::default();
     loop {
         // `expected` is taken right before sleeping, so the time spent proposing below is
-        // not mistaken for timer lateness; wakes for grants do not move the tick.
-        let mut expected = ctx.now() + TICK.as_millis() as u64;
-        let next_tick = tokio::time::Instant::now() + TICK;
+        // not mistaken for timer lateness; wakes for grants do not move the tick. The tick
+        // comes sooner when a lease falls due before it (`LeaseTable::next_due`): a dead
+        // holder is expired at its deadline, not up to one TICK after. A due time already
+        // past (an Expire to retry after a failed proposal) keeps the fixed TICK.
+        let start = ctx.now();
+        let wait = match ctx.lessor().next_due() {
+            Some(due) if due > start => Duration::from_millis(due - start).min(TICK),
+            _ => TICK,
+        };
+        let mut expected = start + wait.as_millis() as u64;
+        let next_tick = tokio::time::Instant::now() + wait;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next_tick) => break,
