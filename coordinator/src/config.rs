@@ -109,11 +109,10 @@ pub struct Cli {
     /// the startup timing-rule check.
     #[arg(long, env = "ARCFED_MAX_CLOCK_DRIFT", default_value = "0.01")]
     pub max_clock_drift: f64,
-    /// Who decides when a voter stands for election: `openraft` (its own timer) or
-    /// `coordinator` (rank slots, and the voter with the longer log stands at once; kill-leader
-    /// drill p99 0.62 s instead of 1.7-1.9 s, but spurious elections in loaded debug-build
-    /// tests, so it is opt-in until that is understood; README, "Leader SIGKILL").
-    #[arg(long, env = "ARCFED_ELECTIONS", value_enum, default_value = "openraft")]
+    /// Who decides when a voter stands for election: `coordinator` (rank slots, and the voter
+    /// with the longer log stands at once; kill-leader drill p99 0.62 s) or `openraft` (its own
+    /// timer, drawn once per process; p99 1.7-1.9 s). README, "Leader SIGKILL".
+    #[arg(long, env = "ARCFED_ELECTIONS", value_enum, default_value = "coordinator")]
     pub elections: Elections,
     /// Default handover deadline for `arcfedctl handover` and drains.
     #[arg(long, env = "ARCFED_HANDOVER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
@@ -248,8 +247,9 @@ impl Cli {
         // node's own delay; `raft::election` decides who stands, by rank slot), so LAN
         // elections of 150-300ms give a path of ≤ 0.85 s inside the 1.25 s a 2 s fence leaves
         // after one keepalive interval. A follower stands only after 450-600ms without a
-        // heartbeat (9 heartbeats of 50ms at least), so a loaded machine does not start
-        // spurious elections. With openraft's own timer (drawn once per process) the
+        // heartbeat (9 heartbeats of 50ms at least), and the leader retries a follower whose
+        // append failed within 50-75ms (`raft::network::retry_delays`), so a loaded machine
+        // does not start spurious elections. With openraft's own timer (drawn once per process) the
         // kill-leader drill measured p99 1.7-1.9 s from the kill to the holder re-attached;
         // with the rank slots and the longer log standing at once, p99 0.62 s (30 runs).
         // WAN: 600ms-1.1s with a 150ms heartbeat (one RTT), so the path fits the 6.67 s fence
