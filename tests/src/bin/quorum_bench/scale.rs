@@ -166,7 +166,7 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
             "--profile",
             &a.profile,
             "--log-level",
-            "warn,arcfed_coordinator::raft::network=info,arcfed_coordinator::raft::store=info,arcfed_coordinator::raft::election=info",
+            "warn,arcfed_coordinator::raft::network=info,arcfed_coordinator::raft::store=info,arcfed_coordinator::raft::election=info,arcfed_coordinator::server=info,arcfed_coordinator::server::agent=warn",
             "--snapshot-keep-log",
             "1000",
             // Joins share entries (group commit), so the default 5,000 entries between
