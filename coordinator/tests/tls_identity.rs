@@ -29,6 +29,12 @@ impl RaftService for WhoAmI {
     async fn snapshot(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         Err(Status::unimplemented("snapshot"))
     }
+    async fn pre_vote(
+        &self,
+        _: Request<arcfed_proto::PreVoteRequest>,
+    ) -> Result<Response<arcfed_proto::PreVoteReply>, Status> {
+        Err(Status::unimplemented("pre_vote"))
+    }
 }
 
 struct Pki {

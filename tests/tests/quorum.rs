@@ -1079,6 +1079,66 @@ async fn t_a_slow_link_to_a_follower_starts_no_election() {
     .await;
 }
 
+/// (u) A voter cut off from both others for many of its election timeouts rejoins without
+/// deposing the leader: alone it wins no pre-vote, so it never stands and its term never
+/// moves, and when the link heals no higher term reaches the leader. Without pre-vote
+/// (`--elections openraft`) the cut-off voter climbs terms while alone and the leader steps
+/// down when the link heals, so this test fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn u_a_voter_cut_off_and_healed_does_not_depose_the_leader() {
+    let opts = QuorumOptions { peer_proxies: true, ..QuorumOptions::default() };
+    with_quorum(opts, |q| async move {
+        let r = async {
+            let s = q.wait_status("three voters", WAIT, |s| s.voters.len() == 3).await?;
+            let (leader, term) = (s.leader, s.term);
+            let cut = s.voters.iter().find(|v| v.id != leader).map(|v| v.id).expect("a follower");
+            let voter = |id| q.voters.iter().find(|v| v.id == id).expect("voter");
+            let (cut_http, leader_http, leader_addr) = (voter(cut).http, voter(leader).http, voter(leader).addr());
+            q.isolate(cut, Mode::Blackhole);
+            // Alone, it comes to stand again and again, and each time no majority grants it.
+            let end = Instant::now() + WAIT;
+            while raft_gauge(cut_http, "arcfed_prevotes_lost_total").await? < 3 {
+                anyhow::ensure!(Instant::now() < end, "the cut-off voter never lost three pre-votes");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::ensure!(
+                raft_gauge(cut_http, "arcfed_elections_stood_total").await? == 0,
+                "the cut-off voter stood"
+            );
+            let cut_term = raft_gauge(cut_http, "arcfed_raft_term").await?;
+            anyhow::ensure!(cut_term == term, "the cut-off voter's term moved from {term} to {cut_term}");
+            // The quorum goes on without it: a Join is committed by the other two.
+            let a = agent(&q, "a");
+            a.joined(WAIT).await?;
+            let behind = applied_index(leader_http).await?;
+            anyhow::ensure!(applied_index(cut_http).await? < behind, "the cut-off voter applied the Join");
+            q.isolate(cut, Mode::Pass);
+            // It catches up with the leader, and for a second after that the leader keeps its
+            // term (an absence, so a window sampled every 100 ms).
+            let end = Instant::now() + WAIT;
+            let mut caught_up: Option<Instant> = None;
+            while caught_up.is_none_or(|at| at.elapsed() < Duration::from_secs(1)) {
+                let s = q.status_at(&leader_addr).await?;
+                anyhow::ensure!(
+                    (s.leader, s.term) == (leader, term),
+                    "the healed link changed the leader: leader {leader} term {term} became leader {} term {}",
+                    s.leader,
+                    s.term
+                );
+                if caught_up.is_none() && applied_index(cut_http).await? >= behind {
+                    caught_up = Some(Instant::now());
+                }
+                anyhow::ensure!(Instant::now() < end, "the healed voter did not catch up");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
 /// The history check itself can fail: each broken history below is refused.
 #[test]
 fn q_history_check_refuses_broken_histories() {

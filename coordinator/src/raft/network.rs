@@ -3,8 +3,10 @@
 //! Carrying JSON instead of mirroring every openraft type in protobuf keeps the proto small
 //! and survives openraft upgrades; peers are always the same build.
 
+use super::election::Timing;
 use super::{NodeId, Raft, TypeConfig};
 use crate::tls::TlsMaterial;
+use arcfed_proto as pb;
 use arcfed_proto::RaftPayload;
 use arcfed_proto::raft_service_client::RaftServiceClient;
 use arcfed_proto::raft_service_server::RaftService;
@@ -149,6 +151,35 @@ impl PeerNetwork {
     }
 }
 
+impl PeerNetwork {
+    /// Asks `target` for a pre-vote ([`super::election`]). A peer that predates the RPC
+    /// (UNIMPLEMENTED, during a rolling upgrade) counts as a yes, as before pre-vote existed.
+    pub async fn pre_vote(
+        &self,
+        target: NodeId,
+        node: &BasicNode,
+        req: pb::PreVoteRequest,
+        timeout: Duration,
+    ) -> Result<pb::PreVoteReply, String> {
+        let addr = self.overrides.get(&target).cloned().unwrap_or_else(|| node.addr.clone());
+        let mut client = RaftServiceClient::new(self.channel(&addr)?);
+        let mut request = Request::new(req);
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.pre_vote(request)).await {
+            Ok(Ok(r)) => {
+                self.contacts.record(target);
+                Ok(r.into_inner())
+            }
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                self.contacts.record(target);
+                Ok(pb::PreVoteReply { granted: true, reason: "peer predates pre-vote".into() })
+            }
+            Ok(Err(s)) => Err(format!("{}: {}", s.code(), s.message())),
+            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        }
+    }
+}
+
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
@@ -247,10 +278,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 }
 
-/// The server side: feeds peers' RPCs into the local Raft.
+/// The server side: feeds peers' RPCs into the local Raft, and answers pre-votes.
 pub struct PeerService {
     pub raft: Raft,
     pub contacts: Arc<PeerContacts>,
+    /// This node's id, its election timing, and how long it refuses pre-votes as a leader
+    /// after its last quorum contact (the lease TTL): [`Timing::pre_vote`].
+    pub me: NodeId,
+    pub timing: Timing,
+    pub hold: Duration,
 }
 
 fn decode<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
@@ -290,6 +326,20 @@ impl RaftService for PeerService {
             self.contacts.record_leader(leader);
         }
         encode(&reply)
+    }
+
+    /// Answers from what this node sees now; changes nothing (no term, no vote).
+    async fn pre_vote(&self, req: Request<pb::PreVoteRequest>) -> Result<Response<pb::PreVoteReply>, Status> {
+        let req = req.into_inner();
+        let asked = super::election::asked(&self.raft, &self.contacts, self.me, req.candidate);
+        let reply = match self.timing.pre_vote(&asked, self.hold) {
+            Ok(()) => pb::PreVoteReply { granted: true, reason: String::new() },
+            Err(reason) => {
+                debug!(candidate = req.candidate, term = req.term, %reason, "pre-vote refused");
+                pb::PreVoteReply { granted: false, reason }
+            }
+        };
+        Ok(Response::new(reply))
     }
 
     /// One chunk of a snapshot (openraft sends a snapshot above `--snapshot-chunk-size` as

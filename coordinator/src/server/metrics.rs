@@ -43,6 +43,8 @@ pub struct Metrics {
     pub streams_open: Gauge,
     pub lessor_late: Counter,
     pub proposal_errors: Counter,
+    pub elections_stood: Counter,
+    pub prevotes_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -80,6 +82,8 @@ impl Metrics {
             streams_open: Gauge::default(),
             lessor_late: Counter::default(),
             proposal_errors: Counter::default(),
+            elections_stood: Counter::default(),
+            prevotes_lost: Counter::default(),
             registry: Registry::default(),
         };
         r.register("raft_term", "Current Raft term", m.term.clone());
@@ -139,6 +143,16 @@ impl Metrics {
             m.lessor_late.clone(),
         );
         r.register("proposal_errors", "Raft proposals that failed", m.proposal_errors.clone());
+        r.register(
+            "elections_stood",
+            "Times this voter stood for election (--elections coordinator, after a granted pre-vote)",
+            m.elections_stood.clone(),
+        );
+        r.register(
+            "prevotes_lost",
+            "Times this voter would have stood but a majority refused its pre-vote (they still heard a live leader)",
+            m.prevotes_lost.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 }

@@ -189,6 +189,15 @@ impl Ctx {
     }
 
     /// How long ago this node (as leader) last heard from a quorum; None if unknown.
+    /// The election timing of the flags (`--heartbeat`, `--election-timeout-min/max`).
+    pub fn election_timing(&self) -> crate::raft::election::Timing {
+        crate::raft::election::Timing {
+            heartbeat: self.cfg.heartbeat,
+            min: self.cfg.election_min,
+            max: self.cfg.election_max,
+        }
+    }
+
     pub fn quorum_age_ms(&self) -> Option<u64> {
         let q = *lock(&self.quorum);
         q.millis.map(|m| m.saturating_add(q.at.elapsed().as_millis() as u64))
@@ -385,9 +394,15 @@ pub async fn run(
     let ctx = node.ctx.clone();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let peer = RaftServiceServer::new(PeerService { raft: ctx.raft.clone(), contacts: ctx.contacts.clone() })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let peer = RaftServiceServer::new(PeerService {
+        raft: ctx.raft.clone(),
+        contacts: ctx.contacts.clone(),
+        me: ctx.id,
+        timing: ctx.election_timing(),
+        hold: Duration::from_millis(ctx.cfg.lease.ttl_ms),
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
     let agent_svc = AgentServiceServer::new(agent::AgentSvc { ctx: ctx.clone() });
     let admin_svc = AdminServiceServer::new(admin::AdminSvc { ctx: ctx.clone() });
     let mut stop_for_server = stop_rx.clone();
@@ -452,6 +467,8 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         channels: Default::default(),
         retry: (cfg.heartbeat, cfg.election_min / 2),
     };
+    // The election driver asks peers for pre-votes over the same channels.
+    let elections_net = network.clone();
     let raft =
         Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm).await.map_err(|e| Error::Raft(e.to_string()))?;
 
@@ -484,11 +501,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         grant_wake: tokio::sync::Notify::new(),
         proposals,
     });
-    let timing = crate::raft::election::Timing {
-        heartbeat: ctx.cfg.heartbeat,
-        min: ctx.cfg.election_min,
-        max: ctx.cfg.election_max,
-    };
+    let timing = ctx.election_timing();
     let mut tasks = vec![
         tokio::spawn(batch_proposals(Arc::downgrade(&ctx), proposal_rx)),
         tokio::spawn(relay_changes(ctx.clone())),
@@ -497,7 +510,18 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         tokio::spawn(http::serve(ctx.clone(), http_listener)),
     ];
     if ctx.cfg.elections == crate::config::Elections::Coordinator {
-        tasks.push(tokio::spawn(crate::raft::election::drive(ctx.raft.clone(), ctx.id, ctx.contacts.clone(), timing)));
+        let counters = crate::raft::election::ElectionCounters {
+            stood: ctx.metrics.elections_stood.clone(),
+            prevote_lost: ctx.metrics.prevotes_lost.clone(),
+        };
+        tasks.push(tokio::spawn(crate::raft::election::drive(
+            ctx.raft.clone(),
+            ctx.id,
+            ctx.contacts.clone(),
+            elections_net,
+            timing,
+            counters,
+        )));
     }
     Ok(Node { ctx, tasks })
 }
