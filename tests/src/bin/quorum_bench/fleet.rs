@@ -388,6 +388,24 @@ async fn send_ka(
     tx.send(m).await.map_err(|_| ())
 }
 
+/// Sets the nice value of every thread of this process (on Linux a nice value belongs to a
+/// thread); the voters are child processes and keep theirs. Returns how many threads.
+pub fn renice_self(nice: i32) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc/self/task")? {
+        let name = e?.file_name();
+        let tid: i32 = name.to_string_lossy().parse()?;
+        let Some(pid) = rustix::process::Pid::from_raw(tid) else { continue };
+        match rustix::process::setpriority_process(Some(pid), nice) {
+            Ok(()) => n += 1,
+            // A thread that ended since the listing.
+            Err(rustix::io::Errno::SRCH) => {}
+            Err(e) => anyhow::bail!("setpriority({tid}, {nice}): {e}"),
+        }
+    }
+    Ok(n)
+}
+
 /// CPU seconds (user + system) and RSS (MiB) of a process, from /proc.
 #[derive(Clone, Copy, Debug)]
 pub struct ProcSample {

@@ -36,6 +36,15 @@ pub struct ScaleArgs {
     /// Print one JSON object (the only output format; the flag is the scripts' contract).
     #[arg(long)]
     json: bool,
+    /// The load generator's nice value during the leader kill only (this process's threads;
+    /// the voters are child processes and keep theirs). On a bench host the 50,000 simulated
+    /// agents share the voters' cores, which real agents in other clusters do not: at equal
+    /// priority the generator takes as much CPU as the new leader while the herd attaches.
+    /// 0 keeps equal priority throughout. Lowering it back after the kill needs root
+    /// (CAP_SYS_NICE); without it the rest of the run stays niced, which nothing after the
+    /// kill measures.
+    #[arg(long, default_value = "10", allow_negative_numbers = true)]
+    generator_nice: i32,
     /// Keep the voters' data dirs and logs after the run (the path goes to stderr), to read
     /// what the voters did during the leader kill.
     #[arg(long)]
@@ -89,6 +98,9 @@ struct ScaleReport {
     /// How agent streams ended between the leader kill and full recovery (redirect, refused,
     /// attach_timeout, no_ack, broken).
     leader_kill_stream_ends: BTreeMap<&'static str, u64>,
+    /// The generator's nice value during the leader kill (`--generator-nice`; 0: equal
+    /// priority with the voters).
+    generator_nice_during_leader_kill: i32,
     /// TTL × (1 − margin): the goal for the leader-kill recovery.
     fence_ms: u64,
     /// Size of the snapshot the killed leader installed when it came back, or else of the
@@ -325,6 +337,10 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
 
     // Leader SIGKILL under load → every member acked again.
     let leader = serving_leader(&mut q, Duration::from_secs(10)).await?;
+    if a.generator_nice != 0 {
+        let n = fleet::renice_self(a.generator_nice)?;
+        eprintln!("leader kill: the generator's {n} threads at nice {}", a.generator_nice);
+    }
     let killed_at = stats.ms();
     let ends_before = stats.end_counts();
     let killed = Instant::now();
@@ -352,6 +368,11 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
     let leader_kill_stream_ends: BTreeMap<&str, u64> =
         stats.end_counts().iter().zip(&ends_before).map(|((k, n), (_, b))| (*k, n - b)).collect();
     eprintln!("leader kill: how streams ended meanwhile {leader_kill_stream_ends:?}");
+    if a.generator_nice != 0
+        && let Err(e) = fleet::renice_self(0)
+    {
+        eprintln!("leader kill: could not set the generator back to nice 0 ({e}); nothing after this is timed");
+    }
     // The killed leader comes back as a follower. Re-attaches no longer write the log, so it
     // may catch up from the log alone; the snapshot size is the one it installed if it needed
     // one, else the newest one a voter built (from their logs).
@@ -403,6 +424,7 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
         leader_kill_members_recovered: recovered,
         leader_kill_timeline,
         leader_kill_stream_ends,
+        generator_nice_during_leader_kill: a.generator_nice,
         fence_ms: ttl_ms * 667 / 1000,
         snapshot_bytes,
         reconnects: stats.reconnects.load(Ordering::Relaxed),
