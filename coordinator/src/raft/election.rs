@@ -417,7 +417,7 @@ mod tests {
         // A follower stands after the lease and its delay; the other one lost the leader at
         // the same moment, give or take one heartbeat, so it is past its own lease and says
         // yes: a failover costs one more round trip, not another timeout.
-        for t in [lan(), Timing { heartbeat: ms(150), min: ms(600), max: ms(1100) }] {
+        for t in [lan(), Timing { heartbeat: ms(150), min: ms(600), max: ms(1000) }] {
             for rank in 0..3 {
                 let stands_after = t.max + t.delay(rank, 3, 0.0);
                 let other_silent = stands_after - t.heartbeat;
