@@ -149,9 +149,7 @@ impl PeerNetwork {
         channels.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
-}
 
-impl PeerNetwork {
     /// Asks `target` for a pre-vote ([`super::election`]). A peer that predates the RPC
     /// (UNIMPLEMENTED, during a rolling upgrade) counts as a yes, as before pre-vote existed.
     pub async fn pre_vote(

@@ -98,6 +98,10 @@ struct ScaleReport {
     /// How agent streams ended between the leader kill and full recovery (redirect, refused,
     /// attach_timeout, no_ack, broken).
     leader_kill_stream_ends: BTreeMap<&'static str, u64>,
+    /// After the recovery: the new leader's `acks_withheld_total` (no quorum contact),
+    /// `lease_resumes_total`, `lessor_late_ticks_total`, `keepalives_total`, and the running
+    /// voters' `elections_stood_total` and `prevotes_lost_total` (summed over the run).
+    leader_kill_counters: BTreeMap<String, u64>,
     /// The generator's nice value during the leader kill (`--generator-nice`; 0: equal
     /// priority with the voters).
     generator_nice_during_leader_kill: i32,
@@ -368,6 +372,27 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
     let leader_kill_stream_ends: BTreeMap<&str, u64> =
         stats.end_counts().iter().zip(&ends_before).map(|((k, n), (_, b))| (*k, n - b)).collect();
     eprintln!("leader kill: how streams ended meanwhile {leader_kill_stream_ends:?}");
+    // What the new leader counted in its term (it was a follower until the kill) and what
+    // the voters' election drivers did: where the recovery time went.
+    let mut leader_kill_counters = BTreeMap::new();
+    if let Ok(new_leader) = serving_leader(&mut q, Duration::from_secs(10)).await
+        && let Some(text) = metrics(q.voter(new_leader)).await
+    {
+        for name in ["acks_withheld_total", "lease_resumes_total", "lessor_late_ticks_total", "keepalives_total"] {
+            if let Some(v) = metric(&text, &format!("arcfed_{name}")) {
+                leader_kill_counters.insert(format!("new_leader_{name}"), v as u64);
+            }
+        }
+    }
+    for v in q.voters.iter().filter(|v| v.running()) {
+        if let Some(text) = metrics(v).await {
+            for name in ["elections_stood_total", "prevotes_lost_total"] {
+                *leader_kill_counters.entry(format!("voters_{name}")).or_insert(0) +=
+                    metric(&text, &format!("arcfed_{name}")).unwrap_or(0.0) as u64;
+            }
+        }
+    }
+    eprintln!("leader kill: counters {leader_kill_counters:?}");
     if a.generator_nice != 0
         && let Err(e) = fleet::renice_self(0)
     {
@@ -424,6 +449,7 @@ pub async fn run(a: ScaleArgs) -> anyhow::Result<()> {
         leader_kill_members_recovered: recovered,
         leader_kill_timeline,
         leader_kill_stream_ends,
+        leader_kill_counters,
         generator_nice_during_leader_kill: a.generator_nice,
         fence_ms: ttl_ms * 667 / 1000,
         snapshot_bytes,
