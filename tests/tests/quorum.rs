@@ -1079,6 +1079,41 @@ async fn t_a_slow_link_to_a_follower_starts_no_election() {
     .await;
 }
 
+/// While `behind` is cut off: a Join the other two commit; then `heal`, wait until `behind`
+/// applied it, and watch the leader for a second more: (leader, term) must not change at any
+/// point (an absence, so a window sampled every 100 ms).
+async fn heal_and_catch_up(
+    q: &Quorum,
+    behind: u64,
+    (leader, term): (u64, u64),
+    heal: impl FnOnce(),
+) -> anyhow::Result<()> {
+    let voter = |id| q.voters.iter().find(|v| v.id == id).expect("voter");
+    let (behind_http, leader_http, leader_addr) = (voter(behind).http, voter(leader).http, voter(leader).addr());
+    let a = agent(q, "a");
+    a.joined(WAIT).await?;
+    let target = applied_index(leader_http).await?;
+    anyhow::ensure!(applied_index(behind_http).await? < target, "voter {behind} applied the Join while cut off");
+    heal();
+    let end = Instant::now() + WAIT;
+    let mut caught_up: Option<Instant> = None;
+    while caught_up.is_none_or(|at| at.elapsed() < Duration::from_secs(1)) {
+        let s = q.status_at(&leader_addr).await?;
+        anyhow::ensure!(
+            (s.leader, s.term) == (leader, term),
+            "the healed link changed the leader: leader {leader} term {term} became leader {} term {}",
+            s.leader,
+            s.term
+        );
+        if caught_up.is_none() && applied_index(behind_http).await? >= target {
+            caught_up = Some(Instant::now());
+        }
+        anyhow::ensure!(Instant::now() < end, "voter {behind} did not catch up after the heal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// (u) A voter cut off from both others for many of its election timeouts rejoins without
 /// deposing the leader: alone it wins no pre-vote, so it never stands and its term never
 /// moves, and when the link heals no higher term reaches the leader. Without pre-vote
@@ -1093,7 +1128,7 @@ async fn u_a_voter_cut_off_and_healed_does_not_depose_the_leader() {
             let (leader, term) = (s.leader, s.term);
             let cut = s.voters.iter().find(|v| v.id != leader).map(|v| v.id).expect("a follower");
             let voter = |id| q.voters.iter().find(|v| v.id == id).expect("voter");
-            let (cut_http, leader_http, leader_addr) = (voter(cut).http, voter(leader).http, voter(leader).addr());
+            let cut_http = voter(cut).http;
             q.isolate(cut, Mode::Blackhole);
             // Alone, it comes to stand again and again, and each time no majority grants it.
             let end = Instant::now() + WAIT;
@@ -1107,31 +1142,52 @@ async fn u_a_voter_cut_off_and_healed_does_not_depose_the_leader() {
             );
             let cut_term = raft_gauge(cut_http, "arcfed_raft_term").await?;
             anyhow::ensure!(cut_term == term, "the cut-off voter's term moved from {term} to {cut_term}");
-            // The quorum goes on without it: a Join is committed by the other two.
-            let a = agent(&q, "a");
-            a.joined(WAIT).await?;
-            let behind = applied_index(leader_http).await?;
-            anyhow::ensure!(applied_index(cut_http).await? < behind, "the cut-off voter applied the Join");
-            q.isolate(cut, Mode::Pass);
-            // It catches up with the leader, and for a second after that the leader keeps its
-            // term (an absence, so a window sampled every 100 ms).
+            heal_and_catch_up(&q, cut, (leader, term), || q.isolate(cut, Mode::Pass)).await
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}
+
+/// (v) A follower that stops hearing the leader while the leader still hears it (the path
+/// leader → follower blackholed, follower → leader open: what a follower sees of a leader
+/// too busy to send it heartbeats) does not depose that leader. It comes to stand again and
+/// again, asks, and the leader (quorum contact fresh through the other follower) and the
+/// other follower (it hears the leader) both refuse; the refusals name why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v_a_follower_that_cannot_hear_a_live_leader_does_not_depose_it() {
+    let opts = QuorumOptions { peer_proxies: true, ..QuorumOptions::default() };
+    with_quorum(opts, |q| async move {
+        let r = async {
+            let s = q.wait_status("three voters", WAIT, |s| s.voters.len() == 3).await?;
+            let (leader, term) = (s.leader, s.term);
+            let deaf = s.voters.iter().find(|v| v.id != leader).map(|v| v.id).expect("a follower");
+            let voter = |id| q.voters.iter().find(|v| v.id == id).expect("voter");
+            let (deaf_http, leader_addr) = (voter(deaf).http, voter(leader).addr());
+            q.proxies[&(leader, deaf)].set_mode(Mode::Blackhole);
             let end = Instant::now() + WAIT;
-            let mut caught_up: Option<Instant> = None;
-            while caught_up.is_none_or(|at| at.elapsed() < Duration::from_secs(1)) {
+            while raft_gauge(deaf_http, "arcfed_prevotes_lost_total").await? < 3 {
+                anyhow::ensure!(Instant::now() < end, "the deaf follower never lost three pre-votes");
                 let s = q.status_at(&leader_addr).await?;
                 anyhow::ensure!(
                     (s.leader, s.term) == (leader, term),
-                    "the healed link changed the leader: leader {leader} term {term} became leader {} term {}",
+                    "leader {} term {} while one way was cut",
                     s.leader,
                     s.term
                 );
-                if caught_up.is_none() && applied_index(cut_http).await? >= behind {
-                    caught_up = Some(Instant::now());
-                }
-                anyhow::ensure!(Instant::now() < end, "the healed voter did not catch up");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Ok(())
+            anyhow::ensure!(
+                raft_gauge(deaf_http, "arcfed_elections_stood_total").await? == 0,
+                "the deaf follower stood"
+            );
+            let log = voter(deaf).log_text();
+            anyhow::ensure!(
+                log.contains("did not grant the pre-vote") && log.contains("leads and heard a quorum"),
+                "the deaf follower's log does not name the leader's refusal"
+            );
+            heal_and_catch_up(&q, deaf, (leader, term), || q.proxies[&(leader, deaf)].set_mode(Mode::Pass)).await
         }
         .await;
         (q, r)
