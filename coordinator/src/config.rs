@@ -109,9 +109,10 @@ pub struct Cli {
     /// the startup timing-rule check.
     #[arg(long, env = "ARCFED_MAX_CLOCK_DRIFT", default_value = "0.01")]
     pub max_clock_drift: f64,
-    /// Who decides when a voter stands for election: `coordinator` (rank slots, and the voter
-    /// with the longer log stands at once; kill-leader drill p99 0.62 s) or `openraft` (its own
-    /// timer, drawn once per process; p99 1.7-1.9 s). README, "Leader SIGKILL".
+    /// Who decides when a voter stands for election: `coordinator` (rank slots, the voter
+    /// with the longer log stands at once, and a pre-vote first: no voter stands while a
+    /// majority still hears a live leader; kill-leader drill p99 0.65 s) or `openraft` (its own
+    /// timer, drawn once per process, no pre-vote; p99 1.7-1.9 s). README, "Leader SIGKILL".
     #[arg(long, env = "ARCFED_ELECTIONS", value_enum, default_value = "coordinator")]
     pub elections: Elections,
     /// Default handover deadline for `arcfedctl handover` and drains.

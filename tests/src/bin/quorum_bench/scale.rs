@@ -40,10 +40,12 @@ pub struct ScaleArgs {
     /// the voters are child processes and keep theirs). On a bench host the 50,000 simulated
     /// agents share the voters' cores, which real agents in other clusters do not: at equal
     /// priority the generator takes as much CPU as the new leader while the herd attaches.
-    /// 0 keeps equal priority throughout. Lowering it back after the kill needs root
-    /// (CAP_SYS_NICE); without it the rest of the run stays niced, which nothing after the
-    /// kill measures.
-    #[arg(long, default_value = "10", allow_negative_numbers = true)]
+    /// It must still do its own part of each re-attach promptly (read Joined, send the first
+    /// keepalive, read the ack), so not too low a share: 5 gives it about a quarter of a
+    /// contended core. 0 keeps equal priority throughout. Lowering it back after the kill
+    /// needs root (CAP_SYS_NICE); without it the rest of the run stays niced, which nothing
+    /// after the kill measures.
+    #[arg(long, default_value = "5", allow_negative_numbers = true)]
     generator_nice: i32,
     /// Keep the voters' data dirs and logs after the run (the path goes to stderr), to read
     /// what the voters did during the leader kill.
