@@ -188,7 +188,6 @@ impl Ctx {
         *self.serving.borrow()
     }
 
-    /// How long ago this node (as leader) last heard from a quorum; None if unknown.
     /// The election timing of the flags (`--heartbeat`, `--election-timeout-min/max`).
     pub fn election_timing(&self) -> crate::raft::election::Timing {
         crate::raft::election::Timing {
@@ -198,6 +197,7 @@ impl Ctx {
         }
     }
 
+    /// How long ago this node (as leader) last heard from a quorum; None if unknown.
     pub fn quorum_age_ms(&self) -> Option<u64> {
         let q = *lock(&self.quorum);
         q.millis.map(|m| m.saturating_add(q.at.elapsed().as_millis() as u64))
