@@ -150,6 +150,15 @@ impl PeerNetwork {
         Ok(ch)
     }
 
+    /// A client for voter `target` on the shared channel: its `--peer` address if given,
+    /// else the membership's.
+    fn client(&self, target: NodeId, node: &BasicNode) -> Result<RaftServiceClient<Channel>, String> {
+        let addr = self.overrides.get(&target).map_or(node.addr.as_str(), String::as_str);
+        Ok(RaftServiceClient::new(self.channel(addr)?)
+            .max_encoding_message_size(crate::config::MAX_MESSAGE)
+            .max_decoding_message_size(crate::config::MAX_MESSAGE))
+    }
+
     /// Asks `target` for a pre-vote ([`super::election`]). A peer that predates the RPC
     /// (UNIMPLEMENTED, during a rolling upgrade) counts as a yes, as before pre-vote existed.
     pub async fn pre_vote(
@@ -159,8 +168,7 @@ impl PeerNetwork {
         req: pb::PreVoteRequest,
         timeout: Duration,
     ) -> Result<pb::PreVoteReply, String> {
-        let addr = self.overrides.get(&target).cloned().unwrap_or_else(|| node.addr.clone());
-        let mut client = RaftServiceClient::new(self.channel(&addr)?);
+        let mut client = self.client(target, node)?;
         let mut request = Request::new(req);
         request.set_timeout(timeout);
         match tokio::time::timeout(timeout, client.pre_vote(request)).await {
@@ -182,12 +190,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let addr = self.overrides.get(&target).cloned().unwrap_or_else(|| node.addr.clone());
-        let client = self.channel(&addr).map(|ch| {
-            RaftServiceClient::new(ch)
-                .max_encoding_message_size(crate::config::MAX_MESSAGE)
-                .max_decoding_message_size(crate::config::MAX_MESSAGE)
-        });
+        let client = self.client(target, node);
         PeerClient { target, client, contacts: self.contacts.clone(), retry: self.retry }
     }
 }
