@@ -176,7 +176,29 @@ pub fn identity_of_cert(der: &[u8]) -> Result<Identity, TlsError> {
 pub fn peer_identity<T>(req: &Request<T>) -> Result<Identity, Status> {
     let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
     let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    identity_of_cert(leaf).map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
+    recent_identity(leaf).map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
+}
+
+/// Identities of the leaf certificates seen last. Parsing one costs more than the rest of
+/// accepting a stream, and a coordinator sees a handful of certificates (one per cluster)
+/// across tens of thousands of streams: after a leader change all of them attach again
+/// within seconds. An entry is keyed by the whole DER, so only an identical certificate
+/// shares it, and [`identity_of_cert`] reads nothing but the certificate.
+static RECENT_IDENTITIES: std::sync::Mutex<Vec<(Vec<u8>, Identity)>> = std::sync::Mutex::new(Vec::new());
+const RECENT_IDENTITIES_MAX: usize = 64;
+
+fn recent_identity(der: &[u8]) -> Result<Identity, TlsError> {
+    let lock = || RECENT_IDENTITIES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(ident) = lock().iter().find(|(d, _)| d.as_slice() == der).map(|(_, i)| i.clone()) {
+        return Ok(ident);
+    }
+    let ident = identity_of_cert(der)?;
+    let mut recent = lock();
+    if recent.len() >= RECENT_IDENTITIES_MAX {
+        recent.remove(0);
+    }
+    recent.push((der.to_vec(), ident.clone()));
+    Ok(ident)
 }
 
 /// A tonic interceptor that admits only clients of one role. See [`require_role`].
@@ -194,16 +216,17 @@ pub fn require_role(expected: Role) -> RequireRole {
 
 impl tonic::service::Interceptor for RequireRole {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let remote = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+        // Formatted only for a refusal: this runs for every stream an agent opens.
+        let remote = |req: &Request<()>| req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
         let ident = match peer_identity(&req) {
             Ok(i) => i,
             Err(status) => {
-                tracing::warn!(%remote, expected = %self.expected, reason = status.message(), "refused client: no valid identity");
+                tracing::warn!(remote = %remote(&req), expected = %self.expected, reason = status.message(), "refused client: no valid identity");
                 return Err(status);
             }
         };
         if ident.role != self.expected {
-            tracing::warn!(%remote, peer = %ident, expected = %self.expected, "refused client: wrong role");
+            tracing::warn!(remote = %remote(&req), peer = %ident, expected = %self.expected, "refused client: wrong role");
             return Err(Status::permission_denied(format!(
                 "{ident} may not call this service: it requires role {}",
                 self.expected
@@ -481,5 +504,29 @@ mod tests {
         let bad = cert_with_sans(vec![uri("spiffe://arcfed/agent/a/b")]);
         assert!(matches!(identity_of_cert(&bad), Err(TlsError::BadUri { .. })));
         assert!(matches!(identity_of_cert(b"not a certificate"), Err(TlsError::BadCertificate(_))));
+    }
+
+    #[test]
+    fn remembered_identities_belong_to_identical_certificates_only() {
+        let a = cert_with_sans(vec![uri("spiffe://arcfed/agent/a")]);
+        let b = cert_with_sans(vec![uri("spiffe://arcfed/agent/b")]);
+        for _ in 0..2 {
+            assert_eq!(recent_identity(&a).unwrap().name, "a");
+            assert_eq!(recent_identity(&b).unwrap().name, "b");
+        }
+        // A refused certificate is not remembered, and stays refused.
+        let none = cert_with_sans(vec![rcgen::SanType::DnsName("localhost".try_into().unwrap())]);
+        for _ in 0..2 {
+            assert!(matches!(recent_identity(&none), Err(TlsError::NoIdentity)));
+        }
+        // Past the bound the oldest entry goes; every answer is still the certificate's own.
+        let many: Vec<_> = (0..RECENT_IDENTITIES_MAX + 3)
+            .map(|i| cert_with_sans(vec![uri(&format!("spiffe://arcfed/agent/c{i}"))]))
+            .collect();
+        for (i, der) in many.iter().enumerate().chain(many.iter().enumerate()) {
+            assert_eq!(recent_identity(der).unwrap().name, format!("c{i}"));
+        }
+        assert!(RECENT_IDENTITIES.lock().unwrap().len() <= RECENT_IDENTITIES_MAX);
+        assert_eq!(recent_identity(&a).unwrap().name, "a");
     }
 }

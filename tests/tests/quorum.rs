@@ -287,6 +287,12 @@ async fn e_a_follower_redirects_an_agent_to_the_leader() {
                     let hint = arcfed_proto::leader::leader_hint(&err);
                     assert_ne!(hint.as_deref(), Some(leader_addr.as_str()), "named the dead leader: {err:?}");
                     assert_eq!(hint.as_deref(), Some(new_addr.as_str()), "{err:?}");
+                    // Named only once it serves (its Advertise applied at the follower): an
+                    // attach that does not wait is served at once, not sent back.
+                    let mut c = pb::agent_service_client::AgentServiceClient::new(tls.channel(&new_addr)?);
+                    let (_tx, rx) = tokio::sync::mpsc::channel(1);
+                    let served = c.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+                    assert!(served.is_ok(), "redirected to a leader that did not serve yet: {:?}", served.err());
                 }
                 Ok(_) => {
                     let served_by = q.voters.iter().find(|v| v.addr() == follower).map(|v| v.id);

@@ -10,11 +10,13 @@
 //! So this node turns openraft's election timer off and stands by this rule instead:
 //!
 //! - it stands after `--election-timeout-max` (openraft's leader lease: a voter refuses every
-//!   vote while it heard a leader less than that ago) plus its own delay without hearing a
-//!   leader; after its vote changed (it granted one, or stood itself) it waits its delay only;
-//! - the delay lies in `[--election-timeout-min, --election-timeout-max)`, in a slot by the
-//!   node's rank among the voters (so two followers never stand within one vote round trip of
-//!   each other) plus fresh jitter inside the slot;
+//!   vote while it heard a leader less than that ago), one `--heartbeat-interval` (the skew
+//!   between followers) and its own stagger without hearing a leader; after its vote changed
+//!   (it granted one, or stood itself) there is no lease, and it waits its delay instead;
+//! - the stagger lies in `[0, --election-timeout-max − --election-timeout-min)`, in a slot
+//!   by the node's rank among the voters (so two followers never stand within one vote round
+//!   trip of each other) plus fresh jitter inside the slot; the delay is
+//!   `--election-timeout-min` plus the stagger, inside the election timeout ([`Timing::stand_after`]);
 //! - a node whose vote was refused by a voter with a longer log waits two more
 //!   `--election-timeout-max` before it stands again (openraft's rule), and the voter that
 //!   refused it stands at once, above the refused candidate's term, if it too has heard no
@@ -22,8 +24,9 @@
 //!   shorter log keeps standing only lets the terms climb (seen in the kill-leader drill: nine
 //!   terms in 1.5 s).
 //!
-//! The longest regular wait is still below the lease plus `--election-timeout-max`, the two
-//! election timeouts the startup timing rule counts. Standing is always safe in Raft; this
+//! The longest regular wait is below the lease plus `--election-timeout-max`, the two
+//! election timeouts the startup timing rule counts (the heartbeat is below the minimum
+//! timeout). Standing is always safe in Raft; this
 //! only decides liveness.
 //!
 //! **Pre-vote.** When the rule says stand, the node first asks the other voters (the
@@ -42,7 +45,7 @@
 //!   leader when the link heals: nobody grants its pre-vote, so its term never moves.
 //!
 //! Where the leader is dead, the surviving followers have heard nothing from it for at least
-//! the lease plus their delay, longer than `--election-timeout-max`, so they grant each
+//! the lease plus a heartbeat interval (less any skew between them), so they grant each
 //! other at once: a failover costs one more round trip. A peer that predates `PreVote`
 //! (UNIMPLEMENTED, during a rolling upgrade) counts as a yes, as before the RPC existed.
 
@@ -67,8 +70,30 @@ impl Timing {
     /// How long after its last event (leader heard, vote changed) a node stands. `rank` is the
     /// node's position among `voters` (sorted ids); `jitter` is in `[0, 1)`.
     pub fn delay(&self, rank: usize, voters: usize, jitter: f64) -> Duration {
+        self.min + self.stagger(rank, voters, jitter)
+    }
+
+    /// The node's place in `[0, --election-timeout-max − --election-timeout-min)`: its slot
+    /// by rank, plus jitter inside the first half of the slot.
+    fn stagger(&self, rank: usize, voters: usize, jitter: f64) -> Duration {
         let slot = (self.max - self.min) / voters.max(1) as u32;
-        self.min + slot * rank.min(voters.saturating_sub(1)) as u32 + slot.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+        slot * rank.min(voters.saturating_sub(1)) as u32 + slot.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+    }
+
+    /// How long a node that sees `committed` stays quiet before it stands. Under a committed
+    /// vote: openraft's leader lease (`--election-timeout-max`), one heartbeat interval for
+    /// the skew between the followers (they heard the leader's last heartbeat at times that
+    /// differ by their one-way delays, or one of them missed it), then its stagger. The lease
+    /// already is a full election timeout, so a second one (the old `lease + delay`, 1.6 s
+    /// of the 10,000 × 5 leader kill at the WAN profile) buys nothing: the stagger still keeps
+    /// the followers a slot apart. Without a committed vote (it granted one, or stood) there
+    /// is no lease, and it waits its delay, inside the election timeout.
+    pub fn stand_after(&self, committed: bool, rank: usize, voters: usize, jitter: f64) -> Duration {
+        if committed {
+            self.max + self.heartbeat + self.stagger(rank, voters, jitter)
+        } else {
+            self.delay(rank, voters, jitter)
+        }
     }
 
     /// The rule: whether a node that sees `t` stands now, and why.
@@ -85,8 +110,7 @@ impl Timing {
         if better && silent >= self.max {
             return Some("refused a candidate with a shorter log");
         }
-        let lease = if t.committed { self.max } else { Duration::ZERO };
-        (t.quiet >= lease + self.delay(t.rank, t.slots, t.jitter)).then_some("no leader heard")
+        (t.quiet >= self.stand_after(t.committed, t.rank, t.slots, t.jitter)).then_some("no leader heard")
     }
 
     /// How often the rule is checked.
@@ -364,10 +388,12 @@ mod tests {
     fn a_follower_stands_only_after_the_lease_and_its_slot() {
         let t = lan();
         for rank in 0..3 {
-            let slot = t.delay(rank, 3, 0.0);
+            let wait = t.stand_after(true, rank, 3, 0.0);
             let quiet = |q| Seen { rank, quiet: q, leader_silent: Some(q), ..follower() };
-            assert_eq!(t.decide(&quiet(t.max + slot - ms(1))), None, "rank {rank}");
-            assert_eq!(t.decide(&quiet(t.max + slot)), Some("no leader heard"), "rank {rank}");
+            assert_eq!(t.decide(&quiet(wait - ms(1))), None, "rank {rank}");
+            assert_eq!(t.decide(&quiet(wait)), Some("no leader heard"), "rank {rank}");
+            // The lease and a heartbeat of skew first; not a second election timeout after it.
+            assert!(wait >= t.max + t.heartbeat && wait < t.max + t.heartbeat + (t.max - t.min), "{wait:?}");
         }
         // Without a committed vote (it granted one, or stood) there is no lease to wait out.
         let cand = Seen { committed: false, quiet: t.delay(0, 3, 0.0), ..follower() };
@@ -414,12 +440,12 @@ mod tests {
 
     #[test]
     fn survivors_of_a_dead_leader_grant_each_other_the_pre_vote_at_once() {
-        // A follower stands after the lease and its delay; the other one lost the leader at
+        // A follower stands after the lease, a heartbeat and its stagger; the other one lost the leader at
         // the same moment, give or take one heartbeat, so it is past its own lease and says
         // yes: a failover costs one more round trip, not another timeout.
         for t in [lan(), Timing { heartbeat: ms(150), min: ms(600), max: ms(1000) }] {
             for rank in 0..3 {
-                let stands_after = t.max + t.delay(rank, 3, 0.0);
+                let stands_after = t.stand_after(true, rank, 3, 0.0);
                 let other_silent = stands_after - t.heartbeat;
                 let asked =
                     Asked { candidate: 2, leads: false, quorum_ack: None, leader: Some((1, Some(other_silent))) };
@@ -446,7 +472,7 @@ mod tests {
         let (rank, slots) = slot_of(2, &[1, 2]);
         let seen = Seen { voters: 2, rank, slots, ..follower() };
         assert_eq!(t.decide(&seen), None);
-        let quiet = t.max + t.delay(rank, slots, 0.0);
+        let quiet = t.stand_after(true, rank, slots, 0.0);
         assert_eq!(t.decide(&Seen { quiet, leader_silent: Some(quiet), ..seen }), Some("no leader heard"));
     }
 
@@ -469,6 +495,9 @@ mod tests {
                 for j in [0.0, 0.5, 0.999, 5.0] {
                     let d = t.delay(rank, voters, j);
                     assert!(d >= t.min && d < t.max, "{d:?} rank {rank} of {voters}");
+                    // A silent leader: within the two election timeouts the timing rule counts.
+                    let w = t.stand_after(true, rank, voters, j);
+                    assert!(w >= t.max + t.heartbeat && w < 2 * t.max, "{w:?} rank {rank} of {voters}");
                 }
             }
         }

@@ -39,13 +39,19 @@ pub struct Shared {
     /// Effects of applied entries (job routing, sessions to delete). Only the leader
     /// delivers them; a lagging receiver resyncs from `state`.
     pub effects: broadcast::Sender<(u64, Effect)>,
+    /// The last leader that announced it serves, and its term: an applied `Advertise` entry
+    /// of the leader that proposed it (a leader proposes it after `ensure_linearizable`,
+    /// right before it serves). A follower sends waiting agents on to a new leader only then
+    /// ([`crate::server::Ctx::await_leader`]). None until one is applied in this process.
+    pub announced: watch::Sender<Option<(NodeId, u64)>>,
 }
 
 impl Shared {
     pub fn new() -> Arc<Shared> {
         let (applied, _) = watch::channel(0);
         let (effects, _) = broadcast::channel(4096);
-        Arc::new(Shared { state: RwLock::new(State::default()), applied, effects })
+        let (announced, _) = watch::channel(None);
+        Arc::new(Shared { state: RwLock::new(State::default()), applied, effects, announced })
     }
 
     /// A consistent copy of the applied state.

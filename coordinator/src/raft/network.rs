@@ -36,6 +36,9 @@ pub struct PeerContacts {
     seen: std::sync::Mutex<BTreeMap<NodeId, Instant>>,
     /// Woken on every AppendEntries from a leader: agents waiting for a live leader re-check.
     pub leader_heard: tokio::sync::Notify,
+    /// The leader this node follows, its term, and when this node first heard it in that
+    /// term ([`Self::following_since`]).
+    following: std::sync::Mutex<Option<(NodeId, u64, Instant)>>,
     /// Election hints for [`super::election::drive`]: a vote this node asked for was refused
     /// by a voter with a longer log (so this node should not stand again soon) ...
     greater_log: std::sync::atomic::AtomicBool,
@@ -49,10 +52,22 @@ impl PeerContacts {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, Instant::now());
     }
 
-    /// A leader's AppendEntries arrived (and was handled).
-    fn record_leader(&self, leader: NodeId) {
+    /// A leader's AppendEntries of `term` arrived (and was handled).
+    fn record_leader(&self, leader: NodeId, term: u64) {
         self.record(leader);
+        {
+            let mut f = self.following.lock().unwrap_or_else(|p| p.into_inner());
+            if !f.is_some_and(|(l, t, _)| l == leader && t == term) {
+                *f = Some((leader, term, Instant::now()));
+            }
+        }
         self.leader_heard.notify_waiters();
+    }
+
+    /// When this node first heard `leader` as the leader of `term` (None: not yet).
+    pub fn following_since(&self, leader: NodeId, term: u64) -> Option<Instant> {
+        let f = self.following.lock().unwrap_or_else(|p| p.into_inner());
+        f.and_then(|(l, t, at)| (l == leader && t == term).then_some(at))
     }
 
     /// Has `peer` been heard from (a reply, or its AppendEntries as leader) after `t`?
@@ -318,13 +333,13 @@ impl RaftService for PeerService {
 
     async fn append(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
-        let leader = rpc.vote.leader_id().voted_for();
+        let (leader, term) = (rpc.vote.leader_id().voted_for(), rpc.vote.leader_id().term);
         let reply = self.raft.append_entries(rpc).await;
         // Anything but HigherVote accepted the sender as this term's leader.
         if let (Some(leader), Ok(r)) = (leader, &reply)
             && !matches!(r, AppendEntriesResponse::HigherVote(_))
         {
-            self.contacts.record_leader(leader);
+            self.contacts.record_leader(leader, term);
         }
         encode(&reply)
     }

@@ -23,7 +23,7 @@
 //! Log keys are redb's native `u64`, which redb orders numerically, so range scans and
 //! `last()` follow log order (what big-endian byte keys buy in a byte-ordered store).
 use super::{NodeId, Shared, TypeConfig};
-use crate::core::{Applied, State};
+use crate::core::{Applied, Command, State};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
@@ -572,6 +572,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut replies = Vec::new();
         let mut effects = Vec::new();
+        let mut announced = None;
         {
             let mut state = self.shared.state.write().unwrap_or_else(PoisonError::into_inner);
             for entry in entries {
@@ -580,6 +581,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 match entry.payload {
                     EntryPayload::Blank => replies.push(Applied::default()),
                     EntryPayload::Normal(req) => {
+                        if let Command::Advertise { node, .. } = &req.cmd
+                            && *node == entry.log_id.leader_id.node_id
+                        {
+                            announced = Some((*node, entry.log_id.leader_id.term));
+                        }
                         let applied = state.apply(index, &req);
                         effects.extend(applied.effects.iter().cloned().map(|e| (index, e)));
                         replies.push(applied);
@@ -593,6 +599,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         if let Some(last) = self.last_applied {
             self.shared.applied.send_replace(last.index);
+        }
+        if announced.is_some() {
+            self.shared.announced.send_replace(announced);
         }
         for effect in effects {
             // No receivers (a follower, or no stream yet) is normal.

@@ -224,36 +224,69 @@ impl Ctx {
     }
 
     /// For a client that may wait (`x-arcfed-await-leader-ms`): waits up to `wait` until this
-    /// node serves (→ its term) or another node is the leader and proves it is alive by an
-    /// AppendEntries (a heartbeat comes every `--heartbeat-interval`) received after the call
-    /// began (→ None: redirect there). Right after a leader dies its followers still name it,
-    /// and an agent whose stream broke asks within milliseconds; it is sent on only once a
-    /// leader is heard from. None at the deadline too; the caller then answers with whatever
-    /// leader it knows.
+    /// node serves (→ its term) or another node is the leader, serves, and proves it is alive
+    /// by an AppendEntries (a heartbeat comes every `--heartbeat-interval`) received after the
+    /// call began (→ None: redirect there). None at the deadline too; the caller then answers
+    /// with whatever leader it knows.
+    ///
+    /// Right after a leader dies its followers still name it, and an agent whose stream broke
+    /// asks within milliseconds: the AppendEntries after the call began tells the dead leader
+    /// from a live one. A new leader serves only after `ensure_linearizable` and its
+    /// `Advertise` committed (`promote`), so a follower holds its waiting agents until that
+    /// `Advertise` is applied here ([`crate::raft::Shared::announced`]): sent on at the
+    /// leader's first heartbeat, tens of thousands of agents would arrive before the leader
+    /// serves, and answering them all would take the CPU both need for those two quorum
+    /// rounds (seen at 10,000 scale sets × 5: a follower's acks of the new leader's appends
+    /// came 150 ms late three times in a row). A follower that missed the announcement (it
+    /// restarted, or caught up by snapshot) sends agents on once it has followed the leader
+    /// for `--election-timeout-max`.
     pub async fn await_leader(&self, wait: Duration) -> Option<u64> {
         if wait.is_zero() {
             return self.serving_term();
         }
         let since = Instant::now();
         let deadline = tokio::time::Instant::from_std(since) + wait.min(MAX_AWAIT_LEADER);
+        let grace = self.cfg.election_max;
         let mut serving = self.serving.subscribe();
-        // Woken by the AppendEntries of a leader and by this node's promotion only (not by
-        // every metrics change): after a leader change tens of thousands of agents may wait.
+        let mut announced = self.shared.announced.subscribe();
+        // Woken by this node's promotion, an applied announcement, and (only once the leader
+        // serves, or while no leader is followed yet) the AppendEntries of a leader; not by
+        // every heartbeat or metrics change: after a leader change tens of thousands of agents
+        // may wait here.
         loop {
             // Registered before the checks, so a heartbeat between them is not missed.
             let heard = self.contacts.leader_heard.notified();
             tokio::pin!(heard);
             heard.as_mut().enable();
+            let news = *announced.borrow_and_update();
             if let Some(term) = self.serving_term() {
                 return Some(term);
             }
-            if self.current_leader().is_some_and(|id| id != self.id && self.contacts.heard_since(id, since)) {
-                return None;
+            let (leader, term) = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                (m.current_leader, m.current_term)
+            };
+            // Wait for a heartbeat (the leader serves, or none is followed yet), or until the
+            // leader followed has had `grace` to announce itself.
+            let mut listen = true;
+            let mut wake = deadline;
+            if let Some(l) = leader.filter(|l| *l != self.id) {
+                let following = self.contacts.following_since(l, term);
+                if news == Some((l, term)) || following.is_some_and(|at| at.elapsed() >= grace) {
+                    if self.contacts.heard_since(l, since) {
+                        return None;
+                    }
+                } else if let Some(at) = following {
+                    listen = false;
+                    wake = wake.min(tokio::time::Instant::from_std(at + grace));
+                }
             }
             tokio::select! {
-                _ = &mut heard => {}
+                _ = &mut heard, if listen => {}
                 r = serving.changed() => if r.is_err() { return None },
-                _ = tokio::time::sleep_until(deadline) => return None,
+                r = announced.changed() => if r.is_err() { return None },
+                _ = tokio::time::sleep_until(wake) => if tokio::time::Instant::now() >= deadline { return None },
             }
         }
     }
@@ -550,7 +583,9 @@ async fn track_leadership(ctx: Arc<Ctx>) {
                 if let Some((_, h)) = promoting.take() {
                     h.abort();
                 }
-                ctx.serving.send_replace(None);
+                // Only a change wakes the receivers: every agent waiting in `await_leader`
+                // holds one (25,000 per voter after a leader dies at 10,000 × 5).
+                ctx.serving.send_if_modified(|s| s.take().is_some());
                 promoting = Some((term, tokio::spawn(promote(ctx.clone(), term))));
             }
         } else {
