@@ -249,15 +249,17 @@ impl Cli {
         if !peers.contains_key(&self.node_id) {
             return Err(format!("--peer must list this node (--node-id {}) too", self.node_id));
         }
-        // Elections: the path counts two election timeouts (openraft's leader lease, then the
-        // node's own delay; `raft::election` decides who stands, by rank slot), so LAN
-        // elections of 150-300ms give a path of ≤ 0.85 s inside the 1.25 s a 2 s fence leaves
-        // after one keepalive interval. A follower stands only after 450-600ms without a
-        // heartbeat (9 heartbeats of 50ms at least), and the leader retries a follower whose
-        // append failed within 50-75ms (`raft::network::retry_delays`), so a loaded machine
-        // does not start spurious elections. With openraft's own timer (drawn once per process) the
-        // kill-leader drill measured p99 1.7-1.9 s from the kill to the holder re-attached;
-        // with the rank slots and the longer log standing at once, p99 0.62 s (30 runs).
+        // Elections: the path counts two election timeouts (openraft's leader lease, then at
+        // most one more: `raft::election` stands after the lease, a heartbeat and a rank
+        // slot), so LAN elections of 150-300ms give a path of ≤ 0.85 s inside the 1.25 s a 2 s
+        // fence leaves after one keepalive interval. A follower stands only after 350-500ms
+        // without a heartbeat (7 heartbeats of 50ms at least, and a pre-vote first), and the
+        // leader retries a follower whose append failed within 50-75ms
+        // (`raft::network::retry_delays`), so a loaded machine does not start spurious
+        // elections. With openraft's own timer (drawn once per process) the kill-leader drill
+        // measured p99 1.7-1.9 s from the kill to the holder re-attached; with the rank slots
+        // and the longer log standing at once, p99 0.62 s; standing after the lease, a
+        // heartbeat and the slot (not a second election timeout), p50 476 ms, p99 624 ms (30 runs).
         // WAN: 600ms-1s with a 150ms heartbeat (one RTT), so the path fits the 6.67 s fence
         // after one 2.5 s keepalive interval (6.56 s with drift; it was 1.1 s until the
         // pre-vote round took one more RTT).
