@@ -654,6 +654,11 @@ proptest! {
                     prop_assert!(!g.stale_sessions.contains(s));
                 }
                 prop_assert!(state.max_capacity(&gk()) <= MAX_CAPACITY);
+                // The kept sum is what summing the group's counting members gives.
+                let counted = state.members.values()
+                    .filter(|m| m.group == gk() && m.status.has_lease() && !m.draining && !m.standby)
+                    .map(|m| m.max_runners.max(0)).fold(0i64, |a, b| a.saturating_add(b));
+                prop_assert_eq!(state.max_capacity(&gk()), counted.min(MAX_CAPACITY));
             }
         }
     }
