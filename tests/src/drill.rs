@@ -975,6 +975,7 @@ mod tests {
         crate::emulator::Event {
             seq,
             at_ms: seq,
+            arrival: seq,
             duration_ms: 0,
             method: "GET".into(),
             path: String::new(),

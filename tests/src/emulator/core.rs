@@ -197,8 +197,9 @@ struct SessionState {
     closed: Option<(u64, CloseReason)>,
     last_poll: u64,
     polls_in_flight: u32,
-    first_holder: u64,
-    last_holder: u64,
+    /// First and last holder-only request, as (arrival ms, arrival number).
+    first_holder: (u64, u64),
+    last_holder: (u64, u64),
     polls: u64,
     zombie_requests: u64,
     refreshes: u64,
@@ -806,8 +807,9 @@ impl Core {
                 closed: None,
                 last_poll: now,
                 polls_in_flight: 0,
-                first_holder: now,
-                last_holder: now,
+                // The opening request's arrival number comes with its record.
+                first_holder: (now, u64::MAX),
+                last_holder: (now, 0),
                 polls: 0,
                 zombie_requests: 0,
                 refreshes: 0,
@@ -1269,8 +1271,8 @@ impl Core {
             // that succeeds after it closed (a zombie). A refused request on a closed session
             // (a late DELETE answered 400 by a member that found it stale) serves nothing.
             if e.class.holder_only() && (s.closed.is_none() || e.status < 400) {
-                s.first_holder = s.first_holder.min(e.at_ms);
-                s.last_holder = s.last_holder.max(e.at_ms);
+                s.first_holder = s.first_holder.min((e.at_ms, e.arrival));
+                s.last_holder = s.last_holder.max((e.at_ms, e.arrival));
             }
             if a.zombie {
                 s.zombie_requests += 1;
@@ -1312,8 +1314,10 @@ impl Core {
                         opened_at: s.opened,
                         closed_at: s.closed.map(|c| c.0),
                         close_reason: s.closed.map_or(CloseReason::Open, |c| c.1),
-                        first_holder_request_at: s.first_holder,
-                        last_holder_request_at: s.last_holder,
+                        first_holder_request_at: s.first_holder.0,
+                        last_holder_request_at: s.last_holder.0,
+                        first_holder_arrival: s.first_holder.1,
+                        last_holder_arrival: s.last_holder.1,
                         polls: s.polls,
                         zombie_requests: s.zombie_requests,
                         refreshes: s.refreshes,

@@ -11,6 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -38,11 +39,19 @@ pub enum Side {
 pub struct Shared {
     pub core: Mutex<Core>,
     pub started: Instant,
+    /// Counts requests as they arrive: orders the ones that share a millisecond.
+    pub arrivals: AtomicU64,
 }
 
 impl Shared {
     pub fn now(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The request's arrival time and its place among requests that arrived before it.
+    fn arrive(&self) -> (u64, u64) {
+        let n = self.arrivals.fetch_add(1, Ordering::Relaxed) + 1;
+        (self.now(), n)
     }
 
     /// A panic while holding the lock leaves the state usable enough for a test service.
@@ -328,7 +337,7 @@ impl Reply {
 /// The fallback handler: every request comes through here.
 pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     let sh = &ctx.sh;
-    let at_ms = sh.now();
+    let (at_ms, arrival) = sh.arrive();
     let clock = Instant::now();
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 4 << 20).await.unwrap_or_default();
@@ -451,6 +460,7 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     let event = Event {
         seq: 0,
         at_ms,
+        arrival,
         duration_ms: u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX),
         method: r.method.to_string(),
         path: r.path.clone(),

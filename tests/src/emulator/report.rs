@@ -28,6 +28,10 @@ pub struct Event {
     pub seq: u64,
     /// When the request arrived.
     pub at_ms: u64,
+    /// Its place in the order requests arrived in (1, 2, …): orders requests that arrived
+    /// in the same millisecond.
+    #[serde(default)]
+    pub arrival: u64,
     /// How long the emulator took to answer (long polls included).
     pub duration_ms: u64,
     pub method: String,
@@ -85,6 +89,12 @@ pub struct SessionReport {
     /// poll, ack, acquire), zombie requests included.
     pub first_holder_request_at: u64,
     pub last_holder_request_at: u64,
+    /// The arrival numbers ([`Event::arrival`]) of those two requests: they order this
+    /// session's activity against another's within one millisecond.
+    #[serde(default)]
+    pub first_holder_arrival: u64,
+    #[serde(default)]
+    pub last_holder_arrival: u64,
     pub polls: u64,
     pub zombie_requests: u64,
     /// Successful `PATCH …/sessions/{id}`.
@@ -163,15 +173,26 @@ pub fn overlap_ms(sessions: &[SessionReport]) -> u64 {
     sessions.windows(2).map(|w| w[0].last_holder_request_at.saturating_sub(w[1].first_holder_request_at)).sum()
 }
 
-/// The most holder-activity intervals `[first, last]` that cover one instant.
+/// The most holder-activity intervals `[first, last]` that cover one instant. Requests are
+/// placed by arrival time, then by arrival order, so two sessions whose activity shares a
+/// millisecond are concurrent only if their requests interleave: a successor that deletes
+/// the orphan and then opens its own session in the same millisecond is not, a zombie poll
+/// that arrives after the successor's open is.
 pub fn max_concurrent(sessions: &[SessionReport]) -> u64 {
-    // Starts sort before ends at the same instant: touching intervals count as concurrent,
-    // which only happens when a successor's open lands in the predecessor's last millisecond.
-    let mut edges: Vec<(u64, i64)> =
-        sessions.iter().flat_map(|s| [(s.first_holder_request_at, 1), (s.last_holder_request_at, -1)]).collect();
-    edges.sort_by_key(|&(t, d)| (t, -d));
+    // At one (time, arrival) a start sorts before an end: that is one request opening and
+    // closing the same session's activity.
+    let mut edges: Vec<(u64, u64, i64)> = sessions
+        .iter()
+        .flat_map(|s| {
+            [
+                (s.first_holder_request_at, s.first_holder_arrival, 1),
+                (s.last_holder_request_at, s.last_holder_arrival, -1),
+            ]
+        })
+        .collect();
+    edges.sort_by_key(|&(t, n, d)| (t, n, -d));
     let (mut cur, mut max) = (0i64, 0i64);
-    for (_, d) in edges {
+    for (_, _, d) in edges {
         cur += d;
         max = max.max(cur);
     }
@@ -192,6 +213,8 @@ mod tests {
             close_reason: CloseReason::Open,
             first_holder_request_at: first,
             last_holder_request_at: last,
+            first_holder_arrival: 0,
+            last_holder_arrival: 0,
             polls: 0,
             zombie_requests: 0,
             refreshes: 0,
@@ -205,5 +228,25 @@ mod tests {
         assert_eq!(overlap_ms(&ss), 300);
         assert_eq!(max_concurrent(&ss), 2);
         assert_eq!(max_concurrent(&ss[..2]), 1);
+    }
+
+    fn at(first: (u64, u64), last: (u64, u64)) -> SessionReport {
+        SessionReport { first_holder_arrival: first.1, last_holder_arrival: last.1, ..s(first.0, last.0) }
+    }
+
+    #[test]
+    fn activity_within_one_millisecond_is_ordered_by_arrival() {
+        // The successor deletes the orphan (arrival 7), then opens its own session (arrival 8),
+        // all in millisecond 500: one after the other.
+        let handover = [at((0, 1), (500, 7)), at((500, 8), (900, 20))];
+        assert_eq!(max_concurrent(&handover), 1);
+        assert_eq!(overlap_ms(&handover), 0);
+        // A zombie poll that arrives after the successor's open in the same millisecond
+        // acted while the successor held: two at once, though no millisecond overlaps.
+        let zombie = [at((0, 1), (500, 9)), at((500, 8), (900, 20))];
+        assert_eq!(max_concurrent(&zombie), 2);
+        assert_eq!(overlap_ms(&zombie), 0);
+        // A session of a single request is one interval, not a start after its own end.
+        assert_eq!(max_concurrent(&[at((300, 4), (300, 4))]), 1);
     }
 }

@@ -15,6 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -138,7 +139,7 @@ impl Emulator {
             app: config.app.clone(),
             broker_url: broker_url.clone(),
         });
-        let shared = Arc::new(Shared { core: Mutex::new(core), started: Instant::now() });
+        let shared = Arc::new(Shared { core: Mutex::new(core), started: Instant::now(), arrivals: AtomicU64::new(0) });
         let (stop_tx, stop_rx) = watch::channel(false);
         let router = |side| Router::new().fallback(handle).with_state(Ctx { sh: shared.clone(), side });
         let mut tasks = JoinSet::new();
