@@ -100,8 +100,9 @@ pub struct JoinInfo {
 }
 
 /// `resume_epoch`: the lease epoch this process holds (0: none); a leader that holds that
-/// lease live re-attaches to it without a log write.
-pub fn join(j: &JoinInfo, github_ready: bool, resume_epoch: u64) -> pb::AgentMessage {
+/// lease live re-attaches to it without a log write. `keepalive_seq` (0: none): the
+/// keepalive this Join stands for, which such a leader acks in its Joined.
+pub fn join(j: &JoinInfo, github_ready: bool, resume_epoch: u64, keepalive_seq: u64) -> pb::AgentMessage {
     msg(pb::agent_message::Msg::Join(pb::Join {
         member_id: j.member_id.clone(),
         group: Some(pb::GroupRef { configure_url: j.configure_url.clone(), scale_set_id: j.scale_set_id }),
@@ -114,6 +115,7 @@ pub fn join(j: &JoinInfo, github_ready: bool, resume_epoch: u64) -> pb::AgentMes
         github_ready,
         policy: 0,
         resume_epoch,
+        keepalive_seq,
     }))
 }
 

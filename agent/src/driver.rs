@@ -533,9 +533,10 @@ impl Driver {
         let resume_epoch = link.epoch.unwrap_or(0);
         for a in actions {
             match a {
-                LinkAction::Attach { addr } => {
+                LinkAction::Attach { addr, keepalive_seq } => {
                     let Some(tls) = self.cfg.tls.clone() else { continue };
-                    let join = cc::join(&self.join, self.github_ready.load(Ordering::Relaxed), resume_epoch);
+                    let ready = self.github_ready.load(Ordering::Relaxed);
+                    let join = cc::join(&self.join, ready, resume_epoch, keepalive_seq);
                     tracing::debug!(%addr, "attaching to coordinator");
                     self.stream = None;
                     self.attaching = Some(Box::pin(async move {
@@ -543,7 +544,8 @@ impl Driver {
                     }));
                 }
                 LinkAction::SendJoin => {
-                    let join = cc::join(&self.join, self.github_ready.load(Ordering::Relaxed), resume_epoch);
+                    // After EXPIRED: a new lease, so no keepalive to stand for.
+                    let join = cc::join(&self.join, self.github_ready.load(Ordering::Relaxed), resume_epoch, 0);
                     if let Some(s) = &self.stream {
                         let _ = s.tx.try_send(join);
                     }
@@ -1062,6 +1064,7 @@ impl Driver {
                     epoch: j.epoch,
                     ttl_ms: j.lease_ttl_ms,
                     margin_permille: u64::from(j.margin_permille),
+                    ack: j.ack.map(|a| (a.seq, a.held.into_iter().map(|h| (h.group_key, h.token)).collect())),
                 });
                 if self.fallback && self.shutdown_at.is_none() {
                     self.end_fallback();

@@ -63,6 +63,8 @@ pub struct AckSeen {
     pub sent_at: Instant,
     pub received_at: Instant,
     pub held: Vec<(String, u64)>,
+    /// Carried by a Joined: the ack of the keepalive a resuming Join stood for.
+    pub in_joined: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -336,7 +338,8 @@ enum StreamEnd {
     Failed,
 }
 
-fn join_msg(o: &AgentOptions, lease: Option<u64>) -> pb::AgentMessage {
+/// `keepalive_seq` (0: none): the keepalive a resuming Join stands for (its Joined acks it).
+fn join_msg(o: &AgentOptions, lease: Option<u64>, keepalive_seq: u64) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(In::Join(pb::Join {
             member_id: o.member_id.clone(),
@@ -350,6 +353,7 @@ fn join_msg(o: &AgentOptions, lease: Option<u64>) -> pb::AgentMessage {
             github_ready: o.github_ready,
             policy: 0,
             resume_epoch: if o.resume { lease.unwrap_or(0) } else { 0 },
+            keepalive_seq,
         })),
     }
 }
@@ -372,8 +376,20 @@ async fn one_stream(
     };
     let mut client = AgentServiceClient::new(channel);
     let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(64);
-    let lease = lock(record).lease;
-    let _ = out_tx.send(join_msg(opts, lease)).await;
+    // As the real agent does: a Join that resumes the lease stands for a keepalive sent now
+    // (not while silenced, which sends none).
+    let (lease, keepalive_seq) = {
+        let mut r = lock(record);
+        let ks = if opts.resume && r.lease.is_some() && !*silent.borrow() {
+            *seq += 1;
+            r.sent.insert(*seq, Instant::now());
+            *seq
+        } else {
+            0
+        };
+        (r.lease, ks)
+    };
+    let _ = out_tx.send(join_msg(opts, lease, keepalive_seq)).await;
     // Bounded: a frozen coordinator accepts TCP but never completes the handshake.
     // Like the real agent: a coordinator that knows no live leader may wait for one.
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
@@ -449,13 +465,21 @@ async fn one_stream(
                                 ka_every = Duration::from_millis((j.lease_ttl_ms / 4).max(10));
                                 last_ack = now;
                                 next_ka = now;
+                                // The resume was acked as the keepalive the Join stood for.
+                                if let Some(a) = j.ack
+                                    && let Some(sent_at) = r.sent.get(&a.seq).copied()
+                                {
+                                    let held = a.held.into_iter().map(|h| (h.group_key, h.token)).collect();
+                                    r.acks.push(AckSeen { seq: a.seq, sent_at, received_at: now, held, in_joined: true });
+                                    next_ka = now + ka_every;
+                                }
                             }
                             Out::Ack(a) => {
                                 last_ack = now;
                                 // An ack for a keepalive this agent never sent proves nothing.
                                 if let Some(sent_at) = r.sent.get(&a.seq).copied() {
                                     let held = a.held.into_iter().map(|h| (h.group_key, h.token)).collect();
-                                    r.acks.push(AckSeen { seq: a.seq, sent_at, received_at: now, held });
+                                    r.acks.push(AckSeen { seq: a.seq, sent_at, received_at: now, held, in_joined: false });
                                 }
                             }
                             Out::Expired(e) => {
@@ -483,7 +507,7 @@ async fn one_stream(
                         let _ = tx.send(res);
                     }
                     // The lease is gone: Join again for a new epoch.
-                    if rejoin && out_tx.send(join_msg(opts, None)).await.is_err() {
+                    if rejoin && out_tx.send(join_msg(opts, None, 0)).await.is_err() {
                         return StreamEnd::Failed;
                     }
                 }

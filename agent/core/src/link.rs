@@ -45,8 +45,9 @@ pub enum Phase {
 pub enum LinkEvent {
     /// Time passed.
     Tick,
-    /// The coordinator answered the Join.
-    Joined { epoch: u64, ttl_ms: u64, margin_permille: u64 },
+    /// The coordinator answered the Join. `ack`: the Join re-attached to the live lease and
+    /// is acked as the keepalive it stood for (seq, held pairs), as an `Ack` would be.
+    Joined { epoch: u64, ttl_ms: u64, margin_permille: u64, ack: Option<(u64, Vec<(String, u64)>)> },
     /// An ack of keepalive `seq`, listing the (group key, token) pairs this member holds.
     Ack { seq: u64, held: Vec<(String, u64)> },
     /// A Grant that doubles as the ack of keepalive `seq` (DESIGN §4).
@@ -65,9 +66,11 @@ pub enum LinkEvent {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkAction {
-    /// Open a stream to `addr` and send a Join on it.
+    /// Open a stream to `addr` and send a Join on it. `keepalive_seq` (0: none) goes in the
+    /// Join with the lease epoch to resume: the Join stands for that keepalive, sent now.
     Attach {
         addr: String,
+        keepalive_seq: u64,
     },
     /// Send a Join on the open stream (after `Expired`).
     SendJoin,
@@ -274,6 +277,16 @@ impl Link {
         self.phase = Phase::Down { retry_at: now.saturating_add(delay) };
     }
 
+    /// Numbers a keepalive sent at `now` and remembers it until acked.
+    fn next_seq(&mut self, now: u64) -> u64 {
+        self.seq += 1;
+        self.sent.push_back((self.seq, now));
+        if self.sent.len() > SENT_WINDOW {
+            self.sent.pop_front();
+        }
+        self.seq
+    }
+
     fn record_ack(&mut self, seq: u64, held: Vec<(String, u64)>) {
         // An ack for a keepalive this stream never sent (or one already superseded) proves nothing.
         let Some(pos) = self.sent.iter().position(|(s, _)| *s == seq) else { return };
@@ -305,7 +318,7 @@ impl Link {
                     self.next_keepalive_at = now;
                 }
             }
-            LinkEvent::Joined { epoch, ttl_ms, margin_permille } => {
+            LinkEvent::Joined { epoch, ttl_ms, margin_permille, ack } => {
                 if let Phase::Attaching { addr, .. } | Phase::Up { addr, .. } = &self.phase {
                     let addr = addr.clone();
                     // A re-Join after a stream gap keeps the member's holding (the coordinator
@@ -318,7 +331,19 @@ impl Link {
                     self.margin_permille = margin_permille.min(999);
                     self.phase = Phase::Up { addr, epoch };
                     self.down_since = None;
-                    self.next_keepalive_at = now;
+                    match ack {
+                        // The Join was a keepalive, and acked: the next one is due in one interval.
+                        Some((seq, held)) if self.sent.iter().any(|(s, _)| *s == seq) => {
+                            self.record_ack(seq, held);
+                            self.next_keepalive_at = now.saturating_add(self.keepalive_interval_ms());
+                        }
+                        // Not acked (a new epoch, or no quorum contact), or an ack of a seq
+                        // this stream never sent: a keepalive now.
+                        _ => {
+                            self.sent.clear();
+                            self.next_keepalive_at = now;
+                        }
+                    }
                 }
             }
             LinkEvent::Ack { seq, held } | LinkEvent::GrantAck { seq, held } => {
@@ -386,7 +411,13 @@ impl Link {
                         }
                     };
                     self.phase = Phase::Attaching { addr: addr.clone(), since: now };
-                    out.push(LinkAction::Attach { addr });
+                    // A Join that resumes the lease stands for a keepalive sent now; a new
+                    // lease (no epoch) starts with Joined.
+                    let keepalive_seq = match self.epoch {
+                        Some(_) => self.next_seq(now),
+                        None => 0,
+                    };
+                    out.push(LinkAction::Attach { addr, keepalive_seq });
                 }
                 Phase::Attaching { since, .. } if now >= since.saturating_add(self.cfg.attach_timeout_ms) => {
                     out.push(LinkAction::Close { reason: "attach timed out" });
@@ -399,13 +430,9 @@ impl Link {
                         self.next_endpoint = self.next_endpoint.wrapping_add(1);
                         self.go_down(now, true);
                     } else if now >= self.next_keepalive_at {
-                        self.seq += 1;
-                        self.sent.push_back((self.seq, now));
-                        if self.sent.len() > SENT_WINDOW {
-                            self.sent.pop_front();
-                        }
+                        let seq = self.next_seq(now);
                         self.next_keepalive_at = now + self.keepalive_interval_ms();
-                        out.push(LinkAction::SendKeepalive { seq: self.seq });
+                        out.push(LinkAction::SendKeepalive { seq });
                     }
                 }
                 _ => {}
@@ -438,7 +465,7 @@ mod tests {
     fn up(l: &mut Link, now: u64) {
         let a = l.step(now, LinkEvent::Tick);
         assert!(matches!(a.as_slice(), [LinkAction::Attach { .. }]), "{a:?}");
-        let a = l.step(now, LinkEvent::Joined { epoch: 1, ttl_ms: 3000, margin_permille: 333 });
+        let a = l.step(now, LinkEvent::Joined { epoch: 1, ttl_ms: 3000, margin_permille: 333, ack: None });
         assert_eq!(a, vec![LinkAction::SendKeepalive { seq: 1 }]);
     }
 
@@ -463,10 +490,48 @@ mod tests {
         up(&mut l, 0);
         l.step(10, LinkEvent::Ack { seq: 1, held: vec![("g".into(), 3)] });
         let a = l.step(20, LinkEvent::StreamFailed { redirect: Some("leader:9".into()) });
-        assert_eq!(a, vec![LinkAction::Attach { addr: "leader:9".into() }]);
+        // The Join that resumes lease 1 stands for keepalive 2.
+        assert_eq!(a, vec![LinkAction::Attach { addr: "leader:9".into(), keepalive_seq: 2 }]);
         assert_eq!(l.fence("g").fence_end, None);
         assert!(!l.fence("g").allows(3, 21));
         assert_eq!(l.fence("g").token, Some(3), "a gap keeps the holding; only the fence ends");
+    }
+
+    #[test]
+    fn a_resuming_join_is_a_keepalive_whose_ack_runs_the_fence_from_the_attach() {
+        let mut l = link();
+        up(&mut l, 0);
+        l.step(10, LinkEvent::Ack { seq: 1, held: vec![("g".into(), 3)] });
+        assert_eq!(l.fence("g").fence_end, Some(2001));
+        let a = l.step(500, LinkEvent::StreamFailed { redirect: Some("leader:9".into()) });
+        assert_eq!(a, vec![LinkAction::Attach { addr: "leader:9".into(), keepalive_seq: 2 }]);
+        // The new leader resumed the lease and acked the Join as keepalive 2: the fence runs
+        // from the attach (500), and no extra keepalive follows the Joined.
+        let ack = Some((2, vec![("g".to_string(), 3)]));
+        let a = l.step(600, LinkEvent::Joined { epoch: 1, ttl_ms: 3000, margin_permille: 333, ack });
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(l.fence("g").fence_end, Some(500 + 2001));
+        assert!(l.fence("g").allows(3, 2500));
+        assert!(l.step(1349, LinkEvent::Tick).is_empty());
+        assert_eq!(l.step(1350, LinkEvent::Tick), vec![LinkAction::SendKeepalive { seq: 3 }]);
+
+        // A resume the leader did not ack (a new epoch through the log, or no quorum contact)
+        // is followed by a keepalive at once, and the Join's seq is forgotten: a late ack
+        // naming it proves nothing.
+        let a = l.step(1400, LinkEvent::StreamFailed { redirect: Some("other:9".into()) });
+        assert_eq!(a, vec![LinkAction::Attach { addr: "other:9".into(), keepalive_seq: 4 }]);
+        let a = l.step(1450, LinkEvent::Joined { epoch: 7, ttl_ms: 3000, margin_permille: 333, ack: None });
+        assert_eq!(a, vec![LinkAction::SendKeepalive { seq: 5 }]);
+        l.step(1460, LinkEvent::Ack { seq: 4, held: vec![("g".into(), 3)] });
+        assert_eq!(l.fence("g").fence_end, Some(500 + 2001), "an ack of the unacked Join's seq moves nothing");
+        l.step(1470, LinkEvent::Ack { seq: 5, held: vec![("g".into(), 3)] });
+        assert_eq!(l.fence("g").fence_end, Some(1450 + 2001));
+
+        // After EXPIRED there is no lease to resume: the next attach names no keepalive.
+        l.step(1500, LinkEvent::Expired);
+        l.step(1510, LinkEvent::StreamFailed { redirect: None });
+        let a = l.step(5000, LinkEvent::Tick);
+        assert!(a.iter().any(|x| matches!(x, LinkAction::Attach { keepalive_seq: 0, .. })), "{a:?}");
     }
 
     #[test]
@@ -479,7 +544,7 @@ mod tests {
         assert!(at < l.fence("g").fence_end.unwrap_or(0) + 750);
         let a = l.step(at, LinkEvent::Tick);
         assert!(a.contains(&LinkAction::Close { reason: "no ack in time" }), "{a:?}");
-        assert!(a.iter().any(|x| matches!(x, LinkAction::Attach { addr } if addr == "b:1")), "{a:?}");
+        assert!(a.iter().any(|x| matches!(x, LinkAction::Attach { addr, .. } if addr == "b:1")), "{a:?}");
     }
 
     #[test]
@@ -516,7 +581,7 @@ mod tests {
             let Phase::Down { retry_at } = l.phase.clone() else { panic!("down: {:?}", l.phase) };
             now = retry_at;
             for a in l.step(now, LinkEvent::Tick) {
-                if let LinkAction::Attach { addr } = a {
+                if let LinkAction::Attach { addr, .. } = a {
                     tried.push(addr);
                 }
             }
@@ -533,7 +598,7 @@ mod tests {
                 now = retry_at.max(now);
             }
             for a in l.step(now, LinkEvent::Tick) {
-                if let LinkAction::Attach { addr } = a {
+                if let LinkAction::Attach { addr, .. } = a {
                     later.push(addr);
                 }
             }
@@ -556,7 +621,7 @@ mod tests {
             let mut actions = l.step(now, LinkEvent::Tick);
             // Every attach fails at once: followers name the dead leader by its advertised
             // address (a redirect, followed in the same step), and that address refuses.
-            while let Some(LinkAction::Attach { addr }) =
+            while let Some(LinkAction::Attach { addr, .. }) =
                 actions.into_iter().find(|a| matches!(a, LinkAction::Attach { .. }))
             {
                 tried.push(addr.clone());

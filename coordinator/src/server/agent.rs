@@ -271,14 +271,19 @@ async fn join(ctx: &Arc<Ctx>, cluster: &str, term: u64, j: pb::Join, tx: &OutTx)
 /// `apply`, in log order (invariant 6), never by a read made before proposing. A Join that
 /// names a lease this leader still holds live re-attaches without a log entry ([`resume`]).
 async fn try_join(ctx: &Arc<Ctx>, cluster: &str, term: u64, j: pb::Join) -> Result<(Joined, Out), AgentError> {
-    let resume_epoch = j.resume_epoch;
+    let (resume_epoch, keepalive_seq) = (j.resume_epoch, j.keepalive_seq);
     let spec = convert::join(j, cluster)?;
     let member = spec.member.clone();
     let group = spec.group.clone();
-    if resume_epoch != 0 && resume(ctx, term, &spec, resume_epoch) {
+    if resume_epoch != 0
+        && let Some(r) = resume(ctx, term, &spec, resume_epoch, keepalive_seq)
+    {
         ctx.metrics.resumes.inc();
-        debug!(member = %member, epoch = resume_epoch, group = %group, "re-attached to a live lease (no log entry)");
-        return Ok(joined(ctx, cluster, term, member, group, resume_epoch));
+        debug!(member = %member, epoch = resume_epoch, group = %group, acked = r.ack.is_some(), "re-attached to a live lease (no log entry)");
+        if r.ready_now.is_some_and(|ready| ready != spec.github_ready) {
+            sync_ready(ctx, &member, spec.github_ready);
+        }
+        return Ok(joined(ctx, cluster, term, member, group, resume_epoch, r.ack));
     }
     let applied = ctx.propose(Command::Join(spec)).await?;
     match applied.outcome {
@@ -287,7 +292,7 @@ async fn try_join(ctx: &Arc<Ctx>, cluster: &str, term: u64, j: pb::Join) -> Resu
             // The group may be holderless with this member eligible: grant now, not at the tick.
             ctx.grant_wake.notify_one();
             info!(member = %member, epoch, group = %group, "joined");
-            Ok(joined(ctx, cluster, term, member, group, epoch))
+            Ok(joined(ctx, cluster, term, member, group, epoch, None))
         }
         Outcome::Rejected { reason, detail } => Err(AgentError::Rejected { reason, detail }),
         other => Err(AgentError::Unexpected(other)),
@@ -300,15 +305,88 @@ async fn try_join(ctx: &Arc<Ctx>, cluster: &str, term: u64, j: pb::Join) -> Resu
 /// lease live in the term the stream serves ([`crate::core::LeaseTable::on_resume`]), which
 /// renews it as a keepalive would. The state is read under the lessor lock, so an `Expire`
 /// proposed in between has already marked the entry.
-fn resume(ctx: &Ctx, term: u64, spec: &crate::core::JoinSpec, epoch: u64) -> bool {
+///
+/// The Join then stands for keepalive `keepalive_seq` (0: none) sent with it: with quorum
+/// contact it is acked in the same lessor section, listing what an Ack would (DESIGN §4:
+/// the renewal happened no earlier than the Join was sent, as for a keepalive).
+/// `None`: the Join must go through the log.
+fn resume(ctx: &Ctx, term: u64, spec: &crate::core::JoinSpec, epoch: u64, keepalive_seq: u64) -> Option<Resumed> {
     let mut l = ctx.lessor();
-    if ctx.serving_term() != Some(term) || !ctx.shared.read(|s| s.resumable(spec, epoch)) {
-        return false;
+    if ctx.serving_term() != Some(term) {
+        return None;
     }
-    l.on_resume(&spec.member, epoch, term, ctx.now())
+    let (now, quorum) = (ctx.now(), ctx.quorum_age_ms());
+    let (resumable, pairs, ready_now) = ctx.shared.read(|s| {
+        let ok = s.resumable(spec, epoch);
+        let pairs: Vec<(GroupKey, u64)> = if ok && keepalive_seq != 0 {
+            s.holdings_of(&spec.member).map(|(g, t)| (g.clone(), t)).collect()
+        } else {
+            Vec::new()
+        };
+        (ok, pairs, s.members.get(&spec.member).map(|m| m.github_ready))
+    });
+    if !resumable || !l.on_resume(&spec.member, epoch, term, now) {
+        return None;
+    }
+    if keepalive_seq == 0 {
+        return Some(Resumed { ack: None, ready_now });
+    }
+    ctx.metrics.keepalives.inc();
+    if !l.may_ack(quorum) {
+        ctx.metrics.acks_withheld.inc();
+        return Some(Resumed { ack: None, ready_now });
+    }
+    let held = listable(&mut l, pairs, now);
+    Some(Resumed { ack: Some(ack(ctx, keepalive_seq, held)), ready_now })
 }
 
-fn joined(ctx: &Ctx, cluster: &str, term: u64, member: MemberId, group: GroupKey, epoch: u64) -> (Joined, Out) {
+/// A re-attach to a live lease: the ack of the keepalive the Join stood for, if any, and
+/// the member's readiness in the applied state.
+struct Resumed {
+    ack: Option<pb::Ack>,
+    ready_now: Option<bool>,
+}
+
+/// Of a member's holdings, those an ack may list (a holder asked to hand over is listed only
+/// until the handover deadline), marking them listed. Inside the lessor section that judged
+/// the keepalive.
+fn listable(l: &mut crate::core::LeaseTable, pairs: Vec<(GroupKey, u64)>, now: u64) -> Vec<pb::HeldGroup> {
+    let mut held = Vec::new();
+    for (g, t) in pairs {
+        if l.may_list(&g, t, now) {
+            l.listed(&g, t, now);
+            held.push(pb::HeldGroup { group_key: g.0, token: t });
+        }
+    }
+    held
+}
+
+fn ack(ctx: &Ctx, seq: u64, held: Vec<pb::HeldGroup>) -> pb::Ack {
+    let ttl = ctx.cfg.lease.ttl_ms as i64;
+    pb::Ack { seq, held, deadline_unix_ms: clock::wall_ms().saturating_add(ttl) }
+}
+
+/// The member reported a different GitHub readiness than the state holds: propose it, and
+/// wake the lessor (a ready member may be grantable now).
+fn sync_ready(ctx: &Arc<Ctx>, member: &MemberId, ready: bool) {
+    let ctx = ctx.clone();
+    let member = member.clone();
+    tokio::spawn(async move {
+        if ctx.propose(Command::SetReady { member, ready }).await.is_ok() {
+            ctx.grant_wake.notify_one();
+        }
+    });
+}
+
+fn joined(
+    ctx: &Ctx,
+    cluster: &str,
+    term: u64,
+    member: MemberId,
+    group: GroupKey,
+    epoch: u64,
+    ack: Option<pb::Ack>,
+) -> (Joined, Out) {
     let cfg = ctx.cfg.lease;
     let msg = Out::Joined(pb::Joined {
         member_id: member.0.clone(),
@@ -318,6 +396,7 @@ fn joined(ctx: &Ctx, cluster: &str, term: u64, member: MemberId, group: GroupKey
         lease_ttl_ms: cfg.ttl_ms,
         margin_permille: cfg.margin_permille as u32,
         term,
+        ack,
     });
     (Joined { member, group, epoch }, msg)
 }
@@ -347,25 +426,11 @@ async fn keepalive(ctx: &Arc<Ctx>, term: u64, j: &Joined, k: pb::Keepalive, tx: 
             };
             (pairs, s.members.get(&j.member).map(|m| m.github_ready))
         });
-        let mut held = Vec::new();
-        for (g, t) in pairs {
-            if l.may_list(&g, t, now) {
-                l.listed(&g, t, now);
-                held.push(pb::HeldGroup { group_key: g.0, token: t });
-            }
-        }
-        (verdict, held, ready_now)
+        (verdict, listable(&mut l, pairs, now), ready_now)
     };
     match verdict {
         KeepaliveVerdict::Ack => {
-            let ttl = ctx.cfg.lease.ttl_ms as i64;
-            let _ = tx
-                .send(out(Out::Ack(pb::Ack {
-                    seq: k.seq,
-                    held,
-                    deadline_unix_ms: clock::wall_ms().saturating_add(ttl),
-                })))
-                .await;
+            let _ = tx.send(out(Out::Ack(ack(ctx, k.seq, held)))).await;
         }
         KeepaliveVerdict::Expired(why) => {
             ctx.metrics.expired_replies.inc();
@@ -377,13 +442,7 @@ async fn keepalive(ctx: &Arc<Ctx>, term: u64, j: &Joined, k: pb::Keepalive, tx: 
         }
     }
     if ready_now.is_some_and(|r| r != k.github_ready) {
-        let ctx = ctx.clone();
-        let member = j.member.clone();
-        tokio::spawn(async move {
-            if ctx.propose(Command::SetReady { member, ready: k.github_ready }).await.is_ok() {
-                ctx.grant_wake.notify_one();
-            }
-        });
+        sync_ready(ctx, &j.member, k.github_ready);
     }
 }
 

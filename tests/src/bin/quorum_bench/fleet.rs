@@ -159,8 +159,9 @@ pub struct Spec {
     pub ka_every: Option<Duration>,
 }
 
-/// `lease`: the epoch held (0: none), named so a leader holding it live re-attaches without a log write.
-fn join_msg(s: &Spec, lease: u64) -> pb::AgentMessage {
+/// `lease`: the epoch held (0: none), named so a leader holding it live re-attaches without a
+/// log write; `keepalive_seq` (0: none): the keepalive that Join stands for, acked in Joined.
+fn join_msg(s: &Spec, lease: u64, keepalive_seq: u64) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(In::Join(pb::Join {
             member_id: s.member.clone(),
@@ -177,6 +178,7 @@ fn join_msg(s: &Spec, lease: u64) -> pb::AgentMessage {
             github_ready: true,
             policy: 0,
             resume_epoch: lease,
+            keepalive_seq,
         })),
     }
 }
@@ -279,7 +281,18 @@ async fn one_stream(
     let Ok(ch) = pools.channel(&spec.cluster, addr, spec.index) else { return End::Failed };
     let mut client = AgentServiceClient::new(ch);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(8);
-    let _ = tx.send(join_msg(spec, st.lease)).await;
+    // Sent keepalives not yet acked: (seq, sent_at); a few at most.
+    let mut inflight: Vec<(u64, Instant)> = Vec::new();
+    // As the real agent does: a Join that resumes the lease stands for a keepalive.
+    let keepalive_seq = if st.lease != 0 {
+        st.seq += 1;
+        inflight.push((st.seq, Instant::now()));
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        st.seq
+    } else {
+        0
+    };
+    let _ = tx.send(join_msg(spec, st.lease, keepalive_seq)).await;
     // As the real agent does: a coordinator that knows no live leader may wait for one.
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     arcfed_proto::leader::set_await_leader(&mut req, Duration::from_secs(3));
@@ -292,8 +305,6 @@ async fn one_stream(
             return End::Failed;
         }
     };
-    // Sent keepalives not yet acked: (seq, sent_at); a few at most.
-    let mut inflight: Vec<(u64, Instant)> = Vec::new();
     let mut joined = false;
     let mut last_ack = Instant::now();
     let every = spec.ka_every.unwrap_or(Duration::from_millis(250));
@@ -331,20 +342,21 @@ async fn one_stream(
                         st.lease = j.epoch;
                         last_ack = Instant::now();
                         stats.joins.fetch_add(1, Ordering::Relaxed);
-                        // As an agent does: the first keepalive right after Joined.
-                        if send_ka(&tx, &mut st.seq, &mut inflight, stats).await.is_err() {
-                            return End::Failed;
+                        match j.ack {
+                            // The resume was acked as the keepalive the Join stood for.
+                            Some(a) => on_ack(spec, stats, &mut inflight, a.seq),
+                            // As an agent does: the first keepalive right after Joined.
+                            None => {
+                                inflight.clear();
+                                if send_ka(&tx, &mut st.seq, &mut inflight, stats).await.is_err() {
+                                    return End::Failed;
+                                }
+                            }
                         }
                     }
                     Out::Ack(a) => {
-                        let now = Instant::now();
-                        last_ack = now;
-                        if let Some(pos) = inflight.iter().position(|(s, _)| *s == a.seq) {
-                            let (_, sent) = inflight.swap_remove(pos);
-                            stats.hist.record(now - sent);
-                            stats.acks.fetch_add(1, Ordering::Relaxed);
-                            stats.last_ack[spec.index].store(stats.ms(), Ordering::Relaxed);
-                        }
+                        last_ack = Instant::now();
+                        on_ack(spec, stats, &mut inflight, a.seq);
                         if spec.ka_every.is_none() && send_ka(&tx, &mut st.seq, &mut inflight, stats).await.is_err() {
                             return End::Failed;
                         }
@@ -353,7 +365,7 @@ async fn one_stream(
                         joined = false;
                         st.lease = 0;
                         inflight.clear();
-                        if tx.send(join_msg(spec, 0)).await.is_err() {
+                        if tx.send(join_msg(spec, 0, 0)).await.is_err() {
                             return End::Failed;
                         }
                     }
@@ -368,6 +380,16 @@ async fn one_stream(
                 Err(st) => return status_end(&st, stats),
             },
         }
+    }
+}
+
+/// Records the ack of keepalive `seq`, if this stream sent it.
+fn on_ack(spec: &Spec, stats: &Stats, inflight: &mut Vec<(u64, Instant)>, seq: u64) {
+    if let Some(pos) = inflight.iter().position(|(s, _)| *s == seq) {
+        let (_, sent) = inflight.swap_remove(pos);
+        stats.hist.record(sent.elapsed());
+        stats.acks.fetch_add(1, Ordering::Relaxed);
+        stats.last_ack[spec.index].store(stats.ms(), Ordering::Relaxed);
     }
 }
 
