@@ -123,7 +123,11 @@ impl Metrics {
             "Leader time from a group seen holderless to its Grant applied",
             m.grant_latency.clone(),
         );
-        r.register("keepalives", "Keepalives received by this leader", m.keepalives.clone());
+        r.register(
+            "keepalives",
+            "Keepalives received by this leader (a resuming Join that stands for one included)",
+            m.keepalives.clone(),
+        );
         r.register("acks_withheld", "Keepalives not acked for lack of recent quorum contact", m.acks_withheld.clone());
         r.register("expired_replies", "EXPIRED answers to keepalives", m.expired_replies.clone());
         r.register(
