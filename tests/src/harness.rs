@@ -35,6 +35,17 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
+/// `n` distinct free 127.0.0.1 ports, each still bound by the returned listeners: while they
+/// are held nothing else (a fault proxy binding port 0, say) can take them. Ports released one
+/// at a time can come back twice: a quorum whose two voters got the same port had one voter's
+/// replication reach its own listener (openraft's leader then panicked on its own
+/// AppendEntries).
+pub fn hold_free_ports(n: usize) -> (Vec<u16>, Vec<TcpListener>) {
+    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("free port")).collect();
+    let ports = held.iter().map(|l| l.local_addr().expect("bound").port()).collect();
+    (ports, held)
+}
+
 /// One child process of a workspace binary, its stderr appended to a log file. Faults are
 /// real signals: SIGKILL, SIGTERM, SIGSTOP/SIGCONT. Voters and agents both use it.
 pub struct Proc {
@@ -334,14 +345,18 @@ impl Quorum {
             anyhow::bail!("{} voters need {} placements, got {}", ids.len(), ids.len(), opts.placement.len());
         }
         let place = |id: u64| opts.placement.get(id as usize - 1);
-        // In a namespace the voter owns its address: fixed ports there, free ports on loopback.
+        // In a namespace the voter owns its address: fixed ports there, free ports on loopback,
+        // distinct and held until the proxies are up and the voters about to bind them.
+        let (ports, held) = hold_free_ports(2 * ids.len());
         let grpc: BTreeMap<u64, SocketAddr> = ids
             .iter()
-            .map(|id| match place(*id) {
+            .zip(&ports)
+            .map(|(id, port)| match place(*id) {
                 Some((_, ip)) => (*id, SocketAddr::from((*ip, 7000))),
-                None => (*id, SocketAddr::from(([127, 0, 0, 1], free_port()))),
+                None => (*id, SocketAddr::from(([127, 0, 0, 1], *port))),
             })
             .collect();
+        let http_ports = &ports[ids.len()..];
         let mut proxies = BTreeMap::new();
         if opts.peer_proxies {
             for from in &ids {
@@ -352,8 +367,9 @@ impl Quorum {
                 }
             }
         }
+        drop(held);
         let mut voters = Vec::new();
-        for id in &ids {
+        for (id, http_port) in ids.iter().zip(http_ports) {
             let mut ips: Vec<std::net::IpAddr> = opts.cert_ips.iter().map(|i| (*i).into()).collect();
             ips.extend(place(*id).map(|(_, ip)| std::net::IpAddr::from(*ip)));
             let tls = certs.coordinator_at(*id, &ips)?;
@@ -366,7 +382,7 @@ impl Quorum {
                 .collect();
             let http = match place(*id) {
                 Some((_, ip)) => SocketAddr::from((*ip, 8000)),
-                None => SocketAddr::from(([127, 0, 0, 1], free_port())),
+                None => SocketAddr::from(([127, 0, 0, 1], *http_port)),
             };
             let mut v = Voter::new(dir, *id, (grpc[id], http), &tls, opts.lease_ttl, &peers);
             v.proc.args.extend(opts.extra_args.iter().cloned());
@@ -381,10 +397,12 @@ impl Quorum {
     /// current voters and itself, and it waits to be added with `arcfedctl voters add`.
     pub fn spawn_extra_voter(&mut self, id: u64) -> anyhow::Result<&Voter> {
         let tls = self.certs.coordinator(id)?;
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let (ports, held) = hold_free_ports(2);
+        drop(held);
+        let grpc = SocketAddr::from(([127, 0, 0, 1], ports[0]));
         let mut peers = vec![(id, grpc.to_string())];
         peers.extend(self.voters.iter().map(|v| (v.id, v.grpc.to_string())));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], ports[1]));
         let mut v = Voter::new(&self.dir, id, (grpc, http), &tls, self.opts.lease_ttl, &peers);
         v.spawn()?;
         self.voters.push(v);
