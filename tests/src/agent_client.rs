@@ -408,11 +408,19 @@ async fn one_stream(
     let mut ka_every = Duration::from_millis(250);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let mut next_ka = Instant::now();
+    let mut quiet = *silent.borrow_and_update();
     loop {
         tokio::select! {
             _ = stop.changed() => if *stop.borrow() { return StreamEnd::Stopped },
             // Leaving silence: judge ack freshness from now, so the first keepalive is sent.
-            _ = silent.changed() => { last_ack = Instant::now(); next_ka = Instant::now(); }
+            // `quiet` changes only here: a tick that wins the race against this branch must not
+            // see the new value with the old `last_ack` (it would close the stream for "no ack"
+            // at once, and the agent would never hear the EXPIRED it is waiting for).
+            _ = silent.changed() => {
+                quiet = *silent.borrow_and_update();
+                last_ack = Instant::now();
+                next_ka = Instant::now();
+            }
             c = ctl.recv() => match c {
                 Some(Ctl::Command(msg, reply)) => {
                     let rid = match &msg {
@@ -432,7 +440,7 @@ async fn one_stream(
             _ = tick.tick() => {
                 let now = Instant::now();
                 let joined = !lock(record).joined.is_empty();
-                if joined && !*silent.borrow() && now >= next_ka {
+                if joined && !quiet && now >= next_ka {
                     *seq += 1;
                     lock(record).sent.insert(*seq, now);
                     let ready = opts.github_ready;
@@ -443,7 +451,7 @@ async fn one_stream(
                 }
                 // No ack for two keepalive periods past the expected one: this endpoint is not
                 // (or no longer) a serving leader with quorum. Try another.
-                if joined && !*silent.borrow() && now.duration_since(last_ack) > ka_every * 3 {
+                if joined && !quiet && now.duration_since(last_ack) > ka_every * 3 {
                     lock(record).errors.push((tonic::Code::DeadlineExceeded, format!("no ack from {addr}"), None));
                     return StreamEnd::Failed;
                 }
