@@ -355,42 +355,8 @@ impl LeaseTable {
         let ttl = self.cfg.ttl_ms;
         self.shift = self.shift.saturating_add(late);
         // Due deadlines first: an entry due for both gets only Expire.
-        while let Some(&(d, slot)) = self.by_deadline.first() {
-            if now < d.saturating_add(self.shift) {
-                break;
-            }
-            let id = self.names.get(&slot).cloned();
-            let epoch = id.as_ref().and_then(|id| {
-                self.update(id, |e, _| {
-                    e.expire_proposed = true;
-                    e.epoch
-                })
-            });
-            match (id, epoch) {
-                (Some(id), Some(epoch)) => out.expire.push((id, epoch)),
-                _ => {
-                    self.by_deadline.remove(&(d, slot));
-                }
-            }
-        }
-        while let Some(&(at, slot)) = self.by_silence.first() {
-            if now < at {
-                break;
-            }
-            let id = self.names.get(&slot).cloned();
-            let epoch = id.as_ref().and_then(|id| {
-                self.update(id, |e, _| {
-                    e.silent_proposed = true;
-                    e.epoch
-                })
-            });
-            match (id, epoch) {
-                (Some(id), Some(epoch)) => out.silent.push((id, epoch)),
-                _ => {
-                    self.by_silence.remove(&(at, slot));
-                }
-            }
-        }
+        out.expire = self.take_due(now, Index::Deadline, |e| e.expire_proposed = true);
+        out.silent = self.take_due(now, Index::Silence, |e| e.silent_proposed = true);
         out.expire.sort();
         out.silent.sort();
         for ((g, t), h) in self.handovers.iter_mut() {
@@ -403,6 +369,44 @@ impl LeaseTable {
             }
         }
         out
+    }
+
+    /// Takes the due front of one index: marks each entry there (`mark` takes it out of that
+    /// index) and returns (member, epoch) of each. A deadline is due at its stored value plus
+    /// `shift`; a Silent time is real time.
+    fn take_due(&mut self, now: u64, which: Index, mark: fn(&mut LeaseEntry)) -> Vec<(MemberId, u64)> {
+        let shift = match which {
+            Index::Deadline => self.shift,
+            Index::Silence => 0,
+        };
+        let mut due = Vec::new();
+        while let Some(&(at, slot)) = self.index(which).first() {
+            if now < at.saturating_add(shift) {
+                break;
+            }
+            let member = self.names.get(&slot).cloned();
+            let epoch = member.as_ref().and_then(|id| {
+                self.update(id, |e, _| {
+                    mark(e);
+                    e.epoch
+                })
+            });
+            match (member, epoch) {
+                (Some(id), Some(epoch)) => due.push((id, epoch)),
+                // An index entry without a member (`remove` leaves none): drop it.
+                _ => {
+                    self.index(which).remove(&(at, slot));
+                }
+            }
+        }
+        due
+    }
+
+    fn index(&mut self, which: Index) -> &mut BTreeSet<(u64, u64)> {
+        match which {
+            Index::Deadline => &mut self.by_deadline,
+            Index::Silence => &mut self.by_silence,
+        }
     }
 
     /// The earliest time (real, ms) a [`LeaseTable::tick`] would find something due among the
@@ -518,6 +522,13 @@ impl LeaseTable {
     pub fn epoch_of(&self, m: &MemberId) -> Option<u64> {
         self.entries.get(m).map(|s| s.e.epoch)
     }
+}
+
+/// The two deadline indexes of a [`LeaseTable`].
+#[derive(Clone, Copy)]
+enum Index {
+    Deadline,
+    Silence,
 }
 
 /// A member's entry and the number that stands for it in the deadline indexes.
