@@ -1,9 +1,10 @@
 //! The kube runner backend against a `tower-test` mock of the API server: exact methods, paths,
 //! content types and bodies, and every PATCH body checked against ARC's CRD schema.
 //!
-//! The schema extracts in `tests/fixtures/*.schema.json` are generated from ARC's CRDs in
-//! `../shared/reference/crds/` by [`extract`] below; `crd_fixtures_match_arc_crds` checks that
-//! they still match whenever that directory is present. Regenerate them with
+//! The schema extracts in `tests/fixtures/*.schema.json` are generated from ARC's CRD schemas
+//! kept in the repository (`deploy/ci/crds/`, themselves generated from ARC's CRDs by
+//! `deploy/ci/gen-crds.py`) by [`extract`] below; `crd_fixtures_match_arc_crds` checks that
+//! they still match. Regenerate them with
 //! `ARCFED_UPDATE_CRD_FIXTURES=1 cargo nextest run -p arcfed-agent --test kube_adapter -E 'test(crd_fixtures)'`.
 
 use arcfed_agent::kube::{JobStarted, KubeRunners, SESSION_ANNOTATION, replicas_patch};
@@ -40,8 +41,8 @@ fn fixtures_dir() -> PathBuf {
 }
 
 fn crds_dir() -> PathBuf {
-    // The workspace root is the agent crate's parent; CI clones ../shared beside it.
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/crds")
+    // The workspace root is the agent crate's parent.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ci/crds")
 }
 
 /// Drops `description`s from a schema node and its sub-schemas (not from property *names*).
@@ -78,7 +79,7 @@ fn extract(file: &str, crd_yaml: &str, elide: &[&[&str]]) -> Value {
     }
     strip_descriptions(&mut schema);
     json!({
-        "generatedFrom": format!("../shared/reference/crds/{file}"),
+        "generatedFrom": format!("deploy/ci/crds/{file}"),
         "crd": crd["metadata"]["name"],
         "group": crd["spec"]["group"],
         "version": "v1alpha1",
@@ -114,7 +115,7 @@ fn crd_fixtures_match_arc_crds() {
             }
             assert_eq!(fixture(name), fresh, "{} is stale: regenerate it (see this file's header)", path.display());
         } else {
-            eprintln!("{} absent: checking the committed fixture only", source.display());
+            panic!("{} is missing: the repository keeps ARC's CRD schemas there", source.display());
         }
         // Whatever the source, the committed extract has what the adapter relies on.
         let f = fixture(name);

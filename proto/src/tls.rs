@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The identity is taken from the verified client certificate and never from a request field
-//! (DESIGN.md §6 invariant 6): rustls checks the chain against `--tls-ca` during the handshake,
+//! (docs/DESIGN.md §6 invariant 6): rustls checks the chain against `--tls-ca` during the handshake,
 //! then [`require_role`] reads the URI SAN, refuses a wrong role, and hands the [`Identity`] to
 //! the handler through the request extensions.
 //!

@@ -11,7 +11,7 @@
 //! Modes model what networks do to a long-lived gRPC stream: a slow link, a cut with
 //! resets, a silent partition (packets vanish, nobody is told), and a one-sided close (a NAT,
 //! proxy or sidecar forgets the flow: one end gets a reset, the other hears nothing).
-//! DESIGN.md §4 depends on the last one: a one-sided close must never shorten the fence.
+//! docs/DESIGN.md §4 depends on the last one: a one-sided close must never shorten the fence.
 //!
 //! Dropping the proxy closes every connection it carries.
 use std::io;

@@ -1,4 +1,4 @@
-//! Conformance of the actions-emulator with `reference/arc-protocol.md`, driven with requests
+//! Conformance of the actions-emulator with `docs/protocol.md`, driven with requests
 //! shaped as ARC sends them (sorted form-encoded queries, `RunnerSetting`, zero `createdOn`,
 //! JSON User-Agent, `X-ScaleSetMaxCapacity`, `api-version=6.0-preview`), through
 //! [`ArcClient`]. Each test starts its own emulator on 127.0.0.1:0. Waits are conditions

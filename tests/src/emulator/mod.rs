@@ -1,5 +1,5 @@
 //! actions-emulator: a faithful emulator of GitHub's runner scale-set service (issue 3), built
-//! from `reference/arc-protocol.md` §1–§4, §8 and its emulator checklist.
+//! from `docs/protocol.md` §1–§4, §8 and its emulator checklist.
 //!
 //! ```text
 //!   TcpListener ─▶ server (HTTP or HTTPS, one hyper task per connection)
