@@ -77,8 +77,12 @@ impl FenceGate {
 impl Gate for FenceGate {
     fn check(&self) -> Result<(), github::Fenced> {
         let (view, token) = *self.view.lock().unwrap_or_else(|p| p.into_inner());
+        // The fence must still cover the attempt after a fresh connect (bounded by the holder
+        // client's connect timeout): a request that passes here is on the wire before the
+        // fence ends, or not at all.
+        let lead = github::HOLDER_CONNECT_TIMEOUT.as_millis() as u64;
         match token {
-            Some(t) if view.allows(t, boottime_ms()) => Ok(()),
+            Some(t) if view.allows(t, boottime_ms() + lead) => Ok(()),
             _ => Err(github::Fenced),
         }
     }
@@ -228,14 +232,7 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
     let now = boottime_ms();
     let member_id = format!("{:032x}", rand::random::<u128>());
     let standalone = cfg.standalone();
-    let holder_cfg = HolderConfig {
-        cluster: if cfg.cluster.is_empty() { cfg.owner_name.clone() } else { cfg.cluster.clone() },
-        member_id: member_id.clone(),
-        poll_margin_ms: 400,
-        holder_stall_ms: cfg.holder_stall.as_millis() as u64,
-        conflict_alert_ms: 120_000,
-        seed: rand::random(),
-    };
+    let holder_cfg = holder_config(&cfg, &member_id);
     let link = (!standalone).then(|| {
         Link::new(
             LinkConfig {
@@ -806,6 +803,34 @@ impl Driver {
                 }
                 GhDone { input, session: s, message, opened: None }
             }),
+            GitHubOp::AcquireAvailable => Box::pin(async move {
+                let mut s = session;
+                if let Some(sess) = s.as_mut() {
+                    let swept = tokio::time::timeout(GITHUB_OP_TIMEOUT, async {
+                        let Some(jobs) = client.acquirable_jobs(gate.as_ref()).await? else { return Ok(0) };
+                        let ids: Vec<i64> = jobs
+                            .iter()
+                            .filter_map(|j| j.get("runnerRequestId").and_then(serde_json::Value::as_i64))
+                            .filter(|id| *id > 0)
+                            .collect();
+                        if ids.is_empty() {
+                            return Ok(0);
+                        }
+                        client.acquire_jobs(gate.as_ref(), sess, &ids).await.map(|got| got.len())
+                    })
+                    .await;
+                    match swept {
+                        Ok(Ok(0)) => {}
+                        Ok(Ok(n)) => tracing::info!(jobs = n, "acquired jobs a predecessor left available"),
+                        Ok(Err(e)) => {
+                            metrics.github_error(error_kind(&e));
+                            tracing::warn!(error = %e, "acquiring the available jobs failed; polling anyway");
+                        }
+                        Err(_) => metrics.github_error("timeout"),
+                    }
+                }
+                GhDone { input: Input::Swept, session: s, message, opened: None }
+            }),
             GitHubOp::AckMessage { message_id } => Box::pin(async move {
                 let mut s = session;
                 let ok = match s.as_mut() {
@@ -1097,7 +1122,10 @@ impl Driver {
                     // polled a deleted session's queue token under a new token).
                     let kept = self.held_before_fallback.take().filter(|(t, _)| *t == g.token).map(|(_, s)| s);
                     let adopted = self.adopted.take();
-                    let resume = kept.or(adopted).filter(|id| open.as_ref() == Some(id));
+                    // Whichever candidate is the session we have open: the adopted one first
+                    // (a fallback that deleted the pre-loss session and won a new one keeps
+                    // the new one; taking `kept` first forgot it and met it with 409s).
+                    let resume = [adopted, kept].into_iter().flatten().find(|id| open.as_ref() == Some(id));
                     if resume.is_none() && self.holder.token.is_none() {
                         self.session = None;
                     }
@@ -1124,6 +1152,14 @@ impl Driver {
                 }
                 if !self.fallback {
                     self.apply_assignment(a.runners, a.dirty, a.force_zero_patch);
+                }
+                // A DeleteSessions effect can be lost (a full stream queue, a lagged
+                // broadcast); the Assignment is re-pushed whenever the stale list changes, so
+                // the holder takes its stale ids from there too.
+                if let Some(token) = self.holder.token
+                    && !a.stale_sessions.is_empty()
+                {
+                    self.pump_holder(Input::DeleteSessions { token, ids: a.stale_sessions.clone() });
                 }
                 self.assignment = Some(a);
                 self.maybe_sweep();
@@ -1345,30 +1381,31 @@ impl Driver {
         tracing::warn!("no coordinator for {:?}: fallback to a single-cluster listener", self.cfg.coordinator_lost_for);
         self.fallback = true;
         self.metrics.fallback.set(1);
-        // A holder keeps polling the session it had (nobody can be granted without a quorum,
-        // and GitHub refuses everyone else a second session); the others contend with 409
-        // backoff. The federated machine stops; a fresh one runs with an open fence.
+        // Every member contends with 409 backoff, the federated holder too: its fence has
+        // ended, and only a whole-quorum loss would guarantee that nobody was granted since
+        // (a partition of this region alone lets the live quorum grant another region, whose
+        // session must not meet a resumed one of ours). So the session it had is deleted with
+        // our own credentials first (404 is fine) and a new one contended for. The federated
+        // machine stops; a fresh one runs with an open fence.
         let keep = self.holder.session_id().map(str::to_string);
         self.held_before_fallback = self.holder.token.zip(keep.clone());
         self.local_token += 1;
         let now = self.now();
         self.gh = None;
         self.coord = None;
-        self.holder = Holder::new(self.holder_config(), now);
+        self.holder = Holder::new(HolderConfig { fallback: true, ..self.holder_config() }, now);
         self.open_fence = true;
-        if keep.is_none() {
-            self.session = None;
-        }
-        // A session recorded on our ERS by a predecessor of ours in fallback is deleted first.
+        self.session = None;
+        // A session recorded on our ERS by a predecessor of ours in fallback is deleted too.
         let runners = self.runners.clone();
         let token = self.local_token;
         self.local = Some(Box::pin(async move {
             let recorded = runners.session_record().await.ok().flatten().filter(|r| Some(r) != keep.as_ref());
             Input::Granted {
                 token,
-                stale_sessions: recorded.into_iter().collect(),
+                stale_sessions: keep.into_iter().chain(recorded).collect(),
                 last_acked_message_id: 0,
-                resume: keep,
+                resume: None,
             }
         }));
     }
@@ -1406,14 +1443,7 @@ impl Driver {
     }
 
     fn holder_config(&self) -> HolderConfig {
-        HolderConfig {
-            cluster: if self.cfg.cluster.is_empty() { self.cfg.owner_name.clone() } else { self.cfg.cluster.clone() },
-            member_id: self.join.member_id.clone(),
-            poll_margin_ms: 400,
-            holder_stall_ms: self.cfg.holder_stall.as_millis() as u64,
-            conflict_alert_ms: 120_000,
-            seed: rand::random(),
-        }
+        holder_config(&self.cfg, &self.join.member_id)
     }
 
     /// Metrics and readiness.
@@ -1471,6 +1501,21 @@ impl Driver {
             let p = self.scaler.on_assignment(0, false, true);
             let _ = self.runners_tx.try_send(RunnerCmd::Patch(p));
         }
+    }
+}
+
+fn holder_config(cfg: &Config, member_id: &str) -> HolderConfig {
+    HolderConfig {
+        cluster: if cfg.cluster.is_empty() { cfg.owner_name.clone() } else { cfg.cluster.clone() },
+        member_id: member_id.to_string(),
+        poll_margin_ms: 400,
+        // The gate lets a request start only while the fence covers a fresh connect too, so
+        // the machine stops starting them at the same lead (and a little more).
+        send_margin_ms: github::HOLDER_CONNECT_TIMEOUT.as_millis() as u64 + 100,
+        holder_stall_ms: cfg.holder_stall.as_millis() as u64,
+        conflict_alert_ms: 120_000,
+        fallback: false,
+        seed: rand::random(),
     }
 }
 

@@ -439,14 +439,20 @@ impl Sandbox {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let token = s.groups[0].token;
-        let (sid, _, _) = self.wait_session(token, 0).await?;
+        let (token, known) = (s.groups[0].token, s.groups[0].session_id.clone());
+        let (sid, _, _) = self.wait_session_or(token, &known, 0).await?;
         Ok((s, sid))
     }
 
     /// Waits for a session of the holder with `token` (owner ends in `/t<token>`) that polls
     /// after `after` (emulator clock); returns (session id, opened_at, first poll after `after`).
     pub async fn wait_session(&self, token: u64, after: u64) -> anyhow::Result<(String, u64, u64)> {
+        self.wait_session_or(token, "", after).await
+    }
+
+    /// [`Sandbox::wait_session`], also accepting the session `known` by id: a session opened in
+    /// fallback (owner `…/f<n>`) that the quorum adopted under `token`.
+    pub async fn wait_session_or(&self, token: u64, known: &str, after: u64) -> anyhow::Result<(String, u64, u64)> {
         let end = Instant::now() + WAIT;
         let suffix = format!("/t{token}");
         loop {
@@ -456,7 +462,7 @@ impl Sandbox {
                 .map(|x| {
                     x.sessions
                         .iter()
-                        .filter(|s| s.owner.ends_with(&suffix))
+                        .filter(|s| s.owner.ends_with(&suffix) || (!known.is_empty() && s.session_id == known))
                         .map(|s| (s.session_id.clone(), s.opened_at))
                         .collect()
                 })

@@ -393,6 +393,69 @@ async fn a_refusing_gate_fences_every_holder_only_call_before_anything_is_sent()
 }
 
 #[tokio::test]
+async fn a_queue_that_no_longer_knows_the_session_is_session_gone_in_either_error_form() {
+    let h = start(Layout::Dotcom, fast(), None).await;
+    let set = h.create_scale_set("gha-rs", 1).unwrap().id;
+    let c = client(&h, set);
+    let mut s = c.create_session(&Open, "arcfed/a/m1/t1").await.unwrap();
+    let gone = |r: Result<Option<wire::MessageEnvelope>, Error>| matches!(r, Err(Error::SessionGone { .. }));
+    // The broker's structured 400 (2026) and a plain 404 on the queue both mean: open another.
+    h.add_fault(fault(
+        json!({"kind": "status", "status": 400, "errorKind": "RunnerSessionInvalid", "pathClass": "poll", "count": 1}),
+    ))
+    .unwrap();
+    assert!(gone(c.get_message(&Open, &mut s, 0, 10).await));
+    h.add_fault(fault(json!({"kind": "status", "status": 404, "pathClass": "poll", "count": 1}))).unwrap();
+    assert!(gone(c.get_message(&Open, &mut s, 0, 10).await));
+    // A 404 that names the scale set (seen on a live set during an incident) stays typed as
+    // what it is, not as a lost session.
+    h.add_fault(fault(json!({"kind": "status", "status": 404, "pathClass": "poll", "count": 1,
+        "typeName": "GitHub.Actions.Runtime.WebApi.RunnerScaleSetNotFoundException, GitHub.Actions.Runtime.WebApi"})))
+        .unwrap();
+    let r = c.get_message(&Open, &mut s, 0, 10).await;
+    assert!(matches!(r, Err(Error::Status { status: 404, .. })), "{r:?}");
+    // The ack answered with the structured 400 did not ack: SessionGone, not done.
+    h.add_fault(fault(
+        json!({"kind": "status", "status": 400, "errorKind": "RunnerSessionInvalid", "pathClass": "ack", "count": 1}),
+    ))
+    .unwrap();
+    assert!(matches!(c.delete_message(&Open, &mut s, 1).await, Err(Error::SessionGone { .. })));
+    assert!(c.get_message(&Open, &mut s, 0, 10).await.expect("the next poll").is_none());
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_long_poll_is_not_retried_on_a_transport_error_so_the_holder_sees_each_failure() {
+    let h = start(Layout::Ghes, fast(), None).await;
+    let set = h.create_scale_set("gha-rs", 1).unwrap().id;
+    let c = client(&h, set);
+    let mut s = c.create_session(&Open, "arcfed/a/m1/t1").await.unwrap();
+    h.add_fault(fault(json!({"kind": "reset", "pathClass": "poll", "count": 3}))).unwrap();
+    let r = c.get_message(&Open, &mut s, 0, 10).await;
+    assert!(matches!(r, Err(Error::Transport { .. })), "{r:?}");
+    assert_eq!(events(&h, PathClass::Poll).len(), 1, "one attempt, no hidden retries");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_id_that_is_not_a_uuid_is_never_pasted_into_a_url() {
+    let h = start(Layout::Ghes, fast(), None).await;
+    let set = h.create_scale_set("gha-rs", 1).unwrap().id;
+    let c = client(&h, set);
+    c.refresh_admin_token().await.unwrap();
+    let before = h.timeline().len();
+    for id in ["../../2", "../runnerscalesets/1", "x?y"] {
+        match c.delete_session(&Open, id).await {
+            Err(e @ Error::Config(_)) => assert!(e.to_string().contains("not a UUID"), "{e}"),
+            other => panic!("{id:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(h.timeline().len(), before, "nothing was sent");
+    assert!(h.report().scale_set(set).is_some(), "the scale set is still there");
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn ghes_mode_acquires_available_jobs_with_the_queue_token() {
     let h = start(Layout::Ghes, Settings { mode: Mode::Ghes, ..fast() }, None).await;
     let set = h.create_scale_set("gha-rs", 1).unwrap().id;

@@ -132,16 +132,20 @@ async fn b_a_silent_holder_expires_through_the_log_and_the_other_member_is_grant
     with_quorum(QuorumOptions::default(), |q| async move {
         let r = async {
             let (a, t1, b) = holder_and_standby(&q).await?;
-            assert!(is_accepted(&a.session_opened(t1, "session-of-a").await?));
+            assert!(is_accepted(&a.session_opened(t1, "5e5510a0-0000-4000-8000-00000000000a").await?));
             a.set_silent(true);
             b.wait_for("a grant", WAIT, |r| !r.grants.is_empty()).await?;
             let g = b.rec().last_grant().cloned().expect("grant");
             assert!(g.token > t1, "new token {} must exceed {t1}", g.token);
-            assert!(g.stale_sessions.contains(&"session-of-a".to_string()), "stale set {:?}", g.stale_sessions);
+            assert!(
+                g.stale_sessions.contains(&"5e5510a0-0000-4000-8000-00000000000a".to_string()),
+                "stale set {:?}",
+                g.stale_sessions
+            );
             let s = q.status().await?;
             let grp = group_of(&s).expect("group");
             assert_eq!(grp.holder, b.opts.member_id);
-            assert!(grp.stale_sessions.contains(&"session-of-a".to_string()));
+            assert!(grp.stale_sessions.contains(&"5e5510a0-0000-4000-8000-00000000000a".to_string()));
             let am = s.members.iter().find(|m| m.id == a.opts.member_id).expect("member a");
             assert_eq!(am.status, "expired");
             Ok(())
@@ -227,7 +231,7 @@ async fn d_state_and_tokens_survive_a_full_sigkill_restart() {
     with_quorum(QuorumOptions::default(), |mut q| async move {
         let r = async {
             let (a, t1, b) = holder_and_standby(&q).await?;
-            assert!(is_accepted(&a.session_opened(t1, "session-d").await?));
+            assert!(is_accepted(&a.session_opened(t1, "5e5510a0-0000-4000-8000-00000000000d").await?));
             q.wait_status("two members", WAIT, |s| s.members.len() == 2).await?;
             for v in q.voters.iter_mut() {
                 v.kill();
@@ -238,7 +242,7 @@ async fn d_state_and_tokens_survive_a_full_sigkill_restart() {
             let s = q
                 .wait_status("the holder and session after restart", WAIT, |s| {
                     holder_of(s) == Some((a.opts.member_id.clone(), t1))
-                        && group_of(s).is_some_and(|g| g.session_id == "session-d")
+                        && group_of(s).is_some_and(|g| g.session_id == "5e5510a0-0000-4000-8000-00000000000d")
                         && s.members.len() == 2
                 })
                 .await?;
@@ -514,16 +518,22 @@ async fn k_old_tokens_are_rejected_and_a_late_session_lands_in_the_stale_set() {
             a.wait_for("rejoined", WAIT, |r| r.joined.len() >= 2).await?;
             let p = a.progress(t1, Some(1), 3).await?;
             assert!(rejection(&p).is_some_and(|r| r.starts_with("stale_token")), "{p:?}");
-            let s = a.session_opened(t1, "late-session").await?;
+            let s = a.session_opened(t1, "5e5510a0-0000-4000-8000-00000000000e").await?;
             assert!(rejection(&s).is_some_and(|r| r.starts_with("stale_token")), "{s:?}");
             let rel = a.release(t1, vec![], pb::ReleaseReason::Shutdown).await?;
             assert!(rejection(&rel).is_some_and(|r| r.starts_with("stale_token")), "{rel:?}");
             let st = q.status().await?;
             let g = group_of(&st).expect("group");
-            assert!(g.stale_sessions.contains(&"late-session".to_string()), "{:?}", g.stale_sessions);
+            assert!(
+                g.stale_sessions.contains(&"5e5510a0-0000-4000-8000-00000000000e".to_string()),
+                "{:?}",
+                g.stale_sessions
+            );
             assert_eq!(g.holder, b.opts.member_id);
             b.wait_for("told to delete the late session", WAIT, |r| {
-                r.delete_sessions.iter().any(|d| d.session_ids.contains(&"late-session".to_string()))
+                r.delete_sessions
+                    .iter()
+                    .any(|d| d.session_ids.contains(&"5e5510a0-0000-4000-8000-00000000000e".to_string()))
             })
             .await?;
             Ok(())

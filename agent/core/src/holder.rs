@@ -28,10 +28,18 @@ pub struct HolderConfig {
     /// An in-flight long poll is abandoned this long before the fence ends when acks stop,
     /// so a 200 is not delivered (and, with a per-scale-set cursor, lost) after it.
     pub poll_margin_ms: u64,
+    /// Every holder-only request must be able to leave this long before the fence ends: it
+    /// is started only while `now + send_margin_ms < fence_end`, and one still in flight at
+    /// that instant is dropped (a request not yet on the wire is then never sent). The driver
+    /// keeps the HTTP client's connect timeout for holder calls below it, so a request that
+    /// needs a new connection is written before the fence ends or not at all.
+    pub send_margin_ms: u64,
     /// No successful create or poll for this long, for a local reason → release (§5.9).
     pub holder_stall_ms: u64,
     /// Continuous 409s for this long raise an alert (past GitHub's ~90 s orphan expiry).
     pub conflict_alert_ms: u64,
+    /// A fallback holder (quorum lost): its tokens are local, see [`Holder::owner_name`].
+    pub fallback: bool,
     pub seed: u64,
 }
 
@@ -53,6 +61,11 @@ pub enum GitHubOp {
     Acquire {
         message_id: i64,
     },
+    /// A new session's first holder-only request after its commit: acquire whatever jobs the
+    /// scale set has available (GHES's `acquirablejobs`). A predecessor may have received
+    /// their `JobAvailable` message and died before acquiring; a cursor that never offers that
+    /// message again would otherwise leave them queued for good. Best effort.
+    AcquireAvailable,
     AckMessage {
         message_id: i64,
     },
@@ -190,6 +203,8 @@ pub enum Input {
     },
     Polled(PollOutcome),
     Acquired,
+    /// The result of `AcquireAvailable` (best effort: polling starts either way).
+    Swept,
     /// The acquire failed (`local`: a transport, TLS, auth or 5xx reason).
     AcquireFailed {
         local: bool,
@@ -236,6 +251,10 @@ pub enum Phase {
         until: u64,
     },
     Commit {
+        session_id: String,
+    },
+    /// Acquiring the jobs left available before the first poll of a new session.
+    Sweep {
         session_id: String,
     },
     Poll {
@@ -297,14 +316,11 @@ pub struct Holder {
     /// polling goes on in between (no hot loop, no starved poll).
     stale_retry_at: u64,
     stale_retry_ms: u64,
-    acquire_attempts: u32,
     shutdown: bool,
     rng: u64,
 }
 
 const BACKOFF_MIN_MS: u64 = 250;
-/// Acquire attempts for one message before it is reported and acked anyway.
-const MAX_ACQUIRE_ATTEMPTS: u32 = 3;
 const BACKOFF_MAX_MS: u64 = 5000;
 /// With no fresh ack this long after asking, ask again.
 const REASK_MS: u64 = 2_000;
@@ -336,21 +352,25 @@ impl Holder {
             last_coord: None,
             stale_retry_at: 0,
             stale_retry_ms: BACKOFF_MIN_MS,
-            acquire_attempts: 0,
             shutdown: false,
             rng,
         }
     }
 
-    /// `arcfed/<cluster>/<member>/t<token>`: a 409 then shows whose session it is.
+    /// `arcfed/<cluster>/<member>/t<token>`: a 409 then shows whose session it is. A fallback
+    /// holder's token is a local counter, not a fencing token: it names its sessions
+    /// `…/f<n>` so that nobody (an operator reading a 409, a check of token order) takes it
+    /// for one.
     pub fn owner_name(&self, token: u64) -> String {
-        format!("arcfed/{}/{}/t{token}", self.cfg.cluster, self.cfg.member_id)
+        let tag = if self.cfg.fallback { 'f' } else { 't' };
+        format!("arcfed/{}/{}/{tag}{token}", self.cfg.cluster, self.cfg.member_id)
     }
 
     /// The session this holder has open, if any.
     pub fn session_id(&self) -> Option<&str> {
         match &self.phase {
             Phase::Commit { session_id }
+            | Phase::Sweep { session_id }
             | Phase::Poll { session_id }
             | Phase::Acquire { session_id, .. }
             | Phase::Report { session_id, .. }
@@ -378,9 +398,12 @@ impl Holder {
 
     /// When the driver must call `step(Tick)` at the latest (it also steps on every event).
     pub fn next_wakeup(&self, now: u64, fence: &FenceView) -> Option<u64> {
-        if self.op == (Op::GitHub { poll: true }) && !fence.open {
-            // The long poll ends before the fence does; no fence means cancel now.
-            return Some(fence.fence_end.map_or(0, |e| e.saturating_sub(self.cfg.poll_margin_ms)));
+        if let Op::GitHub { poll } = self.op
+            && !fence.open
+        {
+            // Every holder-only request in flight is dropped before the fence ends (a long
+            // poll earlier than the others); no fence means drop it now.
+            return Some(fence.fence_end.map_or(0, |e| e.saturating_sub(self.margin(poll))));
         }
         if self.op != Op::None {
             return None;
@@ -411,15 +434,24 @@ impl Holder {
         if max == 0 { 0 } else { self.rng % max }
     }
 
-    /// Emits a holder-only request only inside the fence (a long poll only while it can still
-    /// end before the fence does); otherwise emits nothing and waits for the fence.
+    /// How long before the fence end a holder-only request must be able to leave (`poll`: the
+    /// long poll, which must also be able to end by then).
+    fn margin(&self, poll: bool) -> u64 {
+        if poll { self.cfg.poll_margin_ms.max(self.cfg.send_margin_ms) } else { self.cfg.send_margin_ms }
+    }
+
+    /// Is the fence still open at `now + margin`? (Always, in standalone and fallback mode.)
+    fn fence_covers(&self, fence: &FenceView, now: u64, poll: bool) -> bool {
+        fence.open || fence.fence_end.is_some_and(|e| now + self.margin(poll) < e)
+    }
+
+    /// Emits a holder-only request only inside the fence, and only while it can still leave
+    /// (a long poll: still end) `margin` before the fence does; otherwise emits nothing and
+    /// waits for the fence.
     fn github(&mut self, fence: &FenceView, now: u64, op: GitHubOp, out: &mut Vec<Action>) -> bool {
         let Some(t) = self.token else { return false };
-        if !fence.allows(t, now) {
-            return false;
-        }
         let poll = matches!(op, GitHubOp::Poll { .. });
-        if poll && !fence.open && fence.fence_end.is_none_or(|e| now + self.cfg.poll_margin_ms >= e) {
+        if !fence.allows(t, now) || !self.fence_covers(fence, now, poll) {
             return false;
         }
         self.op = Op::GitHub { poll };
@@ -484,7 +516,6 @@ impl Holder {
         self.retry_ms = BACKOFF_MIN_MS;
         self.stale_retry_at = 0;
         self.stale_retry_ms = BACKOFF_MIN_MS;
-        self.acquire_attempts = 0;
     }
 
     fn success(&mut self, now: u64) {
@@ -517,6 +548,23 @@ impl Holder {
     }
 
     fn on_input(&mut self, now: u64, fence: &FenceView, input: Input, out: &mut Vec<Action>) {
+        // A result answers the operation in flight, of its own kind; any other is stale (the
+        // answer to a coordinator request of a token given up since, while a GitHub request of
+        // the new token runs) and must not clear what is in flight now.
+        let github_result = matches!(
+            input,
+            Input::Deleted { .. }
+                | Input::Created(_)
+                | Input::Polled(_)
+                | Input::Acquired
+                | Input::Swept
+                | Input::AcquireFailed { .. }
+                | Input::Acked { .. }
+        );
+        let coord_result = matches!(input, Input::Committed { .. } | Input::Reported { .. } | Input::ReleaseSent);
+        if (github_result && !matches!(self.op, Op::GitHub { .. })) || (coord_result && self.op != Op::Coord) {
+            return;
+        }
         match input {
             Input::Tick => {}
             Input::Granted { token, stale_sessions, last_acked_message_id, resume } => {
@@ -637,7 +685,7 @@ impl Holder {
                 self.retry_at = 0;
                 if let Phase::Commit { session_id } = self.phase.clone() {
                     if accepted {
-                        self.phase = Phase::Poll { session_id };
+                        self.phase = Phase::Sweep { session_id };
                         // A new session long-polls from lastMessageId 0 (§5.4).
                         self.last_message = 0;
                     } else {
@@ -685,27 +733,27 @@ impl Holder {
             }
             Input::Acquired => {
                 self.op = Op::None;
-                self.acquire_attempts = 0;
                 if let (Phase::Acquire { session_id, message_id }, Some(token)) = (self.phase.clone(), self.token) {
                     self.retry_at = 0;
                     self.phase = Phase::Report { session_id, message_id: Some(message_id) };
                     self.coord(CoordOp::Progress { token, message_id: Some(message_id) }, out);
                 }
             }
-            Input::AcquireFailed { local } => {
+            Input::Swept => {
                 self.op = Op::None;
-                if let (Phase::Acquire { session_id, message_id }, Some(token)) = (self.phase.clone(), self.token) {
-                    self.acquire_attempts += 1;
-                    if self.acquire_attempts >= MAX_ACQUIRE_ATTEMPTS {
-                        // The message is still reported and acked: GitHub offers an unacquired
-                        // job again, and a stuck message would stop the whole scale set.
-                        self.acquire_attempts = 0;
-                        self.retry_at = 0;
-                        self.phase = Phase::Report { session_id, message_id: Some(message_id) };
-                        self.coord(CoordOp::Progress { token, message_id: Some(message_id) }, out);
-                    } else {
-                        self.failure(now, local);
-                    }
+                if let Phase::Sweep { session_id } = self.phase.clone() {
+                    self.phase = Phase::Poll { session_id };
+                }
+            }
+            Input::AcquireFailed { .. } => {
+                self.op = Op::None;
+                if matches!(self.phase, Phase::Acquire { .. }) {
+                    // A message whose available jobs were not acquired is never reported or
+                    // acked: on GHES an unacquired job that was acked stays queued for good.
+                    // The acquire is retried inside the fence with backoff; if it keeps
+                    // failing, whatever the cause, the holder-stall rule hands the scale set
+                    // over with the message unacked, and GitHub gives it to the next session.
+                    self.failure(now, true);
                 }
             }
             Input::Reported { accepted, duplicate: _ } => {
@@ -784,14 +832,19 @@ impl Holder {
             self.lose(out);
             return;
         }
-        // The fence deadline (less the poll margin) cancels an in-flight long poll.
-        if self.op == (Op::GitHub { poll: true })
-            && !fence.open
-            && fence.fence_end.is_none_or(|e| now + self.cfg.poll_margin_ms >= e)
+        // The fence deadline (less the margin) drops whatever holder-only request is in
+        // flight: one not yet on the wire is never sent, and a long poll's 200 is not taken.
+        if let Op::GitHub { poll } = self.op
+            && !self.fence_covers(fence, now, poll)
         {
             out.push(Action::Cancel);
             out.push(Action::Note(Note::SelfFenced));
             self.op = Op::None;
+            if self.phase == Phase::Create {
+                // The POST may have reached GitHub: an outcome we cannot know, as after a
+                // timeout. Back off; the next attempt goes through the fence again.
+                self.back_off(now);
+            }
         }
         if self.op != Op::None {
             return;
@@ -870,6 +923,9 @@ impl Holder {
                     self.github(fence, now, GitHubOp::Poll { last_message_id }, out);
                 }
             }
+            Phase::Sweep { .. } => {
+                self.github(fence, now, GitHubOp::AcquireAvailable, out);
+            }
             Phase::Acquire { message_id, .. } => {
                 if now >= self.retry_at {
                     self.github(fence, now, GitHubOp::Acquire { message_id }, out);
@@ -880,17 +936,16 @@ impl Holder {
                     self.github(fence, now, GitHubOp::AckMessage { message_id }, out);
                 }
             }
-            Phase::Closing { session_id, reason } => match session_id {
-                Some(id) if fence.allows(token, now) => {
-                    self.github(fence, now, GitHubOp::DeleteSession { id }, out);
-                }
-                _ => {
-                    // Deleted, or it cannot be deleted outside the fence: report and let go.
+            Phase::Closing { session_id, reason } => {
+                let deleting =
+                    session_id.is_some_and(|id| self.github(fence, now, GitHubOp::DeleteSession { id }, out));
+                if !deleting {
+                    // Deleted, or it cannot be deleted inside the fence: report and let go.
                     let deleted = std::mem::take(&mut self.deleted);
                     self.phase = Phase::Releasing;
                     self.coord(CoordOp::Release { token, deleted, reason }, out);
                 }
-            },
+            }
         }
     }
 }
@@ -905,8 +960,10 @@ mod tests {
             cluster: "a".into(),
             member_id: "m1".into(),
             poll_margin_ms: 400,
+            send_margin_ms: 300,
             holder_stall_ms: 15_000,
             conflict_alert_ms: 120_000,
+            fallback: false,
             seed: 3,
         }
     }
@@ -935,7 +992,9 @@ mod tests {
         h.step(10, f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
         h.step(30, &fresh(f), Input::Tick);
         h.step(40, f, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
-        let a = h.step(50, f, Input::Committed { accepted: true });
+        let a = h.step(45, f, Input::Committed { accepted: true });
+        assert_eq!(gh(&a), vec![GitHubOp::AcquireAvailable], "{a:?}");
+        let a = h.step(50, f, Input::Swept);
         assert_eq!(gh(&a), vec![GitHubOp::Poll { last_message_id: 0 }], "{a:?}");
     }
 
@@ -968,7 +1027,10 @@ mod tests {
         let a = h.step(50, &fresh, Input::Created(CreateOutcome::Opened { session_id: "s1".into() }));
         assert!(a.contains(&Action::Coord(CoordOp::Commit { token: 7, session_id: "s1".into() })));
         assert!(gh(&a).is_empty(), "no poll before the commit: {a:?}");
+        // A new session first acquires whatever a predecessor left available, then polls.
         let a = h.step(60, &fresh, Input::Committed { accepted: true });
+        assert_eq!(gh(&a), vec![GitHubOp::AcquireAvailable]);
+        let a = h.step(65, &fresh, Input::Swept);
         assert_eq!(gh(&a), vec![GitHubOp::Poll { last_message_id: 0 }]);
     }
 
@@ -1017,6 +1079,70 @@ mod tests {
         // A 200 arriving outside the fence is neither reported nor acked.
         let a = h.step(1730, &down, Input::Polled(PollOutcome::Message { message_id: 9, job_available: false }));
         assert!(!a.iter().any(|x| matches!(x, Action::Coord(_) | Action::GitHub(_))), "{a:?}");
+    }
+
+    #[test]
+    fn a_message_whose_jobs_were_not_acquired_is_never_acked_and_a_stuck_acquire_hands_over() {
+        let mut h = Holder::new(cfg(), 0);
+        let f0 = fence(7, 2800, 25);
+        to_polling(&mut h, &f0);
+        let a = h.step(60, &f0, Input::Polled(PollOutcome::Message { message_id: 5, job_available: true }));
+        assert_eq!(gh(&a), vec![GitHubOp::Acquire { message_id: 5 }]);
+        // The acquire fails again and again (5xx, timeouts, a 4xx): it is retried inside the
+        // fence with backoff, the message is neither reported nor acked, and after the
+        // holder-stall time the holder lets go with the message unacked.
+        let mut now = 60;
+        let mut released = None;
+        let mut acquires = 1;
+        h.step(now, &f0, Input::AcquireFailed { local: false });
+        while now < 40_000 && released.is_none() {
+            now += 100;
+            let f = fence(7, now + 2000, now);
+            let mut todo: std::collections::VecDeque<Action> = h.step(now, &f, Input::Tick).into();
+            while let Some(a) = todo.pop_front() {
+                match a {
+                    Action::GitHub(GitHubOp::Acquire { .. }) => {
+                        acquires += 1;
+                        todo.extend(h.step(now, &f, Input::AcquireFailed { local: false }));
+                    }
+                    Action::GitHub(GitHubOp::DeleteSession { id }) => {
+                        todo.extend(h.step(now, &f, Input::Deleted { id, done: true }));
+                    }
+                    Action::GitHub(op) => panic!("{op:?} while the message's jobs are not acquired"),
+                    Action::Coord(CoordOp::Progress { .. }) => {
+                        panic!("Progress for a message whose jobs were not acquired")
+                    }
+                    Action::Coord(CoordOp::Release { reason, deleted, .. }) => released = Some((reason, deleted, now)),
+                    _ => {}
+                }
+            }
+        }
+        let (reason, deleted, at) = released.expect("a stuck acquire hands the scale set over");
+        assert_eq!((reason, deleted), (ReleaseReason::Stall, vec!["s1".to_string()]));
+        assert!(at >= 15_000 && acquires > 3, "released at {at} after {acquires} acquires");
+    }
+
+    #[test]
+    fn every_holder_only_request_in_flight_is_dropped_before_the_fence_ends() {
+        let mut h = Holder::new(cfg(), 0);
+        let f = fence(7, 2000, 25);
+        to_polling(&mut h, &f);
+        h.step(60, &f, Input::Polled(PollOutcome::Message { message_id: 5, job_available: true }));
+        assert!(h.in_flight(), "the acquire is in flight");
+        // Not only the long poll: the acquire is dropped `send_margin` before the fence end.
+        assert_eq!(h.next_wakeup(70, &f), Some(1700));
+        let a = h.step(1700, &f, Input::Tick);
+        assert!(a.contains(&Action::Cancel) && !h.in_flight(), "{a:?}");
+        // It is not sent again while the fence cannot cover it.
+        assert!(gh(&h.step(1750, &f, Input::Tick)).is_empty());
+        // A create cancelled at the fence may have opened a session: back off, then try again.
+        let mut h = Holder::new(cfg(), 0);
+        h.step(10, &f, Input::Granted { token: 7, stale_sessions: vec![], last_acked_message_id: 0, resume: None });
+        let a = h.step(30, &fresh(&f), Input::Tick);
+        assert!(matches!(gh(&a).as_slice(), [GitHubOp::CreateSession { .. }]), "{a:?}");
+        let a = h.step(1700, &fresh(&f), Input::Tick);
+        assert!(a.contains(&Action::Cancel), "{a:?}");
+        assert!(matches!(h.phase, Phase::Backoff { .. }), "{:?}", h.phase);
     }
 
     #[test]
@@ -1171,6 +1297,7 @@ mod tests {
                 any::<bool>().prop_map(|local| PollOutcome::Failed { local }),
             ].prop_map(Input::Polled),
             1 => Just(Input::Acquired),
+            1 => Just(Input::Swept),
             1 => any::<bool>().prop_map(|local| Input::AcquireFailed { local }),
             2 => (any::<bool>(), any::<bool>()).prop_map(|(accepted, duplicate)| Input::Reported { accepted, duplicate }),
             2 => any::<bool>().prop_map(|ok| Input::Acked { ok }),
@@ -1179,13 +1306,87 @@ mod tests {
         ]
     }
 
-    /// A fence as the link could present it at `now`: any token, up or down, any deadline.
-    fn arb_fence() -> impl Strategy<Value = (Option<u64>, Option<i64>, Option<u64>)> {
-        (
-            prop::option::weighted(0.8, 1u64..5),
-            prop::option::weighted(0.8, -3000i64..3000),
-            prop::option::of(0u64..3000),
+    /// A fence as the link could present it at `now`: `None` is a healthy fence for the
+    /// holder's own token; otherwise any token, up or down, any deadline.
+    #[allow(clippy::type_complexity)]
+    fn arb_fence() -> impl Strategy<Value = Option<(Option<u64>, Option<i64>, Option<u64>)>> {
+        prop::option::weighted(
+            0.3,
+            (
+                // 0 stands for the holder's own token: a deadline or listing problem, not a new holder.
+                prop::option::weighted(0.9, prop_oneof![2 => Just(0u64), 1 => 1u64..9]),
+                prop::option::weighted(0.8, -3000i64..3000),
+                prop::option::of(0u64..3000),
+            ),
         )
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Raw(Input),
+        /// The result of whatever is in flight (its outcome picked by the byte).
+        Respond(u8),
+        /// A handover of the token the holder has.
+        HandoverCurrent,
+        /// A Grant of a token above every one seen so far.
+        GrantNext,
+    }
+
+    fn arb_step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => arb_input().prop_map(Step::Raw),
+            16 => any::<u8>().prop_map(Step::Respond),
+            1 => Just(Step::HandoverCurrent),
+            1 => Just(Step::GrantNext),
+        ]
+    }
+
+    /// The driver's answer to the request in flight (GitHub first, then the coordinator's).
+    fn respond(
+        gh: bool,
+        coord: bool,
+        op: &Option<GitHubOp>,
+        coord_op: &Option<CoordOp>,
+        last_message: i64,
+        b: u8,
+    ) -> Input {
+        let ok = !b.is_multiple_of(4);
+        match (gh, op, coord, coord_op) {
+            (true, Some(GitHubOp::DeleteSession { id }), ..) => Input::Deleted { id: id.clone(), done: ok },
+            (true, Some(GitHubOp::CreateSession { .. }), ..) => Input::Created(match b % 5 {
+                0 => CreateOutcome::Conflict { foreign: b.is_multiple_of(2) },
+                1 => CreateOutcome::Ambiguous { local: true },
+                _ => CreateOutcome::Opened { session_id: format!("s{}", b % 3) },
+            }),
+            (true, Some(GitHubOp::Poll { .. }), ..) => Input::Polled(match b % 6 {
+                0 => PollOutcome::Empty,
+                1 => PollOutcome::Failed { local: b.is_multiple_of(2) },
+                2 => PollOutcome::Gone,
+                _ => PollOutcome::Message {
+                    message_id: last_message + 1 + i64::from(b % 3),
+                    job_available: b.is_multiple_of(2),
+                },
+            }),
+            (true, Some(GitHubOp::Acquire { .. }), ..) => {
+                if ok {
+                    Input::Acquired
+                } else {
+                    Input::AcquireFailed { local: b.is_multiple_of(2) }
+                }
+            }
+            (true, Some(GitHubOp::AckMessage { .. }), ..) => Input::Acked { ok },
+            (true, Some(GitHubOp::AcquireAvailable), ..) => Input::Swept,
+            (_, _, true, Some(CoordOp::Commit { .. })) => Input::Committed { accepted: !b.is_multiple_of(8) },
+            (_, _, true, Some(CoordOp::Progress { .. })) => {
+                if b.is_multiple_of(9) {
+                    Input::CoordUnavailable
+                } else {
+                    Input::Reported { accepted: !b.is_multiple_of(8), duplicate: false }
+                }
+            }
+            (_, _, true, Some(CoordOp::Release { .. })) => Input::ReleaseSent,
+            _ => Input::Tick,
+        }
     }
 
     proptest! {
@@ -1196,47 +1397,129 @@ mod tests {
         /// a message is acked only after a Progress for it was accepted (§5.2 fence (b)).
         #[test]
         fn no_holder_only_request_outside_the_fence(
-            script in proptest::collection::vec((0u64..700, arb_fence(), arb_input()), 1..120)
+            script in proptest::collection::vec((0u64..700, arb_fence(), arb_step()), 1..160)
         ) {
             let mut h = Holder::new(cfg(), 0);
             let mut now = 1_000u64;
             let mut accepted: BTreeSet<i64> = BTreeSet::new();
-            for (dt, (token, end, listed), input) in script {
+            // The driver's view: a GitHub request is in flight until its result is fed back
+            // or the machine cancels it. A result is fed only for a request in flight.
+            let mut outstanding = false;
+            // Likewise for the coordinator request (the driver matches results by request id).
+            let mut coord_outstanding = false;
+            // Messages whose JobAvailable jobs must be acquired before the ack, and those acquired.
+            let mut needs_acquire: BTreeSet<i64> = BTreeSet::new();
+            let mut acquired: BTreeSet<i64> = BTreeSet::new();
+            let mut token_seen = h.token;
+            let mut last_op: Option<GitHubOp> = None;
+            let mut max_token = 4u64;
+            let mut last_coord: Option<CoordOp> = None;
+            for (dt, fence_choice, step) in script {
                 now += dt;
-                let f = FenceView {
-                    open: false,
-                    token,
-                    fence_end: end.map(|d| (now as i64 + d).max(0) as u64),
-                    listed_sent_at: listed.map(|l| now.saturating_sub(l)),
-                    listed_seq: listed.map(|l| l / 100),
-                    sent_seq: now / 100,
+                let f = match fence_choice {
+                    // The holder's own token with a healthy fence: lets scripts reach deep phases.
+                    None => FenceView {
+                        open: false,
+                        token: h.token.or(Some(1)),
+                        fence_end: Some(now + 2_500),
+                        listed_sent_at: Some(now),
+                        listed_seq: Some(now / 100 + 1),
+                        sent_seq: now / 100 + 1,
+                    },
+                    Some((token, end, listed)) => FenceView {
+                        open: false,
+                        token: token.and_then(|t| if t == 0 { h.token } else { Some(t) }),
+                        fence_end: end.map(|d| (now as i64 + d).max(0) as u64),
+                        listed_sent_at: listed.map(|l| now.saturating_sub(l)),
+                        listed_seq: listed.map(|l| l / 100),
+                        sent_seq: now / 100,
+                    },
                 };
+                let input = match step {
+                    Step::Raw(i) => {
+                        if let Input::Granted { token, .. } = &i {
+                            max_token = max_token.max(*token);
+                        }
+                        i
+                    }
+                    Step::HandoverCurrent => Input::Handover { token: h.token.unwrap_or(0) },
+                    Step::GrantNext => {
+                        max_token += 1;
+                        Input::Granted { token: max_token, stale_sessions: vec!["old".into()], last_acked_message_id: 0, resume: None }
+                    }
+                    // The answer to whatever is in flight, as the driver would deliver it.
+                    Step::Respond(b) => respond(outstanding, coord_outstanding, &last_op, &last_coord, h.last_message_id(), b),
+                };
+                let gh_result = matches!(
+                    input,
+                    Input::Deleted { .. } | Input::Created(_) | Input::Polled(_) | Input::Acquired | Input::Swept | Input::AcquireFailed { .. } | Input::Acked { .. }
+                );
+                let coord_result = matches!(
+                    input,
+                    Input::Committed { .. } | Input::Reported { .. } | Input::ReleaseSent | Input::CoordUnavailable
+                );
+                let input = if (gh_result && !outstanding) || (coord_result && !coord_outstanding) { Input::Tick } else { input };
+                if gh_result && outstanding {
+                    outstanding = false;
+                }
+                if coord_result && coord_outstanding {
+                    coord_outstanding = false;
+                }
                 let reported = match (&h.phase, &input) {
                     (Phase::Report { message_id: Some(m), .. }, Input::Reported { accepted: true, .. }) if h.in_flight() => Some(*m),
                     _ => None,
                 };
-                let in_flight_before = h.in_flight();
+                match (&h.phase, &input) {
+                    (Phase::Poll { .. }, Input::Polled(PollOutcome::Message { message_id, job_available: true }))
+                        if *message_id > h.last_acked && h.token.is_some_and(|t| f.allows(t, now)) =>
+                    {
+                        needs_acquire.insert(*message_id);
+                    }
+                    (Phase::Acquire { message_id, .. }, Input::Acquired) => {
+                        acquired.insert(*message_id);
+                    }
+                    _ => {}
+                }
                 let actions = h.step(now, &f, input.clone());
+                if h.token != token_seen {
+                    token_seen = h.token;
+                    needs_acquire.clear();
+                    acquired.clear();
+                }
                 if let Some(m) = reported { accepted.insert(m); }
-                let mut cancelled = false;
                 for a in &actions {
                     match a {
-                        Action::Cancel => cancelled = true,
+                        Action::Cancel => outstanding = false,
+                        Action::Coord(op) => {
+                            coord_outstanding = true;
+                            last_coord = Some(op.clone());
+                        }
                         Action::GitHub(op) => {
                             let t = h.token.expect("a holder-only request needs a token");
                             prop_assert!(f.allows(t, now), "{op:?} outside the fence {f:?} at {now}");
+                            prop_assert!(f.fence_end.is_some_and(|e| now + 300 < e), "{op:?} too close to the fence end");
                             if let GitHubOp::Poll { .. } = op {
                                 prop_assert!(f.fence_end.is_some_and(|e| now + 400 < e), "poll too close to the fence end");
                             }
                             if let GitHubOp::AckMessage { message_id } = op {
                                 prop_assert!(accepted.contains(message_id), "ack of {message_id} without an accepted Progress");
+                                prop_assert!(
+                                    !needs_acquire.contains(message_id) || acquired.contains(message_id),
+                                    "ack of {message_id} whose jobs were never acquired"
+                                );
                             }
-                            let _ = in_flight_before && !cancelled;
+                            prop_assert!(!outstanding, "{op:?} while another GitHub request is in flight");
+                            outstanding = true;
+                            last_op = Some(op.clone());
                         }
                         _ => {}
                     }
                 }
-                prop_assert!(actions.iter().filter(|a| matches!(a, Action::GitHub(_))).count() <= 1);
+                prop_assert_eq!(outstanding, matches!(h.op, Op::GitHub { .. }), "the machine and the driver disagree on what is in flight");
+                // Nothing holder-only stays in flight past the fence end less the margin.
+                if outstanding {
+                    prop_assert!(f.fence_end.is_some_and(|e| now + 300 < e), "a request left in flight at {now} under {f:?}");
+                }
             }
         }
     }

@@ -27,9 +27,16 @@ pub const SESSION_CONFLICT_TYPE: &str = "RunnerScaleSetSessionConflictException"
 pub const ZERO_SESSION_ID: &str = "00000000-0000-0000-0000-000000000000";
 /// The admin token is refreshed when it expires within this margin (reference §1.6).
 const ADMIN_TOKEN_MARGIN_S: i64 = 60;
-/// Overall per-request timeout: longer than the ~50 s long poll (reference §1.8).
+/// Overall per-request timeout of admin and REST calls (reference §1.8).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connect timeout of holder-only calls (session and queue). The fence gate lets such a call
+/// start only while the fence still covers this much more (DESIGN §4), so a request that needs
+/// a new connection is written before the fence ends or not at all.
+pub const HOLDER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// A long poll gets no answer for at most ~90 s on github.com (measured 2026); one that lasts
+/// longer than this is dropped as failed, so a silent path is seen by the holder-stall rule.
+const POLL_TIMEOUT: Duration = Duration::from_secs(100);
 /// Error messages longer than this (e.g. an HTML error page) are cut.
 const MAX_MESSAGE: usize = 512;
 
@@ -71,6 +78,9 @@ struct Admin {
 
 struct Inner {
     http: reqwest::Client,
+    /// For holder-only calls (those with a gate): a short connect timeout, no redirects and
+    /// no retries inside reqwest, so no request leaves outside the gate's check.
+    holder_http: reqwest::Client,
     layout: Layout,
     credentials: Credentials,
     app_key: Option<RsaKeyPair>,
@@ -115,6 +125,11 @@ struct Call<'a> {
     body: Option<String>,
     /// Retry 401/403 too (runner-registration, reference §1.5).
     retry_auth: bool,
+    /// Retry transport errors (connect, reset). Not for the long poll: each retry of a dead
+    /// path would hide the failure from the holder-stall rule for another connect and backoff.
+    retry_transport: bool,
+    /// A per-request timeout (the long poll's).
+    timeout: Option<Duration>,
     gate: Option<&'a dyn Gate>,
 }
 
@@ -130,6 +145,8 @@ impl<'a> Call<'a> {
             capacity: None,
             body: None,
             retry_auth: false,
+            retry_transport: true,
+            timeout: None,
             gate: None,
         }
     }
@@ -166,11 +183,19 @@ fn exception(body: &[u8]) -> (String, String) {
         type_name: String,
         #[serde(default)]
         message: String,
+        // The broker's structured form: `{"source","errorKind","statusCode","errorMessage"}`.
+        #[serde(default)]
+        error_kind: String,
+        #[serde(default)]
+        error_message: String,
     }
     if body.is_empty() {
         return (String::new(), "unknown exception (empty body)".into());
     }
     match serde_json::from_slice::<Exc>(body) {
+        Ok(e) if e.type_name.is_empty() && !e.error_kind.is_empty() => {
+            (e.error_kind, if e.message.is_empty() { e.error_message } else { e.message })
+        }
         Ok(e) => (e.type_name, e.message),
         Err(_) => {
             let mut text = String::from_utf8_lossy(body).into_owned();
@@ -340,30 +365,47 @@ impl Client {
         // (TCP_USER_TIMEOUT). Known gap: in the --netns drill a blackholed GitHub link still
         // failed the poll only after ~60 s (tests/src/netns.rs), so holder-stall drills use
         // GitHub 5xx answers.
-        let mut b = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_keepalive(Duration::from_secs(3))
-            .tcp_keepalive_interval(Duration::from_secs(1))
-            .tcp_keepalive_retries(3)
-            .tcp_user_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::limited(10));
-        if let Some(pem) = s.root_ca_pem.as_deref().filter(|p| !p.trim().is_empty()) {
-            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-                .map_err(|e| Error::Config(format!("server_root_ca: not a PEM certificate bundle ({e})")))?;
-            if certs.is_empty() {
-                return Err(Error::Config("server_root_ca: no certificate in the PEM".into()));
+        let root_certs = match s.root_ca_pem.as_deref().filter(|p| !p.trim().is_empty()) {
+            Some(pem) => {
+                let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                    .map_err(|e| Error::Config(format!("server_root_ca: not a PEM certificate bundle ({e})")))?;
+                if certs.is_empty() {
+                    return Err(Error::Config("server_root_ca: no certificate in the PEM".into()));
+                }
+                certs
             }
-            b = b.tls_certs_merge(certs);
-        }
+            None => Vec::new(),
+        };
         let mut by_host: std::collections::BTreeMap<String, Vec<std::net::SocketAddr>> = Default::default();
         for r in &s.resolve {
             by_host.entry(r.host.to_ascii_lowercase()).or_default().push(std::net::SocketAddr::new(r.addr, r.port));
         }
-        for (host, addrs) in &by_host {
-            b = b.resolve_to_addrs(host, addrs);
-        }
-        let http = b.build().map_err(|e| Error::Config(format!("GitHub HTTP client: {e}")))?;
+        let build = |holder: bool| {
+            let mut b = reqwest::Client::builder()
+                .tcp_keepalive(Duration::from_secs(3))
+                .tcp_keepalive_interval(Duration::from_secs(1))
+                .tcp_keepalive_retries(3)
+                .tcp_user_timeout(Duration::from_secs(10));
+            b = if holder {
+                // The long poll is bounded by POLL_TIMEOUT per call; the others by the driver.
+                b.connect_timeout(HOLDER_CONNECT_TIMEOUT)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .retry(reqwest::retry::never())
+            } else {
+                b.timeout(REQUEST_TIMEOUT)
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .redirect(reqwest::redirect::Policy::limited(10))
+            };
+            if !root_certs.is_empty() {
+                b = b.tls_certs_merge(root_certs.clone());
+            }
+            for (host, addrs) in &by_host {
+                b = b.resolve_to_addrs(host, addrs);
+            }
+            b.build().map_err(|e| Error::Config(format!("GitHub HTTP client: {e}")))
+        };
+        let http = build(false)?;
+        let holder_http = build(true)?;
         let user_agent = serde_json::json!({
             "system": "arcfed-agent",
             "version": env!("CARGO_PKG_VERSION"),
@@ -375,6 +417,7 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
+                holder_http,
                 layout,
                 credentials: s.credentials,
                 app_key,
@@ -456,7 +499,7 @@ impl Client {
     /// `DELETE …/sessions/{id}`. 204, 404 and 400 `RunnerScaleSetSessionExpiredException` all
     /// mean the session is gone (DESIGN §5.2).
     pub async fn delete_session(&self, gate: &dyn Gate, session_id: &str) -> Result<(), Error> {
-        let path = format!("sessions/{session_id}");
+        let path = session_path(session_id)?;
         let reply = self.inner.admin_call("delete session", Method::DELETE, &path, None, Some(gate), true).await?;
         match reply.status {
             204 | 200 | 404 => Ok(()),
@@ -468,7 +511,7 @@ impl Client {
     /// `PATCH …/sessions/{id}`: replaces `*session` with the response (new queue token, maybe a
     /// new queue URL). 404 → `SessionGone`.
     pub async fn refresh_session(&self, gate: &dyn Gate, session: &mut wire::Session) -> Result<(), Error> {
-        let path = format!("sessions/{}", session.session_id);
+        let path = session_path(&session.session_id)?;
         let reply = self.inner.admin_call("refresh session", Method::PATCH, &path, None, Some(gate), true).await?;
         match reply.status {
             200 => {
@@ -520,11 +563,13 @@ impl Client {
                 .gated(gate);
         call.accept = Some(ACCEPT_QUEUE);
         call.capacity = Some(max_capacity.clamp(0, i64::from(i32::MAX)));
+        call.retry_transport = false;
+        call.timeout = Some(POLL_TIMEOUT);
         let reply = self.inner.send(&call, true).await?;
         match reply.status {
             200 => decode::envelope(&reply.body).map(Some).map_err(|d| reply.decode_err(d)),
             202 => Ok(None),
-            _ => Err(reply.into_error()),
+            _ => Err(queue_error(reply, &session.session_id)),
         }
     }
 
@@ -570,6 +615,9 @@ impl Client {
         .gated(gate);
         let reply = self.inner.send(&call, true).await?;
         match reply.status {
+            // A queue that no longer knows the session did not ack the message: open another
+            // session (the message is offered again there).
+            400 if is_session_invalid(&reply) => Err(queue_error(reply, &session.session_id)),
             204 | 200 | 404 => Ok(()),
             _ => Err(reply.into_error()),
         }
@@ -603,6 +651,7 @@ impl Client {
         let reply = self.inner.send(&call, true).await?;
         match reply.status {
             200 => Ok(reply.json::<wire::ListOf<i64>>()?.value),
+            400 if is_session_invalid(&reply) => Err(queue_error(reply, &session.session_id)),
             _ => Err(self.inner.scale_set_error(reply)),
         }
     }
@@ -805,7 +854,7 @@ impl Inner {
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|e| {
-                e.is_retryable()
+                (e.is_retryable() && (call.retry_transport || !matches!(e, Error::Transport { .. })))
                     || (call.retry_auth && matches!(e, Error::Unauthorized { .. } | Error::Forbidden { .. }))
             })
             .adjust(move |e, dur| dur.map(|d| e.retry_after().map_or(d, |ra| ra.min(cap))))
@@ -819,8 +868,8 @@ impl Inner {
         if let Some(gate) = call.gate {
             gate.check().map_err(|_| Error::Fenced)?;
         }
-        let mut rb = self
-            .http
+        let http = if call.gate.is_some() { &self.holder_http } else { &self.http };
+        let mut rb = http
             .request(call.method.clone(), &call.url)
             .header(USER_AGENT, &self.user_agent)
             .header(AUTHORIZATION, &call.auth);
@@ -836,6 +885,9 @@ impl Inner {
         if let Some(b) = &call.body {
             rb = rb.body(b.clone());
         }
+        if let Some(t) = call.timeout {
+            rb = rb.timeout(t);
+        }
         let transport = |source| Error::Transport { what: call.what, source };
         let resp = rb.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
@@ -850,6 +902,36 @@ impl Inner {
             || (call.retry_auth && matches!(status, 401 | 403));
         if retryable { Err(reply.into_error()) } else { Ok(reply) }
     }
+}
+
+/// `sessions/{id}` for a session id of GitHub's shape (a UUID). Anything else (a path such as
+/// `../../2` from a broken or hostile peer) is refused before a URL is built from it.
+fn session_path(session_id: &str) -> Result<String, Error> {
+    if !arcfed_core::github::is_session_id(session_id) {
+        return Err(Error::Config(format!("session id {session_id:?} is not a UUID; not sent")));
+    }
+    Ok(format!("sessions/{session_id}"))
+}
+
+/// The queue answered that it does not know the session: 400 `RunnerSessionInvalid` (the
+/// broker's structured form), or a 404 that is not `RunnerScaleSetNotFoundException`.
+fn is_session_invalid(reply: &Reply) -> bool {
+    let (kind, _) = reply.type_and_message();
+    match reply.status {
+        400 => kind.contains("RunnerSessionInvalid") || kind.contains("SessionNotFound"),
+        404 => !kind.contains("RunnerScaleSetNotFoundException"),
+        _ => false,
+    }
+}
+
+/// The error of a queue call (poll, ack, acquire): a session the queue no longer knows is
+/// `SessionGone` (open another one), never a reason to stop.
+fn queue_error(reply: Reply, session_id: &str) -> Error {
+    if is_session_invalid(&reply) {
+        let (_, message) = reply.type_and_message();
+        return Error::SessionGone { session_id: session_id.to_string(), message, ids: reply.ids };
+    }
+    reply.into_error()
 }
 
 /// A non-empty string field of a token response.

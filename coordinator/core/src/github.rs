@@ -177,3 +177,31 @@ pub struct ErrorBody {
     pub type_name: String,
     pub message: String,
 }
+
+/// Is `id` of the shape GitHub gives session ids: a UUID in its hyphenated form (8-4-4-4-12
+/// hex digits)? Ids of any other shape are refused where they enter the quorum and before a
+/// URL is built from them: an id is pasted into `…/sessions/{id}`, so `../../2` would name
+/// another path.
+pub fn is_session_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+#[cfg(test)]
+mod session_id_tests {
+    use super::is_session_id;
+
+    #[test]
+    fn only_uuid_shaped_session_ids_pass() {
+        assert!(is_session_id("3f1e2d4c-5b6a-4789-9abc-def012345678"));
+        assert!(is_session_id("00000000-0000-0000-0000-000000000000"));
+        for bad in ["", "../../2", "s1", "3f1e2d4c-5b6a-4789-9abc-def01234567/", "3f1e2d4c5b6a47899abcdef012345678abcd"]
+        {
+            assert!(!is_session_id(bad), "{bad:?}");
+        }
+    }
+}

@@ -459,11 +459,21 @@ impl LeaseTable {
     }
 
     /// After a promotion at `now`, Grants for these groups (those in the applied state) wait
-    /// one TTL, so that fallback holders reattaching to the new leader can `Adopt` their
-    /// session first instead of being replaced by a fresh Grant.
+    /// one TTL stretched by the clock-drift bound, TTL·(1+2ρ) (DESIGN §6.8). Two reasons:
+    /// fallback holders reattaching to the new leader can `Adopt` their session first instead
+    /// of being replaced by a fresh Grant; and, a safety rule, a deposed leader's ack (a
+    /// resume-as-keepalive ack in particular) is bounded by its quorum window, which the
+    /// hold outlasts on any clock within the drift bound, so no Grant lands inside that
+    /// ack's fence.
     pub fn hold_grants(&mut self, now: u64, groups: impl IntoIterator<Item = GroupKey>) {
         self.grant_hold = groups.into_iter().collect();
-        self.grant_hold_until = now.saturating_add(self.cfg.ttl_ms);
+        self.grant_hold_until = now.saturating_add(self.grant_hold_ms());
+    }
+
+    /// TTL·(1+2ρ), rounded up.
+    pub fn grant_hold_ms(&self) -> u64 {
+        let ttl = self.cfg.ttl_ms;
+        ttl.saturating_add((ttl.saturating_mul(2 * self.cfg.rho_permille)).div_ceil(1000))
     }
 
     /// Whether a Grant for `g` must still wait at `now` (see [`LeaseTable::hold_grants`]).
@@ -669,9 +679,11 @@ mod tests {
     }
 
     #[test]
-    fn grants_for_groups_known_at_promotion_wait_one_ttl() {
+    fn grants_for_groups_known_at_promotion_wait_one_ttl_stretched_by_the_drift_bound() {
         let mut t = table();
-        let ttl = t.cfg.ttl_ms;
+        // TTL·(1+2ρ): 3000 ms at ρ = 1 % is 3060 ms.
+        let ttl = t.cfg.ttl_ms + (t.cfg.ttl_ms * 2 * t.cfg.rho_permille).div_ceil(1000);
+        assert!(ttl > t.cfg.ttl_ms, "the hold is longer than one TTL: {ttl}");
         let old = GroupKey("https://h/o#1".into());
         let new = GroupKey("https://h/o#2".into());
         t.promote(10_000, TERM + 1, vec![]);

@@ -510,7 +510,7 @@ fn to_command(j: &Joined, m: pb::AgentMessage) -> Result<(u64, Command), (u64, S
             )
         }
         Some(In::SessionOpened(s)) => (
-            s.request_id,
+            session_ids(s.request_id, std::slice::from_ref(&s.session_id))?,
             Command::SessionOpened {
                 member,
                 group,
@@ -520,7 +520,7 @@ fn to_command(j: &Joined, m: pb::AgentMessage) -> Result<(u64, Command), (u64, S
             },
         ),
         Some(In::Release(r)) => (
-            r.request_id,
+            session_ids(r.request_id, &r.deleted)?,
             Command::Release {
                 member,
                 group,
@@ -530,12 +530,33 @@ fn to_command(j: &Joined, m: pb::AgentMessage) -> Result<(u64, Command), (u64, S
             },
         ),
         Some(In::Adopt(a)) => (
-            a.request_id,
+            session_ids(a.request_id, std::slice::from_ref(&a.session_id))?,
             Command::Adopt { member, group, session_id: a.session_id, statistics: convert::stats(a.statistics) },
         ),
         Some(In::Leave(l)) => (l.request_id, Command::Leave { member }),
         _ => return Err((0, "unexpected message".into())),
     })
+}
+
+/// Most session ids one Release may report deleted (a holder reports one round of stale ids).
+const MAX_IDS_PER_COMMAND: usize = 64;
+
+/// Session ids enter the replicated state only in GitHub's shape (a UUID): another cluster's
+/// holder later pastes them into `DELETE …/sessions/{id}`. Returns `request_id` when all pass.
+fn session_ids(request_id: u64, ids: &[String]) -> Result<u64, (u64, String)> {
+    if ids.len() > MAX_IDS_PER_COMMAND {
+        return Err((
+            request_id,
+            format!("invalid_argument: {} session ids (at most {MAX_IDS_PER_COMMAND})", ids.len()),
+        ));
+    }
+    match ids.iter().find(|id| !arcfed_core::github::is_session_id(id)) {
+        Some(bad) => {
+            let shown: String = bad.chars().take(64).collect();
+            Err((request_id, format!("invalid_argument: session id {shown:?} is not a UUID")))
+        }
+        None => Ok(request_id),
+    }
 }
 
 /// The member's command task, started at its first command: commands are proposed one at a
@@ -657,5 +678,40 @@ pub(super) fn deliver(ctx: &Ctx, effect: Effect) {
         && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(out(msg))
     {
         warn!(member = %member, "stream queue full: an effect for this member is lost (state resyncs)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined() -> Joined {
+        Joined { member: MemberId("m1".into()), group: GroupKey("https://github.example/org#1".into()), epoch: 1 }
+    }
+
+    #[test]
+    fn session_ids_of_any_shape_but_a_uuid_never_reach_the_log() {
+        let bad = |id: &str| pb::AgentMessage {
+            msg: Some(In::Adopt(pb::Adopt { request_id: 7, session_id: id.into(), ..Default::default() })),
+        };
+        let err = to_command(&joined(), bad("../../2")).expect_err("a path is refused");
+        assert_eq!(err.0, 7);
+        assert!(err.1.starts_with("invalid_argument") && err.1.contains("../../2"), "{}", err.1);
+        assert!(to_command(&joined(), bad("3f1e2d4c-5b6a-4789-9abc-def012345678")).is_ok());
+        let opened = pb::AgentMessage {
+            msg: Some(In::SessionOpened(pb::SessionOpened {
+                request_id: 8,
+                token: 1,
+                session_id: "x/../y".into(),
+                ..Default::default()
+            })),
+        };
+        assert!(to_command(&joined(), opened).is_err());
+        let release = |deleted: Vec<String>| pb::AgentMessage {
+            msg: Some(In::Release(pb::Release { request_id: 9, token: 1, deleted, ..Default::default() })),
+        };
+        assert!(to_command(&joined(), release(vec!["../sessions".into()])).is_err());
+        let many = vec!["3f1e2d4c-5b6a-4789-9abc-def012345678".to_string(); 65];
+        assert!(to_command(&joined(), release(many)).is_err(), "the count is bounded");
     }
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What kind of request this is. Faults and the timeline use it; `holder_only` marks the
-/// requests only the session holder makes (DESIGN.md §11).
+/// requests only the session holder makes (docs/DESIGN.md §11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PathClass {
@@ -44,6 +44,11 @@ pub enum FaultKind {
         type_name: Option<String>,
         #[serde(default)]
         message: Option<String>,
+        /// Answer in the broker's structured error form instead of an exception body:
+        /// `{"source","errorKind","statusCode","errorMessage"}` (e.g. `RunnerSessionInvalid`,
+        /// as github.com's broker answers for a session it dropped, 2026).
+        #[serde(default, rename = "errorKind")]
+        error_kind: Option<String>,
     },
     /// 200 with `Content-Length: 0`: listeners fail to decode it (`EOF`, issues #4285/#4470).
     EmptyBody,

@@ -432,7 +432,19 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
             };
             let first = if f.handle_first { "handled, then " } else { "" };
             match f.kind {
-                FaultKind::Status { status, retry_after, type_name, message } => {
+                FaultKind::Status { status, retry_after, type_name, message, error_kind: Some(kind) } => {
+                    fault_note.push(format!("{first}status {status} ({kind})"));
+                    let body = serde_json::json!({
+                        "source": "broker",
+                        "errorKind": kind,
+                        "statusCode": status,
+                        "errorMessage": message.or(type_name).unwrap_or_else(|| format!("Injected fault: {kind}.")),
+                    });
+                    let mut reply = Reply::json(status, body);
+                    reply.retry_after = retry_after;
+                    reply
+                }
+                FaultKind::Status { status, retry_after, type_name, message, error_kind: None } => {
                     fault_note.push(format!("{first}status {status}"));
                     fault_reply(class, status, retry_after, type_name, message)
                 }
