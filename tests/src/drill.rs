@@ -45,6 +45,10 @@ pub enum Scenario {
     QuorumLoss,
     /// GitHub answers 503 to the holder's region only: it releases after `--holder-stall`.
     HolderStall,
+    /// `acquirejobs` hangs once, then answers 503, to the holder only: the message whose jobs
+    /// it could not acquire is never acked, the holder hands over after `--holder-stall`, and
+    /// every job still runs (GHES mode; in dotcom mode nothing is acquired).
+    AcquireFault,
     /// `arcfedctl handover` to another region.
     Handover,
 }
@@ -61,6 +65,7 @@ impl Scenario {
             Scenario::RegionLoss => "region-loss",
             Scenario::QuorumLoss => "quorum-loss",
             Scenario::HolderStall => "holder-stall",
+            Scenario::AcquireFault => "acquire-fault",
             Scenario::Handover => "handover",
         }
     }
@@ -170,6 +175,9 @@ pub struct DrillReport {
     pub messages_redelivered: u64,
     pub jobs_enqueued: u64,
     pub jobs_completed: u64,
+    /// Enqueued jobs neither completed nor cancelled by GitHub once the workload stopped and
+    /// the runners drained (must be 0): the one number a user of this product cares about.
+    pub jobs_unfinished: u64,
     /// The randomized run's schedule (empty for a scripted drill).
     pub faults: Vec<PlannedFault>,
     pub invariants: Vec<InvariantCheck>,
@@ -205,6 +213,7 @@ pub async fn run_drill(sb: &mut Sandbox, scenario: Scenario, runs: usize) -> any
             Scenario::RegionLoss => region_loss(sb).await,
             Scenario::QuorumLoss => quorum_loss(sb).await,
             Scenario::HolderStall => holder_stall(sb).await,
+            Scenario::AcquireFault => acquire_fault(sb).await,
             Scenario::Handover => handover(sb, None).await,
         }
         .with_context(|| format!("{} run {run}; logs in {}", scenario.name(), sb.dir.display()))?;
@@ -525,7 +534,7 @@ async fn wait_any_poll(sb: &Sandbox, after: u64) -> anyhow::Result<(String, Stri
 
 fn stall_fault(owner: String, session_id: String, duration: Duration) -> FaultSpec {
     FaultSpec {
-        kind: FaultKind::Status { status: 503, retry_after: None, type_name: None, message: None },
+        kind: FaultKind::Status { status: 503, retry_after: None, type_name: None, message: None, error_kind: None },
         handle_first: false,
         path_class: Some(PathClass::Poll),
         owner: Some(owner),
@@ -548,6 +557,36 @@ async fn holder_stall(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     sb.emu.clear_faults();
     let to = to?;
     r.what = format!("GitHub 503 for {} only → {to}", sb.regions[i].name);
+    Ok(r)
+}
+
+/// `acquirejobs` answers 503 to this holder (every session of its token) for `duration`.
+fn acquire_fault_rule(owner: String, duration: Duration) -> FaultSpec {
+    FaultSpec {
+        kind: FaultKind::Status { status: 503, retry_after: None, type_name: None, message: None, error_kind: None },
+        handle_first: false,
+        path_class: Some(PathClass::Acquire),
+        owner: Some(owner),
+        session_id: None,
+        scale_set_id: None,
+        count: None,
+        duration: Some(humantime::format_duration(duration).to_string()),
+    }
+}
+
+async fn acquire_fault(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    let (i, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let owner = format!("arcfed/{}/{member}/t{token}", sb.regions[i].name);
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    // The oldest replacing rule fires first: one acquire hangs (the agent's timeout), then 503s.
+    let hang = FaultSpec { kind: FaultKind::Hang, count: Some(1), ..acquire_fault_rule(owner.clone(), WAIT) };
+    sb.emu.add_fault(hang).map_err(|e| anyhow::anyhow!(e))?;
+    sb.emu.add_fault(acquire_fault_rule(owner, WAIT)).map_err(|e| anyhow::anyhow!(e))?;
+    let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
+    sb.emu.clear_faults();
+    let to = to?;
+    r.what = format!("acquirejobs failing for {} only → {to}", sb.regions[i].name);
     Ok(r)
 }
 
@@ -591,7 +630,7 @@ async fn handover(sb: &mut Sandbox, to: Option<usize>) -> anyhow::Result<RunRepo
 
 /// Plans `n` random faults from `seed`: the same seed, the same schedule.
 pub fn plan(seed: u64, n: usize, regions: usize) -> Vec<PlannedFault> {
-    const KINDS: [Scenario; 10] = [
+    const KINDS: [Scenario; 11] = [
         Scenario::KillHolder,
         Scenario::FreezeHolder,
         Scenario::HalfCloseHolder,
@@ -602,6 +641,7 @@ pub fn plan(seed: u64, n: usize, regions: usize) -> Vec<PlannedFault> {
         Scenario::QuorumLoss,
         Scenario::HolderStall,
         Scenario::Handover,
+        Scenario::AcquireFault,
     ];
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)
@@ -700,6 +740,13 @@ async fn apply_random(sb: &mut Sandbox, f: &PlannedFault) -> anyhow::Result<Stri
             tokio::time::sleep(hold).await;
             Ok(format!("GitHub 503 for {}", s.holder_cluster))
         }
+        Scenario::AcquireFault => {
+            let Some(s) = latest.filter(|s| !s.holder.is_empty()) else { return Ok("no holder: skipped".into()) };
+            let owner = format!("arcfed/{}/{}/t{}", s.holder_cluster, s.holder, s.token);
+            sb.emu.add_fault(acquire_fault_rule(owner, hold)).map_err(|e| anyhow::anyhow!(e))?;
+            tokio::time::sleep(hold).await;
+            Ok(format!("acquirejobs 503 for {}", s.holder_cluster))
+        }
         Scenario::Handover => {
             let q = &sb.q;
             let target = sb.regions[pick].name.clone();
@@ -751,6 +798,10 @@ async fn finish(
     while message_accounting(&sb.emu.timeline()).0 > 0 && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Every enqueued job must run: stop the workload and let the runners drain what is left.
+    // A job still waiting after that was lost (an available job never acquired, a message
+    // whose jobs nobody will see again). The workload resumes after the count.
+    let jobs_unfinished = settle_jobs(sb).await?;
     let timeline = sb.emu.timeline();
     let (messages_lost, messages_stranded) = message_accounting(&timeline);
     // Keep GitHub's side of the story next to the logs, for whoever reads a failed check.
@@ -766,6 +817,17 @@ async fn finish(
         }
     }
     let mut invariants = check_invariants(ss, &history, messages_lost, messages_stranded);
+    invariants.push(InvariantCheck {
+        name: "every enqueued job ran (or was cancelled by GitHub) after settle",
+        ok: jobs_unfinished == 0,
+        detail: format!(
+            "enqueued {}, completed {}, cancelled and dropped {}, unfinished {jobs_unfinished} (of them available and never acquired {})",
+            ss.jobs_enqueued,
+            ss.jobs_completed,
+            ss.jobs_cancelled.saturating_sub(ss.jobs_reassigned),
+            ss.jobs_available_unacquired
+        ),
+    });
     let moved: Vec<usize> = runs.iter().filter(|r| r.leader_change_moved_holder == Some(true)).map(|r| r.run).collect();
     if runs.iter().any(|r| r.leader_change_moved_holder.is_some()) {
         invariants.push(InvariantCheck {
@@ -803,9 +865,25 @@ async fn finish(
         messages_redelivered: ss.messages_redelivered,
         jobs_enqueued: ss.jobs_enqueued,
         jobs_completed: ss.jobs_completed,
+        jobs_unfinished,
         faults,
         invariants,
     })
+}
+
+/// Stops the workload, waits (with a deadline) until every enqueued job has finished, and
+/// restarts the workload. Returns how many jobs were still unfinished at the deadline.
+async fn settle_jobs(sb: &Sandbox) -> anyhow::Result<u64> {
+    sb.set_workload(0).await?;
+    let unfinished = || sb.emu.report().scale_set(sb.set).map_or(0, |s| s.jobs_unfinished);
+    // The longest job, a runner's start, and a few polls of slack.
+    let end = Instant::now() + Duration::from_secs(u64::from(sb.opts.job_seconds.1) + 30);
+    while unfinished() > 0 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = unfinished();
+    sb.set_workload(sb.opts.jobs_per_minute).await?;
+    Ok(left)
 }
 
 /// (lost, stranded) from the emulator's timeline, per session: every 200 poll delivered one

@@ -4,10 +4,13 @@
 //! counters that must be zero, never on timings.
 
 use arcfed_tests::drill::{DrillReport, Scenario, random_faults, run_drill};
+use arcfed_tests::emulator::Mode as JobMode;
 use arcfed_tests::sandbox::{Sandbox, SandboxOptions};
 
 async fn world(opts: SandboxOptions) -> anyhow::Result<(tempfile::TempDir, Sandbox)> {
     let dir = tempfile::tempdir()?;
+    // Short jobs, so that each drill's closing check (every enqueued job ran) drains quickly.
+    let opts = SandboxOptions { job_seconds: (2, 6), ..opts };
     let sb = Sandbox::start(dir.path(), opts).await?;
     Ok((dir, sb))
 }
@@ -21,6 +24,7 @@ fn assert_clean(r: &DrillReport) {
     assert_eq!(r.messages_lost, 0, "{text}");
     assert_eq!(r.jobs_acquired_twice, 0, "{text}");
     assert_eq!(r.token_regressions, 0, "{text}");
+    assert_eq!(r.jobs_unfinished, 0, "{text}");
 }
 
 async fn drill_once(scenario: Scenario, opts: SandboxOptions) -> anyhow::Result<DrillReport> {
@@ -117,6 +121,29 @@ async fn handover_moves_the_session() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// GHES: `acquirejobs` hangs, then answers 503, to the holder only. The message whose jobs it
+/// could not acquire is never acked, the holder hands over after `--holder-stall`, and the
+/// successor acquires what was left available: every job runs (the adversarial cursor never
+/// offers that message again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_acquires_hand_over_and_every_job_still_runs() -> anyhow::Result<()> {
+    let opts = SandboxOptions { holder_stall: Some("4s".into()), ..SandboxOptions::default() };
+    let r = drill_once(Scenario::AcquireFault, opts).await?;
+    assert_failed_over(&r);
+    Ok(())
+}
+
+/// github.com's form (`JobAssigned`, nothing to acquire): a killed holder is replaced and every
+/// job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dotcom_mode_kill_holder_runs_every_job() -> anyhow::Result<()> {
+    let opts = SandboxOptions { job_mode: JobMode::Dotcom, ..SandboxOptions::default() };
+    let r = drill_once(Scenario::KillHolder, opts).await?;
+    assert_failed_over(&r);
+    assert!(r.jobs_enqueued > 0, "the workload ran");
+    Ok(())
+}
+
 /// A short randomized run: a few random §10 faults under the workload, then every invariant.
 /// The seed comes from `ARCFED_DRILL_SEED` (to replay a failure) or is fixed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,6 +165,7 @@ async fn random_faults_keep_every_invariant() -> anyhow::Result<()> {
     assert_eq!(r.jobs_acquired_twice, 0, "seed {seed}");
     assert_eq!(r.messages_lost, 0, "seed {seed}");
     assert_eq!(r.token_regressions, 0, "seed {seed}");
+    assert_eq!(r.jobs_unfinished, 0, "seed {seed}");
     Ok(())
 }
 

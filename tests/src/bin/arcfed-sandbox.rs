@@ -9,13 +9,19 @@
 //! `arcfed_tests::drill`; `tests/tests/drills.rs` runs the same code.
 use anyhow::{Context, bail};
 use arcfed_tests::drill::{DrillReport, Scenario, random_faults, run_drill};
-use arcfed_tests::emulator::CrossCredentialDelete;
+use arcfed_tests::emulator::{CrossCredentialDelete, Mode as JobMode};
 use arcfed_tests::harness::bin_path;
 use arcfed_tests::sandbox::{Sandbox, SandboxOptions};
 use clap::{Parser, ValueEnum};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum GitHubMode {
+    Ghes,
+    Dotcom,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Credentials {
@@ -76,6 +82,10 @@ struct Args {
     /// Jobs enqueued per minute on the emulated scale set (0 = none), 5–20 s each.
     #[arg(long, env = "ARCFED_SANDBOX_JOBS_PER_MINUTE", default_value = "30")]
     jobs_per_minute: u32,
+    /// How GitHub offers jobs: `ghes` (`JobAvailable`, then the listener acquires) or `dotcom`
+    /// (`JobAssigned`: the service assigns, nothing to acquire).
+    #[arg(long, env = "ARCFED_SANDBOX_GITHUB_MODE", value_enum, default_value = "ghes")]
+    github_mode: GitHubMode,
     /// The agents' `--coordinator-lost-for` (default: 5s for quorum-loss and random runs,
     /// else the agent's own default).
     #[arg(long, env = "ARCFED_SANDBOX_COORDINATOR_LOST_FOR")]
@@ -174,9 +184,13 @@ async fn main() -> anyhow::Result<()> {
             .or_else(|| (random || args.drill == Some(Scenario::QuorumLoss)).then(|| "5s".to_string())),
         holder_stall: args.holder_stall.clone().or_else(|| match (random, args.drill) {
             (true, _) => Some("5s".into()),
-            (_, Some(Scenario::HolderStall)) => Some("4s".into()),
+            (_, Some(Scenario::HolderStall | Scenario::AcquireFault)) => Some("4s".into()),
             _ => None,
         }),
+        job_mode: match args.github_mode {
+            GitHubMode::Ghes => JobMode::Ghes,
+            GitHubMode::Dotcom => JobMode::Dotcom,
+        },
         agent_links: !args.direct_links,
         peer_proxies: !args.direct_peers,
         ..SandboxOptions::default()

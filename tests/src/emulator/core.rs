@@ -1343,6 +1343,9 @@ impl Core {
                     jobs_completed: c.jobs_completed,
                     jobs_cancelled: c.jobs_cancelled,
                     jobs_reassigned: c.jobs_reassigned,
+                    jobs_unfinished: set.jobs.len() as u64,
+                    jobs_available_unacquired: set.jobs.values().filter(|j| j.state == JobState::Available).count()
+                        as u64,
                     session_refreshes: c.session_refreshes,
                     statistics: stats(set),
                     sessions,

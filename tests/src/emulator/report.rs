@@ -1,4 +1,4 @@
-//! The timeline (one [`Event`] per request) and the report (DESIGN.md §11). Times are
+//! The timeline (one [`Event`] per request) and the report (docs/DESIGN.md §11). Times are
 //! milliseconds on the emulator's clock, which starts at 0 when the emulator starts;
 //! `started_unix_ms` converts them to wall time.
 
@@ -126,7 +126,7 @@ pub struct ScaleSetReport {
     /// Requests made with the queue token of a closed session.
     pub zombie_requests: u64,
     /// Σ over consecutive sessions of max(0, last holder-only request of the predecessor −
-    /// first holder-only request of the successor) (DESIGN.md §11).
+    /// first holder-only request of the successor) (docs/DESIGN.md §11).
     pub sessions_overlap_ms: u64,
     pub jobs_enqueued: u64,
     pub jobs_completed: u64,
@@ -136,6 +136,14 @@ pub struct ScaleSetReport {
     /// Of those, the ones offered again.
     #[serde(default)]
     pub jobs_reassigned: u64,
+    /// Jobs enqueued and not yet finished: queued, available (not acquired), assigned or
+    /// running. Once the workload stops and the runners drain, this must reach 0: a job
+    /// that stays is one the listener lost (e.g. a `JobAvailable` acked without an acquire).
+    #[serde(default)]
+    pub jobs_unfinished: u64,
+    /// Of those, the ones offered as `JobAvailable` and never acquired.
+    #[serde(default)]
+    pub jobs_available_unacquired: u64,
     /// Successful session refreshes on this scale set.
     #[serde(default)]
     pub session_refreshes: u64,
@@ -168,7 +176,7 @@ impl Report {
     }
 }
 
-/// DESIGN.md §11's overlap over sessions in opening order.
+/// docs/DESIGN.md §11's overlap over sessions in opening order.
 pub fn overlap_ms(sessions: &[SessionReport]) -> u64 {
     sessions.windows(2).map(|w| w[0].last_holder_request_at.saturating_sub(w[1].first_holder_request_at)).sum()
 }
