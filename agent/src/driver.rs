@@ -598,11 +598,10 @@ impl Driver {
                     tracing::info!("in-flight GitHub request abandoned at the fence deadline");
                 }
             }
-            Action::KeepaliveNow => {
-                if self.link.is_some() {
-                    self.pump_link_deferred(LinkEvent::KeepaliveNow);
-                }
-            }
+            // One executor for every link action: a timer that falls due in this step (a no-ack
+            // close, a retry's attach) is carried out, not dropped. A Close queues
+            // `CoordUnavailable`, which the pump_holder loop running this drains.
+            Action::KeepaliveNow => self.pump_link(LinkEvent::KeepaliveNow),
             Action::Forget { session_id } => {
                 if self.session.as_ref().is_some_and(|s| s.session_id == session_id) {
                     self.session = None;
@@ -610,19 +609,6 @@ impl Driver {
                 self.message = None;
             }
             Action::Note(n) => self.note(n),
-        }
-    }
-
-    fn pump_link_deferred(&mut self, ev: LinkEvent) {
-        let now = self.now();
-        if let Some(link) = self.link.as_mut() {
-            let actions = link.step(now, ev);
-            for a in actions {
-                if let LinkAction::SendKeepalive { seq } = a {
-                    let ready = self.github_ready.load(Ordering::Relaxed);
-                    self.send(pb::agent_message::Msg::Keepalive(pb::Keepalive { seq, github_ready: ready }));
-                }
-            }
         }
     }
 

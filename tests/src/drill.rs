@@ -37,6 +37,9 @@ pub enum Scenario {
     PartitionRegion,
     /// SIGKILL the Raft leader: no holder change, every region served again.
     KillLeader,
+    /// SIGSTOP the Raft leader past the lease TTL, then SIGCONT: the old leader, waking with
+    /// every lease overdue on its clock, expires none; no holder change, no token regression.
+    FreezeLeader,
     /// SIGTERM and restart every voter, then every agent, one at a time.
     RollingRestart,
     /// The holder's region is lost: its agent and its voter SIGKILLed together.
@@ -61,6 +64,7 @@ impl Scenario {
             Scenario::HalfCloseHolder => "half-close-holder",
             Scenario::PartitionRegion => "partition-region",
             Scenario::KillLeader => "kill-leader",
+            Scenario::FreezeLeader => "freeze-leader",
             Scenario::RollingRestart => "rolling-restart",
             Scenario::RegionLoss => "region-loss",
             Scenario::QuorumLoss => "quorum-loss",
@@ -120,6 +124,9 @@ pub struct RunReport {
     /// this fits its fence: TTL×(1−margin) after its last acked keepalive, at least
     /// TTL×(1−margin) − TTL/4 after the fault (1,250 ms at the LAN defaults).
     pub holder_reattached_ms: Option<u64>,
+    /// freeze-leader: lease expirations applied from the freeze until the old leader is back
+    /// as a follower (must be 0: a stalled leader that wakes up expires nothing, §6.8).
+    pub leases_expired: Option<u64>,
 }
 
 /// One DESIGN §6 invariant, as checked at the end of a drill.
@@ -209,6 +216,7 @@ pub async fn run_drill(sb: &mut Sandbox, scenario: Scenario, runs: usize) -> any
             Scenario::HalfCloseHolder => half_close_holder(sb).await,
             Scenario::PartitionRegion => partition_region(sb).await,
             Scenario::KillLeader => kill_leader(sb).await,
+            Scenario::FreezeLeader => freeze_leader(sb).await,
             Scenario::RollingRestart => rolling_restart(sb).await,
             Scenario::RegionLoss => region_loss(sb).await,
             Scenario::QuorumLoss => quorum_loss(sb).await,
@@ -346,10 +354,22 @@ async fn partition_region(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
     partition(sb, i, false)?;
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
+    // `--hold`: the partition lasts this long from the fault (past the agents'
+    // `--coordinator-lost-for`, the cut-off region falls back while the quorum's holder serves).
+    if to.is_ok()
+        && let Some(hold) = sb.opts.hold
+    {
+        tokio::time::sleep(hold.saturating_sub(fault.elapsed())).await;
+    }
     partition(sb, i, true)?;
     let to = to?;
+    let healed = sb.emu.now_ms();
     wait_standby(&sb.regions[i].agent).await?;
-    r.what = format!("region {} (voter {voter}) partitioned → {to}", sb.regions[i].name);
+    // After the heal the quorum's holder goes on polling: it does not wait out GitHub's TTL.
+    wait_any_poll(sb, healed).await?;
+    r.served_again_ms = Some(sb.emu.now_ms().saturating_sub(fault_emu));
+    let held = sb.opts.hold.map(|h| format!(", held {}", humantime::format_duration(h))).unwrap_or_default();
+    r.what = format!("region {} (voter {voter}) partitioned{held} → {to}", sb.regions[i].name);
     Ok(r)
 }
 
@@ -391,6 +411,58 @@ async fn kill_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     r.leader_change_moved_holder = Some(!same);
     sb.q.voter(old).restart()?;
     r.what = format!("leader {old} → {}; holder {}", s.leader, if same { "unchanged" } else { "CHANGED" });
+    Ok(r)
+}
+
+async fn freeze_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    let (_, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, token_after: token, ..RunReport::default() };
+    let old = sb.status().await?.leader;
+    let expired = "arcfed_expirations_total_replicated";
+    let before = sb.leader_counter(expired).await.context("the leader's expiration counter")?;
+    let ttl = humantime::parse_duration(&sb.opts.lease_ttl)?;
+    let fault = Instant::now();
+    sb.q.voter(old).freeze();
+    let names: Vec<String> = sb.regions.iter().map(|r| r.name.clone()).collect();
+    let s = sb
+        .wait_status("a new leader serving every region", |s| {
+            s.leader != old && names.iter().all(|n| s.members.iter().any(|m| &m.cluster == n && m.status == "live"))
+        })
+        .await;
+    // Frozen past the TTL: on the old leader's clock every lease it knew falls due.
+    tokio::time::sleep((ttl + Duration::from_secs(1)).saturating_sub(fault.elapsed())).await;
+    sb.q.voter(old).thaw();
+    let s = s?;
+    let addr = sb.q.voter(old).addr();
+    let end = Instant::now() + WAIT;
+    // Back as a follower: it answers UNAVAILABLE naming another leader (or status naming it).
+    loop {
+        let knows = match sb.q.status_at(&addr).await {
+            Ok(st) => st.leader != old,
+            Err(st) => arcfed_proto::leader::leader_hint(&st).is_some_and(|h| !h.is_empty()),
+        };
+        if knows {
+            break;
+        }
+        if Instant::now() > end {
+            bail!("the thawed leader {old} did not follow the new leader within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Give the woken lessor its ticks (it runs every 50 ms), then read what was applied.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now = sb.wait_status("a holder", |s| s.groups.first().is_some_and(|g| !g.holder.is_empty())).await?;
+    let after = sb.leader_counter(expired).await.context("the leader's expiration counter")?;
+    r.leases_expired = Some(after.saturating_sub(before));
+    r.token_after = now.groups.first().map(|g| g.token).unwrap_or(0);
+    let same = now.groups.first().is_some_and(|g| g.holder == member);
+    r.leader_change_moved_holder = Some(!same);
+    r.served_again_ms = Some(ms(fault));
+    r.what = format!(
+        "leader {old} frozen past the TTL → {}; holder {}",
+        s.leader,
+        if same { "unchanged" } else { "CHANGED" }
+    );
     Ok(r)
 }
 
@@ -707,6 +779,13 @@ async fn apply_random(sb: &mut Sandbox, f: &PlannedFault) -> anyhow::Result<Stri
             sb.q.voter(l).restart()?;
             Ok(format!("voter {l}"))
         }
+        Scenario::FreezeLeader => {
+            let Some(l) = leader else { return Ok("no leader known: skipped".into()) };
+            sb.q.voter(l).freeze();
+            tokio::time::sleep(hold).await;
+            sb.q.voter(l).thaw();
+            Ok(format!("voter {l} frozen"))
+        }
         Scenario::RollingRestart => {
             let v = sb.regions[pick].voter;
             sb.q.voter(v).terminate(Duration::from_secs(30));
@@ -838,6 +917,17 @@ async fn finish(
             } else {
                 format!("moved in runs {moved:?}")
             },
+        });
+    }
+    let expired: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.leases_expired.filter(|n| *n > 0).map(|n| format!("run {}: {n}", r.run)))
+        .collect();
+    if runs.iter().any(|r| r.leases_expired.is_some()) {
+        invariants.push(InvariantCheck {
+            name: "a stalled old leader expires no lease",
+            ok: expired.is_empty(),
+            detail: if expired.is_empty() { "0 expirations in every run".into() } else { expired.join("; ") },
         });
     }
     Ok(DrillReport {

@@ -74,6 +74,9 @@ pub struct SandboxOptions {
     pub netns: Option<WanOptions>,
     /// `--profile` of the voters and agents (`lan` or `wan`); None = their default (lan).
     pub profile: Option<String>,
+    /// partition-region: keep the partition this long from the fault (None: heal right
+    /// after the takeover).
+    pub hold: Option<Duration>,
 }
 
 impl Default for SandboxOptions {
@@ -95,6 +98,7 @@ impl Default for SandboxOptions {
             peer_proxies: true,
             netns: None,
             profile: None,
+            hold: None,
         }
     }
 }
@@ -503,13 +507,20 @@ impl Sandbox {
 
     /// The coordinator's replicated stale-token rejection counter (the leader's /metrics).
     pub async fn stale_token_rejections(&self) -> Option<u64> {
+        self.leader_counter("arcfed_stale_token_rejections_total_replicated").await
+    }
+
+    /// A counter from the current leader's /metrics.
+    pub async fn leader_counter(&self, name: &str) -> Option<u64> {
         let leader = self.status().await.ok()?.leader;
         let http = self.q.voters.iter().find(|v| v.id == leader)?.http;
         let body = reqwest::get(format!("http://{http}/metrics")).await.ok()?.text().await.ok()?;
+        let prefix = format!("{name} ");
         body.lines()
-            .find(|l| l.starts_with("arcfed_stale_token_rejections_total_replicated "))
+            .find(|l| l.starts_with(&prefix))
             .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v as u64)
     }
 
     /// The live view (one screen): holder, token, session, runners per region, jobs, and the

@@ -121,6 +121,36 @@ async fn handover_moves_the_session() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A region cut off from the quorum, but not from GitHub, for longer than
+/// `--coordinator-lost-for`: it falls back while the quorum's holder serves. Its lapsed
+/// federated session is deleted, never resumed (with the adversarial queue token a resumed
+/// one would poll as a zombie beside the successor), and after the heal the quorum's holder
+/// goes on polling without waiting out GitHub's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_held_past_coordinator_lost_for_never_resumes_the_lapsed_session() -> anyhow::Result<()> {
+    let opts = SandboxOptions {
+        coordinator_lost_for: Some("5s".into()),
+        hold: Some(std::time::Duration::from_secs(15)),
+        ..SandboxOptions::default()
+    };
+    let r = drill_once(Scenario::PartitionRegion, opts).await?;
+    assert_failed_over(&r);
+    assert_eq!(r.max_concurrent_sessions, 1, "one session at a time");
+    Ok(())
+}
+
+/// The Raft leader SIGSTOPped past the lease TTL, then SIGCONT (etcd #15247): the woken old
+/// leader expires no lease, the holder and its token stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_leader_expires_no_lease_and_moves_no_holder() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::FreezeLeader, SandboxOptions::default()).await?;
+    let run = &r.runs[0];
+    assert_eq!(run.leases_expired, Some(0), "{run:?}");
+    assert_eq!(run.leader_change_moved_holder, Some(false), "{run:?}");
+    assert_eq!(run.token_after, run.token_before, "{run:?}");
+    Ok(())
+}
+
 /// GHES: `acquirejobs` hangs, then answers 503, to the holder only. The message whose jobs it
 /// could not acquire is never acked, the holder hands over after `--holder-stall`, and the
 /// successor acquires what was left available: every job runs (the adversarial cursor never

@@ -82,11 +82,15 @@ struct Args {
     /// Jobs enqueued per minute on the emulated scale set (0 = none), 5–20 s each.
     #[arg(long, env = "ARCFED_SANDBOX_JOBS_PER_MINUTE", default_value = "30")]
     jobs_per_minute: u32,
+    /// partition-region: keep the region cut off this long from the fault (e.g. 15s, past
+    /// `--coordinator-lost-for`, so that it falls back while the quorum's holder serves).
+    #[arg(long, env = "ARCFED_SANDBOX_HOLD", value_parser = humantime::parse_duration)]
+    hold: Option<Duration>,
     /// How GitHub offers jobs: `ghes` (`JobAvailable`, then the listener acquires) or `dotcom`
     /// (`JobAssigned`: the service assigns, nothing to acquire).
     #[arg(long, env = "ARCFED_SANDBOX_GITHUB_MODE", value_enum, default_value = "ghes")]
     github_mode: GitHubMode,
-    /// The agents' `--coordinator-lost-for` (default: 5s for quorum-loss and random runs,
+    /// The agents' `--coordinator-lost-for` (default: 5s for quorum-loss, `--hold` and random runs,
     /// else the agent's own default).
     #[arg(long, env = "ARCFED_SANDBOX_COORDINATOR_LOST_FOR")]
     coordinator_lost_for: Option<String>,
@@ -178,15 +182,15 @@ async fn main() -> anyhow::Result<()> {
         cross_credential_delete: args.cross_credential_delete,
         session_ttl: args.session_ttl,
         jobs_per_minute: args.jobs_per_minute,
-        coordinator_lost_for: args
-            .coordinator_lost_for
-            .clone()
-            .or_else(|| (random || args.drill == Some(Scenario::QuorumLoss)).then(|| "5s".to_string())),
+        coordinator_lost_for: args.coordinator_lost_for.clone().or_else(|| {
+            (random || args.drill == Some(Scenario::QuorumLoss) || args.hold.is_some()).then(|| "5s".to_string())
+        }),
         holder_stall: args.holder_stall.clone().or_else(|| match (random, args.drill) {
             (true, _) => Some("5s".into()),
             (_, Some(Scenario::HolderStall | Scenario::AcquireFault)) => Some("4s".into()),
             _ => None,
         }),
+        hold: args.hold,
         job_mode: match args.github_mode {
             GitHubMode::Ghes => JobMode::Ghes,
             GitHubMode::Dotcom => JobMode::Dotcom,

@@ -382,7 +382,10 @@ impl Core {
     pub fn installation_token(&mut self, bearer: &str, installation: &str, now: u64) -> R<(String, String)> {
         self.app_issuer(bearer, now).map_err(|e| ApiError::rest(401, &e.to_string()))?;
         let exp = now + 3_600_000;
-        let t = token::opaque("ghs_");
+        // JWT-shaped and ~520 characters, as GitHub issues them since 2026 (clients must not
+        // assume the short opaque `ghs_…` form).
+        let t =
+            token::installation_jwt(installation, (self.unix_ms(now) / 1000) as i64, (self.unix_ms(exp) / 1000) as i64);
         self.installation_tokens
             .insert(t.clone(), TokenInfo { credential: format!("installation:{installation}"), exp_ms: exp });
         Ok((t, self.time(exp)))

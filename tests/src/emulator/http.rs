@@ -465,9 +465,16 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
             }
         }
     };
-    if let Some(id) = reply.opened {
+    // A create counts from when the service opened the session, not from when the request
+    // arrived: two contenders' requests can arrive in one order and be served in the other
+    // (a DELETE of the old session served before a POST that arrived just earlier), and only
+    // the serving order says whose session was open when.
+    let (at_ms, arrival) = if let Some(id) = reply.opened {
         attr = Attribution { session: Some(id), owner: body_owner.clone(), zombie: false };
-    }
+        sh.arrive()
+    } else {
+        (at_ms, arrival)
+    };
     let status = if reply.empty { 200 } else { reply.status };
     let event = Event {
         seq: 0,

@@ -37,6 +37,25 @@ pub fn mint_jwt(sub: &str, iat: i64, exp: i64) -> String {
     format!("{header}.{payload}.{}", B64.encode(sig))
 }
 
+/// An installation token in GitHub's 2026 form: a JWT of about 520 characters.
+pub fn installation_jwt(installation: &str, iat: i64, exp: i64) -> String {
+    let header = B64.encode(br#"{"alg":"RS256","typ":"JWT","kid":"actions-emulator-installation-key-1"}"#);
+    let claims = serde_json::json!({
+        "iss": "https://github.localhost",
+        "sub": format!("installation:{installation}"),
+        "aud": "api.github.localhost",
+        "iat": iat,
+        "nbf": iat,
+        "exp": exp,
+        "jti": uuid::Uuid::new_v4().to_string(),
+        "permissions": {"administration": "write", "organization_self_hosted_runners": "write"},
+    });
+    let payload = B64.encode(claims.to_string());
+    let mut sig = [0u8; 96];
+    rand::rng().fill_bytes(&mut sig);
+    format!("{header}.{payload}.{}", B64.encode(sig))
+}
+
 /// Reads a JWT's claims without verifying it, as the Go clients do. `None` if it is not a JWT.
 pub fn parse_unverified(token: &str) -> Option<Claims> {
     let mut parts = token.split('.');
@@ -193,6 +212,14 @@ mod tests {
         assert!(looks_like_jwt(&t));
         let c = parse_unverified(&t).unwrap();
         assert_eq!((c.sub.as_str(), c.iat, c.exp), ("pat:x", 100, 700));
+    }
+
+    #[test]
+    fn installation_tokens_are_jwt_shaped_and_about_520_characters() {
+        let t = installation_jwt("42", 1_700_000_000, 1_700_003_600);
+        assert!(looks_like_jwt(&t), "{t}");
+        assert!((450..=650).contains(&t.len()), "{} characters", t.len());
+        assert_eq!(parse_unverified(&t).map(|c| c.exp), Some(1_700_003_600));
     }
 
     #[test]
