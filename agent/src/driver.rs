@@ -53,9 +53,17 @@ const REPATCH_EVERY_MS: u64 = 50_000;
 const COORD_TIMEOUT_MS: u64 = 3_000;
 /// On SIGTERM the release must be done well inside ARC's 60 s grace period (DESIGN §5.7).
 const SHUTDOWN_BUDGET_MS: u64 = 25_000;
-/// Every holder-only request other than the long poll must answer within this; a hung one
-/// is dropped and counts as failed (the holder-stall rule then sees it).
+/// Every holder-only request other than the long poll must answer within this (or half the
+/// holder-stall time, if shorter: see `op_timeout`); a hung one is dropped and counts as
+/// failed, so the holder-stall rule sees a dead GitHub path in time.
 const GITHUB_OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bound on one holder-only request (not the long poll): at most `GITHUB_OP_TIMEOUT`, at
+/// most half of `--holder-stall`, at least 1 s. With a silent GitHub path a hung ack and the
+/// release's session delete then fit in the stall time plus a few seconds, not 20 s.
+fn op_timeout(holder_stall: Duration) -> Duration {
+    (holder_stall / 2).clamp(Duration::from_secs(1), GITHUB_OP_TIMEOUT)
+}
 /// A standalone or fallback holder that let go (a stall) contends again after this.
 const REGRANT_AFTER_MS: u64 = 5_000;
 /// Attach (connect + TLS + Join) must answer within this.
@@ -670,13 +678,12 @@ impl Driver {
         let message = self.message.clone();
         let capacity = self.capacity;
         let metrics = self.metrics.clone();
+        let timeout = op_timeout(self.cfg.holder_stall);
         let fut: BoxFuture<'static, GhDone> = match op {
             GitHubOp::DeleteSession { id } => Box::pin(async move {
-                let r = match tokio::time::timeout(GITHUB_OP_TIMEOUT, client.delete_session(gate.as_ref(), &id)).await {
+                let r = match tokio::time::timeout(timeout, client.delete_session(gate.as_ref(), &id)).await {
                     Ok(r) => r,
-                    Err(_) => {
-                        Err(github::Error::Config(format!("session delete timed out after {GITHUB_OP_TIMEOUT:?}")))
-                    }
+                    Err(_) => Err(github::Error::Config(format!("session delete timed out after {timeout:?}"))),
                 };
                 if let Err(e) = &r {
                     tracing::warn!(session = %id, error = %e, "session delete failed");
@@ -687,7 +694,7 @@ impl Driver {
                 GhDone { input: Input::Deleted { id, done: r.is_ok() }, session, message, opened: None }
             }),
             GitHubOp::CreateSession { owner } => Box::pin(async move {
-                let r = tokio::time::timeout(GITHUB_OP_TIMEOUT, client.create_session(gate.as_ref(), &owner)).await;
+                let r = tokio::time::timeout(timeout, client.create_session(gate.as_ref(), &owner)).await;
                 let (outcome, opened) = match r {
                     // No answer in time: the session may exist (a possible orphan).
                     Err(_) => {
@@ -768,8 +775,7 @@ impl Driver {
                 if let Some(sess) = s.as_mut()
                     && !ids.is_empty()
                 {
-                    match tokio::time::timeout(GITHUB_OP_TIMEOUT, client.acquire_jobs(gate.as_ref(), sess, &ids)).await
-                    {
+                    match tokio::time::timeout(timeout, client.acquire_jobs(gate.as_ref(), sess, &ids)).await {
                         Ok(Ok(got)) => {
                             let missed = ids.len().saturating_sub(got.len());
                             if missed > 0 {
@@ -792,7 +798,7 @@ impl Driver {
             GitHubOp::AcquireAvailable => Box::pin(async move {
                 let mut s = session;
                 if let Some(sess) = s.as_mut() {
-                    let swept = tokio::time::timeout(GITHUB_OP_TIMEOUT, async {
+                    let swept = tokio::time::timeout(timeout, async {
                         let Some(jobs) = client.acquirable_jobs(gate.as_ref()).await? else { return Ok(0) };
                         let ids: Vec<i64> = jobs
                             .iter()
@@ -820,20 +826,19 @@ impl Driver {
             GitHubOp::AckMessage { message_id } => Box::pin(async move {
                 let mut s = session;
                 let ok = match s.as_mut() {
-                    Some(sess) => match tokio::time::timeout(
-                        GITHUB_OP_TIMEOUT,
-                        client.delete_message(gate.as_ref(), sess, message_id),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err(github::Error::Config("message ack timed out".into())))
-                    {
-                        Ok(()) => true,
-                        Err(e) => {
-                            metrics.github_error(error_kind(&e));
-                            tracing::warn!(error = %e, message_id, "message ack failed; will retry");
-                            false
+                    Some(sess) => {
+                        match tokio::time::timeout(timeout, client.delete_message(gate.as_ref(), sess, message_id))
+                            .await
+                            .unwrap_or_else(|_| Err(github::Error::Config("message ack timed out".into())))
+                        {
+                            Ok(()) => true,
+                            Err(e) => {
+                                metrics.github_error(error_kind(&e));
+                                tracing::warn!(error = %e, message_id, "message ack failed; will retry");
+                                false
+                            }
                         }
-                    },
+                    }
                     None => false,
                 };
                 if ok {

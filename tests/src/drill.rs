@@ -622,13 +622,27 @@ async fn holder_stall(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let mut r = RunReport { token_before: token, ..RunReport::default() };
     let owner = format!("arcfed/{}/{member}/t{token}", sb.regions[i].name);
     let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
-    // GitHub answers this holder 503 (with --netns too: a cut GitHub link is noticed only
-    // when the long poll times out, see the note in netns.rs).
-    sb.emu.add_fault(stall_fault(owner, sid, WAIT)).map_err(|e| anyhow::anyhow!(e))?;
+    let region = sb.regions[i].name.clone();
+    // With --netns the holder region's link to GitHub is cut for real (frames dropped
+    // silently, mid long poll); otherwise GitHub answers this holder 503.
+    let cut = if let Some(w) = &sb.wan {
+        w.set_github_link(&region, false)?;
+        true
+    } else {
+        sb.emu.add_fault(stall_fault(owner, sid, WAIT)).map_err(|e| anyhow::anyhow!(e))?;
+        false
+    };
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
-    sb.emu.clear_faults();
+    match &sb.wan {
+        Some(w) if cut => w.set_github_link(&region, true)?,
+        _ => sb.emu.clear_faults(),
+    }
     let to = to?;
-    r.what = format!("GitHub 503 for {} only → {to}", sb.regions[i].name);
+    r.what = if cut {
+        format!("GitHub link of {region} cut → {to}")
+    } else {
+        format!("GitHub 503 for {region} only → {to}")
+    };
     Ok(r)
 }
 

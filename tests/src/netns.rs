@@ -15,11 +15,10 @@
 //! `delay/2`. This kernel has no `sch_netem` (`tc qdisc add … netem` answers "Specified qdisc
 //! kind is unknown"), so the delay is applied here, to real frames between real stacks.
 //! Partitions are link cuts: `ip link set … down` on the region's WAN interface (cut from the
-//! quorum, still reaching GitHub). `Wan::set_github_link` blackholes a region's GitHub link;
-//! the drills do not use it yet: the agent notices a dead GitHub path in the middle of a long
-//! poll only after about 60 s (its TCP keepalive settings did not shorten that here; not
-//! investigated further), so holder-stall keeps the emulator's 503 fault. Everything is
-//! removed when the [`Wan`] is dropped.
+//! quorum, still reaching GitHub). `Wan::set_github_link` blackholes a region's GitHub link:
+//! the `--netns` holder-stall drill cuts it for real (the agent's holder client gives up on a
+//! silent path within seconds: 5 s TCP user timeout, holder requests bounded by half the
+//! holder-stall time). Everything is removed when the [`Wan`] is dropped.
 
 use anyhow::{Context, bail};
 use std::collections::BinaryHeap;

@@ -215,3 +215,22 @@ async fn netns_wan_partitioned_region_by_a_link_cut_stops_holding() -> anyhow::R
     assert!(r.runs[0].what.contains("partitioned"), "{:?}", r.runs[0]);
     Ok(())
 }
+
+/// Real regions: the holder region's link to GitHub is cut (frames dropped silently, in the
+/// middle of whatever request is in flight). The holder sees the dead path through its holder
+/// client's short TCP timeouts and bounded requests, releases after `--holder-stall`, and
+/// another region takes over. Needs root, as CI runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_wan_holder_whose_github_link_is_cut_hands_over() -> anyhow::Result<()> {
+    let opts = SandboxOptions {
+        netns: Some(arcfed_tests::netns::WanOptions::default()),
+        profile: Some("wan".into()),
+        lease_ttl: "10s".into(),
+        holder_stall: Some("4s".into()),
+        ..SandboxOptions::default()
+    };
+    let r = drill_once(Scenario::HolderStall, opts).await?;
+    assert_failed_over(&r);
+    assert!(r.runs[0].what.contains("link"), "{:?}", r.runs[0]);
+    Ok(())
+}

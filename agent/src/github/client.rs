@@ -381,11 +381,14 @@ impl Client {
             by_host.entry(r.host.to_ascii_lowercase()).or_default().push(std::net::SocketAddr::new(r.addr, r.port));
         }
         let build = |holder: bool| {
+            // Holder calls give up on a silent path sooner: unacknowledged data or keepalive
+            // probes for 5 s end the connection, so a cut mid long poll is seen in seconds.
+            let user_timeout = Duration::from_secs(if holder { 5 } else { 10 });
             let mut b = reqwest::Client::builder()
-                .tcp_keepalive(Duration::from_secs(3))
+                .tcp_keepalive(Duration::from_secs(if holder { 2 } else { 3 }))
                 .tcp_keepalive_interval(Duration::from_secs(1))
                 .tcp_keepalive_retries(3)
-                .tcp_user_timeout(Duration::from_secs(10));
+                .tcp_user_timeout(user_timeout);
             b = if holder {
                 // The long poll is bounded by POLL_TIMEOUT per call; the others by the driver.
                 b.connect_timeout(HOLDER_CONNECT_TIMEOUT)
