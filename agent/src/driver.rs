@@ -1533,6 +1533,7 @@ fn error_kind(e: &github::Error) -> &'static str {
         github::Error::Transport { .. } => "transport",
         github::Error::EmptyBody { .. } => "empty_body",
         github::Error::Decode { .. } => "decode",
+        github::Error::TooLarge { .. } => "too_large",
         github::Error::JobStillRunning { .. } => "job_still_running",
         github::Error::Config(_) => "config",
     }

@@ -8,7 +8,8 @@
 //! Waits are conditions with deadlines; no test asserts a duration.
 
 use arcfed_agent::github::{
-    Client, Credentials, Error, Fenced, Gate, GitHubSettings, Open, Resolve, RetryPolicy, job_messages, wire,
+    Client, Credentials, Error, Fenced, Gate, GitHubSettings, MAX_BODY_BYTES, Open, Resolve, RetryPolicy, job_messages,
+    wire,
 };
 use arcfed_tests::emulator::{
     AppKey, CloseReason, DOTCOM_HOST, Emulator, EmulatorConfig, EmulatorHandle, Event, FaultSpec, Layout, Mode,
@@ -452,6 +453,68 @@ async fn a_session_id_that_is_not_a_uuid_is_never_pasted_into_a_url() {
     }
     assert_eq!(h.timeline().len(), before, "nothing was sent");
     assert!(h.report().scale_set(set).is_some(), "the scale set is still there");
+    h.shutdown().await;
+}
+
+/// A server that answers every request with a 200 whose body is larger than the client reads:
+/// announced by Content-Length (`chunked` false) or streamed without one.
+async fn oversized_body_server(chunked: bool) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let chunk = vec![b' '; 64 * 1024];
+                if chunked {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+                        )
+                        .await;
+                    for _ in 0..(MAX_BODY_BYTES / chunk.len() + 8) {
+                        let head = format!("{:x}\r\n", chunk.len());
+                        if s.write_all(head.as_bytes()).await.is_err()
+                            || s.write_all(&chunk).await.is_err()
+                            || s.write_all(b"\r\n").await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                } else {
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 300000000\r\n\r\n";
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(&chunk).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_oversized_response_body_is_an_error_not_a_memory_spike() {
+    let h = start(Layout::Ghes, fast(), None).await;
+    let set = h.create_scale_set("gha-rs", 1).unwrap().id;
+    let c = client(&h, set);
+    let mut s = c.create_session(&Open, "arcfed/a/m1/t1").await.unwrap();
+    for chunked in [false, true] {
+        let addr = oversized_body_server(chunked).await;
+        s.message_queue_url = format!("http://{addr}/_apis/queue?sessionId={}", s.session_id);
+        match tokio::time::timeout(WAIT, c.get_message(&Open, &mut s, 0, 10)).await.expect("no hang") {
+            Err(e @ Error::TooLarge { .. }) => assert!(e.to_string().contains(&MAX_BODY_BYTES.to_string()), "{e}"),
+            other => panic!("chunked={chunked}: expected TooLarge, got {other:?}"),
+        }
+    }
     h.shutdown().await;
 }
 

@@ -37,6 +37,9 @@ pub const HOLDER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// A long poll gets no answer for at most ~90 s on github.com (measured 2026); one that lasts
 /// longer than this is dropped as failed, so a silent path is seen by the holder-stall rule.
 const POLL_TIMEOUT: Duration = Duration::from_secs(100);
+/// The largest response body read: GitHub's largest answers (an envelope of 50 job messages,
+/// a runner list) are far below it. A larger body is an error, not a reason to run out of memory.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
 /// Error messages longer than this (e.g. an HTML error page) are cut.
 const MAX_MESSAGE: usize = 512;
 
@@ -892,12 +895,23 @@ impl Inner {
             rb = rb.timeout(t);
         }
         let transport = |source| Error::Transport { what: call.what, source };
-        let resp = rb.send().await.map_err(transport)?;
+        let mut resp = rb.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
         let ids = RequestIds { activity_id: header("activityid"), request_id: header("x-github-request-id") };
-        let body = resp.bytes().await.map_err(transport)?;
+        let too_large = |ids: RequestIds| Error::TooLarge { what: call.what, limit: MAX_BODY_BYTES, ids };
+        if resp.content_length().is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(too_large(ids));
+        }
+        // Read chunk by chunk, so a body without Content-Length is bounded too.
+        let mut body: Vec<u8> = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(too_large(ids));
+            }
+            body.extend_from_slice(&chunk);
+        }
         let reply = Reply { what: call.what, status, body: strip_bom(&body).to_vec(), headers, ids };
         let retryable = status == 429
             || (status == 403 && is_rate_limit_403(&reply.headers))

@@ -73,6 +73,10 @@ pub enum Error {
     /// 400 `JobStillRunningException` on runner removal: retry later.
     #[error("runner {runner_id} still runs a job: {message} ({ids})")]
     JobStillRunning { runner_id: i64, message: String, ids: RequestIds },
+    /// A response body larger than the client reads (a broken proxy, a hostile endpoint):
+    /// dropped unread past the limit, so memory stays bounded.
+    #[error("{what}: response body over {limit} bytes; not read ({ids})")]
+    TooLarge { what: &'static str, limit: usize, ids: RequestIds },
     /// Bad settings (URL, key, CA); the message names the setting.
     #[error("{0}")]
     Config(String),
@@ -97,6 +101,7 @@ impl Error {
             | Error::ScaleSetNotFound { .. }
             | Error::EmptyBody { .. }
             | Error::Decode { .. }
+            | Error::TooLarge { .. }
             | Error::JobStillRunning { .. } => false,
         }
     }
@@ -112,6 +117,7 @@ impl Error {
             | Error::Status { ids, .. }
             | Error::EmptyBody { ids, .. }
             | Error::Decode { ids, .. }
+            | Error::TooLarge { ids, .. }
             | Error::JobStillRunning { ids, .. } => Some(ids),
             Error::Fenced | Error::Transport { .. } | Error::Config(_) => None,
         }
@@ -136,7 +142,7 @@ impl Error {
             Error::Forbidden { .. } => 403,
             Error::RateLimited { status, .. } => *status,
             Error::Status { status, .. } => *status,
-            Error::EmptyBody { .. } | Error::Decode { .. } => 200,
+            Error::EmptyBody { .. } | Error::Decode { .. } | Error::TooLarge { .. } => 200,
             Error::JobStillRunning { .. } => 400,
             Error::Fenced | Error::Transport { .. } | Error::Config(_) => return None,
         })

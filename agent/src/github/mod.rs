@@ -25,8 +25,8 @@ mod layout;
 
 pub use arcfed_core::github as wire;
 pub use client::{
-    ACCEPT_QUEUE, API_VERSION, Client, HOLDER_CONNECT_TIMEOUT, RetryPolicy, SESSION_CONFLICT_TYPE, ZERO_SESSION_ID,
-    parse_retry_after,
+    ACCEPT_QUEUE, API_VERSION, Client, HOLDER_CONNECT_TIMEOUT, MAX_BODY_BYTES, RetryPolicy, SESSION_CONFLICT_TYPE,
+    ZERO_SESSION_ID, parse_retry_after,
 };
 pub use decode::job_messages;
 pub use error::{Error, RequestIds};
