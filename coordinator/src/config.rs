@@ -170,6 +170,8 @@ pub struct Config {
 
 /// Largest gRPC message between voters (snapshot chunks are the largest).
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Largest gRPC message an agent or an operator may send (a Join is well under 4 KiB).
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
 /// One step of the leader-change path (DESIGN §4 timing rule): what it is, the flags it is
 /// computed from, and its worst case in milliseconds on the voters' clocks.

@@ -341,6 +341,17 @@ async fn f_identity_comes_from_the_certificate_and_roles_are_enforced() {
             let s = q.status().await?;
             assert_eq!(s.members.len(), 1);
             assert_eq!(s.members[0].cluster, "a");
+            // Oversized input never reaches memory or the log: a 3 MB Join is refused by the
+            // message limit, a 3 KB configure URL by validation; the state keeps its one member.
+            for len in [3 * 1024 * 1024, 3 * 1024] {
+                let mut opts = AgentOptions::new(vec![leader.clone()], q.certs.agent("c")?, "c");
+                opts.configure_url = format!("https://github.example/{}", "x".repeat(len));
+                let big = TestAgent::start(opts);
+                big.wait_for("a refusal", WAIT, |r| !r.errors.is_empty()).await?;
+                assert!(big.rec().joined.is_empty(), "a {len}-byte configure URL was admitted");
+                big.stop();
+            }
+            assert_eq!(q.status().await?.members.len(), 1, "the state is intact");
             // An unknown CA is refused at the handshake.
             let other = arcfed_tests::harness::Certs::init(&q.dir.join("foreign"))?;
             let foreign = other.agent("a")?;

@@ -21,6 +21,12 @@ impl GroupKey {
         if url.is_empty() {
             return Err("configure_url is empty".into());
         }
+        if url.len() > MAX_CONFIGURE_URL {
+            return Err(format!("configure_url is {} bytes long (at most {MAX_CONFIGURE_URL})", url.len()));
+        }
+        if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err("configure_url has a control or space character".into());
+        }
         if scale_set_id <= 0 {
             return Err(format!("scale_set_id must be > 0, got {scale_set_id}"));
         }
@@ -38,6 +44,9 @@ impl GroupKey {
         Ok(GroupKey(format!("{scheme}://{}{path}#{scale_set_id}", host.to_ascii_lowercase())))
     }
 }
+
+/// The longest `configure_url` a group key is made of (GitHub URLs are far shorter).
+pub const MAX_CONFIGURE_URL: usize = 2048;
 
 impl fmt::Display for GroupKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -154,6 +163,11 @@ impl JoinSpec {
         let bad = |field, why| Err(InvalidJoin { field, why });
         if !valid_name(&self.cluster, 63) {
             return bad("join.cluster", "must be 1-63 characters of [A-Za-z0-9._-]");
+        }
+        // Checked again here, not only where the key is built: `apply` runs this too, so a
+        // committed entry from an older version cannot bring in an unbounded key.
+        if self.group.0.len() > MAX_CONFIGURE_URL + 32 || self.group.0.chars().any(|c| c.is_control()) {
+            return bad("join.group", "configure_url too long or with control characters");
         }
         if !valid_name(&self.ers_namespace, 63) {
             return bad("join.ers_namespace", "must be 1-63 characters of [A-Za-z0-9._-]");
@@ -378,3 +392,18 @@ pub struct Applied {
 }
 
 pub type SessionSet = BTreeSet<String>;
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn a_group_key_is_bounded_and_has_no_control_characters() {
+        assert!(GroupKey::new("https://github.com/org", 1).is_ok());
+        let long = format!("https://github.com/{}", "x".repeat(3 * 1024 * 1024));
+        let e = GroupKey::new(&long, 1).expect_err("3 MB");
+        assert!(e.contains("at most 2048"), "{e}");
+        assert!(GroupKey::new("https://github.com/org\u{1b}[2J", 1).is_err());
+        assert!(GroupKey::new("https://github.com/o rg", 1).is_err());
+    }
+}

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 // Max gRPC message size between voters: the largest is a snapshot chunk, bounded by
 // `--snapshot-chunk-size` (validated against this limit).
-use crate::config::MAX_MESSAGE;
+use crate::config::{MAX_CLIENT_MESSAGE, MAX_MESSAGE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -438,8 +438,14 @@ pub async fn run(
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
-    let agent_svc = AgentServiceServer::new(agent::AgentSvc { ctx: ctx.clone() });
-    let admin_svc = AdminServiceServer::new(admin::AdminSvc { ctx: ctx.clone() });
+    // An agent's or an operator's message is small (a Join is well under 4 KiB): anything
+    // larger is refused before it is decoded, so it cannot reach memory or the log. Status
+    // answers may be large (many groups), so only what comes in is bounded.
+    let agent_svc =
+        AgentServiceServer::new(agent::AgentSvc { ctx: ctx.clone() }).max_decoding_message_size(MAX_CLIENT_MESSAGE);
+    let admin_svc = AdminServiceServer::new(admin::AdminSvc { ctx: ctx.clone() })
+        .max_decoding_message_size(MAX_CLIENT_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
     let mut stop_for_server = stop_rx.clone();
     let server = tonic::transport::Server::builder()
         .tls_config(tls.server_config())?
