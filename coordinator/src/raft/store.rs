@@ -88,6 +88,9 @@ pub enum StoreError {
     },
     #[error("{}: store task failed: {detail}", .path.display())]
     Task { path: PathBuf, detail: String },
+    /// The store exists but cannot be what a voter wrote: the voter must not start.
+    #[error("{}: refusing to start: {detail}", .path.display())]
+    Damaged { path: PathBuf, detail: String },
 }
 
 /// An error inside one store operation, before it is mapped to openraft's `StorageError`
@@ -224,6 +227,17 @@ fn open_blocking(dir: &Path) -> Result<(Database, Restored), StoreError> {
     std::fs::remove_file(&probe).map_err(dir_err("cannot remove the write probe"))?;
 
     let path = dir.join(DB_FILE);
+    // A store that exists but is empty is damage (a truncated copy, a full disk at creation),
+    // not a new node: opening it as new would let the lowest node id bootstrap a fresh quorum
+    // and hand out tokens from 1 again. Only a missing file means "start fresh".
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+        return Err(StoreError::Damaged {
+            path,
+            detail: "the file is empty (0 bytes); restore it from a backup, or remove the data dir \
+                     to join as a new voter"
+                .into(),
+        });
+    }
     let deadline = Instant::now() + OPEN_RETRY_FOR;
     let db = loop {
         match redb::Builder::new().set_cache_size(STORE_CACHE_BYTES).create(&path) {
@@ -697,6 +711,23 @@ mod tests {
         let shared = Shared::new();
         let (log, sm) = open(dir, shared.clone()).await.expect("open store");
         (log, sm, shared)
+    }
+
+    #[tokio::test]
+    async fn an_empty_store_file_stops_the_voter_instead_of_starting_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DB_FILE), b"").unwrap();
+        match open(dir.path(), Shared::new()).await {
+            Err(e @ StoreError::Damaged { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("0 bytes") && text.contains(DB_FILE), "{text}");
+            }
+            Err(e) => panic!("expected Damaged, got {e}"),
+            Ok(_) => panic!("an empty store was opened as a new one"),
+        }
+        // A missing file is a new voter.
+        std::fs::remove_file(dir.path().join(DB_FILE)).unwrap();
+        open_fresh(dir.path()).await;
     }
 
     #[tokio::test]
