@@ -395,12 +395,7 @@ async fn kill_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     r.holder_reattached_ms = Some(ms(fault));
-    let names: Vec<String> = sb.regions.iter().map(|r| r.name.clone()).collect();
-    let s = sb
-        .wait_status("a new leader serving every region", |s| {
-            s.leader != old && names.iter().all(|n| s.members.iter().any(|m| &m.cluster == n && m.status == "live"))
-        })
-        .await?;
+    let s = new_leader_serving_every_region(sb, old).await?;
     // Served again: GitHub sees a poll after the fault (the holder's, or a successor's if the
     // leader change moved the holder, which the report then flags).
     wait_any_poll(sb, fault_emu).await?;
@@ -414,6 +409,15 @@ async fn kill_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     Ok(r)
 }
 
+/// Waits until a leader other than `old` serves status and every region has a live member.
+async fn new_leader_serving_every_region(sb: &Sandbox, old: u64) -> anyhow::Result<arcfed_proto::StatusResponse> {
+    let names: Vec<String> = sb.regions.iter().map(|r| r.name.clone()).collect();
+    sb.wait_status("a new leader serving every region", |s| {
+        s.leader != old && names.iter().all(|n| s.members.iter().any(|m| &m.cluster == n && m.status == "live"))
+    })
+    .await
+}
+
 async fn freeze_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let (_, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, token_after: token, ..RunReport::default() };
@@ -423,12 +427,7 @@ async fn freeze_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let ttl = humantime::parse_duration(&sb.opts.lease_ttl)?;
     let fault = Instant::now();
     sb.q.voter(old).freeze();
-    let names: Vec<String> = sb.regions.iter().map(|r| r.name.clone()).collect();
-    let s = sb
-        .wait_status("a new leader serving every region", |s| {
-            s.leader != old && names.iter().all(|n| s.members.iter().any(|m| &m.cluster == n && m.status == "live"))
-        })
-        .await;
+    let s = new_leader_serving_every_region(sb, old).await;
     // Frozen past the TTL: on the old leader's clock every lease it knew falls due.
     tokio::time::sleep((ttl + Duration::from_secs(1)).saturating_sub(fault.elapsed())).await;
     sb.q.voter(old).thaw();
@@ -449,8 +448,8 @@ async fn freeze_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Give the woken lessor its ticks (it runs every 50 ms), then read what was applied.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // It has stepped down: whatever its woken lessor proposed before that could not commit
+    // (no quorum in its old term), so the applied counter now says all there is to say.
     let now = sb.wait_status("a holder", |s| s.groups.first().is_some_and(|g| !g.holder.is_empty())).await?;
     let after = sb.leader_counter(expired).await.context("the leader's expiration counter")?;
     r.leases_expired = Some(after.saturating_sub(before));
@@ -604,13 +603,15 @@ async fn wait_any_poll(sb: &Sandbox, after: u64) -> anyhow::Result<(String, Stri
     }
 }
 
-fn stall_fault(owner: String, session_id: String, duration: Duration) -> FaultSpec {
+/// GitHub answers 503 to this holder's requests of `class` (only on `session_id`, if given)
+/// for `duration`.
+fn holder_503(owner: String, class: PathClass, session_id: Option<String>, duration: Duration) -> FaultSpec {
     FaultSpec {
         kind: FaultKind::Status { status: 503, retry_after: None, type_name: None, message: None, error_kind: None },
         handle_first: false,
-        path_class: Some(PathClass::Poll),
+        path_class: Some(class),
         owner: Some(owner),
-        session_id: Some(session_id),
+        session_id,
         scale_set_id: None,
         count: None,
         duration: Some(humantime::format_duration(duration).to_string()),
@@ -629,7 +630,7 @@ async fn holder_stall(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
         w.set_github_link(&region, false)?;
         true
     } else {
-        sb.emu.add_fault(stall_fault(owner, sid, WAIT)).map_err(|e| anyhow::anyhow!(e))?;
+        sb.emu.add_fault(holder_503(owner, PathClass::Poll, Some(sid), WAIT)).map_err(|e| anyhow::anyhow!(e))?;
         false
     };
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
@@ -646,29 +647,19 @@ async fn holder_stall(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     Ok(r)
 }
 
-/// `acquirejobs` answers 503 to this holder (every session of its token) for `duration`.
-fn acquire_fault_rule(owner: String, duration: Duration) -> FaultSpec {
-    FaultSpec {
-        kind: FaultKind::Status { status: 503, retry_after: None, type_name: None, message: None, error_kind: None },
-        handle_first: false,
-        path_class: Some(PathClass::Acquire),
-        owner: Some(owner),
-        session_id: None,
-        scale_set_id: None,
-        count: None,
-        duration: Some(humantime::format_duration(duration).to_string()),
-    }
-}
-
 async fn acquire_fault(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let (i, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, ..RunReport::default() };
     let owner = format!("arcfed/{}/{member}/t{token}", sb.regions[i].name);
     let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
     // The oldest replacing rule fires first: one acquire hangs (the agent's timeout), then 503s.
-    let hang = FaultSpec { kind: FaultKind::Hang, count: Some(1), ..acquire_fault_rule(owner.clone(), WAIT) };
+    let hang = FaultSpec {
+        kind: FaultKind::Hang,
+        count: Some(1),
+        ..holder_503(owner.clone(), PathClass::Acquire, None, WAIT)
+    };
     sb.emu.add_fault(hang).map_err(|e| anyhow::anyhow!(e))?;
-    sb.emu.add_fault(acquire_fault_rule(owner, WAIT)).map_err(|e| anyhow::anyhow!(e))?;
+    sb.emu.add_fault(holder_503(owner, PathClass::Acquire, None, WAIT)).map_err(|e| anyhow::anyhow!(e))?;
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
     sb.emu.clear_faults();
     let to = to?;
@@ -829,14 +820,16 @@ async fn apply_random(sb: &mut Sandbox, f: &PlannedFault) -> anyhow::Result<Stri
         Scenario::HolderStall => {
             let Some(s) = latest.filter(|s| !s.holder.is_empty()) else { return Ok("no holder: skipped".into()) };
             let owner = format!("arcfed/{}/{}/t{}", s.holder_cluster, s.holder, s.token);
-            sb.emu.add_fault(stall_fault(owner, s.session_id.clone(), hold)).map_err(|e| anyhow::anyhow!(e))?;
+            sb.emu
+                .add_fault(holder_503(owner, PathClass::Poll, Some(s.session_id.clone()), hold))
+                .map_err(|e| anyhow::anyhow!(e))?;
             tokio::time::sleep(hold).await;
             Ok(format!("GitHub 503 for {}", s.holder_cluster))
         }
         Scenario::AcquireFault => {
             let Some(s) = latest.filter(|s| !s.holder.is_empty()) else { return Ok("no holder: skipped".into()) };
             let owner = format!("arcfed/{}/{}/t{}", s.holder_cluster, s.holder, s.token);
-            sb.emu.add_fault(acquire_fault_rule(owner, hold)).map_err(|e| anyhow::anyhow!(e))?;
+            sb.emu.add_fault(holder_503(owner, PathClass::Acquire, None, hold)).map_err(|e| anyhow::anyhow!(e))?;
             tokio::time::sleep(hold).await;
             Ok(format!("acquirejobs 503 for {}", s.holder_cluster))
         }
