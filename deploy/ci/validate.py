@@ -97,6 +97,30 @@ def kustomizations() -> list[Path]:
     return out
 
 
+# Kinds deploy/ uses that are cluster-scoped; every other kind is namespaced (kustomize does not
+# add a namespace to objects that components bring, so each must be set; arcfed-lab
+# install-check asks the API server's discovery the same question).
+CLUSTER_SCOPED = {"Namespace", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+                  "ClusterRole", "ClusterRoleBinding", "ClusterIssuer", "CustomResourceDefinition"}
+DOCUMENTED_NAMESPACES = [("coordinator", "arcfed-system"), ("arc/agent", "arc-systems"),
+                         ("arc/scale-set", "arc-runners"), ("observability", "monitoring"),
+                         ("arc/admission", None)]
+
+
+def check_namespaces(d: Path, objs: list[dict]) -> None:
+    r = str(d.relative_to(DEPLOY))
+    want = next((ns for p, ns in sorted(DOCUMENTED_NAMESPACES, key=lambda x: -len(x[0]))
+                 if r == p or r.startswith(p + "/")), None)
+    for o in objs:
+        if o.get("kind") in CLUSTER_SCOPED:
+            continue
+        ns = (o.get("metadata") or {}).get("namespace")
+        if want is None or ns != want:
+            fail(f"{rel(d)} {objname(o)}", f"namespace {ns!r}, deploy/README.md says {want!r}")
+        else:
+            ok()
+
+
 def render(kubectl: str, d: Path) -> list[dict] | None:
     r = subprocess.run([kubectl, "kustomize", str(d)], capture_output=True, text=True)
     if r.returncode != 0:
@@ -1027,6 +1051,10 @@ def main() -> int:
         if objs is not None:
             renders[d] = objs
             print(f"   {rel(d)}: {len(objs)} objects")
+
+    print("== namespaces: every namespaced object names the namespace deploy/README.md gives it")
+    for d, objs in renders.items():
+        check_namespaces(d, objs)
 
     print("== schemas: Kubernetes OpenAPI (kubernetes-validate), ARC CRDs, structural CRD schemas")
     schemas = Schemas(Path(args.crds))

@@ -49,7 +49,8 @@ pub fn hold_free_ports(n: usize) -> (Vec<u16>, Vec<TcpListener>) {
 /// One child process of a workspace binary, its stderr appended to a log file. Faults are
 /// real signals: SIGKILL, SIGTERM, SIGSTOP/SIGCONT. Voters and agents both use it.
 pub struct Proc {
-    bin: &'static str,
+    /// The program: a workspace binary (see [`bin_path`]) or, for the lab's peers, any path.
+    program: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
     pub log: PathBuf,
@@ -61,7 +62,12 @@ pub struct Proc {
 
 impl Proc {
     pub fn new(bin: &'static str, args: Vec<String>, env: Vec<(String, String)>, log: PathBuf) -> Proc {
-        Proc { bin, args, env, log, netns: None, child: None }
+        Proc::program(bin_path(bin), args, env, log)
+    }
+
+    /// A program outside the workspace (the lab's etcd, kube-apiserver, ARC).
+    pub fn program(program: PathBuf, args: Vec<String>, env: Vec<(String, String)>, log: PathBuf) -> Proc {
+        Proc { program, args, env, log, netns: None, child: None }
     }
 
     pub fn spawn(&mut self) -> anyhow::Result<()> {
@@ -69,17 +75,16 @@ impl Proc {
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin_path(self.bin));
+                c.args(["netns", "exec", ns]).arg(&self.program);
                 c
             }
-            None => Command::new(bin_path(self.bin)),
+            None => Command::new(&self.program),
         };
         cmd.args(&self.args).stdout(Stdio::null()).stderr(log).env_remove("LISTENER_CONFIG_PATH");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let child =
-            cmd.spawn().with_context(|| format!("spawn {} (is it built? run `cargo build --workspace`)", self.bin))?;
+        let child = cmd.spawn().with_context(|| format!("spawn {} (is it built?)", self.program.display()))?;
         self.child = Some(child);
         Ok(())
     }
@@ -95,7 +100,7 @@ impl Proc {
 
     fn signal(&self, sig: &str) {
         if let Some(pid) = self.pid() {
-            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).stderr(Stdio::null()).status();
         }
     }
 
@@ -225,6 +230,9 @@ pub struct QuorumOptions {
     /// More addresses every coordinator certificate names (where proxies in front of the
     /// voters listen with `--netns`).
     pub cert_ips: Vec<std::net::Ipv4Addr>,
+    /// The address voters without a placement bind (127.0.0.1; the lab's bridge address when
+    /// agents in pods dial them).
+    pub bind_ip: std::net::Ipv4Addr,
 }
 
 impl Default for QuorumOptions {
@@ -236,6 +244,7 @@ impl Default for QuorumOptions {
             extra_args: vec![],
             placement: vec![],
             cert_ips: vec![],
+            bind_ip: std::net::Ipv4Addr::LOCALHOST,
         }
     }
 }
@@ -353,7 +362,7 @@ impl Quorum {
             .zip(&ports)
             .map(|(id, port)| match place(*id) {
                 Some((_, ip)) => (*id, SocketAddr::from((*ip, 7000))),
-                None => (*id, SocketAddr::from(([127, 0, 0, 1], *port))),
+                None => (*id, SocketAddr::from((opts.bind_ip, *port))),
             })
             .collect();
         let http_ports = &ports[ids.len()..];
@@ -372,6 +381,9 @@ impl Quorum {
         for (id, http_port) in ids.iter().zip(http_ports) {
             let mut ips: Vec<std::net::IpAddr> = opts.cert_ips.iter().map(|i| (*i).into()).collect();
             ips.extend(place(*id).map(|(_, ip)| std::net::IpAddr::from(*ip)));
+            if !opts.bind_ip.is_loopback() {
+                ips.push(opts.bind_ip.into());
+            }
             let tls = certs.coordinator_at(*id, &ips)?;
             let peers: Vec<(u64, String)> = ids
                 .iter()
@@ -382,7 +394,7 @@ impl Quorum {
                 .collect();
             let http = match place(*id) {
                 Some((_, ip)) => SocketAddr::from((*ip, 8000)),
-                None => SocketAddr::from(([127, 0, 0, 1], *http_port)),
+                None => SocketAddr::from((opts.bind_ip, *http_port)),
             };
             let mut v = Voter::new(dir, *id, (grpc[id], http), &tls, opts.lease_ttl, &peers);
             v.proc.args.extend(opts.extra_args.iter().cloned());

@@ -8,6 +8,7 @@
 //!  agent_proc     real arcfed-agent processes (sim runner backend) with SIGKILL/STOP/TERM
 //!  sandbox        the whole world: emulator, voters, one agent per region, link proxies, sampler
 //!  drill          DESIGN §10 faults over a sandbox, the typed §11 report, the randomized run
+//!  lab            arcfed-lab: real kube-apiservers and real ARC built from their Go modules
 //! ```
 //!
 //! How tests find binaries: [`harness::bin_path`] looks next to the running test executable
@@ -20,5 +21,6 @@ pub mod drill;
 pub mod emulator;
 pub mod fault_proxy;
 pub mod harness;
+pub mod lab;
 pub mod netns;
 pub mod sandbox;

@@ -133,6 +133,19 @@ struct Runner {
     job: Option<String>,
     /// Ephemeral runners run one job; after it they no longer count as registered.
     finished: bool,
+    /// Takes and finishes jobs by itself (as with `auto_runners`), from when it came online:
+    /// the lab's runner processes ask for this.
+    auto: bool,
+}
+
+/// What the side channel tells a runner process about itself.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerState {
+    pub id: i64,
+    pub online: bool,
+    pub job_id: Option<String>,
+    pub finished: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1081,7 +1094,7 @@ impl Core {
         self.next_runner += 1;
         let online = self.settings.auto_runners;
         let set = self.live_set_mut(set_id)?;
-        set.runners.insert(id, Runner { id, name: name.into(), online, job: None, finished: false });
+        set.runners.insert(id, Runner { id, name: name.into(), online, job: None, finished: false, auto: online });
         self.runner_index.insert(id, set_id);
         self.runner_names.insert(name.into(), id);
         let runner = RunnerReference { id, name: name.into(), runner_scale_set_id: set_id };
@@ -1138,13 +1151,39 @@ impl Core {
         Ok((set, id))
     }
 
-    /// Side channel: the JIT runner connected.
-    pub fn runner_online(&mut self, name: &str) -> R<()> {
+    /// Side channel: the JIT runner connected; with `auto` it then takes and finishes jobs by
+    /// itself (each lasts its job's duration), as every runner does with `auto_runners`.
+    pub fn runner_online(&mut self, name: &str, auto: bool) -> R<()> {
         let (set, id) = self.find_runner(name)?;
         if let Some(r) = self.scale_sets.get_mut(&set).and_then(|s| s.runners.get_mut(&id)) {
             r.online = true;
+            r.auto |= auto;
         }
         Ok(())
+    }
+
+    /// When the first job queued after `after_ms` reached a runner (ms on the emulator clock),
+    /// among jobs still known (queued, assigned or running): the lab's "jobs run again". A
+    /// caller polling more often than the shortest job lasts sees every such start.
+    pub fn first_start_after(&self, set_id: i64, after_ms: u64) -> Option<u64> {
+        self.live_set(set_id)
+            .ok()?
+            .jobs
+            .values()
+            .filter(|j| j.queued_at > after_ms)
+            .filter_map(|j| j.runner_assigned_at)
+            .min()
+    }
+
+    /// Side channel: a runner's state (a runner process waits for `finished` to exit).
+    pub fn runner_state(&mut self, name: &str) -> R<RunnerState> {
+        let (set, id) = self.find_runner(name)?;
+        let r = self
+            .scale_sets
+            .get(&set)
+            .and_then(|s| s.runners.get(&id))
+            .ok_or_else(|| ApiError::not_found(&format!("runner {name}")))?;
+        Ok(RunnerState { id, online: r.online, job_id: r.job.clone(), finished: r.finished })
     }
 
     /// Side channel: the runner takes `job_id` (or the oldest waiting assigned job).
@@ -1235,14 +1274,14 @@ impl Core {
             if assign_timeout > 0 {
                 cancel_unstarted(set, assign_timeout, clock);
             }
-            if !auto {
-                continue;
-            }
+            let automatic = |set: &ScaleSet, rid: i64| auto || set.runners.get(&rid).is_some_and(|r| r.auto);
             let due: Vec<String> = set
                 .jobs
                 .values()
                 .filter_map(|j| match j.state {
-                    JobState::Running { finish_at, .. } if finish_at <= now => Some(j.job_id.clone()),
+                    JobState::Running { finish_at, runner_id } if finish_at <= now && automatic(set, runner_id) => {
+                        Some(j.job_id.clone())
+                    }
                     _ => None,
                 })
                 .collect();
@@ -1250,8 +1289,11 @@ impl Core {
                 finish_job(set, &job, "succeeded", clock);
             }
             // Idle runners take waiting jobs, oldest first, until one side runs out.
-            while let Some(rid) =
-                set.runners.values().find(|r| r.online && !r.finished && r.job.is_none()).map(|r| r.id)
+            while let Some(rid) = set
+                .runners
+                .values()
+                .find(|r| (auto || r.auto) && r.online && !r.finished && r.job.is_none())
+                .map(|r| r.id)
             {
                 if start_job(set, rid, None, now, clock).is_err() {
                     break;

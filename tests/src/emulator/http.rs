@@ -868,6 +868,9 @@ struct RunnerBody {
     job_id: Option<String>,
     #[serde(default)]
     result: Option<String>,
+    /// `online` only: take and finish jobs automatically from now on.
+    #[serde(default)]
+    auto: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -948,10 +951,11 @@ async fn emulator(sh: &Arc<Shared>, r: &Req, rest: &[String]) -> Reply {
             let limit = r.q("limit").and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
             Reply::json(200, c.timeline(since, limit))
         }
+        (Method::GET, ["runners", name]) => Reply::from(200, c.runner_state(name)),
         (Method::POST, ["runners", name, action]) => {
             let b = parse::<RunnerBody>(r).unwrap_or_default();
             match *action {
-                "online" => Reply::unit(204, c.runner_online(name)),
+                "online" => Reply::unit(204, c.runner_online(name, b.auto)),
                 "start" => Reply::from(
                     200,
                     c.runner_start(name, b.job_id.as_deref(), now).map(|j| serde_json::json!({"jobId": j})),

@@ -337,6 +337,26 @@ impl EmulatorHandle {
         self.shared.lock().enqueue_jobs(scale_set_id, count, duration, now)
     }
 
+    /// See [`super::core::Core::first_start_after`].
+    pub fn first_start_after(&self, scale_set_id: i64, after_ms: u64) -> Option<u64> {
+        self.shared.lock().first_start_after(scale_set_id, after_ms)
+    }
+
+    /// Starts (or with 0 jobs per minute stops) a scale set's job generator.
+    pub fn set_workload(
+        &self,
+        scale_set_id: i64,
+        jobs_per_minute: f64,
+        durations_s: (f64, f64),
+    ) -> Result<(), ApiError> {
+        let w: super::core::Workload = serde_json::from_value(serde_json::json!({
+            "scaleSetId": scale_set_id, "jobsPerMinute": jobs_per_minute,
+            "minDurationSeconds": durations_s.0, "maxDurationSeconds": durations_s.1,
+        }))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        self.shared.lock().set_workload(w)
+    }
+
     pub fn statistics(&self, scale_set_id: i64) -> Result<Statistics, ApiError> {
         self.shared.lock().statistics(scale_set_id)
     }
