@@ -378,15 +378,58 @@ pub struct ListenerFile {
     pub unknown_keys: Vec<String>,
 }
 
+/// ARC before 0.8 (its `githubrunnerscalesetlistener`) wrote the same settings in camelCase,
+/// with zero values for unset ones; each maps to the key of later releases.
+const LEGACY_KEYS: &[(&str, &str)] = &[
+    ("configureUrl", "configure_url"),
+    ("appID", "github_app_id"),
+    ("appInstallationID", "github_app_installation_id"),
+    ("appPrivateKey", "github_app_private_key"),
+    ("token", "github_token"),
+    ("ephemeralRunnerSetNamespace", "ephemeral_runner_set_namespace"),
+    ("ephemeralRunnerSetName", "ephemeral_runner_set_name"),
+    ("maxRunners", "max_runners"),
+    ("minRunners", "min_runners"),
+    ("runnerScaleSetId", "runner_scale_set_id"),
+    ("runnerScaleSetName", "runner_scale_set_name"),
+    ("serverRootCA", "server_root_ca"),
+    ("logLevel", "log_level"),
+    ("logFormat", "log_format"),
+    ("metricsAddr", "metrics_addr"),
+    ("metricsEndpoint", "metrics_endpoint"),
+];
+
+/// Rewrites ARC < 0.8's keys to today's when the file has no today's key at all: an App id
+/// or installation id of 0 means unset there, and a metrics address "0" means off.
+fn from_legacy(map: &mut Map<String, Value>) {
+    if LEGACY_KEYS.iter().any(|(_, new)| map.contains_key(*new)) || !map.contains_key("configureUrl") {
+        return;
+    }
+    for (old, new) in LEGACY_KEYS {
+        if let Some(v) = map.remove(*old) {
+            let unset = match (*old, &v) {
+                ("appID" | "appInstallationID", Value::Number(n)) => n.as_i64() == Some(0),
+                ("metricsAddr", Value::String(a)) => a == "0",
+                _ => false,
+            };
+            map.insert((*new).to_string(), if unset { Value::String(String::new()) } else { v });
+        }
+    }
+    if map.get("github_app_installation_id").is_some_and(|v| v.as_str() == Some("")) {
+        map.remove("github_app_installation_id");
+    }
+}
+
 impl ListenerFile {
-    /// Parses the JSON text of a listener config. A value of the wrong type is an error naming
-    /// its key.
+    /// Parses the JSON text of a listener config (ARC's current keys, or ARC < 0.8's camelCase
+    /// ones). A value of the wrong type is an error naming its key.
     pub fn parse(text: &str) -> Result<ListenerFile, String> {
         let mut map: Map<String, Value> = match serde_json::from_str(text) {
             Ok(Value::Object(m)) => m,
             Ok(_) => return Err("not a JSON object".into()),
             Err(e) => return Err(format!("not valid JSON: {e}")),
         };
+        from_legacy(&mut map);
         let mut unknown_keys: Vec<String> = map.keys().filter(|k| !KNOWN_KEYS.contains(&k.as_str())).cloned().collect();
         unknown_keys.sort();
         let str_of = |m: &mut Map<String, Value>, k: &str| -> Result<Option<String>, String> {

@@ -124,6 +124,30 @@ fn the_sample_listener_config_parses_as_arc_writes_it() {
     assert!(text.contains(want), "{text}");
 }
 
+/// ARC before 0.8 writes camelCase keys with zero values for unset ones (what ARC v0.27.6's
+/// controller wrote in the lab); the agent reads them as the later keys.
+#[test]
+fn arc_before_0_8_camel_case_config_is_read() {
+    let v = serde_json::json!({
+        "configureUrl": "https://github.com/my-org", "appID": 0, "appInstallationID": 0, "appPrivateKey": "",
+        "token": "ghp_legacy", "ephemeralRunnerSetNamespace": "arc-runners", "ephemeralRunnerSetName": "lab-runners-x7k2p",
+        "maxRunners": 10, "minRunners": 0, "runnerScaleSetId": 7, "runnerScaleSetName": "lab-runners",
+        "serverRootCA": "", "logLevel": "debug", "logFormat": "text", "metricsAddr": "0", "metricsEndpoint": ""
+    });
+    let cfg = parse_file(&v, &[]).expect("valid");
+    assert_eq!(cfg.github.configure_url, "https://github.com/my-org");
+    assert!(matches!(&cfg.github.credentials, Credentials::Pat(t) if t == "ghp_legacy"));
+    assert_eq!(cfg.github.scale_set_id, 7);
+    assert_eq!((cfg.ers_namespace.as_str(), cfg.ers_name.as_str()), ("arc-runners", "lab-runners-x7k2p"));
+    assert_eq!((cfg.min_runners, cfg.max_runners), (0, 10));
+    assert_eq!(cfg.admin_listen, None, "metricsAddr \"0\" is ARC's chart turning metrics off");
+    // A file with today's keys is not rewritten, even with a stray legacy key in it.
+    let mut today = sample("listener-config.json");
+    today["token"] = "ghp_other".into();
+    let cfg = parse_file(&today, &[]).expect("valid");
+    assert!(matches!(&cfg.github.credentials, Credentials::Pat(t) if t.starts_with("ghp_") && t != "ghp_other"));
+}
+
 #[test]
 fn the_app_sample_parses_once_it_holds_a_real_key() {
     let mut v = sample("listener-config-app.json");

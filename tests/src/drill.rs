@@ -1167,6 +1167,7 @@ mod tests {
             fault: None,
             credential: None,
             rate_limited: false,
+            peer: None,
         }
     }
 

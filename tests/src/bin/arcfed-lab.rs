@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use arcfed_tests::lab::cluster::Cluster;
 use arcfed_tests::lab::install::install_check;
 use arcfed_tests::lab::peers::Peers;
-use arcfed_tests::lab::seed::{SeedOptions, seed_compare};
+use arcfed_tests::lab::seed::{Listener, SeedOptions, seed_compare};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -52,6 +52,9 @@ enum Cmd {
         /// Steady workload before each kill.
         #[arg(long, env = "ARCFED_LAB_WARMUP", default_value = "15s", value_parser = humantime::parse_duration)]
         warmup: std::time::Duration,
+        /// Measure one row only (the other is null in the JSON).
+        #[arg(long, env = "ARCFED_LAB_ONLY", value_enum)]
+        only: Option<Listener>,
         /// Print the report as one JSON object.
         #[arg(long, env = "ARCFED_LAB_JSON")]
         json: bool,
@@ -69,11 +72,24 @@ enum Cmd {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let code = rt.block_on(lab_main());
+    // The runtime's shutdown drops the kubelet tasks, and with the last of them the lab
+    // network (its bridge and pod namespaces), before the process exits.
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    match code {
+        Ok(0) => Ok(()),
+        Ok(code) => std::process::exit(code),
+        Err(e) => Err(e),
+    }
+}
+
+async fn lab_main() -> anyhow::Result<i32> {
     let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Cmd::Runner = args.cmd {
-        return arcfed_tests::lab::runner::run().await;
+        return arcfed_tests::lab::runner::run().await.map(|()| 0);
     }
     let peers = match &args.peers {
         Some(d) => Peers::at(d),
@@ -86,7 +102,21 @@ async fn main() -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     eprintln!("arcfed-lab: working in {}", dir.display());
-    match args.cmd {
+    // On SIGINT/SIGTERM the command's future is dropped, and with it every cluster, pod and
+    // the lab network (their Drop stops and removes them).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let code = tokio::select! {
+        r = run(args.cmd, &peers, &dir) => r?,
+        _ = tokio::signal::ctrl_c() => { eprintln!("arcfed-lab: interrupted; stopping"); 130 }
+        _ = term.recv() => { eprintln!("arcfed-lab: terminated; stopping"); 143 }
+    };
+    Ok(code)
+}
+
+/// Runs one subcommand; its exit code.
+async fn run(cmd: Cmd, peers: &Peers, dir: &std::path::Path) -> anyhow::Result<i32> {
+    let (peers, dir) = (peers.clone(), dir.to_path_buf());
+    match cmd {
         Cmd::InstallCheck { json } => {
             let c = Cluster::start(&peers, &dir, "install", std::net::Ipv4Addr::LOCALHOST).await?;
             let report = install_check(&peers, &c, &dir.join("work"))?;
@@ -128,16 +158,16 @@ async fn main() -> anyhow::Result<()> {
                 println!("install-check: {}", if report.passed { "PASSED" } else { "FAILED" });
             }
             if !report.passed {
-                std::process::exit(1);
+                return Ok(1);
             }
         }
         Cmd::Runner => unreachable!("handled above"),
-        Cmd::SeedCompare { runs, clusters, session_ttl, warmup, json } => {
+        Cmd::SeedCompare { runs, clusters, session_ttl, warmup, only, json } => {
             if !(2..=3).contains(&clusters) {
                 bail!("--clusters must be 2 or 3");
             }
             let opts = SeedOptions { runs, clusters, session_ttl, warmup, ..SeedOptions::default() };
-            let report = seed_compare(&peers, &dir, &opts).await?;
+            let report = seed_compare(&peers, &dir, &opts, only).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -157,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
                     "kill→jobs p50",
                     "p99"
                 );
-                for r in [&report.arc_listener, &report.arcfed_agent] {
+                for r in [&report.arc_listener, &report.arcfed_agent].into_iter().flatten() {
                     let ms = |v: Option<u64>| v.map_or("never".to_string(), |v| format!("{:.1} s", v as f64 / 1000.0));
                     println!(
                         "{:<13} {:>8} {:>8} {:>6} {:>9} {:>9} {:>10} {:>12} {:>12}",
@@ -186,8 +216,8 @@ async fn main() -> anyhow::Result<()> {
                 running.push(c);
             }
             println!("running; Ctrl-C stops every cluster");
-            tokio::signal::ctrl_c().await?;
+            std::future::pending::<()>().await;
         }
     }
-    Ok(())
+    Ok(0)
 }

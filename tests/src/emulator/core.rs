@@ -544,8 +544,16 @@ impl Core {
 
     // ---------------------------------------------------------------- runner groups, scale sets
 
+    /// Groups by name, case-insensitively as GitHub matches them (ARC's chart values say
+    /// `runnerGroup: default` for the group GitHub calls "Default").
     pub fn runner_groups(&self, name: Option<&str>) -> ListOf<RunnerGroup> {
-        ListOf::new(self.groups.iter().filter(|g| name.is_none_or(|n| n.is_empty() || g.name == n)).cloned().collect())
+        ListOf::new(
+            self.groups
+                .iter()
+                .filter(|g| name.is_none_or(|n| n.is_empty() || g.name.eq_ignore_ascii_case(n)))
+                .cloned()
+                .collect(),
+        )
     }
 
     /// Adds a runner group (emulator side channel), returning its id.
@@ -1104,9 +1112,12 @@ impl Core {
         Ok(JitConfig { runner, encoded_jit_config: encoded })
     }
 
+    /// A registered runner. An ephemeral runner whose one job ended is deregistered, as GitHub
+    /// does: ARC's controller asks for it after the runner pod exits 0 and restarts the pod
+    /// while it is still found.
     fn runner_ref(&self, id: i64) -> Option<RunnerReference> {
         let set = *self.runner_index.get(&id)?;
-        let r = self.scale_sets.get(&set)?.runners.get(&id)?;
+        let r = self.scale_sets.get(&set)?.runners.get(&id).filter(|r| !r.finished)?;
         Some(RunnerReference { id, name: r.name.clone(), runner_scale_set_id: set })
     }
 

@@ -340,6 +340,7 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     let (at_ms, arrival) = sh.arrive();
     let clock = Instant::now();
     let (parts, body) = req.into_parts();
+    let peer = parts.extensions.get::<std::net::SocketAddr>().copied();
     let body = axum::body::to_bytes(body, 4 << 20).await.unwrap_or_default();
     let auth = header_str(&parts.headers, "authorization").unwrap_or_default();
     let (scheme, cred) = auth.split_once(' ').unwrap_or((auth.as_str(), ""));
@@ -349,7 +350,20 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
         method: parts.method.clone(),
         path: parts.uri.path().to_string(),
         query,
-        bearer: scheme.eq_ignore_ascii_case("bearer").then(|| cred.trim().to_string()),
+        // GitHub's REST API also takes a PAT as Basic auth's password (`user:pat`), which
+        // ARC's clients before 0.8 send; it stands for the same credential as `Bearer <pat>`.
+        bearer: if scheme.eq_ignore_ascii_case("bearer") {
+            Some(cred.trim().to_string())
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(cred.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|up| up.split_once(':').map(|(_, p)| p.to_string()))
+        } else {
+            None
+        },
         remote_auth: scheme.eq_ignore_ascii_case("remoteauth").then(|| cred.trim().to_string()),
         capacity: header_str(&parts.headers, "x-scalesetmaxcapacity").and_then(|v| v.trim().parse().ok()),
         user_agent: header_str(&parts.headers, "user-agent"),
@@ -496,6 +510,7 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
         fault: (!fault_note.is_empty()).then(|| fault_note.join(", ")),
         credential: credential.clone(),
         rate_limited: reply.rate_limited,
+        peer: peer.map(|p| p.to_string()),
     };
     {
         let mut c = sh.lock();

@@ -58,6 +58,11 @@ pub struct Event {
     /// Refused by the secondary rate limit.
     #[serde(default)]
     pub rate_limited: bool,
+    /// The client's address (IP:port) as the emulator's socket saw it: tells apart listeners
+    /// that share a hostname (same-named scale sets in two clusters give their listener pods
+    /// one name).
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// How a session ended.

@@ -199,7 +199,7 @@ async fn accept_loop(
             _ = stop.changed() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -209,7 +209,10 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let svc = TowerToHyperService::new(router.clone());
+                // The client's address reaches the handler as an extension (the timeline records it).
+                let svc = TowerToHyperService::new(
+                    router.clone().layer(axum::Extension(peer)),
+                );
                 let tls = tls.clone();
                 conns.spawn(async move {
                     let builder = hyper::server::conn::http1::Builder::new();

@@ -91,6 +91,7 @@ struct PodRun {
 struct Shared {
     events: Vec<ContainerEvent>,
     pids: HashMap<(String, String, String), u32>,
+    ips: HashMap<std::net::Ipv4Addr, (String, String)>,
 }
 
 /// The running stand-in; stops (and kills its pods) when dropped.
@@ -142,6 +143,11 @@ impl Kubelet {
     /// The pid of a running container, if any.
     pub fn pid(&self, namespace: &str, pod: &str, container: &str) -> Option<u32> {
         self.shared.lock().expect("lock").pids.get(&(namespace.into(), pod.into(), container.into())).copied()
+    }
+
+    /// The pod (namespace, name) that has address `ip`.
+    pub fn pod_at(&self, ip: std::net::Ipv4Addr) -> Option<(String, String)> {
+        self.shared.lock().expect("lock").ips.get(&ip).cloned()
     }
 
     /// Running containers whose pod name starts with `prefix`: (namespace, pod, container, pid).
@@ -312,6 +318,7 @@ impl Loop {
                 };
             }
         };
+        self.shared.lock().expect("lock").ips.insert(net.ip, (ns.clone(), name.clone()));
         let mut run = PodRun {
             ns: ns.clone(),
             name: name.clone(),
@@ -629,7 +636,11 @@ impl Loop {
         // In the pod's network namespace (`ip netns exec` also gives a private mount
         // namespace), with its own hostname, its volumes bind-mounted where it asks.
         let mut script = String::from("set -e; hostname \"$ARCFED_LAB_POD\"; ");
-        for (src, target, ro) in &run.mounts {
+        // Parents before children; a target that would hide the volumes' own directory (an
+        // emptyDir on /tmp while the lab works under /tmp) goes last.
+        let mut mounts = run.mounts.clone();
+        mounts.sort_by_key(|(_, t, _)| (run.dir.starts_with(t), t.matches('/').count()));
+        for (src, target, ro) in &mounts {
             let is_file = src.is_file();
             let (s, t) = (shell_quote(&src.display().to_string()), shell_quote(target));
             if is_file {

@@ -4,13 +4,37 @@
 //! and the voters at the host address, and each other across the bridge. Needs root.
 //!
 //! Several labs can run at once (nextest runs tests in parallel): each takes the first free
-//! bridge `aflab<k>` with subnet `10.<200+k>.0.0/16`; `ip link add` is the lock.
+//! bridge `aflab<k>` with subnet `10.<200+k>.0.0/16`; `ip link add` is the lock, and
+//! `/run/arcfed-lab/aflab<k>` names the owner, so a bridge whose owner died is reclaimed.
 
 use anyhow::{Context, bail};
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Which process owns each bridge (a lab killed with SIGKILL leaves its bridge and namespaces;
+/// the next lab removes them once their owner is gone).
+const OWNERS: &str = "/run/arcfed-lab";
+
+fn reclaim_if_stale(k: u8) {
+    let bridge = format!("aflab{k}");
+    let owner = std::fs::read_to_string(format!("{OWNERS}/{bridge}")).ok().and_then(|p| p.trim().parse::<u32>().ok());
+    let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    let exists = Command::new("ip").args(["link", "show", &bridge]).output().is_ok_and(|o| o.status.success());
+    if !exists || alive || owner.is_none() {
+        return;
+    }
+    let prefix = format!("aflab{k}p");
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for ns in String::from_utf8_lossy(&out.stdout).split_whitespace().filter(|n| n.starts_with(&prefix)) {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+    let _ = ip(&["link", "del", &bridge]);
+    let _ = std::fs::remove_file(format!("{OWNERS}/{bridge}"));
+}
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip").args(args).output().context("run ip (iproute2)")?;
@@ -42,11 +66,14 @@ impl LabNet {
         if !rustix::process::geteuid().is_root() {
             bail!("the lab's pod network needs root (network namespaces, a bridge)");
         }
+        std::fs::create_dir_all(OWNERS)?;
         for k in 0..50u8 {
             let bridge = format!("aflab{k}");
+            reclaim_if_stale(k);
             if ip(&["link", "add", &bridge, "type", "bridge"]).is_err() {
                 continue;
             }
+            std::fs::write(format!("{OWNERS}/{bridge}"), std::process::id().to_string())?;
             let host = Ipv4Addr::new(10, 200 + k, 0, 1);
             ip(&["addr", "add", &format!("{host}/16"), "dev", &bridge])?;
             ip(&["link", "set", &bridge, "up"])?;
@@ -88,5 +115,6 @@ impl Drop for LabNet {
             let _ = ip(&["netns", "del", &ns]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
+        let _ = std::fs::remove_file(format!("{OWNERS}/{}", self.bridge));
     }
 }

@@ -16,11 +16,11 @@ use crate::lab::net::LabNet;
 use crate::lab::peers::{ARC_VERSION, Peers};
 use anyhow::{Context, bail};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Listener {
     /// ARC's own listener, as ARC's controller builds its pod.
@@ -91,8 +91,9 @@ pub struct SeedRow {
 pub struct SeedReport {
     pub arc_version: String,
     pub kube_apiserver: String,
-    pub arc_listener: SeedRow,
-    pub arcfed_agent: SeedRow,
+    /// `None` only when the run was limited to the other row (`--only`).
+    pub arc_listener: Option<SeedRow>,
+    pub arcfed_agent: Option<SeedRow>,
 }
 
 /// Nearest-rank percentile of the recovered runs; a run that did not recover counts as
@@ -108,23 +109,6 @@ pub fn percentile(samples: &[Option<u64>], p: f64) -> Option<u64> {
     (x != u64::MAX).then_some(x)
 }
 
-/// Values the lab adds for ARC releases older than 0.8, which named the listener container
-/// `autoscaler` and merged only a template container of that name (later releases: `listener`).
-fn legacy_container_name(work: &Path) -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string(repo_root().join("deploy/arc/values/gha-runner-scale-set.yaml"))?;
-    let mut v: serde_json::Value = serde_yaml::from_str(&text)?;
-    if let Some(cs) = v["listenerTemplate"]["spec"]["containers"].as_array_mut() {
-        for c in cs {
-            if c["name"] == "listener" {
-                c["name"] = "autoscaler".into();
-            }
-        }
-    }
-    let out = work.join("arc-pre-0.8-listener-name.yaml");
-    std::fs::write(&out, serde_json::json!({"listenerTemplate": v["listenerTemplate"]}).to_string())?;
-    Ok(out)
-}
-
 struct World {
     _net: Arc<LabNet>,
     emu: EmulatorHandle,
@@ -132,14 +116,22 @@ struct World {
     regions: Vec<(Cluster, Kubelet)>,
 }
 
-/// Runs both rows.
-pub async fn seed_compare(peers: &Peers, dir: &Path, opts: &SeedOptions) -> anyhow::Result<SeedReport> {
-    let arc_listener = measure(peers, &dir.join("arc-listener"), Listener::ArcListener, opts).await?;
-    let (arcfed_agent, kube_apiserver) = {
-        let row = measure(peers, &dir.join("arcfed-agent"), Listener::ArcfedAgent, opts).await?;
-        (row, kube_version(peers))
-    };
-    Ok(SeedReport { arc_version: ARC_VERSION.into(), kube_apiserver, arc_listener, arcfed_agent })
+/// Runs both rows, or only `only`'s.
+pub async fn seed_compare(
+    peers: &Peers,
+    dir: &Path,
+    opts: &SeedOptions,
+    only: Option<Listener>,
+) -> anyhow::Result<SeedReport> {
+    let mut arc_listener = None;
+    let mut arcfed_agent = None;
+    if only != Some(Listener::ArcfedAgent) {
+        arc_listener = Some(measure(peers, &dir.join("arc-listener"), Listener::ArcListener, opts).await?);
+    }
+    if only != Some(Listener::ArcListener) {
+        arcfed_agent = Some(measure(peers, &dir.join("arcfed-agent"), Listener::ArcfedAgent, opts).await?);
+    }
+    Ok(SeedReport { arc_version: ARC_VERSION.into(), kube_apiserver: kube_version(peers), arc_listener, arcfed_agent })
 }
 
 fn kube_version(peers: &Peers) -> String {
@@ -190,9 +182,10 @@ async fn build(peers: &Peers, dir: &Path, mode: Listener, opts: &SeedOptions) ->
         let work = dir.join("work").join(&c.name);
         let values = match mode {
             Listener::ArcListener => vec![],
-            Listener::ArcfedAgent => {
-                vec![repo_root().join("deploy/arc/values/gha-runner-scale-set.yaml"), legacy_container_name(&work)?]
-            }
+            // As deploy/README.md installs it. (ARC before 0.8 names the listener container
+            // `autoscaler`, but merges a template container named `listener` into it, as
+            // later releases do.)
+            Listener::ArcfedAgent => vec![repo_root().join("deploy/arc/values/gha-runner-scale-set.yaml")],
         };
         arc::install_scale_set(
             peers,
@@ -225,17 +218,22 @@ async fn until<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>
     }
 }
 
-/// The listener container holding GitHub's session now: (region index, pod, pid).
+/// The listener container holding GitHub's session now: (region index, pod, pid). The last
+/// answered poll of the scale set came from its pod's address (pod names do not tell: the
+/// same-named scale set gives the listener pods of every cluster one name).
 fn holder(w: &World, set: i64) -> Option<(usize, String, u32)> {
-    let report = w.emu.report();
-    let s = report.scale_set(set)?;
-    let open = s.sessions.iter().rev().find(|x| x.closed_at.is_none())?;
-    // The session's owner is the listener's hostname, which is its pod's name.
+    let timeline = w.emu.timeline();
+    let last = timeline.iter().rev().find(|e| {
+        e.class == crate::emulator::PathClass::Poll && e.scale_set_id == Some(set) && matches!(e.status, 200 | 202)
+    })?;
+    let ip: std::net::Ipv4Addr = last.peer.as_deref()?.parse::<std::net::SocketAddr>().ok().map(|a| match a.ip() {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+    })?;
     w.regions.iter().enumerate().find_map(|(i, (_, k))| {
-        k.running(&open.owner)
-            .into_iter()
-            .find(|(ns, pod, _, _)| ns == CONTROLLER_NS && *pod == open.owner)
-            .map(|(_, pod, _, pid)| (i, pod, pid))
+        let (ns, pod) = k.pod_at(ip)?;
+        (ns == CONTROLLER_NS).then_some(())?;
+        k.running(&pod).into_iter().find(|(n, p, _, _)| *n == ns && *p == pod).map(|(_, pod, _, pid)| (i, pod, pid))
     })
 }
 
@@ -259,14 +257,16 @@ async fn measure(peers: &Peers, dir: &Path, mode: Listener, opts: &SeedOptions) 
     eprintln!("seed-compare: {mode:?}: building {} clusters in {}", opts.clusters, dir.display());
     let (w, installed) = build(peers, dir, mode, opts).await?;
     let set = until(Duration::from_secs(180), "ARC creating the scale set on GitHub", || scale_set_id(&w.emu)).await?;
+    eprintln!("seed-compare: {mode:?}: ARC created scale set {set}; workload on");
     w.emu.set_workload(set, opts.jobs_per_minute, opts.job_seconds).map_err(|e| anyhow::anyhow!("workload: {e:?}"))?;
     let first = until(Duration::from_secs(300), "the first job to complete", || {
         w.emu.report().scale_set(set).is_some_and(|s| s.jobs_completed > 0).then(Instant::now)
     })
     .await;
     let time_to_first_job_ms = first.as_ref().ok().map(|t| t.duration_since(installed).as_millis() as u64);
-    if let Err(e) = &first {
-        eprintln!("seed-compare: {mode:?}: {e:#}");
+    match &first {
+        Ok(_) => eprintln!("seed-compare: {mode:?}: first job completed after {time_to_first_job_ms:?} ms"),
+        Err(e) => eprintln!("seed-compare: {mode:?}: {e:#}"),
     }
     let mut kills = 0u64;
     let mut kill_to_jobs_ms = Vec::new();
