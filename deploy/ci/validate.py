@@ -435,11 +435,13 @@ def chart_values_to_ars(values: dict, name: str) -> dict:
         spec["githubConfigSecret"] = values["githubConfigSecret"]
     if "scaleSetLabels" in values:
         spec["runnerScaleSetLabels"] = values["scaleSetLabels"]
-    labels = (((values.get("resourceMeta") or {}).get("autoscalingRunnerSet") or {}).get("labels")) or {}
+    meta = (values.get("resourceMeta") or {}).get("autoscalingRunnerSet") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
     return {
         "apiVersion": "actions.github.com/v1alpha1",
         "kind": "AutoscalingRunnerSet",
-        "metadata": {"name": name, "namespace": "arc-runners", "labels": labels},
+        "metadata": {"name": name, "namespace": "arc-runners", "labels": labels, "annotations": annotations},
         "spec": spec,
     }
 
@@ -495,12 +497,16 @@ def check_listener_template(tpl: dict, where: str, agent_objs: list[dict]) -> No
 def check_arc(kubectl: str, schemas: Schemas, renders: dict[Path, list[dict]]) -> None:
     values_file = DEPLOY / "arc" / "values" / "gha-runner-scale-set.yaml"
     values = yaml.safe_load(values_file.read_text())
-    ars = chart_values_to_ars(values, "arc-runners-region-a")
+    # ARC's chart names the set after runnerScaleSetName (the release name only without it).
+    ars = chart_values_to_ars(values, values.get("runnerScaleSetName") or "arc-runners-region-a")
     schemas.check(ars, f"{rel(values_file)} (as the chart's AutoscalingRunnerSet)")
     agent_objs = renders.get(DEPLOY / "arc" / "agent" / "base", [])
     check_listener_template(values.get("listenerTemplate", {}), rel(values_file), agent_objs)
     if ars["metadata"]["labels"].get("arcfed.io/federated") != "true":
         fail(rel(values_file), "resourceMeta.autoscalingRunnerSet.labels lacks arcfed.io/federated: \"true\"")
+    if ars["metadata"]["annotations"].get("helm.sh/resource-policy") != "keep":
+        fail(rel(values_file), "resourceMeta.autoscalingRunnerSet.annotations lacks helm.sh/resource-policy: keep "
+             "(helm uninstall would delete the shared GitHub scale set)")
     # The kustomize-rendered set must say what the values say.
     base = renders.get(DEPLOY / "arc" / "scale-set" / "base", [])
     for o in base:

@@ -12,6 +12,8 @@ out=${ARCFED_PEERS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/arcfed/peers}
 if [[ ${1:-} == --print-dir ]]; then echo "$out"; exit 0; fi
 command -v go >/dev/null || { echo "tests/peers/build.sh: go is not installed (Go >= 1.26 is needed to build the lab's peers)" >&2; exit 3; }
 export GOTOOLCHAIN=local CGO_ENABLED=0
+# No VCS stamping: the modules here live in this repository's checkout, which says nothing about them.
+export GOFLAGS="-buildvcs=false ${GOFLAGS:-}"
 mkdir -p "$out"
 
 # name module package [ldflags]

@@ -127,17 +127,23 @@ pub fn install_agent_side(c: &Cluster, region: &str, coordinators: &[String], ce
     Ok(())
 }
 
+/// The lab's own settings for a scale set: its GitHub, credentials and size.
+#[derive(Clone, Debug)]
+pub struct ScaleSetSettings {
+    pub config_url: String,
+    pub pat: String,
+    pub max_runners: u32,
+}
+
 /// A scale set from ARC's chart (release `release` in `arc-runners`) with `values` files, then
-/// the lab's own settings (its GitHub, credentials and size).
+/// the lab's own settings.
 pub fn install_scale_set(
     peers: &Peers,
     c: &Cluster,
     work: &Path,
     release: &str,
     values: &[PathBuf],
-    config_url: &str,
-    pat: &str,
-    max_runners: u32,
+    settings: &ScaleSetSettings,
 ) -> anyhow::Result<()> {
     let _ = c.kubectl_ok(&["create", "namespace", RUNNERS_NS]);
     let secret = c.kubectl_ok(&[
@@ -147,18 +153,18 @@ pub fn install_scale_set(
         "secret",
         "generic",
         "arc-github",
-        &format!("--from-literal=github_token={pat}"),
+        &format!("--from-literal=github_token={}", settings.pat),
         "--dry-run=client",
         "-o",
         "json",
     ])?;
     c.kubectl_stdin(&["apply", "-f", "-"], &secret)?;
     let lab: Value = json!({
-        "githubConfigUrl": config_url,
+        "githubConfigUrl": settings.config_url,
         "githubConfigSecret": "arc-github",
         "runnerScaleSetName": SCALE_SET,
         "minRunners": 0,
-        "maxRunners": max_runners,
+        "maxRunners": settings.max_runners,
     });
     std::fs::create_dir_all(work)?;
     let lab_file = work.join(format!("{release}-lab-values.yaml"));

@@ -30,8 +30,11 @@ pub struct Programs {
     /// (substring of the command's program or of the image, program, arguments put before
     /// the container's, env added for it). The first rule whose pattern the command's
     /// program contains wins; else the first whose pattern the image contains.
-    pub rules: Vec<(String, PathBuf, Vec<String>, Vec<(String, String)>)>,
+    pub rules: Vec<Rule>,
 }
+
+/// (pattern, program, arguments before the container's, env added).
+pub type Rule = (String, PathBuf, Vec<String>, Vec<(String, String)>);
 
 type Resolved = (PathBuf, Vec<String>, Vec<(String, String)>);
 

@@ -147,10 +147,12 @@ async fn build(peers: &Peers, dir: &Path, mode: Listener, opts: &SeedOptions) ->
     std::fs::create_dir_all(dir)?;
     let net = Arc::new(LabNet::create()?);
     let listener = tokio::net::TcpListener::bind((net.host, 0)).await?;
-    let mut ecfg = EmulatorConfig::default();
-    ecfg.org = "lab".into();
-    ecfg.pats = vec!["lab-pat".into()];
-    ecfg.advertise_url = Some(format!("http://{}", listener.local_addr()?));
+    let mut ecfg = EmulatorConfig {
+        org: "lab".into(),
+        pats: vec!["lab-pat".into()],
+        advertise_url: Some(format!("http://{}", listener.local_addr()?)),
+        ..EmulatorConfig::default()
+    };
     ecfg.settings.session_ttl = opts.session_ttl;
     ecfg.settings.auto_runners = false;
     let emu = Emulator::start(ecfg, listener).await?;
@@ -187,16 +189,8 @@ async fn build(peers: &Peers, dir: &Path, mode: Listener, opts: &SeedOptions) ->
             // later releases do.)
             Listener::ArcfedAgent => vec![repo_root().join("deploy/arc/values/gha-runner-scale-set.yaml")],
         };
-        arc::install_scale_set(
-            peers,
-            c,
-            &work,
-            &format!("arc-runners-{}", c.name),
-            &values,
-            &emu.config_url(),
-            "lab-pat",
-            10,
-        )?;
+        let settings = arc::ScaleSetSettings { config_url: emu.config_url(), pat: "lab-pat".into(), max_runners: 10 };
+        arc::install_scale_set(peers, c, &work, &format!("arc-runners-{}", c.name), &values, &settings)?;
     }
     Ok((World { _net: net, emu, _quorum: quorum, regions }, installed))
 }
