@@ -480,8 +480,18 @@ def check_listener_template(tpl: dict, where: str, agent_objs: list[dict]) -> No
         if v["name"] not in mounts:
             fail(where, f"volume {v['name']} is not mounted in the listener container")
     ports = {p.get("containerPort") for p in c.get("ports", [])}
-    for cm in cms.values():
-        admin = (cm.get("data") or {}).get("ARCFED_ADMIN_LISTEN", "")
+    # The probes need the admin port whether or not the ConfigMap exists (a standalone agent
+    # has none), so the template sets it; the ConfigMap and the certificate are optional.
+    template_admin = next((e.get("value") for e in c.get("env", []) if e.get("name") == "ARCFED_ADMIN_LISTEN"), "")
+    if not template_admin:
+        fail(where, "the listener container's env must set ARCFED_ADMIN_LISTEN (the probes' port)")
+    for ef in c.get("envFrom", []):
+        if (ef.get("configMapRef") or {}).get("name") == "arcfed-agent" and not ef["configMapRef"].get("optional"):
+            fail(where, "envFrom arcfed-agent must be optional: a standalone agent has no ConfigMap")
+    for v in spec.get("volumes", []):
+        if (v.get("secret") or {}).get("secretName") == "arcfed-agent-tls" and not v["secret"].get("optional"):
+            fail(where, f"volume {v['name']}: Secret arcfed-agent-tls must be optional: a standalone agent has none")
+    for admin in [template_admin] + [(cm.get("data") or {}).get("ARCFED_ADMIN_LISTEN", "") for cm in cms.values()]:
         if admin and int(admin.rsplit(":", 1)[1]) not in ports:
             fail(where, f"ARCFED_ADMIN_LISTEN {admin} is not a declared container port")
     for probe in ("livenessProbe", "readinessProbe"):
