@@ -53,9 +53,18 @@ fn helm(peers: &Peers, c: &Cluster, work: &Path, args: &[&str]) -> anyhow::Resul
     )
 }
 
-/// ARC's controller (chart `gha-runner-scale-set-controller`, release `arc`) in `arc-systems`;
-/// waits until its CRDs are established and its pod runs.
-pub async fn install_controller(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<()> {
+/// cert-manager's and prometheus-operator's CRDs, as a cluster that runs them has them.
+pub fn apply_operator_crds(peers: &Peers, c: &Cluster) -> anyhow::Result<()> {
+    for crd in peers.operator_crds() {
+        c.kubectl_ok(&["apply", "--server-side", "-f", &crd.display().to_string()])?;
+    }
+    Ok(())
+}
+
+/// ARC's controller chart (`gha-runner-scale-set-controller`, release `arc`) rendered and
+/// applied in `arc-systems` (created), as `helm install --create-namespace` leaves it; waits
+/// until ARC's CRDs are established.
+pub fn apply_controller_chart(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<()> {
     let chart = peers.arc_controller_chart().display().to_string();
     let rendered = helm(peers, c, work, &["template", "arc", &chart, "--namespace", CONTROLLER_NS, "--include-crds"])?;
     let file = work.join("arc-controller.yaml");
@@ -70,6 +79,13 @@ pub async fn install_controller(peers: &Peers, c: &Cluster, work: &Path) -> anyh
             &format!("crd/{crd}.actions.github.com"),
         ])?;
     }
+    Ok(())
+}
+
+/// ARC's controller installed ([`apply_controller_chart`]) and its pod running (through the
+/// kubelet stand-in).
+pub async fn install_controller(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<()> {
+    apply_controller_chart(peers, c, work)?;
     c.wait_for(Duration::from_secs(90), "ARC's controller pod running", |c| {
         c.kubectl_ok(&[
             "-n",

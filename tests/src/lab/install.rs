@@ -252,33 +252,10 @@ impl Shell {
 /// What every ARC cluster has before arcfed's install starts (deploy/README.md, Requirements):
 /// cert-manager's and prometheus-operator's CRDs, ARC's controller chart (CRDs, RBAC,
 /// Deployment) in `arc-systems`, and a `monitoring` namespace (kube-prometheus-stack's).
-pub fn install_requirements(peers: &Peers, c: &Cluster, sh_dir: &Path) -> anyhow::Result<()> {
-    for crd in peers.operator_crds() {
-        c.kubectl_ok(&["apply", "--server-side", "-f", &crd.display().to_string()])?;
-    }
-    let sh = Shell::new(peers, c, sh_dir)?;
-    sh.sh(&format!(
-        "helm template arc {} --namespace arc-systems --include-crds > arc-controller.yaml",
-        peers.arc_controller_chart().display()
-    ))?;
-    c.kubectl_ok(&["create", "namespace", "arc-systems"])?;
+pub fn install_requirements(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<()> {
+    crate::lab::arc::apply_operator_crds(peers, c)?;
+    crate::lab::arc::apply_controller_chart(peers, c, work)?;
     c.kubectl_ok(&["create", "namespace", "monitoring"])?;
-    c.kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "-n",
-        "arc-systems",
-        "-f",
-        &sh_dir.join("arc-controller.yaml").display().to_string(),
-    ])?;
-    for crd in ["autoscalingrunnersets", "autoscalinglisteners", "ephemeralrunnersets", "ephemeralrunners"] {
-        c.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            &format!("crd/{crd}.actions.github.com"),
-        ])?;
-    }
     Ok(())
 }
 

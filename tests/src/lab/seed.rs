@@ -172,9 +172,7 @@ async fn build(peers: &Peers, dir: &Path, mode: Listener, opts: &SeedOptions) ->
         let k = Kubelet::start(&c, net.clone(), arc::programs(peers, emu.base_url())).await?;
         arc::install_controller(peers, &c, &dir.join("work").join(&name)).await?;
         if let Some(q) = &quorum {
-            for crd in peers.operator_crds() {
-                c.kubectl_ok(&["apply", "--server-side", "-f", &crd.display().to_string()])?;
-            }
+            arc::apply_operator_crds(peers, &c)?;
             arc::install_agent_side(&c, &name, &q.endpoints(), &q.certs)?;
         }
         regions.push((c, k));
