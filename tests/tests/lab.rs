@@ -29,7 +29,7 @@ async fn install_check_passes_against_a_real_api_server() {
     let Some(peers) = peers_or_skip("install_check_passes_against_a_real_api_server") else { return };
     let dir = tempfile::Builder::new().prefix("arcfed-lab-install-").tempdir().unwrap();
     let c = Cluster::start(&peers, dir.path(), "install", Ipv4Addr::LOCALHOST).await.unwrap();
-    let report = install_check(&peers, &c, &dir.path().join("work"));
+    let report = install_check(&peers, &c, &dir.path().join("work")).await;
     let report = match report {
         Ok(r) => r,
         Err(e) => panic!("install-check could not run: {e:#}\n{}", c.dump_logs()),
@@ -83,8 +83,7 @@ async fn the_agents_kube_backend_against_a_real_api_server() {
     let dir = tempfile::Builder::new().prefix("arcfed-lab-kube-").tempdir().unwrap();
     let c = Cluster::start(&peers, dir.path(), "kube", Ipv4Addr::LOCALHOST).await.unwrap();
     c.kubectl_ok(&["apply", "--server-side", "-f", &peers.arc_crds().display().to_string()]).unwrap();
-    c.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/ephemeralrunners.actions.github.com"])
-        .unwrap();
+    c.wait_crds(&arcfed_tests::lab::arc::ARC_CRDS).await.unwrap();
     c.kubectl_ok(&["create", "namespace", "arc-runners"]).unwrap();
     let runner_spec = serde_json::json!({"githubConfigUrl": "https://github.com/lab", "githubConfigSecret": "s",
         "runnerScaleSetId": 1, "spec": {"containers": [{"name": "runner", "image": "ghcr.io/actions/actions-runner:latest"}]}});

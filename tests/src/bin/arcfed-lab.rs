@@ -119,7 +119,7 @@ async fn run(cmd: Cmd, peers: &Peers, dir: &std::path::Path) -> anyhow::Result<i
     match cmd {
         Cmd::InstallCheck { json } => {
             let c = Cluster::start(&peers, &dir, "install", std::net::Ipv4Addr::LOCALHOST).await?;
-            let report = install_check(&peers, &c, &dir.join("work"))?;
+            let report = install_check(&peers, &c, &dir.join("work")).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -61,31 +61,31 @@ pub fn apply_operator_crds(peers: &Peers, c: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// ARC's four CRDs.
+pub const ARC_CRDS: [&str; 4] = [
+    "autoscalingrunnersets.actions.github.com",
+    "autoscalinglisteners.actions.github.com",
+    "ephemeralrunnersets.actions.github.com",
+    "ephemeralrunners.actions.github.com",
+];
+
 /// ARC's controller chart (`gha-runner-scale-set-controller`, release `arc`) rendered and
 /// applied in `arc-systems` (created), as `helm install --create-namespace` leaves it; waits
 /// until ARC's CRDs are established.
-pub fn apply_controller_chart(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<()> {
+pub async fn apply_controller_chart(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<()> {
     let chart = peers.arc_controller_chart().display().to_string();
     let rendered = helm(peers, c, work, &["template", "arc", &chart, "--namespace", CONTROLLER_NS, "--include-crds"])?;
     let file = work.join("arc-controller.yaml");
     std::fs::write(&file, rendered)?;
     let _ = c.kubectl_ok(&["create", "namespace", CONTROLLER_NS]);
     c.kubectl_ok(&["apply", "--server-side", "-n", CONTROLLER_NS, "-f", &file.display().to_string()])?;
-    for crd in ["autoscalingrunnersets", "autoscalinglisteners", "ephemeralrunnersets", "ephemeralrunners"] {
-        c.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            &format!("crd/{crd}.actions.github.com"),
-        ])?;
-    }
-    Ok(())
+    c.wait_crds(&ARC_CRDS).await
 }
 
 /// ARC's controller installed ([`apply_controller_chart`]) and its pod running (through the
 /// kubelet stand-in).
 pub async fn install_controller(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<()> {
-    apply_controller_chart(peers, c, work)?;
+    apply_controller_chart(peers, c, work).await?;
     c.wait_for(Duration::from_secs(90), "ARC's controller pod running", |c| {
         c.kubectl_ok(&[
             "-n",

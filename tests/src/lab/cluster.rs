@@ -3,7 +3,7 @@
 //! There is no scheduler and no kubelet here: [`super::kubelet`] binds pods and runs them as
 //! local processes.
 
-use crate::harness::{Proc, hold_free_ports};
+use crate::harness::Proc;
 use crate::lab::peers::Peers;
 use anyhow::{Context, bail};
 use rcgen::{
@@ -132,7 +132,11 @@ impl Cluster {
         let dir = root.join(name);
         std::fs::create_dir_all(dir.join("logs"))?;
         let (pki, ca_pem) = mint_pki(&dir.join("pki"), advertise)?;
-        let (ports, held) = hold_free_ports(4);
+        // Held on 0.0.0.0: the API server listens on every address, so a port taken on any
+        // one of them (a voter on the lab bridge, say) must not be picked.
+        let held: Vec<std::net::TcpListener> =
+            (0..4).map(|_| std::net::TcpListener::bind("0.0.0.0:0")).collect::<Result<_, _>>()?;
+        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
         let (etcd_client, etcd_peer, api_port, kcm_port) = (ports[0], ports[1], ports[2], ports[3]);
         let server = format!("https://127.0.0.1:{api_port}");
         let kubeconfig_path = dir.join("kubeconfig");
@@ -266,6 +270,25 @@ impl Cluster {
                 bail!("cluster {}: {what} did not happen within {within:?}", self.name);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until each CRD (`<plural>.<group>`) is Established. (`kubectl wait` fails at once
+    /// on a CRD whose status the API server has not written yet.)
+    pub async fn wait_crds(&self, crds: &[&str]) -> anyhow::Result<()> {
+        for crd in crds {
+            self.wait_for(Duration::from_secs(60), &format!("CRD {crd} established"), |c| {
+                c.kubectl_ok(&[
+                    "get",
+                    "crd",
+                    crd,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+                ])
+                .is_ok_and(|s| s.trim() == "True")
+            })
+            .await?;
         }
         Ok(())
     }

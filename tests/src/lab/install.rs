@@ -252,17 +252,17 @@ impl Shell {
 /// What every ARC cluster has before arcfed's install starts (deploy/README.md, Requirements):
 /// cert-manager's and prometheus-operator's CRDs, ARC's controller chart (CRDs, RBAC,
 /// Deployment) in `arc-systems`, and a `monitoring` namespace (kube-prometheus-stack's).
-pub fn install_requirements(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<()> {
+pub async fn install_requirements(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<()> {
     crate::lab::arc::apply_operator_crds(peers, c)?;
-    crate::lab::arc::apply_controller_chart(peers, c, work)?;
+    crate::lab::arc::apply_controller_chart(peers, c, work).await?;
     c.kubectl_ok(&["create", "namespace", "monitoring"])?;
     Ok(())
 }
 
 /// Runs the whole check in cluster `c` (fresh) and returns the report.
-pub fn install_check(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<InstallReport> {
+pub async fn install_check(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::Result<InstallReport> {
     let root = repo_root();
-    install_requirements(peers, c, &work.join("requirements"))?;
+    install_requirements(peers, c, &work.join("requirements")).await?;
     let version = c.kubectl_ok(&["version", "-o", "json"]).ok();
     let kube_apiserver = version
         .and_then(|v| serde_json::from_str::<Value>(&v).ok())
