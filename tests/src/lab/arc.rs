@@ -102,7 +102,7 @@ pub async fn install_controller(peers: &Peers, c: &Cluster, work: &Path) -> anyh
     .await
 }
 
-/// The agent side of arcfed in this cluster (deploy/arc/agent/overlays/<region>, then the
+/// The agent side of arcfed in this cluster (`deploy/arc/agent/overlays/<region>`, then the
 /// settings the lab differs in): the agent certificate that cert-manager would mint, issued
 /// by the federation CA (`certs`), and the coordinators' lab addresses.
 pub fn install_agent_side(c: &Cluster, region: &str, coordinators: &[String], certs: &Certs) -> anyhow::Result<()> {
