@@ -638,7 +638,9 @@ impl Loop {
     fn spawn(&mut self, run: &mut PodRun, i: usize) -> anyhow::Result<()> {
         // In the pod's network namespace (`ip netns exec` also gives a private mount
         // namespace), with its own hostname, its volumes bind-mounted where it asks.
-        let mut script = String::from("set -e; hostname \"$ARCFED_LAB_POD\"; ");
+        // The program is opened before the mounts and run from that descriptor: a volume on
+        // its directory (an emptyDir on /tmp while the binaries live under /tmp) would hide it.
+        let mut script = String::from("set -e; hostname \"$ARCFED_LAB_POD\"; exec 3<\"$1\"; shift; ");
         // Parents before children; a target that would hide the volumes' own directory (an
         // emptyDir on /tmp while the lab works under /tmp) goes last.
         let mut mounts = run.mounts.clone();
@@ -656,7 +658,7 @@ impl Loop {
                 script.push_str(&format!("mount -o remount,bind,ro {t}; "));
             }
         }
-        script.push_str("unset ARCFED_LAB_POD; exec \"$@\"");
+        script.push_str("unset ARCFED_LAB_POD; exec /proc/self/fd/3 \"$@\"");
         let r = &mut run.runs[i];
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(run.dir.join(format!("{}.log", r.name)))?;
