@@ -181,8 +181,8 @@ impl Cluster {
             vec![],
             dir.join("logs/kube-apiserver.log"),
         );
-        let kcm_kubeconfig = dir.join("kubeconfig.controller-manager");
-        write(&kcm_kubeconfig, &kubeconfig(&server, &pki.ca_crt, &pki.admin_crt, &pki.admin_key, name))?;
+        // The controller manager uses the admin's kubeconfig (`system:masters`).
+        let kcm_kubeconfig = kubeconfig_path.clone();
         let controller_manager = Proc::program(
             peers.bin("kube-controller-manager"),
             vec![

@@ -354,21 +354,13 @@ impl Loop {
                 let name = s.secret_name.clone().unwrap_or_default();
                 let data =
                     self.secret(&ns, &name).await.with_context(|| format!("volume {}: secret {name}", v.name))?;
-                write_items(
-                    &d,
-                    &data,
-                    s.items.as_ref().map(|i| i.iter().map(|k| (k.key.clone(), k.path.clone())).collect()),
-                )?;
+                write_items(&d, &data, key_paths(&s.items))?;
             } else if let Some(c) = &v.config_map {
                 let data = self
                     .config_map(&ns, &c.name)
                     .await
                     .with_context(|| format!("volume {}: configmap {}", v.name, c.name))?;
-                write_items(
-                    &d,
-                    &data,
-                    c.items.as_ref().map(|i| i.iter().map(|k| (k.key.clone(), k.path.clone())).collect()),
-                )?;
+                write_items(&d, &data, key_paths(&c.items))?;
             } else if v.empty_dir.is_some() {
             } else if let Some(pr) = &v.projected {
                 for src in pr.sources.clone().unwrap_or_default() {
@@ -378,19 +370,11 @@ impl Loop {
                     }
                     if let Some(c) = &src.config_map {
                         let data = self.config_map(&ns, &c.name).await?;
-                        write_items(
-                            &d,
-                            &data,
-                            c.items.as_ref().map(|i| i.iter().map(|k| (k.key.clone(), k.path.clone())).collect()),
-                        )?;
+                        write_items(&d, &data, key_paths(&c.items))?;
                     }
                     if let Some(s) = &src.secret {
                         let data = self.secret(&ns, &s.name).await?;
-                        write_items(
-                            &d,
-                            &data,
-                            s.items.as_ref().map(|i| i.iter().map(|k| (k.key.clone(), k.path.clone())).collect()),
-                        )?;
+                        write_items(&d, &data, key_paths(&s.items))?;
                     }
                     if let Some(dw) = &src.downward_api {
                         for item in dw.items.clone().unwrap_or_default() {
@@ -787,6 +771,11 @@ fn field(p: &Pod, path: &str, net: &PodNet) -> String {
         "status.podIP" => net.ip.to_string(),
         _ => String::new(),
     }
+}
+
+/// A volume source's `items` (key → path), as [`write_items`] takes them.
+fn key_paths(items: &Option<Vec<k8s_openapi::api::core::v1::KeyToPath>>) -> Option<Vec<(String, String)>> {
+    items.as_ref().map(|i| i.iter().map(|k| (k.key.clone(), k.path.clone())).collect())
 }
 
 fn write_items(

@@ -298,7 +298,6 @@ async fn measure(peers: &Peers, dir: &Path, mode: Listener, opts: &SeedOptions) 
         Listener::ArcListener => format!("ARC's githubrunnerscalesetlistener (ARC {ARC_VERSION})"),
         Listener::ArcfedAgent => "arcfed-agent (deploy/arc/values listenerTemplate)".into(),
     };
-    let _ = starts.saturating_sub(opts.clusters as u64);
     Ok(SeedRow {
         listener: mode,
         program,
