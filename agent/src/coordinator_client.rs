@@ -16,6 +16,9 @@ use tonic::transport::Endpoint;
 pub struct Stream {
     pub tx: mpsc::Sender<pb::AgentMessage>,
     pub rx: tonic::Streaming<pb::CoordinatorMessage>,
+    /// Expiry (Unix seconds) of the certificate this stream presented: the files are read at
+    /// every attach, so a renewed certificate is used from the next one on.
+    pub cert_not_after: i64,
 }
 
 /// Why an attach failed, and the leader a follower named, if any.
@@ -51,6 +54,7 @@ pub async fn attach(
 ) -> Result<Stream, AttachError> {
     let fail = |message: String| AttachError { message, redirect: None, unreachable: false };
     let material = tls.load().map_err(|e| fail(e.to_string()))?;
+    let cert_not_after = material.not_after_unix();
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
     let endpoint = Endpoint::from_shared(format!("https://{addr}"))
         .map_err(|e| fail(format!("coordinator address {addr:?}: {e}")))?
@@ -76,7 +80,7 @@ pub async fn attach(
         let left = timeout.saturating_sub(started.elapsed());
         arcfed_proto::leader::set_await_leader(&mut req, left.saturating_sub((left / 3).max(AWAIT_MARGIN)));
         let rx = client.attach(req).await?.into_inner();
-        Ok(Stream { tx, rx })
+        Ok(Stream { tx, rx, cert_not_after })
     };
     // Bounded: a frozen coordinator accepts TCP but never completes the handshake.
     match tokio::time::timeout(timeout, open).await {

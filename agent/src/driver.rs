@@ -485,6 +485,7 @@ impl Driver {
                 }
                 Event::Attached(Ok(stream)) => {
                     tracing::info!("coordinator stream attached; Join sent");
+                    self.metrics.tls_not_after.set(stream.cert_not_after);
                     self.stream = Some(stream);
                 }
                 Event::Attached(Err(e)) => {

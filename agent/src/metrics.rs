@@ -347,6 +347,8 @@ pub struct Metrics {
     /// 1 while contending for the session without the quorum (DESIGN §5.11).
     pub fallback: Gauge,
     pub coordinator_connected: Gauge,
+    /// `arcfed_tls_cert_not_after_seconds`: expiry of the client certificate last presented.
+    pub tls_not_after: Gauge,
     /// Replicas the coordinator assigned to this cluster (last push).
     pub assigned_replicas: Gauge,
     /// Seconds between a message's arrival at the holder and its ack.
@@ -438,6 +440,7 @@ impl Metrics {
             stale_token_rejections: Counter::default(),
             fallback: Gauge::default(),
             coordinator_connected: Gauge::default(),
+            tls_not_after: Gauge::default(),
             assigned_replicas: Gauge::default(),
             message_lag_seconds: Gauge::default(),
             last_message_id: Gauge::default(),
@@ -450,6 +453,11 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.005, 2.0, 16))
             }),
         };
+        reg.register(
+            "arcfed_tls_cert_not_after_seconds",
+            "Expiry (Unix seconds) of the client certificate presented at the last attach to the coordinator (files are re-read at every attach)",
+            m.tls_not_after.clone(),
+        );
         let a = reg.sub_registry_with_prefix("arcfed_agent");
         a.register("is_holder", "1 while this agent holds the GitHub session", m.is_holder.clone());
         a.register("token", "Fencing token held by this agent (0 = none)", m.token.clone());

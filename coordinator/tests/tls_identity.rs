@@ -1,12 +1,15 @@
-//! mTLS as the coordinator serves it: a real tonic server on 127.0.0.1 with certificates from
-//! `certs`, and `require_role` in front of a service. Shows that the right role passes with its
-//! identity handed to the handler, and that a wrong role, an unknown CA and a missing client
-//! certificate are all refused; plus the error messages of `TlsPaths::load`.
+//! mTLS as the coordinator serves it: a real tonic server on 127.0.0.1 fed by
+//! `tls_reload::incoming`, with certificates from `certs`, and `require_role` in front of a
+//! service. Shows that the right role passes with its identity handed to the handler, and that
+//! a wrong role, an unknown CA, a missing client certificate and a leaf minted by a `CA:TRUE`
+//! certificate under our CA are all refused; that renewed files are served without a restart
+//! (and another identity's are not); plus the error messages of `TlsPaths::load`.
 use arcfed_coordinator::certs::{self, IssueRequest};
 use arcfed_coordinator::tls::{Identity, Role, TlsError, TlsMaterial, TlsPaths, require_role};
 use arcfed_proto::RaftPayload;
 use arcfed_proto::raft_service_client::RaftServiceClient;
 use arcfed_proto::raft_service_server::{RaftService, RaftServiceServer};
+use arcfed_proto::tls_reload::{self, TlsSource};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -70,22 +73,37 @@ impl Pki {
     fn issue(&self, role: Role, name: &str) -> TlsMaterial {
         self.issue_from("ca", role, name).load().unwrap()
     }
+
+    /// Issues (or renews) `role/name` into `out`, valid for `days`.
+    fn issue_into(&self, out: &Path, role: Role, name: &str, days: u32) -> TlsPaths {
+        certs::issue(&IssueRequest {
+            ca_dir: self.root.join("ca"),
+            role,
+            name: name.into(),
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            out: out.to_owned(),
+            days,
+        })
+        .unwrap();
+        paths_in(out)
+    }
 }
 
 fn paths_in(dir: &Path) -> TlsPaths {
     TlsPaths { cert: dir.join("tls.crt"), key: dir.join("tls.key"), ca: dir.join("ca.crt") }
 }
 
-/// Starts a peer service that admits only coordinators, on an ephemeral port.
-async fn serve(tls: &TlsMaterial) -> SocketAddr {
+/// Starts a peer service that admits only coordinators, on an ephemeral port, with TLS as
+/// the coordinator serves it.
+async fn serve(paths: &TlsPaths) -> (SocketAddr, std::sync::Arc<TlsSource>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let source = TlsSource::load(paths.clone()).unwrap();
     let router = Server::builder()
-        .tls_config(tls.server_config())
-        .unwrap()
         .add_service(InterceptedService::new(RaftServiceServer::new(WhoAmI), require_role(Role::Coordinator)));
-    tokio::spawn(router.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
-    addr
+    tokio::spawn(router.serve_with_incoming(tls_reload::incoming(listener, source.clone())));
+    (addr, source)
 }
 
 /// Connects and calls `Vote` once, with a deadline so a stuck handshake fails the test.
@@ -107,7 +125,7 @@ async fn vote(addr: SocketAddr, tls: ClientTlsConfig) -> Result<String, Status> 
 #[tokio::test]
 async fn a_coordinator_certificate_passes_with_its_identity() {
     let pki = Pki::new();
-    let addr = serve(&pki.issue(Role::Coordinator, "1")).await;
+    let (addr, _) = serve(&pki.issue_from("ca", Role::Coordinator, "1")).await;
     let client = pki.issue(Role::Coordinator, "2");
     assert_eq!(vote(addr, client.client_config("127.0.0.1")).await.unwrap(), "spiffe://arcfed/coordinator/2");
     // DNS SANs work as well as IP SANs.
@@ -117,7 +135,7 @@ async fn a_coordinator_certificate_passes_with_its_identity() {
 #[tokio::test]
 async fn an_agent_certificate_is_denied_peer_rpcs() {
     let pki = Pki::new();
-    let addr = serve(&pki.issue(Role::Coordinator, "1")).await;
+    let (addr, _) = serve(&pki.issue_from("ca", Role::Coordinator, "1")).await;
     let agent = pki.issue(Role::Agent, "a");
     let e = vote(addr, agent.client_config("127.0.0.1")).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -129,7 +147,7 @@ async fn an_agent_certificate_is_denied_peer_rpcs() {
 async fn a_client_certificate_from_an_unknown_ca_is_refused() {
     let pki = Pki::new();
     let server = pki.issue(Role::Coordinator, "1");
-    let addr = serve(&server).await;
+    let (addr, _) = serve(&pki.issue_from("ca", Role::Coordinator, "1")).await;
     // Same role and name, but minted by another CA; the client trusts the real server.
     let foreign = pki.issue_from("foreign-ca", Role::Coordinator, "2").load().unwrap();
     let tls = ClientTlsConfig::new()
@@ -144,7 +162,7 @@ async fn a_client_certificate_from_an_unknown_ca_is_refused() {
 async fn a_client_without_a_certificate_is_refused() {
     let pki = Pki::new();
     let server = pki.issue(Role::Coordinator, "1");
-    let addr = serve(&server).await;
+    let (addr, _) = serve(&pki.issue_from("ca", Role::Coordinator, "1")).await;
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(server.ca_pem())).domain_name("127.0.0.1");
     let e = vote(addr, tls).await.unwrap_err();
     assert_refused_in_handshake(&e);
@@ -153,9 +171,123 @@ async fn a_client_without_a_certificate_is_refused() {
 #[tokio::test]
 async fn a_server_from_an_unknown_ca_is_refused_by_the_client() {
     let pki = Pki::new();
-    let addr = serve(&pki.issue_from("foreign-ca", Role::Coordinator, "1").load().unwrap()).await;
+    let (addr, _) = serve(&pki.issue_from("foreign-ca", Role::Coordinator, "1")).await;
     let client = pki.issue(Role::Coordinator, "2");
     assert!(vote(addr, client.client_config("127.0.0.1")).await.is_err());
+}
+
+/// The leaf certificate the server at `addr` presents to a new connection from `client`.
+async fn served_leaf(addr: SocketAddr, client: &TlsMaterial) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(client.ca_pem()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(client.cert_pem()).map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_slice(client.key_pem()).unwrap();
+    let cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let connect = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp);
+    let tls = tokio::time::timeout(Duration::from_secs(10), connect).await.expect("handshake within 10 s").unwrap();
+    tls.get_ref().1.peer_certificates().expect("server certificate")[0].to_vec()
+}
+
+fn leaf_der(paths: &TlsPaths) -> Vec<u8> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_file_iter(&paths.cert).unwrap().next().unwrap().unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn renewed_files_are_served_to_new_connections_without_a_restart() {
+    let pki = Pki::new();
+    let dir = pki.root.join("voter-1");
+    let paths = pki.issue_into(&dir, Role::Coordinator, "1", 1);
+    let (addr, source) = serve(&paths).await;
+    let client = pki.issue(Role::Coordinator, "2");
+    let first = served_leaf(addr, &client).await;
+    assert_eq!(first, leaf_der(&paths));
+    let before = source.current().not_after_unix();
+    assert!(!source.refresh().unwrap(), "unchanged files are not taken again");
+    assert_eq!(source.generation(), 1);
+
+    // cert-manager renews: a new key and certificate for the same identity, in place.
+    pki.issue_into(&dir, Role::Coordinator, "1", 2);
+    assert!(source.refresh().unwrap(), "changed files are taken");
+    assert_eq!(source.generation(), 2);
+    assert!(source.current().not_after_unix() > before, "the expiry moved");
+    let second = served_leaf(addr, &client).await;
+    assert_ne!(second, first, "a new connection gets the renewed certificate");
+    assert_eq!(second, leaf_der(&paths));
+    assert_eq!(vote(addr, client.client_config("127.0.0.1")).await.unwrap(), "spiffe://arcfed/coordinator/2");
+
+    // Another identity's certificate is refused, and the current one stays in service.
+    pki.issue_into(&dir, Role::Coordinator, "9", 3);
+    let e = source.refresh().unwrap_err().to_string();
+    assert!(e.contains("coordinator/9") && e.contains("restart"), "{e}");
+    assert_eq!(source.generation(), 2);
+    assert_eq!(served_leaf(addr, &client).await, second);
+
+    // So is a half-written file.
+    std::fs::write(&paths.cert, b"-----BEGIN CERTIFICATE-----\nAAAA").unwrap();
+    assert!(source.refresh().is_err());
+    assert_eq!(served_leaf(addr, &client).await, second);
+}
+
+/// The attack of the security review: a `CA:TRUE` certificate issued by our CA (its
+/// `pathlen:0` says it may not) mints an identity. webpki does not enforce pathlen, so the
+/// server must refuse any issuer it was not given.
+#[tokio::test]
+async fn a_leaf_minted_by_a_ca_true_certificate_under_our_ca_is_refused() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "arcfed CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = Issuer::new(ca_params, &ca_key);
+
+    let leaf = |uri: &str, ip: bool, issuer: &Issuer<'_, &KeyPair>| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["localhost".into()]).unwrap();
+        p.subject_alt_names.push(SanType::URI(uri.try_into().unwrap()));
+        if ip {
+            p.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        }
+        p.is_ca = IsCa::ExplicitNoCa;
+        (p.signed_by(&key, issuer).unwrap(), key)
+    };
+    let write = |name: &str, chain: &[&rcgen::Certificate], key: &KeyPair| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("tls.crt"), chain.iter().map(|c| c.pem()).collect::<String>()).unwrap();
+        std::fs::write(d.join("tls.key"), key.serialize_pem()).unwrap();
+        std::fs::write(d.join("ca.crt"), ca_cert.pem()).unwrap();
+        paths_in(&d)
+    };
+    let (server_cert, server_key) = leaf("spiffe://arcfed/coordinator/1", true, &ca);
+    let (addr, _) = serve(&write("server", &[&server_cert], &server_key)).await;
+
+    // The rogue intermediate, unconstrained, signed by our CA's key.
+    let rogue_key = KeyPair::generate().unwrap();
+    let mut rogue_params = CertificateParams::new(vec![]).unwrap();
+    rogue_params.distinguished_name.push(rcgen::DnType::CommonName, "rogue");
+    rogue_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let rogue_cert = rogue_params.signed_by(&rogue_key, &ca).unwrap();
+    let rogue = Issuer::new(rogue_params, &rogue_key);
+    let (minted, minted_key) = leaf("spiffe://arcfed/coordinator/2", false, &rogue);
+    let minted = write("minted", &[&minted, &rogue_cert], &minted_key).load().unwrap();
+    let e = vote(addr, minted.client_config("127.0.0.1")).await.unwrap_err();
+    assert_refused_in_handshake(&e);
+
+    // The same identity issued by the CA itself passes: the refusal is about the issuer.
+    let (honest, honest_key) = leaf("spiffe://arcfed/coordinator/2", false, &ca);
+    let honest = write("honest", &[&honest], &honest_key).load().unwrap();
+    assert_eq!(vote(addr, honest.client_config("127.0.0.1")).await.unwrap(), "spiffe://arcfed/coordinator/2");
 }
 
 /// The server's TLS stack sent a fatal alert, so the request never reached the interceptor.

@@ -27,3 +27,5 @@ pub mod leader;
 #[cfg(feature = "ops")]
 pub mod ops;
 pub mod tls;
+#[cfg(feature = "ops")]
+pub mod tls_reload;

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! The identity is taken from the verified client certificate and never from a request field
-//! (docs/DESIGN.md §6 invariant 6): rustls checks the chain against `--tls-ca` during the handshake,
+//! (docs/DESIGN.md §6 invariant 6): rustls checks the leaf against `--tls-ca` during the handshake
+//! (servers take their configuration from [`crate::tls_reload`], which admits only the configured
+//! CA certificates as a leaf's issuer),
 //! then [`require_role`] reads the URI SAN, refuses a wrong role, and hands the [`Identity`] to
 //! the handler through the request extensions.
 //!
@@ -20,7 +22,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use tonic::transport::{Certificate, ClientTlsConfig, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig};
 use tonic::{Request, Status};
 
 /// The trust domain every arcfed identity lives in.
@@ -255,6 +257,8 @@ pub struct TlsMaterial {
     key_pem: Vec<u8>,
     ca_pem: Vec<u8>,
     identity: Identity,
+    /// The leaf's notAfter, seconds since the Unix epoch.
+    not_after: i64,
 }
 
 /// Redacts the private key.
@@ -348,7 +352,10 @@ impl TlsPaths {
         check_key_matches(&self.key, &key, leaf, &self.cert)?;
 
         parse_certs(CA_FLAG, &self.ca, &ca_pem)?;
-        Ok(TlsMaterial { cert_pem, key_pem, ca_pem, identity })
+        let not_after = x509_parser::parse_x509_certificate(leaf)
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        Ok(TlsMaterial { cert_pem, key_pem, ca_pem, identity, not_after })
     }
 }
 
@@ -382,15 +389,6 @@ impl TlsMaterial {
         &self.identity
     }
 
-    /// Server side: present our certificate and require a client certificate signed by the
-    /// CA. (tonic requires client auth once a client CA root is set.)
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            .client_auth_optional(false)
-    }
-
     /// Client side: trust only our CA, present our certificate, and verify the server against
     /// `server_host` — a DNS name or an IP address (brackets of `[::1]` are stripped), which
     /// must appear among the server certificate's DNS or IP SANs.
@@ -400,6 +398,12 @@ impl TlsMaterial {
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(host)
+    }
+
+    /// When the leaf certificate expires, in seconds since the Unix epoch
+    /// (`arcfed_tls_cert_not_after_seconds`).
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after
     }
 
     /// The certificate chain as read from `--tls-cert`.

@@ -887,7 +887,7 @@ async fn finish(
     // Every enqueued job must run: stop the workload and let the runners drain what is left.
     // A job still waiting after that was lost (an available job never acquired, a message
     // whose jobs nobody will see again). The workload resumes after the count.
-    let jobs_unfinished = settle_jobs(sb).await?;
+    let (jobs_unfinished, unfinished_jobs) = settle_jobs(sb).await?;
     let timeline = sb.emu.timeline();
     let (messages_lost, messages_stranded) = message_accounting(&timeline);
     // Keep GitHub's side of the story next to the logs, for whoever reads a failed check.
@@ -907,11 +907,12 @@ async fn finish(
         name: "every enqueued job ran (or was cancelled by GitHub) after settle",
         ok: jobs_unfinished == 0,
         detail: format!(
-            "enqueued {}, completed {}, cancelled and dropped {}, unfinished {jobs_unfinished} (of them available and never acquired {})",
+            "enqueued {}, completed {}, cancelled and dropped {}, unfinished {jobs_unfinished} (of them available and never acquired {}){}",
             ss.jobs_enqueued,
             ss.jobs_completed,
             ss.jobs_cancelled.saturating_sub(ss.jobs_reassigned),
-            ss.jobs_available_unacquired
+            ss.jobs_available_unacquired,
+            if unfinished_jobs.is_empty() { String::new() } else { format!("; at settle: {}", unfinished_jobs.join("; ")) }
         ),
     });
     let moved: Vec<usize> = runs.iter().filter(|r| r.leader_change_moved_holder == Some(true)).map(|r| r.run).collect();
@@ -970,7 +971,7 @@ async fn finish(
 
 /// Stops the workload, waits (with a deadline) until every enqueued job has finished, and
 /// restarts the workload. Returns how many jobs were still unfinished at the deadline.
-async fn settle_jobs(sb: &Sandbox) -> anyhow::Result<u64> {
+async fn settle_jobs(sb: &Sandbox) -> anyhow::Result<(u64, Vec<String>)> {
     sb.set_workload(0).await?;
     let unfinished = || sb.emu.report().scale_set(sb.set).map_or(0, |s| s.jobs_unfinished);
     // The longest job, a runner's start, and a few polls of slack.
@@ -978,7 +979,8 @@ async fn settle_jobs(sb: &Sandbox) -> anyhow::Result<u64> {
     while unfinished() > 0 && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let left = unfinished();
+    let left =
+        sb.emu.report().scale_set(sb.set).map_or((0, vec![]), |s| (s.jobs_unfinished, s.unfinished_jobs.clone()));
     sb.set_workload(sb.opts.jobs_per_minute).await?;
     Ok(left)
 }

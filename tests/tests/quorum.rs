@@ -203,17 +203,26 @@ async fn c_killing_the_raft_leader_changes_no_holder() {
                     r.acks.last().is_some_and(|k| k.received_at > killed_at && k.held.iter().any(|x| x.1 == t))
                 })
                 .await?;
-            // Over two more TTLs, the holder and token stay put.
+            // Over two more TTLs, the holder and token stay put. Both followers may stand for
+            // election after the kill, so a second, short leaderless moment is possible: a
+            // status nobody serves is skipped, but every status that is served must show the
+            // same holder, and the last one must be served.
             let until = Instant::now() + 2 * TTL;
+            let mut served = 0;
             while Instant::now() < until {
-                let s = q.status().await?;
-                assert_eq!(
-                    holder_of(&s),
-                    Some((holder.opts.member_id.clone(), t)),
-                    "holder changed after a leader change"
-                );
+                if let Ok(s) = q.status().await {
+                    served += 1;
+                    assert_eq!(
+                        holder_of(&s),
+                        Some((holder.opts.member_id.clone(), t)),
+                        "holder changed after a leader change"
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            anyhow::ensure!(served > 0, "no voter served status in two TTLs after the leader change");
+            let s = q.wait_status("a serving leader after the hold", WAIT, |_| true).await?;
+            assert_eq!(holder_of(&s), Some((holder.opts.member_id.clone(), t)), "holder changed after a leader change");
             // Reconnecting to the new leader re-sends the same grant; no other token appeared.
             assert!(holder.rec().grants.iter().all(|g| g.token == t), "a new token was granted");
             let other = if h == 0 { &b } else { &a };
@@ -1253,4 +1262,59 @@ fn q_history_check_refuses_broken_histories() {
     assert!(check_grant_history(&overlap, fence).is_err());
     // Fewer than two grants checks nothing: refused too.
     assert!(check_grant_history(&[(at(0), 10, 0)], fence).is_err());
+}
+
+/// issue 24: cert-manager renews a voter's certificate in place; the voter serves the new one
+/// to new connections without a restart, and `arcfed_tls_cert_not_after_seconds` follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn w_a_renewed_voter_certificate_is_served_without_a_restart() {
+    with_quorum(QuorumOptions::default(), |mut q| async move {
+        let r = async {
+            let (http, pid) = (q.voter(1).http, q.voter(1).pid());
+            let before = raft_gauge(http, "arcfed_tls_cert_not_after_seconds").await?;
+            let dir = q.certs.dir.join("coordinator-1");
+            let ca = q.certs.dir.join("ca");
+            // 2 days instead of 365: the new certificate expires earlier than the old one.
+            arcfedctl(&[
+                "certs",
+                "issue",
+                "--ca",
+                &ca.display().to_string(),
+                "--role",
+                "coordinator",
+                "--name",
+                "1",
+                "--out",
+                &dir.display().to_string(),
+                "--ip",
+                "127.0.0.1",
+                "--dns",
+                "localhost",
+                "--days",
+                "2",
+            ])?;
+            let want = arcfed_proto::tls::TlsPaths::in_dir(&dir).load()?.not_after_unix() as u64;
+            anyhow::ensure!(want < before, "the renewed certificate expires at {want}, not before {before}");
+            let end = Instant::now() + Duration::from_secs(60);
+            loop {
+                let now = raft_gauge(http, "arcfed_tls_cert_not_after_seconds").await?;
+                if now == want {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < end,
+                    "still serving notAfter {now} a minute after renewal (want {want})"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            anyhow::ensure!(q.voter(1).pid() == pid, "the voter restarted");
+            // The quorum still works across the renewed certificate: an admin call and the
+            // peers' channels (which open new connections to voter 1) both pass.
+            q.wait_status("a serving leader after renewal", WAIT, |_| true).await?;
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
 }

@@ -5,11 +5,11 @@
 
 use super::election::Timing;
 use super::{NodeId, Raft, TypeConfig};
-use crate::tls::TlsMaterial;
 use arcfed_proto as pb;
 use arcfed_proto::RaftPayload;
 use arcfed_proto::raft_service_client::RaftServiceClient;
 use arcfed_proto::raft_service_server::RaftService;
+use arcfed_proto::tls_reload::TlsSource;
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -116,13 +116,15 @@ pub struct PeerNetwork {
     /// `--peer` addresses: how *this* node reaches each voter. They win over the membership's
     /// address, so a voter can be reached through a proxy or another interface.
     pub overrides: Arc<BTreeMap<NodeId, String>>,
-    pub tls: Arc<TlsMaterial>,
+    /// Read at every new channel: a renewed certificate replaces the cached channels.
+    pub tls: Arc<TlsSource>,
     pub contacts: Arc<PeerContacts>,
     /// Channels by address. A connection survives the RPC that started it: on a WAN the
     /// TCP and TLS handshakes alone take longer than a vote's deadline, so a channel made
     /// per request would never connect; a shared one finishes connecting in the background
     /// and the next request uses it.
-    pub channels: Arc<std::sync::Mutex<BTreeMap<String, Channel>>>,
+    /// Each is kept with the TLS generation it was made with.
+    pub channels: Arc<std::sync::Mutex<BTreeMap<String, (u64, Channel)>>>,
     /// Pauses after an unreachable peer: (first, cap). See [`retry_delays`].
     pub retry: (Duration, Duration),
 }
@@ -149,7 +151,8 @@ pub fn retry_delays(first: Duration, cap: Duration) -> impl Iterator<Item = Dura
 impl PeerNetwork {
     fn channel(&self, addr: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ch) = channels.get(addr) {
+        let generation = self.tls.generation();
+        if let Some((_, ch)) = channels.get(addr).filter(|(g, _)| *g == generation) {
             return Ok(ch.clone());
         }
         let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']);
@@ -158,10 +161,10 @@ impl PeerNetwork {
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
-            .tls_config(self.tls.client_config(host))
+            .tls_config(self.tls.current().client_config(host))
             .map_err(|e| format!("TLS config for {addr}: {e}"))?;
         let ch = ep.connect_lazy();
-        channels.insert(addr.to_string(), ch.clone());
+        channels.insert(addr.to_string(), (generation, ch.clone()));
         Ok(ch)
     }
 

@@ -50,6 +50,10 @@ pub fn refresh(ctx: &Ctx) {
     mm.purged_index.set(m.purged.map(|l| l.index).unwrap_or(0) as i64);
     mm.commit_index.set(commit_index(&m) as i64);
     mm.quorum_contact_age_ms.set(ctx.quorum_age_ms().map(|v| v as i64).unwrap_or(-1));
+    mm.tls_not_after.set(ctx.tls.current().not_after_unix());
+    // Counters kept by the TLS source, copied forward (they only grow).
+    mm.tls_reload_errors.inc_by(ctx.tls.reload_errors().saturating_sub(mm.tls_reload_errors.get()));
+    mm.tls_handshake_failures.inc_by(ctx.tls.handshake_failures().saturating_sub(mm.tls_handshake_failures.get()));
     ctx.shared.read(|s| {
         for status in ["live", "silent", "expired", "left"] {
             let n = s.members.values().filter(|m| m.status.as_str() == status).count();

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub proposal_errors: Counter,
     pub elections_stood: Counter,
     pub prevotes_lost: Counter,
+    pub tls_not_after: Gauge,
+    pub tls_reload_errors: Counter,
+    pub tls_handshake_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -84,6 +87,9 @@ impl Metrics {
             proposal_errors: Counter::default(),
             elections_stood: Counter::default(),
             prevotes_lost: Counter::default(),
+            tls_not_after: Gauge::default(),
+            tls_reload_errors: Counter::default(),
+            tls_handshake_failures: Counter::default(),
             registry: Registry::default(),
         };
         r.register("raft_term", "Current Raft term", m.term.clone());
@@ -156,6 +162,21 @@ impl Metrics {
             "prevotes_lost",
             "Times this voter would have stood but a majority refused its pre-vote (they still heard a live leader)",
             m.prevotes_lost.clone(),
+        );
+        r.register(
+            "tls_cert_not_after_seconds",
+            "Expiry (Unix seconds) of the certificate this voter serves and presents now; it moves when renewed files are taken",
+            m.tls_not_after.clone(),
+        );
+        r.register(
+            "tls_reload_errors",
+            "Times changed TLS files were refused (unreadable, mismatched key, another identity) and the current certificate kept",
+            m.tls_reload_errors.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes this voter's gRPC port refused or abandoned (unknown issuer, expired, timed out)",
+            m.tls_handshake_failures.clone(),
         );
         Metrics { registry: r, ..m }
     }

@@ -20,10 +20,11 @@ use crate::config::Config;
 use crate::core::{Applied, Command, LeaseTable, Request};
 use crate::raft::network::{PeerContacts, PeerNetwork, PeerService};
 use crate::raft::{NodeId, Raft, Shared, store};
-use crate::tls::{Role, TlsMaterial, require_role};
+use crate::tls::{Role, require_role};
 use arcfed_proto::admin_service_server::AdminServiceServer;
 use arcfed_proto::agent_service_server::AgentServiceServer;
 use arcfed_proto::raft_service_server::RaftServiceServer;
+use arcfed_proto::tls_reload::{self, TlsSource};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use std::collections::{BTreeMap, HashMap};
@@ -96,6 +97,8 @@ pub struct Ctx {
     pub grant_wake: tokio::sync::Notify,
     /// Where [`Ctx::propose`] queues proposals for [`batch_proposals`].
     proposals: tokio::sync::mpsc::Sender<Proposal>,
+    /// This voter's certificate files, re-read when they change (served expiry in metrics).
+    pub tls: Arc<TlsSource>,
 }
 
 /// Per-group change notification for agent streams. [`relay_changes`] sends the applied
@@ -424,8 +427,10 @@ pub async fn run(
     http_listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let tls = Arc::new(cfg.tls.load()?);
+    let tls = TlsSource::load(cfg.tls.clone())?;
     let node = start(cfg, tls.clone(), http_listener).await?;
+    // Renewed certificate files are served to new connections without a restart.
+    let reload = tls.watch(tls_reload::RELOAD_EVERY);
     let ctx = node.ctx.clone();
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -448,14 +453,13 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE);
     let mut stop_for_server = stop_rx.clone();
     let server = tonic::transport::Server::builder()
-        .tls_config(tls.server_config())?
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(InterceptedService::new(peer, require_role(Role::Coordinator)))
         .add_service(InterceptedService::new(agent_svc, require_role(Role::Agent)))
         .add_service(InterceptedService::new(admin_svc, require_role(Role::Admin)))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), async move {
+        .serve_with_incoming_shutdown(tls_reload::incoming(grpc, tls), async move {
             let _ = stop_for_server.wait_for(|s| *s).await;
         });
     let server = tokio::spawn(server);
@@ -472,12 +476,13 @@ pub async fn run(
     for t in node.tasks {
         t.abort();
     }
+    reload.abort();
     info!("stopped");
     Ok(())
 }
 
 /// Starts Raft, the leadership tracker, the lessor loop and the admin HTTP server.
-pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net::TcpListener) -> Result<Node, Error> {
+pub async fn start(cfg: Config, tls: Arc<TlsSource>, http_listener: tokio::net::TcpListener) -> Result<Node, Error> {
     let shared = Shared::new();
     let (log, sm) = store::open(&cfg.data_dir, shared.clone()).await?;
     let raft_cfg = openraft::Config {
@@ -511,7 +516,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         overrides: Arc::new(
             cfg.peers.iter().filter(|(id, _)| **id != cfg.node_id).map(|(k, v)| (*k, v.clone())).collect(),
         ),
-        tls,
+        tls: tls.clone(),
         channels: Default::default(),
         retry: (cfg.heartbeat, cfg.election_min / 2),
     };
@@ -548,6 +553,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsMaterial>, http_listener: tokio::net
         bus: GroupBus::default(),
         grant_wake: tokio::sync::Notify::new(),
         proposals,
+        tls,
     });
     let timing = ctx.election_timing();
     let mut tasks = vec![

@@ -1402,6 +1402,22 @@ impl Core {
                     jobs_unfinished: set.jobs.len() as u64,
                     jobs_available_unacquired: set.jobs.values().filter(|j| j.state == JobState::Available).count()
                         as u64,
+                    unfinished_jobs: set
+                        .jobs
+                        .values()
+                        .take(20)
+                        .map(|j| {
+                            let since = match j.state {
+                                JobState::Queued | JobState::Available => j.queued_at,
+                                JobState::Assigned => j.assigned_at.unwrap_or(j.queued_at),
+                                JobState::Running { .. } => j.runner_assigned_at.unwrap_or(j.queued_at),
+                            };
+                            format!(
+                                "{}: {:?} since {since} ms (queued at {} ms, reassigned {} times, acquired by {:?})",
+                                j.job_id, j.state, j.queued_at, j.reassignments, j.acquired_by
+                            )
+                        })
+                        .collect(),
                     session_refreshes: c.session_refreshes,
                     statistics: stats(set),
                     sessions,

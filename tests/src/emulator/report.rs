@@ -149,6 +149,10 @@ pub struct ScaleSetReport {
     /// Of those, the ones offered as `JobAvailable` and never acquired.
     #[serde(default)]
     pub jobs_available_unacquired: u64,
+    /// The unfinished jobs (at most 20), each as `<job id>: <state> since <ms>`: what a
+    /// failed "every job ran" check reads to tell a lost message from a runner that never came.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unfinished_jobs: Vec<String>,
     /// Successful session refreshes on this scale set.
     #[serde(default)]
     pub session_refreshes: u64,

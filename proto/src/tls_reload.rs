@@ -1,0 +1,303 @@
+//! Certificates that rotate without a restart, and the server side of mTLS.
+//!
+//! cert-manager renews a certificate about a month before it expires and rewrites the
+//! Secret's files in place (kubelet swaps the projected directory atomically). A process
+//! that read its files once would keep serving the old certificate until it expires, and a
+//! whole quorum started on the same day would lose every certificate at the same moment.
+//! [`TlsSource`] re-reads the three files every few seconds and takes them when they changed
+//! and still pass every check of [`TlsPaths::load`] with the same identity; otherwise it keeps
+//! what it has, logs why and counts the failure (`reload_errors`).
+//!
+//! The gRPC server takes its TLS from here ([`incoming`]): every new connection is accepted
+//! with the configuration of the files current at that moment, so a renewed certificate is
+//! served within one check interval while existing connections carry on.
+//!
+//! Client certificates are checked against the configured CA certificates as the *direct*
+//! issuers of the leaf: intermediates a client sends are ignored. A certificate with
+//! `CA:TRUE` that some CA issued (violating its `pathlen:0`) can therefore not mint an
+//! identity, and a chain through a CA nobody configured is refused (issue: "one compromised
+//! cluster must not own the federation").
+use crate::tls::{TlsError, TlsMaterial, TlsPaths};
+use rustls::DistinguishedName;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls_pki_types::pem::PemObject;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How often the files are checked by [`TlsSource::watch`] (the issue asks for a renewed
+/// certificate to be served within a minute).
+pub const RELOAD_EVERY: Duration = Duration::from_secs(10);
+
+/// A handshake that has not finished after this long is dropped: a frozen or hostile client
+/// must not hold a task and a socket for ever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Current {
+    material: Arc<TlsMaterial>,
+    /// Built on first use for this material (clients never need it).
+    server: Option<Arc<ServerConfig>>,
+    generation: u64,
+}
+
+/// The TLS files of one process, re-read when they change. See the module docs.
+pub struct TlsSource {
+    paths: TlsPaths,
+    current: RwLock<Current>,
+    reload_errors: AtomicU64,
+    handshake_failures: AtomicU64,
+}
+
+impl std::fmt::Debug for TlsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSource").field("paths", &self.paths).field("generation", &self.generation()).finish()
+    }
+}
+
+impl TlsSource {
+    /// Loads and checks the files once (an error names the flag and the file).
+    pub fn load(paths: TlsPaths) -> Result<Arc<TlsSource>, TlsError> {
+        let material = Arc::new(paths.load()?);
+        Ok(Arc::new(TlsSource {
+            paths,
+            current: RwLock::new(Current { material, server: None, generation: 1 }),
+            reload_errors: AtomicU64::new(0),
+            handshake_failures: AtomicU64::new(0),
+        }))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The material in use now.
+    pub fn current(&self) -> Arc<TlsMaterial> {
+        self.read().material.clone()
+    }
+
+    /// Starts at 1 and grows by one for every reload that took new files: a client that
+    /// caches connections rebuilds them when it changed.
+    pub fn generation(&self) -> u64 {
+        self.read().generation
+    }
+
+    /// Reloads that found changed files which failed a check (kept the old ones).
+    pub fn reload_errors(&self) -> u64 {
+        self.reload_errors.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes refused or abandoned on this process's server side.
+    pub fn handshake_failures(&self) -> u64 {
+        self.handshake_failures.load(Ordering::Relaxed)
+    }
+
+    /// Checks the files once. `Ok(true)`: they changed and were taken; `Ok(false)`: unchanged.
+    /// An error leaves the current material in place. A certificate for another identity is
+    /// refused: a process keeps the identity it started with.
+    pub fn refresh(&self) -> Result<bool, TlsError> {
+        let now = self.current();
+        let same = |path: &std::path::Path, have: &[u8]| std::fs::read(path).is_ok_and(|b| b == have);
+        if same(&self.paths.cert, now.cert_pem())
+            && same(&self.paths.key, now.key_pem())
+            && same(&self.paths.ca, now.ca_pem())
+        {
+            return Ok(false);
+        }
+        let fresh = self.paths.load()?;
+        if fresh.identity() != now.identity() {
+            return Err(TlsError::Pem {
+                flag: "--tls-cert",
+                path: self.paths.cert.clone(),
+                problem: format!(
+                    "the new certificate names {} but this process runs as {}: restart it to change its identity",
+                    fresh.identity(),
+                    now.identity()
+                ),
+            });
+        }
+        // Build the server side now, so a CA or key rustls refuses is found here, not at
+        // the next connection.
+        let server = Arc::new(server_config(&fresh)?);
+        let mut cur = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cur.material = Arc::new(fresh);
+        cur.server = Some(server);
+        cur.generation += 1;
+        Ok(true)
+    }
+
+    /// Checks the files every `every` until the returned task is aborted; logs each reload
+    /// (with the new expiry) and each refused one.
+    pub fn watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match me.refresh() {
+                    Ok(false) => {}
+                    Ok(true) => tracing::info!(
+                        cert = %me.paths.cert.display(),
+                        not_after = me.current().not_after_unix(),
+                        generation = me.generation(),
+                        "TLS files changed: serving the new certificate"
+                    ),
+                    Err(e) => {
+                        me.reload_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "TLS files changed but were not taken; keeping the current certificate");
+                    }
+                }
+            }
+        })
+    }
+
+    /// The server configuration of the current material.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        if let Some(s) = self.read().server.clone() {
+            return Ok(s);
+        }
+        let mut cur = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cur.server.is_none() {
+            cur.server = Some(Arc::new(server_config(&cur.material)?));
+        }
+        Ok(cur.server.clone().expect("just set"))
+    }
+}
+
+fn tls_problem(flag: &'static str, e: impl std::fmt::Display) -> TlsError {
+    TlsError::BadCertificate(format!("{flag}: {e}"))
+}
+
+/// The rustls server configuration for `m`: our chain and key, client certificates required
+/// and checked by [`DirectIssuerOnly`], HTTP/2 by ALPN (tonic's clients insist on it).
+pub fn server_config(m: &TlsMaterial) -> Result<ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(m.ca_pem()) {
+        let c = c.map_err(|e| tls_problem("--tls-ca", e))?;
+        roots.add(c).map_err(|e| tls_problem("--tls-ca", format!("not usable as a CA: {e}")))?;
+    }
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| tls_problem("--tls-ca", e))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(m.cert_pem())
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_problem("--tls-cert", e))?;
+    let key = PrivateKeyDer::from_pem_slice(m.key_pem()).map_err(|e| tls_problem("--tls-key", e))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_problem("--tls-cert", e))?
+        .with_client_cert_verifier(Arc::new(DirectIssuerOnly(inner)))
+        .with_single_cert(chain, key)
+        .map_err(|e| tls_problem("--tls-cert", e))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Client certificate verification with the configured CA certificates as the only possible
+/// issuers of a leaf: whatever intermediates the client sends are dropped before webpki builds
+/// the path, so a leaf verifies only when a configured certificate signed it directly.
+/// (webpki also refuses a `CA:TRUE` certificate as a leaf.)
+#[derive(Debug)]
+pub struct DirectIssuerOnly(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for DirectIssuerOnly {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0.verify_client_cert(end_entity, &[], now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The gRPC server's connections: TCP accepted on `listener`, each TLS handshake done in its
+/// own task with the configuration current at accept time (bounded by a timeout), and only
+/// finished handshakes handed to tonic (`Server::serve_with_incoming*`). The accept loop ends,
+/// and the port is released, when the server drops the stream.
+pub fn incoming(listener: TcpListener, tls: Arc<TlsSource>) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let cfg = match tls.server_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "no usable TLS configuration: connection dropped");
+                    continue;
+                }
+            };
+            let (tx, tls) = (tx.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(cfg).accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tls.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        tls.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
