@@ -45,6 +45,8 @@ pub enum CertError {
     BadDns { name: String, reason: &'static str },
     #[error("--days must be at least 1")]
     BadDays,
+    #[error("{}: this CA has pathlen:0 (made before cluster issuers existed) and may sign leaves only; issue the agent certificate centrally with `arcfedctl certs issue --role agent` and copy its three files, or create a new CA", path.display())]
+    CaCannotSignIssuers { path: PathBuf },
     #[error("cannot create the certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -88,8 +90,10 @@ pub fn init_ca_with(out: &Path, force: bool) -> Result<(), CertError> {
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::OrganizationName, "arcfed");
     params.distinguished_name.push(DnType::CommonName, "arcfed CA");
-    // pathlen 0: this CA signs leaves only, so a stolen leaf key can never mint certificates.
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // pathlen 1: this CA signs leaves and cluster issuers (`issue_cluster_issuer`, pathlen 0)
+    // only; a stolen leaf key can never mint certificates, and the coordinator refuses any
+    // other intermediate (arcfed_proto::tls_reload).
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     set_validity(&mut params, CA_DAYS, None);
     let cert = params.self_signed(&key)?;
@@ -155,6 +159,41 @@ pub fn issue(req: &IssueRequest) -> Result<(), CertError> {
     Ok(())
 }
 
+/// Issues a *cluster issuer* for agent cluster `cluster`: an intermediate CA (pathlen 0) signed
+/// by the CA in `ca_dir`, whose URI SAN is `spiffe://arcfed/agent/<cluster>`, the one identity
+/// the coordinator lets it issue. Written in cert-manager's CA-issuer layout: `tls.crt` (the
+/// issuer, then the CA, so cert-manager puts the CA into every issued Secret's `ca.crt`),
+/// `tls.key` and `ca.crt`. The agent cluster gets these, never the CA's key.
+pub fn issue_cluster_issuer(ca_dir: &Path, cluster: &str, out: &Path, days: u32) -> Result<(), CertError> {
+    let identity = Identity::new(Role::Agent, cluster.to_owned())?;
+    if days == 0 {
+        return Err(CertError::BadDays);
+    }
+    let ca = load_ca(ca_dir)?;
+    if ca.path_len == Some(0) {
+        return Err(CertError::CaCannotSignIssuers { path: ca.crt_path });
+    }
+    let issuer = Issuer::new(ca.params, &ca.key);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::OrganizationName, "arcfed");
+    params.distinguished_name.push(DnType::CommonName, format!("arcfed issuer for agent/{cluster}"));
+    params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, u64::from(days), Some(ca.not_after));
+    let cert = params.signed_by(&key, &issuer)?;
+    create_dir(out)?;
+    write_file(&out.join("tls.key"), key.serialize_pem().as_bytes(), true)?;
+    let mut chain = cert.pem().into_bytes();
+    chain.extend_from_slice(&ca.crt_pem);
+    write_file(&out.join("tls.crt"), &chain, false)?;
+    write_file(&out.join("ca.crt"), &ca.crt_pem, false)?;
+    Ok(())
+}
+
 /// A loaded CA: what rcgen needs to sign (subject, key identifier, key usages, key) plus the
 /// raw subject to check the result against.
 struct Ca {
@@ -165,6 +204,8 @@ struct Ca {
     crt_path: PathBuf,
     /// The CA's notAfter, in seconds since the Unix epoch.
     not_after: i64,
+    /// The CA's pathlen constraint (None: unconstrained).
+    path_len: Option<u32>,
 }
 
 /// Reads `ca.crt` and `ca.key` and rebuilds the issuer from them.
@@ -224,7 +265,8 @@ fn load_ca(dir: &Path) -> Result<Ca, CertError> {
     if not_after <= unix_now().as_secs().try_into().unwrap_or(i64::MAX) {
         return Err(corrupt(&crt_path, format!("the CA expired at {}", x509.validity().not_after)));
     }
-    Ok(Ca { params, key, subject_raw, crt_pem, crt_path, not_after })
+    let path_len = x509.basic_constraints().ok().flatten().and_then(|b| b.value.path_len_constraint);
+    Ok(Ca { params, key, subject_raw, crt_pem, crt_path, not_after, path_len })
 }
 
 fn read_ca_file(dir: &Path, path: &Path) -> Result<Vec<u8>, CertError> {

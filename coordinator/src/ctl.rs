@@ -151,6 +151,24 @@ pub enum CertsCmd {
         #[arg(long, env = "ARCFED_CERTS_DAYS", default_value = "365")]
         days: u32,
     },
+    /// Issue a cluster issuer for one agent cluster: an intermediate CA (pathlen 0) that may
+    /// sign only that cluster's agent identity; the cluster's cert-manager renews its agent
+    /// certificate with it, and the federation CA's key never leaves your hands. Writes
+    /// tls.crt (issuer + CA), tls.key and ca.crt into --out.
+    Issuer {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long, env = "ARCFED_CERTS_CA", value_name = "DIR")]
+        ca: PathBuf,
+        /// The agent cluster (its agents' --cluster) this issuer may issue for.
+        #[arg(long, env = "ARCFED_CERTS_CLUSTER")]
+        cluster: String,
+        /// Output directory.
+        #[arg(long, env = "ARCFED_CERTS_OUT", value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days (at most the CA's).
+        #[arg(long, env = "ARCFED_CERTS_DAYS", default_value = "1825")]
+        days: u32,
+    },
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -237,6 +255,13 @@ fn certs_cmd(cmd: &CertsCmd) -> anyhow::Result<()> {
                 days: *days,
             })?;
             println!("wrote {0}/tls.crt, {0}/tls.key and {0}/ca.crt for spiffe://arcfed/{role}/{name}", out.display());
+        }
+        CertsCmd::Issuer { ca, cluster, out, days } => {
+            certs::issue_cluster_issuer(ca, cluster, out, *days)?;
+            println!(
+                "wrote {0}/tls.crt, {0}/tls.key and {0}/ca.crt: an issuer for spiffe://arcfed/agent/{cluster} only",
+                out.display()
+            );
         }
     }
     Ok(())

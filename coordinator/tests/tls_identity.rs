@@ -290,6 +290,52 @@ async fn a_leaf_minted_by_a_ca_true_certificate_under_our_ca_is_refused() {
     assert_eq!(vote(addr, honest.client_config("127.0.0.1")).await.unwrap(), "spiffe://arcfed/coordinator/2");
 }
 
+/// An agent cluster holds a cluster issuer (`certs issuer`), not the CA's key: what that
+/// issuer signs is accepted for its own agent identity only.
+#[tokio::test]
+async fn a_cluster_issuer_issues_its_own_agent_identity_and_nothing_else() {
+    let pki = Pki::new();
+    let (addr, _) = serve(&pki.issue_from("ca", Role::Coordinator, "1")).await;
+    let issuer_dir = pki.root.join("issuer-region-a");
+    certs::issue_cluster_issuer(&pki.root.join("ca"), "region-a", &issuer_dir, 30).unwrap();
+    // What cert-manager's CA issuer in that cluster does with the Secret: sign leaves with the
+    // issuer's key; the issued tls.crt is the leaf followed by the issuer.
+    let signer = pki.root.join("issuer-as-ca");
+    std::fs::create_dir_all(&signer).unwrap();
+    let issuer_pem = std::fs::read_to_string(issuer_dir.join("tls.crt")).unwrap();
+    let first = issuer_pem.split_inclusive("-----END CERTIFICATE-----\n").next().unwrap().to_owned();
+    std::fs::write(signer.join("ca.crt"), &first).unwrap();
+    std::fs::copy(issuer_dir.join("tls.key"), signer.join("ca.key")).unwrap();
+    let minted = |role: Role, name: &str| {
+        let out = pki.root.join(format!("minted-{role}-{name}"));
+        certs::issue(&IssueRequest {
+            ca_dir: signer.clone(),
+            role,
+            name: name.into(),
+            dns: vec![],
+            ips: vec![],
+            out: out.clone(),
+            days: 1,
+        })
+        .unwrap();
+        let crt = std::fs::read_to_string(out.join("tls.crt")).unwrap();
+        std::fs::write(out.join("tls.crt"), crt + &first).unwrap();
+        std::fs::copy(issuer_dir.join("ca.crt"), out.join("ca.crt")).unwrap();
+        paths_in(&out).load().unwrap()
+    };
+    // Its own identity passes the handshake (and is then refused by role: this service is
+    // for coordinators, which shows the identity reached the interceptor).
+    let own = minted(Role::Agent, "region-a");
+    let e = vote(addr, own.client_config("127.0.0.1")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("spiffe://arcfed/agent/region-a"), "{e:?}");
+    // Another cluster's agent, and a coordinator, are refused in the handshake.
+    for (role, name) in [(Role::Agent, "region-b"), (Role::Coordinator, "2"), (Role::Admin, "root")] {
+        let e = vote(addr, minted(role, name).client_config("127.0.0.1")).await.unwrap_err();
+        assert_refused_in_handshake(&e);
+    }
+}
+
 /// The server's TLS stack sent a fatal alert, so the request never reached the interceptor.
 fn assert_refused_in_handshake(e: &Status) {
     assert!(matches!(e.code(), Code::Unknown | Code::Unavailable), "{e:?}");

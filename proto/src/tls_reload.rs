@@ -12,11 +12,13 @@
 //! with the configuration of the files current at that moment, so a renewed certificate is
 //! served within one check interval while existing connections carry on.
 //!
-//! Client certificates are checked against the configured CA certificates as the *direct*
-//! issuers of the leaf: intermediates a client sends are ignored. A certificate with
-//! `CA:TRUE` that some CA issued (violating its `pathlen:0`) can therefore not mint an
-//! identity, and a chain through a CA nobody configured is refused (issue: "one compromised
-//! cluster must not own the federation").
+//! Client certificates are checked against the configured CA certificates as the issuers of
+//! the leaf, with one exception: a *cluster issuer*, an intermediate that a configured CA
+//! signed, with `pathlen:0`, whose own URI SAN is the one agent identity it may issue
+//! (`arcfedctl certs issuer`). An agent cluster holds only such an issuer's key, never the
+//! federation CA's, so a compromised cluster can mint its own agent identity and nothing else.
+//! Any other intermediate a client sends is refused, so a `CA:TRUE` certificate minted under
+//! the CA cannot mint identities (webpki does not enforce `pathlen`; this check does).
 use crate::tls::{TlsError, TlsMaterial, TlsPaths};
 use rustls::DistinguishedName;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -201,12 +203,37 @@ pub fn server_config(m: &TlsMaterial) -> Result<ServerConfig, TlsError> {
     Ok(cfg)
 }
 
-/// Client certificate verification with the configured CA certificates as the only possible
-/// issuers of a leaf: whatever intermediates the client sends are dropped before webpki builds
-/// the path, so a leaf verifies only when a configured certificate signed it directly.
-/// (webpki also refuses a `CA:TRUE` certificate as a leaf.)
+/// Client certificate verification: a leaf verifies when a configured CA certificate signed
+/// it, or when the first intermediate the client sent is a cluster issuer for exactly the
+/// leaf's agent identity (see [`cluster_issuer_admits`]) and a configured CA signed that
+/// issuer. Every other intermediate is dropped before webpki builds the path. (webpki also
+/// refuses a `CA:TRUE` certificate as a leaf.)
 #[derive(Debug)]
 pub struct DirectIssuerOnly(Arc<dyn ClientCertVerifier>);
+
+/// Whether `issuer` may have issued `leaf`: `issuer` is a CA certificate with `pathlen:0`
+/// whose one arcfed URI SAN names an agent, and `leaf` carries that same identity. The
+/// signatures are webpki's to check.
+pub fn cluster_issuer_admits(issuer: &[u8], leaf: &[u8]) -> Result<(), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(issuer).map_err(|e| format!("intermediate: {e}"))?;
+    let bc = cert
+        .basic_constraints()
+        .map_err(|e| format!("intermediate: {e}"))?
+        .map(|b| b.value)
+        .ok_or("intermediate without basicConstraints")?;
+    if !bc.ca || bc.path_len_constraint != Some(0) {
+        return Err("intermediate is not a cluster issuer (CA:TRUE with pathlen:0)".into());
+    }
+    let may = crate::tls::identity_of_cert(issuer).map_err(|e| format!("intermediate: {e}"))?;
+    let is = crate::tls::identity_of_cert(leaf).map_err(|e| format!("leaf: {e}"))?;
+    if may.role != crate::tls::Role::Agent {
+        return Err(format!("intermediate names {may}: cluster issuers issue agent identities only"));
+    }
+    if may != is {
+        return Err(format!("the issuer for {may} may not issue {is}"));
+    }
+    Ok(())
+}
 
 impl ClientCertVerifier for DirectIssuerOnly {
     fn offer_client_auth(&self) -> bool {
@@ -224,10 +251,13 @@ impl ClientCertVerifier for DirectIssuerOnly {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0.verify_client_cert(end_entity, &[], now)
+        let direct = self.0.verify_client_cert(end_entity, &[], now);
+        let Some(issuer) = intermediates.first().filter(|_| direct.is_err()) else { return direct };
+        cluster_issuer_admits(issuer, end_entity).map_err(rustls::Error::General)?;
+        self.0.verify_client_cert(end_entity, std::slice::from_ref(issuer), now)
     }
 
     fn verify_tls12_signature(

@@ -30,9 +30,10 @@ pub const ARC_CHART_OCI: &str = "oci://ghcr.io/actions/actions-runner-controller
 /// continuation is joined with one space). The lab fails when one is no longer in the README.
 pub const DOCUMENTED_STEPS: &[&str] = &[
     "arcfedctl certs init --out ca",
+    "arcfedctl certs issuer --ca ca --cluster region-a --out issuer-region-a",
     "kubectl create namespace arcfed-system",
     "kubectl -n arcfed-system create secret tls arcfed-ca --cert ca/ca.crt --key ca/ca.key",
-    "kubectl -n arc-systems create secret tls arcfed-ca --cert ca/ca.crt --key ca/ca.key",
+    "kubectl -n arc-systems create secret tls arcfed-agent-issuer --cert issuer-region-a/tls.crt --key issuer-region-a/tls.key",
     "kubectl apply -k deploy/coordinator/overlays/lan-3",
     "kubectl apply -k deploy/arc/agent/overlays/region-a",
     "kubectl apply -k deploy/arc/admission",
