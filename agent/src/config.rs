@@ -96,7 +96,7 @@ pub struct LogSettings {
 /// exiting non-zero, because ARC recreates a dead listener pod at once with no backoff
 /// (ARCFED_CONFIG_ERROR_DELAY changes the 30s). Durations take humantime values (`3s`, `500ms`).
 #[derive(Parser, Clone, Debug)]
-#[command(name = "arcfed-agent", version, about, long_about)]
+#[command(name = "arcfed-agent", version = arcfed_proto::ops::version_line(), about, long_about)]
 pub struct Args {
     /// ARC's listener config JSON (reference §5.1: configure_url, github_token or github_app_*,
     /// ephemeral_runner_set_*, runner_scale_set_*, min/max_runners, server_root_ca, log_*,

@@ -28,6 +28,7 @@ async fn run() -> i32 {
         tracing::warn!("{w}");
     }
     let metrics = Arc::new(Metrics::new(cfg.metrics_labels.clone(), &cfg.gha_metrics));
+    metrics.set_info(if cfg.standalone() { "" } else { &cfg.cluster }, &cfg.scale_set_name);
     let state = Arc::new(HttpState::new(metrics, Duration::from_secs(30)));
     let (stop_tx, stop_rx) = watch::channel(false);
 

@@ -34,6 +34,18 @@ pub const ARC_BUCKETS: &[f64] = &[
     600.0, 900.0, 1200.0, 1800.0, 2400.0, 3000.0, 3600.0,
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+    pub commit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InfoLabels {
+    pub cluster: String,
+    pub scale_set: String,
+}
+
 /// Static label values of the scale-set gauges (and `enterprise` of the job metrics).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MetricLabels {
@@ -349,6 +361,8 @@ pub struct Metrics {
     pub coordinator_connected: Gauge,
     /// `arcfed_tls_cert_not_after_seconds`: expiry of the client certificate last presented.
     pub tls_not_after: Gauge,
+    /// `arcfed_agent_info{cluster,scale_set}`: set once by [`Metrics::set_info`].
+    pub info: Family<InfoLabels, Gauge>,
     /// Replicas the coordinator assigned to this cluster (last push).
     pub assigned_replicas: Gauge,
     /// Seconds between a message's arrival at the holder and its ack.
@@ -441,6 +455,7 @@ impl Metrics {
             fallback: Gauge::default(),
             coordinator_connected: Gauge::default(),
             tls_not_after: Gauge::default(),
+            info: Family::default(),
             assigned_replicas: Gauge::default(),
             message_lag_seconds: Gauge::default(),
             last_message_id: Gauge::default(),
@@ -453,6 +468,19 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.005, 2.0, 16))
             }),
         };
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: arcfed_proto::ops::VERSION.into(),
+                commit: arcfed_proto::ops::COMMIT.into(),
+            })
+            .set(1);
+        reg.register("arcfed_build_info", "1, labelled with this binary's version and commit", build);
+        reg.register(
+            "arcfed_agent_info",
+            "1, labelled with this agent's cluster (empty when standalone) and scale set (ARC's name for it)",
+            m.info.clone(),
+        );
         reg.register(
             "arcfed_tls_cert_not_after_seconds",
             "Expiry (Unix seconds) of the client certificate presented at the last attach to the coordinator (files are re-read at every attach)",
@@ -574,6 +602,12 @@ impl Metrics {
     }
 
     /// Removes the scale-set-wide series, so only the holder exports them.
+    /// Sets `arcfed_agent_info` (once, at start).
+    pub fn set_info(&self, cluster: &str, scale_set: &str) {
+        self.info.clear();
+        self.info.get_or_create(&InfoLabels { cluster: cluster.into(), scale_set: scale_set.into() }).set(1);
+    }
+
     pub fn clear_scale_set_gauges(&self) {
         for g in
             [&self.assigned_jobs, &self.running_jobs, &self.registered_runners, &self.busy_runners, &self.idle_runners]

@@ -44,7 +44,7 @@ pub fn init_logging(log: &LogArgs) {
 /// admins; followers answer UNAVAILABLE and name the leader in the `x-arcfed-leader`
 /// metadata. Durations take humantime values (`3s`, `500ms`).
 #[derive(Parser, Clone, Debug)]
-#[command(name = "arcfed-coordinator", version, about, long_about)]
+#[command(name = "arcfed-coordinator", version = arcfed_proto::ops::version_line(), about, long_about)]
 pub struct Cli {
     /// This voter's Raft node id (a positive integer, unique in the quorum).
     #[arg(long, env = "ARCFED_NODE_ID")]

@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint};
 /// Every flag can also come from the env var shown in brackets. `certs` works offline; every
 /// other command needs --endpoints and an admin certificate (role admin).
 #[derive(Parser, Debug)]
-#[command(name = "arcfedctl", version, about, long_about)]
+#[command(name = "arcfedctl", version = arcfed_proto::ops::version_line())]
 pub struct Cli {
     /// Coordinator gRPC addresses, comma-separated; any voter works (followers redirect).
     #[arg(long, env = "ARCFED_ENDPOINTS", value_delimiter = ',', value_name = "HOST:PORT,...", global = true)]

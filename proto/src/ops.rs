@@ -19,6 +19,22 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// This build's version (the workspace's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The commit this build came from: `ARCFED_COMMIT` in the build's environment (the image
+/// build passes it), else "unknown".
+pub const COMMIT: &str = match option_env!("ARCFED_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
+
+/// `--version` of every binary: `<version> (commit <commit>)`.
+pub fn version_line() -> &'static str {
+    static LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LINE.get_or_init(|| format!("{VERSION} (commit {COMMIT})"))
+}
+
 /// TLS files in cert-manager's layout (`tls.crt`, `tls.key`, `ca.crt`). All three or none;
 /// whether they are required is the binary's call (`require`, `all_or_none`).
 #[derive(clap::Args, Clone, Debug, Default)]

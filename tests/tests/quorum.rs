@@ -1318,3 +1318,39 @@ async fn w_a_renewed_voter_certificate_is_served_without_a_restart() {
     })
     .await;
 }
+
+/// issue 24: `arcfed_leader_contact_age_seconds` lets one Prometheus per cluster tell "my
+/// voter follows a live leader" from "no leader": small on every voter of a healthy quorum,
+/// growing on a voter left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_every_voter_reports_its_contact_with_a_leader() {
+    with_quorum(QuorumOptions::default(), |mut q| async move {
+        let r = async {
+            let age = |http| async move { raft_gauge(http, "arcfed_leader_contact_age_seconds").await };
+            let https: Vec<_> = [1, 2, 3].iter().map(|id| (*id, q.voter(*id).http)).collect();
+            for (id, http) in &https {
+                let end = Instant::now() + WAIT;
+                while age(*http).await? > 2 {
+                    anyhow::ensure!(Instant::now() < end, "voter {id} reports no recent contact with a leader");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            // Two voters gone: the survivor's contact ages past the alert's 10 s.
+            let leader = q.status().await?.leader;
+            let survivor = if leader == 1 { 2 } else { 1 };
+            for id in [1, 2, 3].into_iter().filter(|id| *id != survivor) {
+                q.voter(id).kill();
+            }
+            let http = q.voter(survivor).http;
+            let end = Instant::now() + WAIT;
+            while age(http).await? <= 10 {
+                anyhow::ensure!(Instant::now() < end, "the lone voter still reports a leader contact");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}

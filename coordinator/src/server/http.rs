@@ -51,6 +51,15 @@ pub fn refresh(ctx: &Ctx) {
     mm.commit_index.set(commit_index(&m) as i64);
     mm.quorum_contact_age_ms.set(ctx.quorum_age_ms().map(|v| v as i64).unwrap_or(-1));
     mm.tls_not_after.set(ctx.tls.current().not_after_unix());
+    let contact = if ctx.serving_term().is_some() {
+        ctx.quorum_age_ms().map_or(0.0, |ms| ms as f64 / 1000.0)
+    } else {
+        m.current_leader
+            .filter(|l| *l != ctx.id)
+            .and_then(|l| ctx.contacts.age(l))
+            .map_or(f64::INFINITY, |d| d.as_secs_f64())
+    };
+    mm.leader_contact_age.set(contact);
     // Counters kept by the TLS source, copied forward (they only grow).
     mm.tls_reload_errors.inc_by(ctx.tls.reload_errors().saturating_sub(mm.tls_reload_errors.get()));
     mm.tls_handshake_failures.inc_by(ctx.tls.handshake_failures().saturating_sub(mm.tls_handshake_failures.get()));

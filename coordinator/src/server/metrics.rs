@@ -16,6 +16,12 @@ pub struct StatusLabel {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+    pub commit: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub term: Gauge,
@@ -46,6 +52,7 @@ pub struct Metrics {
     pub elections_stood: Counter,
     pub prevotes_lost: Counter,
     pub tls_not_after: Gauge,
+    pub leader_contact_age: Gauge<f64, AtomicU64>,
     pub tls_reload_errors: Counter,
     pub tls_handshake_failures: Counter,
 }
@@ -88,6 +95,7 @@ impl Metrics {
             elections_stood: Counter::default(),
             prevotes_lost: Counter::default(),
             tls_not_after: Gauge::default(),
+            leader_contact_age: Gauge::default(),
             tls_reload_errors: Counter::default(),
             tls_handshake_failures: Counter::default(),
             registry: Registry::default(),
@@ -162,6 +170,19 @@ impl Metrics {
             "prevotes_lost",
             "Times this voter would have stood but a majority refused its pre-vote (they still heard a live leader)",
             m.prevotes_lost.clone(),
+        );
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: arcfed_proto::ops::VERSION.into(),
+                commit: arcfed_proto::ops::COMMIT.into(),
+            })
+            .set(1);
+        r.register("build_info", "1, labelled with this binary's version and commit", build);
+        r.register(
+            "leader_contact_age_seconds",
+            "Seconds since this voter was last in contact with a leader: on the serving leader the age of its quorum contact, on a follower since the leader was last heard; +Inf when it knows none. Evaluable per cluster: min() over the voters one Prometheus sees",
+            m.leader_contact_age.clone(),
         );
         r.register(
             "tls_cert_not_after_seconds",

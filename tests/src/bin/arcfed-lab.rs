@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 /// arcfed-lab: real kube-apiservers and real ARC next to arcfed.
 #[derive(Parser, Debug)]
-#[command(name = "arcfed-lab", version, about, long_about)]
+#[command(name = "arcfed-lab", version)]
 struct Args {
     /// Working directory for the clusters' PKI, etcd data and logs (default: a new temp dir, kept).
     #[arg(long, global = true, env = "ARCFED_LAB_DIR")]

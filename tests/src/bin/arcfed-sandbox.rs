@@ -31,7 +31,7 @@ enum Credentials {
 
 /// arcfed-sandbox: a local quorum, regions and an emulated GitHub, in one command.
 #[derive(Parser, Debug)]
-#[command(name = "arcfed-sandbox", version, about, long_about)]
+#[command(name = "arcfed-sandbox", version)]
 struct Args {
     /// Working directory for certificates, data dirs and logs (default: a new temp dir, kept).
     #[arg(long, env = "ARCFED_SANDBOX_DIR")]
