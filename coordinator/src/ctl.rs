@@ -26,6 +26,11 @@ pub struct Cli {
     /// Per-request timeout.
     #[arg(long, env = "ARCFED_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s", global = true)]
     pub timeout: Duration,
+    /// Verify the voters' certificates against this DNS name instead of the host in
+    /// --endpoints (and in leader redirects): for `kubectl port-forward` to 127.0.0.1, e.g.
+    /// `arcfed-coordinator.arcfed-system.svc`, a name every voter certificate of deploy/ carries.
+    #[arg(long, env = "ARCFED_TLS_SERVER_NAME", value_name = "NAME", global = true)]
+    pub tls_server_name: Option<String>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -270,6 +275,7 @@ fn certs_cmd(cmd: &CertsCmd) -> anyhow::Result<()> {
 /// An admin connection that follows the leader.
 pub(crate) struct Admin {
     tls: TlsMaterial,
+    server_name: Option<String>,
     endpoints: Vec<String>,
     timeout: Duration,
     current: Option<(String, AdminServiceClient<Channel>)>,
@@ -285,11 +291,20 @@ impl Admin {
             .require("(an admin certificate from `arcfedctl certs issue --role admin`)")
             .map_err(anyhow::Error::msg)?
             .load()?;
-        Ok(Admin { tls, endpoints: cli.endpoints.clone(), timeout: cli.timeout, current: None })
+        Ok(Admin {
+            tls,
+            server_name: cli.tls_server_name.clone(),
+            endpoints: cli.endpoints.clone(),
+            timeout: cli.timeout,
+            current: None,
+        })
     }
 
     async fn client(&self, addr: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
-        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']);
+        let host = match &self.server_name {
+            Some(name) => name.as_str(),
+            None => addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']),
+        };
         let ch = Endpoint::from_shared(format!("https://{addr}"))
             .with_context(|| format!("--endpoints: bad address {addr:?}"))?
             .connect_timeout(self.timeout)

@@ -41,8 +41,9 @@ pub fn version_line() -> &'static str {
 pub struct TlsArgs {
     /// PEM certificate chain of this process (cert-manager's tls.crt). Its URI SAN
     /// spiffe://arcfed/<role>/<name> is its identity: coordinator/<node>, agent/<cluster> or
-    /// admin/<name>. Required by arcfed-coordinator and arcfedctl's quorum commands;
-    /// arcfed-agent needs the three files only with --coordinator and reloads them on change.
+    /// admin/<name>. Required by arcfed-coordinator (re-reads the three files every 10 s and
+    /// serves renewed ones without a restart) and arcfedctl's quorum commands; arcfed-agent
+    /// needs them only with --coordinator and reads them at every attach.
     #[arg(long, env = "ARCFED_TLS_CERT", value_name = "FILE", global = true)]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for --tls-cert (cert-manager's tls.key).

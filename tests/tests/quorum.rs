@@ -119,6 +119,11 @@ async fn a_three_voters_elect_a_leader_and_exactly_one_member_is_granted() {
             assert!(json["groups"][0]["lease_remaining_ms"].as_i64().is_some_and(|v| v > 0));
             assert_eq!(json["groups"][0]["assignments"].as_array().map(Vec::len), Some(2));
             assert!(json["members"].as_array().is_some_and(|m| m.iter().all(|m| m["status"] == "live")));
+            // --tls-server-name (for port-forwards) replaces the endpoint's host in the check of
+            // the voter's certificate: a name no certificate carries fails, one they carry passes.
+            let e = ctl(&q, &["--tls-server-name", "nobody.example", "status"]).unwrap_err().to_string();
+            assert!(e.contains("connect to"), "{e}");
+            assert!(ctl(&q, &["--tls-server-name", "localhost", "status"])?.contains("VOTERS"));
             Ok(())
         }
         .await;
