@@ -97,13 +97,49 @@ fn paths_in(dir: &Path) -> TlsPaths {
 /// Starts a peer service that admits only coordinators, on an ephemeral port, with TLS as
 /// the coordinator serves it.
 async fn serve(paths: &TlsPaths) -> (SocketAddr, std::sync::Arc<TlsSource>) {
+    serve_bounded(paths, tls_reload::MAX_PENDING_HANDSHAKES).await
+}
+
+async fn serve_bounded(paths: &TlsPaths, max_pending: usize) -> (SocketAddr, std::sync::Arc<TlsSource>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let source = TlsSource::load(paths.clone()).unwrap();
     let router = Server::builder()
         .add_service(InterceptedService::new(RaftServiceServer::new(WhoAmI), require_role(Role::Coordinator)));
-    tokio::spawn(router.serve_with_incoming(tls_reload::incoming(listener, source.clone())));
+    tokio::spawn(router.serve_with_incoming(tls_reload::incoming_with(listener, source.clone(), max_pending)));
     (addr, source)
+}
+
+/// issue 22 item 6: connections that never finish a handshake occupy at most the bound;
+/// the next one is closed at once, and service resumes when they go.
+#[tokio::test]
+async fn half_open_connections_beyond_the_bound_are_shed_and_service_resumes() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let (addr, source) = serve_bounded(&pki.issue_from("ca", Role::Coordinator, "1"), 4).await;
+    let client = pki.issue(Role::Coordinator, "2");
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // The fifth is accepted and closed without a handshake.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let closed =
+            matches!(tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await, Ok(Ok(0) | Err(_)));
+        if closed && source.connections_shed() > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "a connection past the bound was not shed");
+    }
+    drop(idle);
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while vote(addr, client.client_config("127.0.0.1")).await.is_err() {
+        assert!(std::time::Instant::now() < end, "no service after the half-open connections went away");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Connects and calls `Vote` once, with a deadline so a stuck handshake fails the test.

@@ -41,6 +41,18 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(10);
 /// must not hold a task and a socket for ever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// TLS handshakes in progress at once. A connection that arrives while this many are pending
+/// is closed at once: a flood of half-open connections costs at most this many sockets and
+/// buffers (about 11 KB each), not memory without bound, and finished connections (agents'
+/// streams, tens of thousands at scale) are not limited by it.
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+
+/// TCP keepalive of accepted connections: a peer that vanished without a FIN (a node lost, a
+/// NAT entry dropped) is found within about idle + interval × retries = 30 s.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+
 struct Current {
     material: Arc<TlsMaterial>,
     /// Built on first use for this material (clients never need it).
@@ -54,6 +66,7 @@ pub struct TlsSource {
     current: RwLock<Current>,
     reload_errors: AtomicU64,
     handshake_failures: AtomicU64,
+    connections_shed: AtomicU64,
 }
 
 impl std::fmt::Debug for TlsSource {
@@ -71,6 +84,7 @@ impl TlsSource {
             current: RwLock::new(Current { material, server: None, generation: 1 }),
             reload_errors: AtomicU64::new(0),
             handshake_failures: AtomicU64::new(0),
+            connections_shed: AtomicU64::new(0),
         }))
     }
 
@@ -97,6 +111,11 @@ impl TlsSource {
     /// TLS handshakes refused or abandoned on this process's server side.
     pub fn handshake_failures(&self) -> u64 {
         self.handshake_failures.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed unserved because [`MAX_PENDING_HANDSHAKES`] were in progress.
+    pub fn connections_shed(&self) -> u64 {
+        self.connections_shed.load(Ordering::Relaxed)
     }
 
     /// Checks the files once. `Ok(true)`: they changed and were taken; `Ok(false)`: unchanged.
@@ -288,7 +307,21 @@ impl ClientCertVerifier for DirectIssuerOnly {
 /// finished handshakes handed to tonic (`Server::serve_with_incoming*`). The accept loop ends,
 /// and the port is released, when the server drops the stream.
 pub fn incoming(listener: TcpListener, tls: Arc<TlsSource>) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    incoming_with(listener, tls, MAX_PENDING_HANDSHAKES)
+}
+
+/// [`incoming`] with another bound on handshakes in progress (tests use a small one).
+pub fn incoming_with(
+    listener: TcpListener,
+    tls: Arc<TlsSource>,
+    max_pending: usize,
+) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let pending = Arc::new(tokio::sync::Semaphore::new(max_pending));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -303,7 +336,14 @@ pub fn incoming(listener: TcpListener, tls: Arc<TlsSource>) -> ReceiverStream<st
                     }
                 },
             };
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                // Too many handshakes in progress: close this one now (RST on drop).
+                tls.connections_shed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "too many TLS handshakes in progress: connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
             let cfg = match tls.server_config() {
                 Ok(c) => c,
                 Err(e) => {
@@ -313,7 +353,10 @@ pub fn incoming(listener: TcpListener, tls: Arc<TlsSource>) -> ReceiverStream<st
             };
             let (tx, tls) = (tx.clone(), tls.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(cfg).accept(tcp)).await {
+                let handshake =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(cfg).accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }

@@ -1359,3 +1359,52 @@ async fn x_every_voter_reports_its_contact_with_a_leader() {
     })
     .await;
 }
+
+/// issue 22 item 5: a voter's certificate speaks only for its own node id. A voter started
+/// with another voter's certificate refuses to start; a peer RPC that claims another sender
+/// than the certificate's is refused before Raft sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn y_raft_messages_are_bound_to_the_senders_certificate() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let two = q.certs.coordinator(2)?;
+            let leader = q.status().await?.leader;
+            let target = q.voters.iter().find(|v| v.id != 2 && v.id != leader).unwrap_or(&q.voters[0]);
+            let ch = two.channel(&target.grpc.to_string())?;
+            let mut c = arcfed_proto::raft_service_client::RaftServiceClient::new(ch);
+            // A pre-vote and a vote in node 3's name, sent with node 2's key.
+            let e = c
+                .pre_vote(pb::PreVoteRequest { candidate: 3, term: 99 })
+                .await
+                .expect_err("a pre-vote in another voter's name");
+            anyhow::ensure!(e.code() == tonic::Code::PermissionDenied, "{e:?}");
+            let forged = serde_json::json!({
+                "vote": {"leader_id": {"term": 99, "node_id": 3}, "committed": false},
+                "last_log_id": null
+            });
+            let e = c
+                .vote(pb::RaftPayload { json: serde_json::to_vec(&forged)? })
+                .await
+                .expect_err("a vote request in another voter's name");
+            anyhow::ensure!(e.code() == tonic::Code::PermissionDenied, "{e:?}");
+            anyhow::ensure!(e.message().contains("node 3"), "{e:?}");
+            // In its own name the same key is heard (the pre-vote is answered, granted or not).
+            c.pre_vote(pb::PreVoteRequest { candidate: 2, term: 1 }).await?;
+            // A voter started as node 1 with node 2's certificate stops with a clear error.
+            let dir = tempfile::tempdir()?;
+            let out = std::process::Command::new(arcfed_tests::harness::bin_path("arcfed-coordinator"))
+                .args(["--node-id", "1", "--peer", "1=127.0.0.1:1", "--listen", "127.0.0.1:0"])
+                .args(["--admin-listen", "127.0.0.1:0", "--data-dir", &dir.path().display().to_string()])
+                .args(["--tls-cert", &two.cert.display().to_string(), "--tls-key", &two.key.display().to_string()])
+                .args(["--tls-ca", &two.ca.display().to_string()])
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            anyhow::ensure!(!out.status.success(), "a voter started with another voter's certificate");
+            anyhow::ensure!(err.contains("--node-id 1") && err.contains("coordinator/2"), "{err}");
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}

@@ -308,6 +308,28 @@ pub struct PeerService {
     pub hold: Duration,
 }
 
+/// The voter that sent `req`, from its verified certificate (`require_role` put the identity
+/// into the extensions): only `spiffe://arcfed/coordinator/<id>` may call the peer service.
+fn sender<T>(req: &Request<T>) -> Result<NodeId, Status> {
+    let id = req.extensions().get::<crate::tls::Identity>().ok_or_else(|| Status::unauthenticated("no identity"))?;
+    if id.role != crate::tls::Role::Coordinator {
+        return Err(Status::permission_denied(format!("{id} may not call the peer service")));
+    }
+    id.name.parse().map_err(|_| Status::permission_denied(format!("{id}: a voter's name is its numeric node id")))
+}
+
+/// Refuses a Raft message whose claimed sender (`claimed`, from its vote) is not the voter
+/// whose certificate sent it: one voter's key must not speak for another (a forged vote or
+/// append from node 2 in node 3's name could depose a leader or split the vote).
+pub fn check_sender(from: NodeId, claimed: Option<NodeId>, what: &str) -> Result<(), Status> {
+    match claimed {
+        Some(c) if c != from => Err(Status::permission_denied(format!(
+            "spiffe://arcfed/coordinator/{from} sent a {what} in the name of node {c}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn decode<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
     serde_json::from_slice(&req.into_inner().json)
         .map_err(|e| Status::invalid_argument(format!("malformed raft payload: {e}")))
@@ -322,7 +344,9 @@ fn encode<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
 #[tonic::async_trait]
 impl RaftService for PeerService {
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let from = sender(&req)?;
         let rpc: VoteRequest<NodeId> = decode(req)?;
+        check_sender(from, Some(rpc.vote.leader_id.node_id), "vote request")?;
         let (term, their_log) = (rpc.vote.leader_id.term, rpc.last_log_id);
         let reply = self.raft.vote(rpc).await;
         if let Ok(r) = &reply
@@ -335,8 +359,10 @@ impl RaftService for PeerService {
     }
 
     async fn append(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let from = sender(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
         let (leader, term) = (rpc.vote.leader_id().voted_for(), rpc.vote.leader_id().term);
+        check_sender(from, leader, "log append")?;
         let reply = self.raft.append_entries(rpc).await;
         // Anything but HigherVote accepted the sender as this term's leader.
         if let (Some(leader), Ok(r)) = (leader, &reply)
@@ -349,7 +375,9 @@ impl RaftService for PeerService {
 
     /// Answers from what this node sees now; changes nothing (no term, no vote).
     async fn pre_vote(&self, req: Request<pb::PreVoteRequest>) -> Result<Response<pb::PreVoteReply>, Status> {
+        let from = sender(&req)?;
         let req = req.into_inner();
+        check_sender(from, Some(req.candidate), "pre-vote request")?;
         let asked = super::election::asked(&self.raft, &self.contacts, self.me, req.candidate);
         let reply = match self.timing.pre_vote(&asked, self.hold) {
             Ok(()) => pb::PreVoteReply { granted: true, reason: String::new() },
@@ -364,7 +392,9 @@ impl RaftService for PeerService {
     /// One chunk of a snapshot (openraft sends a snapshot above `--snapshot-chunk-size` as
     /// several); the last one installs it.
     async fn snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let from = sender(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
+        check_sender(from, rpc.vote.leader_id().voted_for(), "snapshot chunk")?;
         let (offset, len, done) = (rpc.offset, rpc.data.len(), rpc.done);
         let id = rpc.meta.snapshot_id.clone();
         let r = self.raft.install_snapshot(rpc).await;
@@ -379,7 +409,16 @@ impl RaftService for PeerService {
 
 #[cfg(test)]
 mod tests {
-    use super::retry_delays;
+    use super::{check_sender, retry_delays};
+
+    #[test]
+    fn a_voter_speaks_only_for_itself() {
+        assert!(check_sender(2, Some(2), "vote request").is_ok());
+        assert!(check_sender(2, None, "log append").is_ok(), "no claimed sender: nothing to check");
+        let e = check_sender(2, Some(3), "vote request").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("coordinator/2") && e.message().contains("node 3"), "{e:?}");
+    }
     use std::time::Duration;
 
     #[test]

@@ -63,6 +63,7 @@ pub fn refresh(ctx: &Ctx) {
     // Counters kept by the TLS source, copied forward (they only grow).
     mm.tls_reload_errors.inc_by(ctx.tls.reload_errors().saturating_sub(mm.tls_reload_errors.get()));
     mm.tls_handshake_failures.inc_by(ctx.tls.handshake_failures().saturating_sub(mm.tls_handshake_failures.get()));
+    mm.connections_shed.inc_by(ctx.tls.connections_shed().saturating_sub(mm.connections_shed.get()));
     ctx.shared.read(|s| {
         for status in ["live", "silent", "expired", "left"] {
             let n = s.members.values().filter(|m| m.status.as_str() == status).count();

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub leader_contact_age: Gauge<f64, AtomicU64>,
     pub tls_reload_errors: Counter,
     pub tls_handshake_failures: Counter,
+    pub connections_shed: Counter,
 }
 
 impl Default for Metrics {
@@ -98,6 +99,7 @@ impl Metrics {
             leader_contact_age: Gauge::default(),
             tls_reload_errors: Counter::default(),
             tls_handshake_failures: Counter::default(),
+            connections_shed: Counter::default(),
             registry: Registry::default(),
         };
         r.register("raft_term", "Current Raft term", m.term.clone());
@@ -198,6 +200,11 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes this voter's gRPC port refused or abandoned (unknown issuer, expired, timed out)",
             m.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "grpc_connections_shed",
+            "Connections closed unserved because 1024 TLS handshakes were already in progress (a flood of half-open connections)",
+            m.connections_shed.clone(),
         );
         Metrics { registry: r, ..m }
     }

@@ -50,6 +50,10 @@ pub enum Error {
     Raft(String),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(
+        "--tls-cert names {found}, but this voter is --node-id {node}: a voter must present its own coordinator identity (spiffe://arcfed/coordinator/{node}), or peers would take its messages for another voter's"
+    )]
+    WrongIdentity { found: String, node: u64 },
 }
 
 /// Why a proposal did not produce an outcome.
@@ -414,6 +418,11 @@ async fn batch_proposals(ctx: std::sync::Weak<Ctx>, mut rx: tokio::sync::mpsc::R
     }
 }
 
+/// HTTP/2 streams one connection may have open (see `run`).
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Streams reset by the client before the server accepted them, per connection.
+const MAX_PENDING_RESETS: usize = 32;
+
 /// Handles of a running node.
 pub struct Node {
     pub ctx: Arc<Ctx>,
@@ -428,6 +437,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let tls = TlsSource::load(cfg.tls.clone())?;
+    let own = crate::tls::Identity { role: Role::Coordinator, name: cfg.node_id.to_string() };
+    if tls.current().identity() != &own {
+        return Err(Error::WrongIdentity { found: tls.current().identity().to_string(), node: cfg.node_id });
+    }
     let node = start(cfg, tls.clone(), http_listener).await?;
     // Renewed certificate files are served to new connections without a restart.
     let reload = tls.watch(tls_reload::RELOAD_EVERY);
@@ -456,6 +469,11 @@ pub async fn run(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // One agent uses one stream per connection, a peer a handful, arcfedctl a few: a
+        // connection asking for hundreds is hostile. Rapid resets (CVE-2023-44487) are
+        // bounded by hyper's pending-reset limit.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .add_service(InterceptedService::new(peer, require_role(Role::Coordinator)))
         .add_service(InterceptedService::new(agent_svc, require_role(Role::Agent)))
         .add_service(InterceptedService::new(admin_svc, require_role(Role::Admin)))
