@@ -51,6 +51,44 @@ async fn kill_holder_fails_over_without_overlap_or_loss() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// DESIGN §6.7: GitHub credentials never leave their cluster. After a failover with
+/// per-region PATs (each region's admin, registration and queue tokens issued), none of the
+/// emulator's credentials appears in any voter's store or log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_credentials_never_reach_the_quorum() -> anyhow::Result<()> {
+    let (_dir, mut sb) = world(SandboxOptions { per_region_credentials: true, ..SandboxOptions::default() }).await?;
+    let r = run_drill(&mut sb, Scenario::KillHolder, 1).await;
+    let secrets = sb.emu.secrets();
+    let files: Vec<std::path::PathBuf> =
+        sb.q.voters
+            .iter()
+            .flat_map(|v| {
+                let mut f = vec![v.log.clone()];
+                f.extend(std::fs::read_dir(&v.data_dir).into_iter().flatten().flatten().map(|e| e.path()));
+                f
+            })
+            .collect();
+    sb.shutdown().await;
+    assert_clean(&r?);
+    // PATs, and tokens the emulator issued during the run (admin, registration, queue).
+    assert!(secrets.len() > 3, "the run issued tokens: {}", secrets.len());
+    let mut scanned = 0;
+    for f in files.iter().filter(|f| f.is_file()) {
+        let bytes = std::fs::read(f)?;
+        scanned += bytes.len();
+        for s in &secrets {
+            assert!(
+                !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+                "a GitHub credential ({}…) is in {}",
+                &s[..s.len().min(8)],
+                f.display()
+            );
+        }
+    }
+    assert!(scanned > 0, "no voter file was scanned");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_holder_is_replaced_and_returns_as_standby() -> anyhow::Result<()> {
     let r = drill_once(Scenario::FreezeHolder, SandboxOptions::default()).await?;

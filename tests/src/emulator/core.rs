@@ -524,6 +524,19 @@ impl Core {
     }
 
     /// Whether the emulator minted this admin token (expired or not).
+    /// Every credential this emulator accepts or has handed out and still knows: PATs and
+    /// admin, registration and queue tokens. None of them may ever reach the coordinators
+    /// (DESIGN §6.7); drills search the voters' files for them.
+    pub fn secrets(&self) -> Vec<String> {
+        self.pats
+            .iter()
+            .chain(self.admin_tokens.keys())
+            .chain(self.registration_tokens.keys())
+            .chain(self.queue_tokens.keys())
+            .cloned()
+            .collect()
+    }
+
     pub fn is_admin_token(&self, bearer: &str) -> bool {
         self.admin_tokens.contains_key(bearer)
     }

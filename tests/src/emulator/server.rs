@@ -384,6 +384,11 @@ impl EmulatorHandle {
         self.shared.lock().report(now)
     }
 
+    /// See [`super::core::Core::secrets`] (emulator-side names).
+    pub fn secrets(&self) -> Vec<String> {
+        self.shared.lock().secrets()
+    }
+
     pub fn timeline(&self) -> Vec<Event> {
         self.shared.lock().timeline(0, usize::MAX)
     }
