@@ -89,6 +89,12 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: VotersCmd,
     },
+    /// Which clusters may join which groups, with which priority, weight and member bounds
+    /// (replicated; enforced when a member joins). See deploy/README.md, "Policy".
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Mint a CA and leaf certificates (cert-manager layout: tls.crt, tls.key, ca.crt).
     Certs {
         #[command(subcommand)]
@@ -119,6 +125,19 @@ pub enum VotersCmd {
         #[arg(long, env = "ARCFED_VOTER_ID")]
         id: u64,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Replace the policy with the JSON in FILE (`-`: stdin); checked before it is proposed.
+    Set {
+        /// A JSON policy: {"rules": [{"groups": GLOB, "clusters": [...], "priority_min": N,
+        /// "priority_max": N, "weight_max": N, "members_per_cluster": N}], "unmatched": "allow"|"deny"}.
+        #[arg(long, env = "ARCFED_POLICY_FILE", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print the applied policy as JSON.
+    Show,
 }
 
 #[derive(Subcommand, Debug)]
@@ -220,6 +239,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?;
             println!("{}", r.message);
+        }
+        Cmd::Policy { cmd: PolicyCmd::Set { file } } => {
+            let json = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("--file -: read stdin")?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("--file {}", file.display()))?
+            };
+            // Checked here too, so a typo is named before anything reaches the quorum.
+            let policy: crate::core::policy::Policy =
+                serde_json::from_str(&json).with_context(|| format!("--file {}: not a policy", file.display()))?;
+            policy.validate().map_err(|e| anyhow!("--file {}: {e}", file.display()))?;
+            let r = admin
+                .call(|mut c| {
+                    let policy_json = json.clone();
+                    async move { c.set_policy(pb::SetPolicyCall { policy_json }).await }
+                })
+                .await?;
+            println!("{}", r.message);
+        }
+        Cmd::Policy { cmd: PolicyCmd::Show } => {
+            let r = admin.call(|mut c| async move { c.get_policy(pb::GetPolicyCall {}).await }).await?;
+            println!("{}", r.policy_json);
         }
         Cmd::Voters { cmd } => {
             let r = match cmd {

@@ -1408,3 +1408,42 @@ async fn y_raft_messages_are_bound_to_the_senders_certificate() {
     })
     .await;
 }
+
+/// issue 22 item 4: `arcfedctl policy set` installs a replicated policy; a cluster it does not
+/// list is refused (PERMISSION_DENIED naming the rule), a listed one joins, and every voter
+/// shows the same policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn z_the_policy_refuses_a_cluster_it_does_not_list() {
+    with_quorum(QuorumOptions::default(), |q| async move {
+        let r = async {
+            let dir = tempfile::tempdir()?;
+            let file = dir.path().join("policy.json");
+            // A typo is named before anything reaches the quorum.
+            std::fs::write(&file, r#"{"rules": [{"groups": "*", "cluster": ["a"]}]}"#)?;
+            let e = ctl(&q, &["policy", "set", "--file", &file.display().to_string()]).unwrap_err().to_string();
+            anyhow::ensure!(e.contains("unknown field"), "{e}");
+            std::fs::write(
+                &file,
+                r#"{"rules": [{"groups": "https://github.example/*", "clusters": ["a"]}], "unmatched": "deny"}"#,
+            )?;
+            let out = ctl(&q, &["policy", "set", "--file", &file.display().to_string()])?;
+            anyhow::ensure!(out.contains("policy set (1 rule"), "{out}");
+            let shown: serde_json::Value = serde_json::from_str(&ctl(&q, &["policy", "show"])?)?;
+            anyhow::ensure!(shown["rules"][0]["clusters"][0] == "a" && shown["unmatched"] == "deny", "{shown}");
+            let b = agent(&q, "b");
+            b.wait_for("a refusal", WAIT, |r| {
+                r.errors.iter().any(|e| e.0 == tonic::Code::PermissionDenied && e.1.contains("policy rule 0"))
+            })
+            .await?;
+            anyhow::ensure!(b.rec().joined.is_empty(), "cluster b joined against the policy");
+            let a = agent(&q, "a");
+            a.joined(WAIT).await?;
+            let s = q.status().await?;
+            anyhow::ensure!(s.members.iter().all(|m| m.cluster == "a"), "{:?}", s.members);
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}

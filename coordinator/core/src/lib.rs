@@ -13,6 +13,7 @@
 pub mod fence;
 pub mod github;
 pub mod lease;
+pub mod policy;
 pub mod report;
 pub mod split;
 pub mod state;

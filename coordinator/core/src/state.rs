@@ -195,6 +195,9 @@ pub struct State {
     /// Raft node id → agent-facing address, recorded by each leader on promotion.
     pub leader_addrs: BTreeMap<u64, String>,
     pub counters: Counters,
+    /// Which clusters may join which groups (set by operators; empty: everyone).
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
     /// Derived; see [`Indexes`].
     #[serde(skip)]
     idx: Indexes,
@@ -421,7 +424,7 @@ impl State {
             | Command::RequestHandover { group, .. } => {
                 self.pending.insert(group.clone());
             }
-            Command::Advertise { .. } | Command::Collect(_) | Command::Batch(_) => {}
+            Command::Advertise { .. } | Command::Collect(_) | Command::Batch(_) | Command::SetPolicy(_) => {}
         }
     }
 
@@ -857,6 +860,15 @@ impl State {
                 self.leader_addrs.insert(*node, addr.clone());
                 Outcome::Done
             }
+            // Checked again here: an entry written by another version must not install a
+            // policy this version would refuse.
+            Command::SetPolicy(p) => match p.validate() {
+                Ok(()) => {
+                    self.policy = p.clone();
+                    Outcome::Done
+                }
+                Err(e) => Outcome::rejected(RejectReason::InvalidInput, e),
+            },
             Command::Collect(policy) => {
                 self.collect(ts, policy);
                 Outcome::Done
@@ -1012,6 +1024,23 @@ impl State {
                 RejectReason::InvalidInput,
                 format!("member {} already joined group {}", spec.member, existing.group),
             );
+        }
+        // The operators' policy: may this cluster join this group, with these bounds?
+        let other_sets: BTreeSet<(&str, &str)> = self
+            .members_of(&spec.group)
+            .filter(|m| m.status.has_lease() && m.cluster == spec.cluster && m.id != spec.member)
+            .map(|m| (m.ers_namespace.as_str(), m.ers_name.as_str()))
+            .filter(|ers| *ers != (spec.ers_namespace.as_str(), spec.ers_name.as_str()))
+            .collect();
+        let ask = crate::policy::JoinAsk {
+            group: &spec.group.0,
+            cluster: &spec.cluster,
+            priority: spec.priority,
+            weight: spec.weight,
+            other_sets_of_cluster: other_sets.len(),
+        };
+        if let Err(why) = self.policy.admit(&ask) {
+            return Outcome::rejected(RejectReason::Policy, why);
         }
         // The ERS name routes runners to members: it must be unique within the group.
         let clash = self

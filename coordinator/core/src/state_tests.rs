@@ -1124,3 +1124,58 @@ proptest! {
         prop_assert_eq!(packed.indexes(), &Indexes::compute(&packed.groups, &packed.members));
     }
 }
+
+/// Issue 22, item 4: the operators' policy decides which clusters join which groups, with
+/// which bounds, in `apply` (so every voter decides alike); an invalid policy never installs.
+#[test]
+fn the_policy_decides_who_joins_in_apply() {
+    use crate::policy::{Policy, Rule, Unmatched};
+    let mut w = World::new();
+    let policy = Policy {
+        rules: vec![Rule {
+            groups: "https://github.example/Org#*".into(),
+            clusters: ["a".into(), "b".into()].into(),
+            priority_max: Some(5),
+            members_per_cluster: Some(1),
+            ..Rule::default()
+        }],
+        unmatched: Unmatched::Deny,
+    };
+    assert!(matches!(w.apply(Command::SetPolicy(policy.clone())).outcome, Outcome::Done));
+    assert_eq!(w.state.policy, policy);
+    assert!(matches!(w.apply(join("a1", "a", 10)).outcome, Outcome::Joined { .. }));
+    // A cluster the rule does not list.
+    match w.apply(join("c1", "c", 10)).outcome {
+        Outcome::Rejected { reason: RejectReason::Policy, detail } => assert!(detail.contains("cluster c"), "{detail}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(!w.state.members.contains_key(&mid("c1")), "a refused Join leaves no member");
+    // A priority above the bound.
+    let mut greedy = join("b1", "b", 10);
+    if let Command::Join(s) = &mut greedy {
+        s.priority = 9;
+    }
+    assert!(matches!(w.apply(greedy).outcome, Outcome::Rejected { reason: RejectReason::Policy, .. }));
+    // A second runner set of cluster a (another ERS name) exceeds the quota; a restarted
+    // agent for the same ERS (new member id) does not.
+    let mut squat = join("a2", "a", 10);
+    if let Command::Join(s) = &mut squat {
+        s.ers_name = "squat".into();
+    }
+    assert!(matches!(w.apply(squat).outcome, Outcome::Rejected { reason: RejectReason::Policy, .. }));
+    assert!(matches!(w.apply(join("a3", "a", 10)).outcome, Outcome::Joined { .. }));
+    // A group no rule covers, with unmatched: deny.
+    let mut elsewhere = join("b2", "b", 10);
+    if let Command::Join(s) = &mut elsewhere {
+        s.group = GroupKey::new("https://github.example/Other/", 1).expect("key");
+    }
+    assert!(matches!(w.apply(elsewhere).outcome, Outcome::Rejected { reason: RejectReason::Policy, .. }));
+    // An invalid policy (as another version might have written it) is refused in apply and
+    // leaves the current one in place.
+    let bad = Policy { rules: vec![Rule { groups: String::new(), ..Rule::default() }], unmatched: Unmatched::Allow };
+    assert!(w.apply(Command::SetPolicy(bad)).outcome.is_rejected());
+    assert_eq!(w.state.policy, policy);
+    // The empty policy admits everyone again.
+    w.apply(Command::SetPolicy(Policy::default()));
+    assert!(matches!(w.apply(join("c1", "c", 10)).outcome, Outcome::Joined { .. }));
+}

@@ -256,6 +256,9 @@ pub enum Command {
         member: MemberId,
         handover_deadline_ms: i64,
     },
+    /// An operator set the policy of which clusters may join which groups
+    /// ([`crate::policy`]); it replaces the previous one.
+    SetPolicy(crate::policy::Policy),
     /// The leader records its agent-facing address so followers can redirect agents to it.
     Advertise {
         node: u64,
@@ -302,6 +305,7 @@ impl Command {
             Command::RequestHandover { .. } => "request_handover",
             Command::Drain { .. } => "drain",
             Command::Advertise { .. } => "advertise",
+            Command::SetPolicy(_) => "set_policy",
             Command::Collect(_) => "collect",
             Command::Batch(_) => "batch",
         }
@@ -368,6 +372,8 @@ pub enum RejectReason {
     Conflict,
     /// The member id belongs to another cluster (invariant 6).
     WrongCluster,
+    /// The operators' policy does not let this cluster do this ([`crate::policy`]).
+    Policy,
 }
 
 impl fmt::Display for RejectReason {
@@ -380,6 +386,7 @@ impl fmt::Display for RejectReason {
             RejectReason::NotEligible => "not_eligible",
             RejectReason::Conflict => "conflict",
             RejectReason::WrongCluster => "wrong_cluster",
+            RejectReason::Policy => "policy",
         })
     }
 }

@@ -149,6 +149,15 @@ impl AdminSvc {
         })
     }
 
+    async fn set_policy_call(&self, r: pb::SetPolicyCall) -> Result<pb::AdminReply, AdminError> {
+        let policy: crate::core::policy::Policy = serde_json::from_str(&r.policy_json)
+            .map_err(|e| AdminError::Invalid { field: "policy_json", why: e.to_string() })?;
+        policy.validate().map_err(|why| AdminError::Invalid { field: "policy_json", why })?;
+        let rules = policy.rules.len();
+        let a = self.ctx.propose(Command::SetPolicy(policy)).await?;
+        outcome_to_reply(a.outcome, format!("policy set ({rules} rule(s)); it applies to Joins from now on"))
+    }
+
     async fn drain_call(&self, r: pb::DrainCall) -> Result<pb::AdminReply, AdminError> {
         let member = self.ctx.shared.read(|s| resolve_member(s, &r.member))?;
         let deadline = self.ctx.cfg.handover_timeout.as_millis() as i64;
@@ -308,6 +317,21 @@ impl pb::admin_service_server::AdminService for AdminSvc {
     async fn drill(&self, req: Request<pb::DrillCall>) -> Result<Response<pb::AdminReply>, Status> {
         self.require_serving()?;
         self.drill_call(req.into_inner()).await.map(Response::new).map_err(|e| status_of(&self.ctx, e))
+    }
+
+    async fn set_policy(&self, req: Request<pb::SetPolicyCall>) -> Result<Response<pb::AdminReply>, Status> {
+        self.require_serving()?;
+        self.set_policy_call(req.into_inner()).await.map(Response::new).map_err(|e| status_of(&self.ctx, e))
+    }
+
+    async fn get_policy(&self, _req: Request<pb::GetPolicyCall>) -> Result<Response<pb::PolicyReply>, Status> {
+        self.require_serving()?;
+        let json = self
+            .ctx
+            .shared
+            .read(|s| serde_json::to_string_pretty(&s.policy))
+            .map_err(|e| Status::internal(format!("encode policy: {e}")))?;
+        Ok(Response::new(pb::PolicyReply { policy_json: json }))
     }
 
     async fn drain(&self, req: Request<pb::DrainCall>) -> Result<Response<pb::AdminReply>, Status> {

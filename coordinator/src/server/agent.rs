@@ -75,7 +75,7 @@ fn status_of(ctx: &Ctx, e: AgentError) -> Status {
         E::Unauthenticated => Status::unauthenticated(msg),
         E::FirstNotJoin | E::EmptyMessage | E::OtherMember | E::Invalid(_) => Status::invalid_argument(msg),
         E::JoinTimeout(_) => Status::deadline_exceeded(msg),
-        E::Rejected { reason: RejectReason::WrongCluster, .. } => Status::permission_denied(msg),
+        E::Rejected { reason: RejectReason::WrongCluster | RejectReason::Policy, .. } => Status::permission_denied(msg),
         E::Rejected { reason: RejectReason::InvalidInput, .. } => Status::invalid_argument(msg),
         E::Rejected { .. } => Status::failed_precondition(msg),
         E::Unexpected(_) => Status::internal(msg),
@@ -258,7 +258,7 @@ async fn join(ctx: &Arc<Ctx>, cluster: &str, term: u64, j: pb::Join, tx: &OutTx)
             Some(joined)
         }
         Err(e) => {
-            if let AgentError::Rejected { reason: RejectReason::WrongCluster, detail } = &e {
+            if let AgentError::Rejected { reason: RejectReason::WrongCluster | RejectReason::Policy, detail } = &e {
                 warn!(cluster, "refused: {detail}");
             }
             let _ = tx.send(fail(status_of(ctx, e))).await;
