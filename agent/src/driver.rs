@@ -1423,7 +1423,10 @@ impl Driver {
             if self.send(adopt) {
                 tracing::info!(session = %s.session_id, "reporting the fallback session (Adopt)");
                 self.adopt_pending = Some(s.session_id.clone());
-                self.coord = Some((rid, CoordKind::Adopt, self.now() + COORD_TIMEOUT_MS));
+                // The leader may hold an Adopt until the pre-loss holder's lease ends (up to
+                // about one TTL after its promotion): wait that long for the answer.
+                let wait = COORD_TIMEOUT_MS + 2 * self.cfg.lease_ttl.as_millis() as u64;
+                self.coord = Some((rid, CoordKind::Adopt, self.now() + wait));
             }
         }
         let now = self.now();

@@ -595,9 +595,10 @@ async fn h_quorum_loss_falls_back_to_one_holder_and_the_quorum_adopts_it() -> an
         .await?;
     }
     // The quorum adopts the fallback session when its Adopt comes first. When the pre-loss
-    // holder's lease is still live at the new leader's promotion, the Adopt is refused (review
-    // M4, open) and the holder replaces the fallback session with one of its own: one session
-    // more, still one at a time. Either way a session the quorum knows is polled.
+    // holder is alive and re-attaches before the Adopt is decided, the Adopt is refused and
+    // the holder replaces the fallback session with one of its own: one session more, still
+    // one at a time. (A dead pre-loss holder is waited out: test i.) Either way a session the
+    // quorum knows is polled.
     // Until the holder re-created it, the quorum may still name the pre-loss session (deleted
     // in fallback): wait for the session it names to be polled after the voters came back.
     let back = w.emu.now_ms();
@@ -628,6 +629,86 @@ async fn h_quorum_loss_falls_back_to_one_holder_and_the_quorum_adopts_it() -> an
         "the federated session, the fallback one, and a new one only if the Adopt was refused: {:?}",
         ss.sessions
     );
+    w.assert_clean();
+    Ok(())
+}
+
+/// The safety review's M4: the pre-loss holder dies during the quorum loss and another agent
+/// wins the session in fallback. When the quorum returns, that agent's Adopt waits for the dead
+/// holder's lease to end instead of being refused, and the quorum adopts the fallback session:
+/// no new session, no 409 streak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_the_fallback_winner_keeps_its_session_when_the_pre_loss_holder_died() -> anyhow::Result<()> {
+    // The dead holder's session is orphaned: GitHub expires it after a while without polls
+    // (8 s here instead of ~90 s), then a fallback agent wins the slot.
+    let (emu, set) = emulator_with(Duration::from_secs(2), |c| {
+        c.settings.session_ttl = Duration::from_secs(8);
+        c.settings.session_ttl_from = SessionTtlFrom::LastPoll;
+    })
+    .await?;
+    let mut w = World::start_on(emu, set, &["a", "b", "c"], |s| s.coordinator_lost_for = Some("3s".into())).await?;
+    let set = w.set;
+    let (cluster, _, token) = w.holder().await?;
+    let sid = w.polling_session(token).await?;
+    let ids: Vec<u64> = w.q().voters.iter().map(|v| v.id).collect();
+    for id in &ids {
+        w.q.as_mut().expect("quorum").voter(*id).kill();
+    }
+    let dead = w.agents.iter().position(|a| a.spec.cluster == cluster).expect("the holder's agent");
+    w.agents[dead].kill();
+    for (i, a) in w.agents.iter().enumerate().filter(|(i, _)| *i != dead) {
+        a.wait_metric(&format!("fallback of agent {i}"), WAIT, |m| {
+            metric_value(m, "arcfed_agent_fallback") == Some(1.0)
+        })
+        .await?;
+    }
+    let end = Instant::now() + WAIT;
+    let fallback_sid = loop {
+        let open: Vec<(String, u64)> = w
+            .emu
+            .report()
+            .scale_set(set)
+            .map(|s| {
+                s.sessions.iter().filter(|x| x.closed_at.is_none()).map(|x| (x.session_id.clone(), x.polls)).collect()
+            })
+            .unwrap_or_default();
+        if let [(id, polls)] = open.as_slice()
+            && *id != sid
+            && *polls > 0
+        {
+            break id.clone();
+        }
+        anyhow::ensure!(Instant::now() < end, "no fallback session polls ({open:?}); logs:\n{}", w.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for id in &ids {
+        w.q.as_mut().expect("quorum").voter(*id).restart()?;
+    }
+    // The quorum adopts the fallback session, and it is the one polled afterwards.
+    let back = w.emu.now_ms();
+    let end = Instant::now() + WAIT;
+    loop {
+        anyhow::ensure!(Instant::now() < end, "the fallback session was not adopted; logs:\n{}", w.logs());
+        let known = match w.q().status().await {
+            Ok(st) if st.groups.first().is_some_and(|g| !g.holder.is_empty()) => st.groups[0].session_id.clone(),
+            _ => String::new(),
+        };
+        let polled = w.emu.timeline().iter().any(|e| {
+            e.class == PathClass::Poll && e.at_ms >= back && e.session_id.as_deref() == Some(fallback_sid.as_str())
+        });
+        if known == fallback_sid && polled {
+            break;
+        }
+        anyhow::ensure!(
+            known.is_empty() || known == sid || known == fallback_sid,
+            "the quorum names another session ({known}): the fallback session was replaced; logs:\n{}",
+            w.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rep = w.emu.report();
+    let ss = rep.scale_set(set).expect("scale set");
+    assert_eq!(ss.sessions.len(), 2, "the federated session and the fallback one, no third: {:?}", ss.sessions);
     w.assert_clean();
     Ok(())
 }

@@ -464,6 +464,9 @@ async fn run_commands(
         };
         let leave = matches!(cmd, Command::Leave { .. });
         let vacates = leave || matches!(cmd, Command::Release { .. });
+        if let Command::Adopt { member, group, .. } = &cmd {
+            wait_for_absent_holder(&ctx, group, member).await;
+        }
         match ctx.propose(cmd).await {
             Ok(a) => {
                 if leave {
@@ -484,6 +487,43 @@ async fn run_commands(
             }
         }
     }
+}
+
+/// The safety review's M4 (DESIGN §5.11): a fallback holder's Adopt meets a group whose
+/// holder has not been heard by this leader since its promotion: the pre-loss holder may have
+/// died during the quorum loss. Refusing at once would have the fallback holder forget its
+/// session and let a Grant replace it when that holder's lease ends. Instead the Adopt waits
+/// until the holder is heard (then it is refused, as before: the holder is alive) or its lease
+/// ends (then it is adopted, and no Grant is made for the group while it waits). Bounded by
+/// the grant hold plus a second.
+pub(crate) async fn wait_for_absent_holder(ctx: &Ctx, group: &GroupKey, member: &MemberId) {
+    let absent = |ctx: &Ctx| -> bool {
+        let holder = ctx.shared.read(|s| s.groups.get(group).and_then(|g| g.holder.clone()));
+        holder
+            .filter(|h| h != member)
+            .is_some_and(|h| ctx.lessor().entry(&h).is_none_or(|e| e.last_keepalive.is_none()))
+    };
+    if !absent(ctx) {
+        return;
+    }
+    let limit =
+        tokio::time::Instant::now() + Duration::from_millis(ctx.lessor().grant_hold_ms()) + Duration::from_secs(1);
+    *lock_map(&ctx.adopts_waiting).entry(group.clone()).or_default() += 1;
+    info!(%group, %member, "Adopt waits: the holder has not been heard since this leader's promotion");
+    while absent(ctx) && tokio::time::Instant::now() < limit {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut w = lock_map(&ctx.adopts_waiting);
+    if let Some(n) = w.get_mut(group) {
+        *n -= 1;
+        if *n == 0 {
+            w.remove(group);
+        }
+    }
+}
+
+fn lock_map<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn to_command(j: &Joined, m: pb::AgentMessage) -> Result<(u64, Command), (u64, String)> {

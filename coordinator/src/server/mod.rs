@@ -27,7 +27,7 @@ use arcfed_proto::raft_service_server::RaftServiceServer;
 use arcfed_proto::tls_reload::{self, TlsSource};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -103,6 +103,9 @@ pub struct Ctx {
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     /// This voter's certificate files, re-read when they change (served expiry in metrics).
     pub tls: Arc<TlsSource>,
+    /// Groups with an Adopt waiting for an absent holder's lease to end
+    /// ([`agent::wait_for_absent_holder`]): no Grant for them meanwhile.
+    pub adopts_waiting: Mutex<BTreeMap<crate::core::GroupKey, usize>>,
 }
 
 /// Per-group change notification for agent streams. [`relay_changes`] sends the applied
@@ -572,6 +575,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsSource>, http_listener: tokio::net::
         grant_wake: tokio::sync::Notify::new(),
         proposals,
         tls,
+        adopts_waiting: Mutex::new(BTreeMap::new()),
     });
     let timing = ctx.election_timing();
     let mut tasks = vec![
@@ -860,6 +864,7 @@ async fn grant_holderless(ctx: &Arc<Ctx>, sweep: &mut Sweep) {
     // Pick every holderless group's next holder, then propose the grants together so
     // openraft batches them into few log writes (one fsync each) instead of one per group.
     let picks: Vec<_> = {
+        let waiting: BTreeSet<crate::core::GroupKey> = lock(&ctx.adopts_waiting).keys().cloned().collect();
         let l = ctx.lessor();
         ctx.shared.read(|s| {
             let ts = s.last_ts_ms.max(wall);
@@ -870,7 +875,7 @@ async fn grant_holderless(ctx: &Arc<Ctx>, sweep: &mut Sweep) {
             s.holderless_groups()
                 .filter_map(|g| {
                     let first = *since.entry(g.clone()).or_insert_with(Instant::now);
-                    if l.grant_held(g, now) {
+                    if l.grant_held(g, now) || waiting.contains(g) {
                         return None;
                     }
                     s.choose_holder(g, ts, &|m| l.is_live(m, now)).map(|m| (g.clone(), m, first))
