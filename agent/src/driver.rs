@@ -174,6 +174,8 @@ pub struct Driver {
     fallback: bool,
     stream: Option<Stream>,
     attaching: Option<BoxFuture<'static, Result<Stream, cc::AttachError>>>,
+    /// The last attach failure's message, so a repeated one is not logged at warn again.
+    last_attach_error: Option<String>,
     gh: Option<BoxFuture<'static, GhDone>>,
     local: Option<BoxFuture<'static, Input>>,
     coord: Option<(u64, CoordKind, u64)>,
@@ -286,6 +288,7 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         fallback: false,
         stream: None,
         attaching: None,
+        last_attach_error: None,
         gh: None,
         local: None,
         coord: None,
@@ -485,11 +488,19 @@ impl Driver {
                 }
                 Event::Attached(Ok(stream)) => {
                     tracing::info!("coordinator stream attached; Join sent");
+                    self.last_attach_error = None;
                     self.metrics.tls_not_after.set(stream.cert_not_after);
                     self.stream = Some(stream);
                 }
                 Event::Attached(Err(e)) => {
-                    tracing::debug!(error = %e.message, redirect = ?e.redirect, unreachable = e.unreachable, "attach failed");
+                    // A new reason is a warning (an expired certificate, a refused Join); the
+                    // same reason again, while the link retries with back-off, is debug.
+                    if self.last_attach_error.as_deref() != Some(e.message.as_str()) {
+                        tracing::warn!(error = %e.message, redirect = ?e.redirect, unreachable = e.unreachable, "attach failed");
+                        self.last_attach_error = Some(e.message.clone());
+                    } else {
+                        tracing::debug!(error = %e.message, redirect = ?e.redirect, unreachable = e.unreachable, "attach failed");
+                    }
                     if e.unreachable {
                         self.stream = None;
                         self.pump_link(LinkEvent::Unreachable);

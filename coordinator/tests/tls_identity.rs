@@ -432,3 +432,27 @@ fn load_errors_name_the_flag_and_the_file() {
     let e = load_err(&ca_as_leaf);
     assert!(e.starts_with("--tls-cert ") && e.contains("no spiffe://arcfed/<role>/<name> URI SAN"), "{e}");
 }
+
+/// An expired own certificate is named at load (start, reload, every agent attach), by flag
+/// and file, instead of surfacing as a peer's handshake alert.
+#[test]
+fn an_expired_certificate_is_named_at_load() {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(vec![]).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, &ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec![]).unwrap();
+    p.subject_alt_names.push(SanType::URI("spiffe://arcfed/agent/a".try_into().unwrap()));
+    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();
+    let e = load_err(&paths_in(dir.path()));
+    assert!(e.contains("--tls-cert") && e.contains("tls.crt") && e.contains("expired"), "{e}");
+}

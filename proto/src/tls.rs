@@ -355,6 +355,16 @@ impl TlsPaths {
         let not_after = x509_parser::parse_x509_certificate(leaf)
             .map(|(_, c)| c.validity().not_after.timestamp())
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        // An expired certificate fails every handshake with an alert the peer logs, not us:
+        // say so here, by file, where the operator looks.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        if not_after < now {
+            return Err(pem_problem(
+                CERT_FLAG,
+                &self.cert,
+                format!("the certificate expired {} s ago (notAfter {not_after}); renew it", now - not_after),
+            ));
+        }
         Ok(TlsMaterial { cert_pem, key_pem, ca_pem, identity, not_after })
     }
 }

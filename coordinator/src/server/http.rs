@@ -15,8 +15,11 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
 struct Probe(Arc<Ctx>);
 
 impl arcfed_proto::ops::Probe for Probe {
+    /// Live = the Raft core still runs. After a fatal error (a store write that failed, a
+    /// panic in the core) the process would answer gRPC with errors for ever: the kubelet
+    /// restarts it instead.
     fn live(&self) -> Result<String, String> {
-        Ok("ok\n".into())
+        liveness(&self.0.raft.metrics().borrow().running_state)
     }
 
     /// Ready = this node knows a leader and has applied the log (a leader must also serve).
@@ -97,4 +100,22 @@ pub fn commit_index(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> u64 
         .collect();
     matched.sort_unstable_by(|a, b| b.cmp(a));
     matched.get(voters.len() / 2).copied().unwrap_or(applied).max(applied)
+}
+
+/// `/live` from the Raft core's running state (see `live`).
+fn liveness(running: &Result<(), openraft::error::Fatal<u64>>) -> Result<String, String> {
+    match running {
+        Ok(()) => Ok("ok\n".into()),
+        Err(fatal) => Err(format!("raft stopped: {fatal}")),
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    #[test]
+    fn a_stopped_raft_core_fails_live() {
+        assert!(super::liveness(&Ok(())).is_ok());
+        let e = super::liveness(&Err(openraft::error::Fatal::Stopped)).unwrap_err();
+        assert!(e.contains("raft stopped"), "{e}");
+    }
 }
