@@ -215,6 +215,29 @@ pub fn leader_change_path(ttl: u64, emax: u64, rtt: u64, commit: u64, agent_retr
     ]
 }
 
+/// Below this a derived `--election-timeout-max` is not used (the timing rule's error names
+/// the flags instead): elections that short start spuriously on a loaded machine.
+const MIN_DERIVED_ELECTION_MAX: u64 = 100;
+
+/// The largest `--election-timeout-max` (ms) with which the leader-change path, stretched by
+/// (1 + 2ρ), stays below the fence TTL×(1 − margin), with 10 ms to spare; None if no value
+/// fits.
+pub fn fitting_election_max(
+    ttl: u64,
+    rtt: u64,
+    commit: u64,
+    retry: u64,
+    margin_permille: u64,
+    rho_permille: u64,
+) -> Option<u64> {
+    let fence = crate::core::fence::fence_ms(ttl, margin_permille);
+    let fixed: u64 = leader_change_path(ttl, 0, rtt, commit, retry).iter().map(|s| s.ms).sum();
+    // need = path × (1000 + 2ρ) / 1000 < fence  ⇐  path ≤ (fence − 1) × 1000 / (1000 + 2ρ)
+    let path_max = fence.saturating_sub(1).saturating_mul(1000) / (1000 + 2 * rho_permille);
+    let room = path_max.checked_sub(fixed)?.checked_sub(10)?;
+    Some(room / 2).filter(|e| *e > 0)
+}
+
 /// Who decides when a voter stands for election (`--elections`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Elections {
@@ -271,12 +294,30 @@ impl Cli {
         };
         let ttl = self.lease_ttl.map(ms).unwrap_or(ttl);
         let grace = self.reconnect_grace.map(ms).unwrap_or(grace);
-        let hb = self.heartbeat_interval.map(ms).unwrap_or(hb);
-        let emin = self.election_timeout_min.map(ms).unwrap_or(emin);
-        let emax = self.election_timeout_max.map(ms).unwrap_or(emax);
         let rtt = self.rtt.map(ms).unwrap_or(rtt);
         let commit = self.commit_latency.map(ms).unwrap_or(commit);
         let retry = self.agent_retry_max.map(ms).unwrap_or(retry);
+        // A --lease-ttl shorter than the profile's, with the Raft timings left to the profile:
+        // scale the heartbeat and election timeouts down (same ratios) until the timing rule
+        // below fits, so `--lease-ttl 2s` alone works. Explicit timings are never changed.
+        let (hb, emin, emax) = if self.lease_ttl.is_some()
+            && self.heartbeat_interval.is_none()
+            && self.election_timeout_min.is_none()
+            && self.election_timeout_max.is_none()
+        {
+            let margin = (self.fence_margin.clamp(0.05, 0.9) * 1000.0).round() as u64;
+            let rho = (self.max_clock_drift.clamp(0.0, 0.1) * 1000.0).round() as u64;
+            match fitting_election_max(ttl, rtt, commit, retry, margin, rho) {
+                Some(fit) if fit < emax && fit >= MIN_DERIVED_ELECTION_MAX => (hb * fit / emax, emin * fit / emax, fit),
+                _ => (hb, emin, emax),
+            }
+        } else {
+            (
+                self.heartbeat_interval.map(ms).unwrap_or(hb),
+                self.election_timeout_min.map(ms).unwrap_or(emin),
+                self.election_timeout_max.map(ms).unwrap_or(emax),
+            )
+        };
         if ttl < 100 {
             return Err(format!("--lease-ttl {ttl}ms is too short (at least 100ms)"));
         }
@@ -423,6 +464,28 @@ mod tests {
         args.extend(["--election-timeout-min", "350ms", "--election-timeout-max", "700ms"]);
         let err = Cli::try_parse_from(args).expect("parse").validate().expect_err("700ms elections no longer fit");
         assert!(err.contains("timing rule"), "{err}");
+    }
+
+    /// Issue 25: `--lease-ttl 2s` alone works: the profile's Raft timings are scaled down to
+    /// fit the timing rule; explicit timings are kept (and refused when they do not fit).
+    #[test]
+    fn a_shorter_lease_ttl_alone_derives_fitting_election_timeouts() {
+        let mut args = base();
+        args.extend(["--lease-ttl", "2s"]);
+        let cfg = Cli::try_parse_from(args).expect("parse").validate().expect("2s alone is valid");
+        let emax = cfg.election_max.as_millis() as u64;
+        assert!(emax < 300 && emax >= MIN_DERIVED_ELECTION_MAX, "{emax}");
+        assert!(cfg.heartbeat < cfg.election_min && cfg.election_min < cfg.election_max, "{cfg:?}");
+        let path: u64 = leader_change_path(2000, emax, 5, 10, 150).iter().map(|s| s.ms).sum();
+        assert!(path * 1020 / 1000 < cfg.lease.fence_ms(), "path {path} vs fence {}", cfg.lease.fence_ms());
+        let mut args = base();
+        args.extend(["--lease-ttl", "2s", "--election-timeout-min", "150ms", "--election-timeout-max", "300ms"]);
+        let err = Cli::try_parse_from(args).expect("parse").validate().expect_err("explicit 300ms does not fit 2s");
+        assert!(err.contains("--election-timeout-max"), "{err}");
+        // Far too short for any election: the rule's error, not a silent 0.
+        let mut args = base();
+        args.extend(["--lease-ttl", "600ms"]);
+        assert!(Cli::try_parse_from(args).expect("parse").validate().is_err());
     }
 
     #[test]

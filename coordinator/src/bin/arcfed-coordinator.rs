@@ -41,7 +41,16 @@ async fn run(cfg: arcfed_coordinator::config::Config) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .map_err(|e| anyhow::anyhow!("--admin-listen {}: {e}", cfg.admin_listen))?;
-    tracing::info!(node = cfg.node_id, listen = %cfg.listen, admin = %cfg.admin_listen, data_dir = %cfg.data_dir.display(), "starting");
+    tracing::info!(
+        node = cfg.node_id,
+        listen = %cfg.listen,
+        admin = %cfg.admin_listen,
+        data_dir = %cfg.data_dir.display(),
+        lease_ttl_ms = cfg.lease.ttl_ms,
+        heartbeat_ms = cfg.heartbeat.as_millis() as u64,
+        election_ms = %format!("{}-{}", cfg.election_min.as_millis(), cfg.election_max.as_millis()),
+        "starting"
+    );
     server::run(cfg, grpc, http, shutdown_signal()).await?;
     Ok(())
 }
