@@ -336,7 +336,9 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CertError> 
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    // O_CREAT|O_EXCL: never write through a file or symlink someone placed at the temporary
+    // name (a planted symlink would otherwise receive a private key).
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;

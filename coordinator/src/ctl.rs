@@ -42,6 +42,10 @@ pub enum Cmd {
         /// Output format.
         #[arg(short = 'o', long = "output", env = "ARCFED_OUTPUT", value_enum, default_value = "table")]
         output: Output,
+        /// Print the status again every INTERVAL until interrupted (the table redrawn; with
+        /// -o json one compact JSON object per line). A failed read is printed and retried.
+        #[arg(short = 'w', long, env = "ARCFED_WATCH", value_name = "INTERVAL", value_parser = humantime::parse_duration, num_args = 0..=1, default_missing_value = "2s")]
+        watch: Option<Duration>,
     },
     /// Ask a group's holder to release, then grant the target (or the coordinator's choice).
     Handover {
@@ -201,11 +205,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let mut admin = Admin::connect(&cli).await?;
     match cli.cmd {
-        Cmd::Status { output } => {
+        Cmd::Status { output, watch: None } => {
             let s = admin.call(|mut c| async move { c.status(pb::StatusRequest {}).await }).await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&status_json(&s))?),
                 Output::Table => print!("{}", status_table(&s)),
+            }
+        }
+        Cmd::Status { output, watch: Some(every) } => {
+            let every = every.max(Duration::from_millis(200));
+            loop {
+                let read = admin.call(|mut c| async move { c.status(pb::StatusRequest {}).await }).await;
+                match (read, output) {
+                    (Ok(s), Output::Json) => println!("{}", serde_json::to_string(&status_json(&s))?),
+                    // Clear the screen and home the cursor, then the table, like `watch`.
+                    (Ok(s), Output::Table) => print!("\x1b[2J\x1b[H{}", status_table(&s)),
+                    (Err(e), _) => eprintln!("status: {e:#} (retrying)"),
+                }
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
             }
         }
         Cmd::Handover { group, to, deadline } => {

@@ -124,6 +124,24 @@ async fn a_three_voters_elect_a_leader_and_exactly_one_member_is_granted() {
             let e = ctl(&q, &["--tls-server-name", "nobody.example", "status"]).unwrap_err().to_string();
             assert!(e.contains("connect to"), "{e}");
             assert!(ctl(&q, &["--tls-server-name", "localhost", "status"])?.contains("VOTERS"));
+            // status --watch with -o json: one compact JSON object per line, again and again.
+            let mut watch = std::process::Command::new(arcfed_tests::harness::bin_path("arcfedctl"))
+                .args(admin_args(&q))
+                .args(["status", "-o", "json", "--watch", "200ms"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let lines: Vec<String> = {
+                use std::io::BufRead;
+                let out = watch.stdout.take().expect("piped");
+                std::io::BufReader::new(out).lines().take(2).collect::<Result<_, _>>()?
+            };
+            let _ = watch.kill();
+            let _ = watch.wait();
+            for l in &lines {
+                let v: serde_json::Value = serde_json::from_str(l)?;
+                assert_eq!(v["groups"][0]["token"].as_u64(), Some(t), "{l}");
+            }
             Ok(())
         }
         .await;
