@@ -118,6 +118,11 @@ pub struct Cli {
     /// Default handover deadline for `arcfedctl handover` and drains.
     #[arg(long, env = "ARCFED_HANDOVER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub handover_timeout: Duration,
+    /// Agent streams one cluster's certificate may hold open on this voter at once (one per
+    /// listener pod); past it a new stream is refused with RESOURCE_EXHAUSTED, so one
+    /// cluster's runaway or hostile agents cannot take every connection of the quorum.
+    #[arg(long, env = "ARCFED_MAX_STREAMS_PER_CLUSTER", default_value = "20000")]
+    pub max_streams_per_cluster: usize,
     /// Build a Raft snapshot (and purge the log before it) every this many entries.
     #[arg(long, env = "ARCFED_SNAPSHOT_EVERY", default_value = "5000")]
     pub snapshot_every: u64,
@@ -161,6 +166,7 @@ pub struct Config {
     pub election_max: Duration,
     pub elections: Elections,
     pub handover_timeout: Duration,
+    pub max_streams_per_cluster: usize,
     pub snapshot_every: u64,
     pub gc: GcPolicy,
     pub gc_interval: Duration,
@@ -364,6 +370,9 @@ impl Cli {
                 lease.fence_ms()
             ));
         }
+        if self.max_streams_per_cluster == 0 {
+            return Err("--max-streams-per-cluster must be at least 1".into());
+        }
         if self.snapshot_every < 10 {
             return Err("--snapshot-every must be at least 10".into());
         }
@@ -402,6 +411,7 @@ impl Cli {
             election_max: Duration::from_millis(emax),
             elections: self.elections,
             handover_timeout: self.handover_timeout,
+            max_streams_per_cluster: self.max_streams_per_cluster,
             snapshot_every: self.snapshot_every,
             gc,
             gc_interval: self.gc_interval,

@@ -130,8 +130,8 @@ pub trait Probe: Send + Sync + 'static {
     fn metrics(&self) -> Result<String, String>;
 }
 
-/// Serves `/live`, `/ready` and `metrics_path` until `shutdown` completes, then drains open
-/// requests. The caller binds the socket (tests bind port 0).
+/// Serves `/live`, `/ready` and `metrics_path` until `shutdown` completes (requests in
+/// progress then finish on their own). The caller binds the socket (tests bind port 0).
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     probe: Arc<dyn Probe>,
@@ -143,8 +143,39 @@ pub async fn serve_admin(
         .route("/ready", get(ready))
         .route(&metrics_path, get(metrics))
         .with_state(probe);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let mut shutdown = std::pin::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    loop {
+        let tcp = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin port: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Probes and one Prometheus need a handful: past the bound a connection is closed.
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            b.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
+            let conn = b.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+            let _ = tokio::time::timeout(ADMIN_CONNECTION_MAX_AGE, conn).await;
+            drop(slot);
+        });
+    }
 }
+
+/// The admin port's defences against slow or idle clients: a request's headers must arrive
+/// within this, a connection lives at most `ADMIN_CONNECTION_MAX_AGE` (Prometheus reconnects),
+/// and at most `ADMIN_MAX_CONNECTIONS` are open at once.
+pub const ADMIN_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub const ADMIN_CONNECTION_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(120);
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 fn answer(r: Result<String, String>) -> Response {
     match r {
@@ -172,6 +203,39 @@ async fn metrics(State(p): State<Arc<dyn Probe>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Up;
+    impl Probe for Up {
+        fn live(&self) -> Result<String, String> {
+            Ok("ok\n".into())
+        }
+        fn ready(&self) -> Result<String, String> {
+            Ok("ok\n".into())
+        }
+        fn metrics(&self) -> Result<String, String> {
+            Ok(String::new())
+        }
+    }
+
+    /// issue 22 item 6: a client that never finishes its request headers is disconnected
+    /// (slowloris), while a normal request is answered.
+    #[tokio::test]
+    async fn the_admin_port_drops_a_client_that_never_sends_its_headers() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve_admin(l, Arc::new(Up), "/metrics".into(), std::future::pending()));
+        let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+        ok.write_all(b"GET /live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        ok.read_to_string(&mut body).await.unwrap();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /live HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(ADMIN_HEADER_READ_TIMEOUT * 3, slow.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "the half-sent request was still open after 3× the header timeout");
+    }
 
     #[test]
     fn tls_flags_are_all_or_none_and_errors_name_the_missing_ones() {

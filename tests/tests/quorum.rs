@@ -1465,3 +1465,36 @@ async fn z_the_policy_refuses_a_cluster_it_does_not_list() {
     })
     .await;
 }
+
+/// issue 22 item 6: one cluster's certificate holds at most --max-streams-per-cluster agent
+/// streams on a voter; the next is refused with RESOURCE_EXHAUSTED, other clusters are not
+/// affected, and a slot frees when a stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn za_streams_per_cluster_are_bounded() {
+    let opts = QuorumOptions { extra_args: vec!["--max-streams-per-cluster".into(), "2".into()], ..Default::default() };
+    with_quorum(opts, |q| async move {
+        let r = async {
+            let a1 = agent(&q, "a");
+            let a2 = agent(&q, "a");
+            a1.joined(WAIT).await?;
+            a2.joined(WAIT).await?;
+            let a3 = agent(&q, "a");
+            a3.wait_for("a refusal", WAIT, |r| {
+                r.errors
+                    .iter()
+                    .any(|e| e.0 == tonic::Code::ResourceExhausted && e.1.contains("--max-streams-per-cluster"))
+            })
+            .await?;
+            anyhow::ensure!(a3.rec().joined.is_empty(), "a third stream of cluster a was served");
+            let b = agent(&q, "b");
+            b.joined(WAIT).await?;
+            a1.stop();
+            let a4 = agent(&q, "a");
+            a4.joined(WAIT).await?;
+            Ok(())
+        }
+        .await;
+        (q, r)
+    })
+    .await;
+}

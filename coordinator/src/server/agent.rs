@@ -113,11 +113,54 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 }
             }
         };
+        let slot = StreamSlot::take(&self.ctx, &ident.name)?;
         let (tx, rx) = mpsc::channel::<OutItem>(OUT_QUEUE);
         let ctx = self.ctx.clone();
         let span = info_span!("member", cluster = %ident.name, term, member = tracing::field::Empty, epoch = tracing::field::Empty);
-        tokio::spawn(session(ctx, ident.name, term, req.into_inner(), tx).instrument(span));
+        let inbound = req.into_inner();
+        tokio::spawn(
+            async move {
+                session(ctx, ident.name, term, inbound, tx).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
+    }
+}
+
+/// One open agent stream of a cluster, counted against `--max-streams-per-cluster` until
+/// dropped.
+struct StreamSlot {
+    ctx: Arc<Ctx>,
+    cluster: String,
+}
+
+impl StreamSlot {
+    fn take(ctx: &Arc<Ctx>, cluster: &str) -> Result<StreamSlot, Status> {
+        let mut m = lock_map(&ctx.streams_per_cluster);
+        let n = m.entry(cluster.to_string()).or_default();
+        if *n >= ctx.cfg.max_streams_per_cluster {
+            warn!(cluster, open = *n, "stream refused: --max-streams-per-cluster reached");
+            return Err(Status::resource_exhausted(format!(
+                "cluster {cluster} has {} agent streams open on this voter, the most --max-streams-per-cluster allows",
+                *n
+            )));
+        }
+        *n += 1;
+        Ok(StreamSlot { ctx: ctx.clone(), cluster: cluster.to_string() })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut m = lock_map(&self.ctx.streams_per_cluster);
+        if let Some(n) = m.get_mut(&self.cluster) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.cluster);
+            }
+        }
     }
 }
 

@@ -106,6 +106,8 @@ pub struct Ctx {
     /// Groups with an Adopt waiting for an absent holder's lease to end
     /// ([`agent::wait_for_absent_holder`]): no Grant for them meanwhile.
     pub adopts_waiting: Mutex<BTreeMap<crate::core::GroupKey, usize>>,
+    /// Open agent streams per cluster identity (`--max-streams-per-cluster`).
+    pub streams_per_cluster: Mutex<HashMap<String, usize>>,
 }
 
 /// Per-group change notification for agent streams. [`relay_changes`] sends the applied
@@ -576,6 +578,7 @@ pub async fn start(cfg: Config, tls: Arc<TlsSource>, http_listener: tokio::net::
         proposals,
         tls,
         adopts_waiting: Mutex::new(BTreeMap::new()),
+        streams_per_cluster: Mutex::new(HashMap::new()),
     });
     let timing = ctx.election_timing();
     let mut tasks = vec![
