@@ -760,8 +760,8 @@ fn build(a: Args) -> Result<Config, ConfigError> {
             return Err(ConfigError::invalid(K_LOG_FORMAT, format!("{other:?}: expected text or json")));
         }
     };
-    let filter = match (&a.log.log_level, file.log_level.as_deref()) {
-        (Some(f), _) => f.clone(),
+    let filter = match (a.log.log_level.clone().or_else(arcfed_proto::ops::rust_log), file.log_level.as_deref()) {
+        (Some(f), _) => f,
         (None, Some(level)) => filter_from_arc_level(level)?,
         (None, None) => "info".to_string(),
     };

@@ -32,7 +32,7 @@ pub const DEFAULT_LOG_FILTER: &str = "info,tonic::transport::server::io_stream=d
 pub fn init_logging(log: &LogArgs) {
     arcfed_proto::ops::init_logging(
         log.log_format.unwrap_or_default(),
-        log.log_level.as_deref().unwrap_or(DEFAULT_LOG_FILTER),
+        &log.log_level.clone().or_else(arcfed_proto::ops::rust_log).unwrap_or_else(|| DEFAULT_LOG_FILTER.into()),
     );
 }
 

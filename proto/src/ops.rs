@@ -99,10 +99,15 @@ pub struct LogArgs {
     #[arg(long, env = "ARCFED_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `arcfed_agent=debug,info`.
-    /// Default: info (arcfed-agent: the listener config's log_level first, where ARC's `debug`
-    /// applies to arcfed's crates only; arcfed-coordinator also logs refused TLS handshakes).
+    /// Default: RUST_LOG when set, else info (arcfed-agent: then the listener config's
+    /// log_level, where ARC's `debug` applies to arcfed's crates only).
     #[arg(long, env = "ARCFED_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+}
+
+/// `RUST_LOG`, when set and not empty: the filter used when `--log-level` is not given.
+pub fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty())
 }
 
 /// Installs the global subscriber on stderr (ANSI colours only on a terminal). A filter that
