@@ -110,6 +110,34 @@ impl World {
         Ok((g.holder_cluster.clone(), g.holder.clone(), g.token))
     }
 
+    /// Waits until exactly one session is open, it is not `federated`, and it has polled (the
+    /// fallback holder's); returns its id.
+    async fn fallback_session(&self, federated: &str) -> anyhow::Result<String> {
+        let end = Instant::now() + WAIT;
+        loop {
+            let open: Vec<(String, u64)> = self
+                .emu
+                .report()
+                .scale_set(self.set)
+                .map(|s| {
+                    s.sessions
+                        .iter()
+                        .filter(|x| x.closed_at.is_none())
+                        .map(|x| (x.session_id.clone(), x.polls))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let [(id, polls)] = open.as_slice()
+                && id != federated
+                && *polls > 0
+            {
+                return Ok(id.clone());
+            }
+            anyhow::ensure!(Instant::now() < end, "no fallback session polls ({open:?}); logs:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits for a session of the holder with `token` that has polled; returns its id.
     async fn polling_session(&self, token: u64) -> anyhow::Result<String> {
         let suffix = format!("/t{token}");
@@ -557,25 +585,7 @@ async fn h_quorum_loss_falls_back_to_one_holder_and_the_quorum_adopts_it() -> an
     let session = |w: &World, id: &str| {
         w.emu.report().scale_set(set).and_then(|s| s.sessions.iter().find(|x| x.session_id == id).cloned())
     };
-    let end = Instant::now() + WAIT;
-    let fallback_sid = loop {
-        let open: Vec<(String, u64)> = w
-            .emu
-            .report()
-            .scale_set(set)
-            .map(|s| {
-                s.sessions.iter().filter(|x| x.closed_at.is_none()).map(|x| (x.session_id.clone(), x.polls)).collect()
-            })
-            .unwrap_or_default();
-        if let [(id, polls)] = open.as_slice()
-            && *id != sid
-            && *polls > 0
-        {
-            break id.clone();
-        }
-        anyhow::ensure!(Instant::now() < end, "no fallback session polls ({open:?}); logs:\n{}", w.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let fallback_sid = w.fallback_session(&sid).await?;
     assert!(session(&w, &sid).is_some_and(|s| s.closed_at.is_some()), "the lapsed federated session was deleted");
     let mut holders = 0;
     for a in &w.agents {
@@ -662,25 +672,7 @@ async fn i_the_fallback_winner_keeps_its_session_when_the_pre_loss_holder_died()
         })
         .await?;
     }
-    let end = Instant::now() + WAIT;
-    let fallback_sid = loop {
-        let open: Vec<(String, u64)> = w
-            .emu
-            .report()
-            .scale_set(set)
-            .map(|s| {
-                s.sessions.iter().filter(|x| x.closed_at.is_none()).map(|x| (x.session_id.clone(), x.polls)).collect()
-            })
-            .unwrap_or_default();
-        if let [(id, polls)] = open.as_slice()
-            && *id != sid
-            && *polls > 0
-        {
-            break id.clone();
-        }
-        anyhow::ensure!(Instant::now() < end, "no fallback session polls ({open:?}); logs:\n{}", w.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let fallback_sid = w.fallback_session(&sid).await?;
     for id in &ids {
         w.q.as_mut().expect("quorum").voter(*id).restart()?;
     }
