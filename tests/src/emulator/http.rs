@@ -683,6 +683,11 @@ async fn serve(sh: &Arc<Shared>, r: &Req, route: &Route, now: u64) -> Reply {
         return long_poll(sh, *id, bearer, last, r.capacity).await;
     }
     let mut c = sh.lock();
+    // Sessions open and close in the order the service serves them (under this lock), which
+    // is not always the order their requests arrived: a POST that arrived a moment before a
+    // DELETE of the open session may be served after it. Stamp both at serving time, or the
+    // report would count an overlap GitHub never had.
+    let served = sh.now();
     let credential = if needs_admin {
         match c.check_admin(bearer, now) {
             Ok(cred) => cred,
@@ -752,7 +757,7 @@ async fn serve(sh: &Arc<Shared>, r: &Req, route: &Route, now: u64) -> Reply {
                 Ok(b) => b.owner_name,
                 Err(e) => return Reply::err(e),
             };
-            match c.create_session(*id, &owner, &credential, now) {
+            match c.create_session(*id, &owner, &credential, served) {
                 Ok(s) => {
                     let opened = Uuid::parse_str(&s.session_id).ok();
                     let mut reply = Reply::json(200, s);
@@ -763,7 +768,7 @@ async fn serve(sh: &Arc<Shared>, r: &Req, route: &Route, now: u64) -> Reply {
             }
         }
         (Session(id, sid), Method::PATCH) => Reply::from(200, c.refresh_session(*id, sid, now)),
-        (Session(id, sid), Method::DELETE) => Reply::unit(204, c.delete_session(*id, sid, &credential, now)),
+        (Session(id, sid), Method::DELETE) => Reply::unit(204, c.delete_session(*id, sid, &credential, served)),
         (Message(id, mid), Method::DELETE) => Reply::unit(204, c.ack(*id, bearer, *mid, now)),
         (Acquire(id), Method::POST) => {
             let ids: Vec<i64> = match serde_json::from_slice(&r.body) {
