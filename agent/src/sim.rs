@@ -33,7 +33,14 @@ pub trait SimGitHub: Send + Sync + 'static {
     fn generate_jit(&self, name: &str) -> impl Future<Output = Result<i64, String>> + Send;
     /// `RemoveRunner(id)`: `Ok(true)` removed (or already gone), `Ok(false)` = `JobStillRunningException`.
     fn remove_runner(&self, id: i64) -> impl Future<Output = Result<bool, String>> + Send;
+    /// `GetRunner(id)`: `Ok(false)` once GitHub no longer lists the runner (deregistered after its job).
+    fn runner_registered(&self, id: i64) -> impl Future<Output = Result<bool, String>> + Send;
 }
+
+/// How often the controller asks GitHub whether its online runners are still registered. In a
+/// cluster the runner pod's exit tells ARC's controller that the job ended; here GitHub's runner
+/// list stands in for the pod, so a lost JobCompleted message cannot pin a runner as busy.
+pub const RUNNER_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// The simulated EphemeralRunnerSet object, as stored in the state file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +222,8 @@ enum Outcome {
     RegistrationFailed(String, String),
     Removed(String, bool),
     RemoveFailed(String, String),
+    /// A check of the online runners: the ones GitHub no longer lists.
+    Checked(Vec<String>),
 }
 
 async fn execute<G: SimGitHub>(inner: Arc<Inner<G>>, action: SimAction) -> Outcome {
@@ -234,17 +243,41 @@ async fn execute<G: SimGitHub>(inner: Arc<Inner<G>>, action: SimAction) -> Outco
     }
 }
 
+/// Asks GitHub about each listed runner, one at a time; a failed call is skipped (asked again on
+/// the next check).
+async fn check_runners<G: SimGitHub>(inner: Arc<Inner<G>>, listed: Vec<(String, i64)>) -> Outcome {
+    let mut gone = Vec::new();
+    for (name, id) in listed {
+        match inner.gh.runner_registered(id).await {
+            Ok(false) => gone.push(name),
+            Ok(true) => {}
+            Err(e) => tracing::debug!(runner = %name, error = %e, "sim: runner check failed; asked again later"),
+        }
+    }
+    Outcome::Checked(gone)
+}
+
 /// The simulated controller: runs actions concurrently and feeds their results back into the model.
 /// Ends when every [`SimRunners`] clone is gone and the in-flight actions are done.
 async fn controller<G: SimGitHub>(inner: Arc<Inner<G>>, mut rx: mpsc::UnboundedReceiver<SimAction>) {
     let mut running: JoinSet<Outcome> = JoinSet::new();
     let mut open = true;
+    let mut check = tokio::time::interval(RUNNER_CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checking = false;
     loop {
         tokio::select! {
             a = rx.recv(), if open => match a {
                 Some(a) => { running.spawn(execute(inner.clone(), a)); }
                 None => open = false,
             },
+            _ = check.tick(), if open && !checking => {
+                let listed = inner.state.lock().await.model.runners_to_check();
+                if !listed.is_empty() {
+                    checking = true;
+                    running.spawn(check_runners(inner.clone(), listed));
+                }
+            }
             Some(done) = running.join_next() => {
                 let outcome = match done {
                     Ok(o) => o,
@@ -268,6 +301,18 @@ async fn controller<G: SimGitHub>(inner: Arc<Inner<G>>, mut rx: mpsc::UnboundedR
                         tracing::warn!(runner = %name, error = %e, "sim: RemoveRunner failed; retried on a later reconcile");
                         st.model.on_remove_failed(&name);
                         Vec::new()
+                    }
+                    Outcome::Checked(gone) => {
+                        checking = false;
+                        let mut next = Vec::new();
+                        for name in gone {
+                            let actions = st.model.on_runner_gone(&name);
+                            if !actions.is_empty() {
+                                tracing::info!(runner = %name, "sim: runner no longer registered at GitHub; finished");
+                            }
+                            next.extend(actions);
+                        }
+                        next
                     }
                 };
                 if let Some(path) = &inner.file

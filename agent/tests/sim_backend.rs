@@ -67,6 +67,11 @@ impl SimGitHub for FakeGitHub {
         });
         async move { r }
     }
+
+    fn runner_registered(&self, id: i64) -> impl Future<Output = Result<bool, String>> + Send {
+        let r = self.with(|g| g.runners.values().any(|v| *v == id));
+        async move { Ok(r) }
+    }
 }
 
 /// Polls the sim's state until `cond` holds; panics with the last state after a deadline.
@@ -132,6 +137,27 @@ async fn finished_runners_are_removed_and_replaced_only_on_a_new_patch_id() {
     assert_eq!(s.model.runners().filter(|r| r.patch_id == 5).count(), 1);
     // A JobStarted for a runner that is gone is fine, as a 404 is in kube.
     sim.patch_job_started(&first.name, &job()).await.expect("gone runner");
+}
+
+/// A JobCompleted lost with a deleted session's queue must not pin the runner as busy: GitHub
+/// deregisters an ephemeral runner after its job, and the controller's check notices.
+#[tokio::test]
+async fn a_busy_runner_github_no_longer_lists_is_finished_without_its_job_completed() {
+    let gh = FakeGitHub::default();
+    let sim = SimRunners::open(NS, ERS, None, gh.clone()).await.expect("open");
+    sim.patch_replicas(Patch { replicas: 2, patch_id: 1 }).await.expect("patch");
+    let s = wait_for(&sim, "2 running", |s| s.model.running() == 2 && settled(s)).await;
+    let first = s.model.runners().next().expect("a runner").clone();
+    sim.patch_job_started(&first.name, &job()).await.expect("job started");
+    // The job ends at GitHub; no JobCompleted reaches this ERS.
+    gh.with(|g| g.runners.remove(&first.name));
+    let s = wait_for(&sim, "the deregistered runner finished and removed", |s| {
+        s.model.runner(&first.name).is_none() && s.model.busy() == 0
+    })
+    .await;
+    assert_eq!(s.model.total(), 1);
+    sim.patch_replicas(Patch { replicas: 2, patch_id: 2 }).await.expect("fresh patch");
+    wait_for(&sim, "replacement running", |s| s.model.running() == 2 && settled(s)).await;
 }
 
 #[tokio::test]

@@ -220,6 +220,28 @@ impl ErsModel {
         self.reconcile()
     }
 
+    /// Registered, online runners not being deleted: the ones whose pod could have exited since.
+    /// The driver asks GitHub about each now and then and reports [`ErsModel::on_runner_gone`].
+    pub fn runners_to_check(&self) -> Vec<(String, i64)> {
+        self.runners
+            .values()
+            .filter(|r| r.phase == Phase::Running && r.runner_id != 0 && !r.deleting)
+            .map(|r| (r.name.clone(), r.runner_id))
+            .collect()
+    }
+
+    /// GitHub no longer lists the registered runner `name`: an ephemeral runner deregisters when
+    /// its one job ends and its pod exits, so it is finished whatever messages about it were lost
+    /// (a JobCompleted in a deleted session's queue, or a JobStarted never routed here). Without
+    /// this a busy runner whose JobCompleted never arrived is counted forever and blocks the
+    /// replacement the set needs.
+    pub fn on_runner_gone(&mut self, name: &str) -> Vec<SimAction> {
+        match self.runners.get(name) {
+            Some(r) if r.phase == Phase::Running && r.runner_id != 0 && !r.deleting => self.on_job_completed(name),
+            _ => Vec::new(),
+        }
+    }
+
     /// Result of a `Remove` action. `removed = false` is GitHub's `JobStillRunningException`.
     pub fn on_remove_result(&mut self, name: &str, removed: bool) -> Vec<SimAction> {
         let Some(r) = self.runners.get_mut(name) else { return Vec::new() };
@@ -458,6 +480,28 @@ mod tests {
         assert!(m.on_remove_result(&names[0], true).is_empty());
         assert_eq!(m.total(), 2);
         assert_eq!(m.busy(), 2);
+    }
+
+    #[test]
+    fn a_busy_runner_whose_job_completed_was_lost_is_finished_once_github_no_longer_lists_it() {
+        let mut m = ErsModel::new("ers", 9);
+        let mut id = 0;
+        let a = m.on_patch(2, 1);
+        bring_up(&mut m, &a, &mut id);
+        let names = created(&a);
+        m.on_job_started(&names[0]);
+        assert_eq!(m.runners_to_check().len(), 2);
+        // Its JobCompleted never arrives; GitHub deregisters it.
+        let a = m.on_runner_gone(&names[0]);
+        assert_eq!(removed(&a), vec![names[0].clone()]);
+        assert_eq!((m.busy(), m.total()), (0, 1));
+        assert_eq!(m.runners_to_check(), vec![(names[1].clone(), 2)]);
+        // A second report, or one for a runner being deleted or unknown, changes nothing.
+        assert!(m.on_runner_gone(&names[0]).is_empty());
+        assert!(m.on_runner_gone("nobody").is_empty());
+        assert!(m.on_remove_result(&names[0], true).is_empty());
+        // The next patch id replaces it.
+        assert_eq!(created(&m.on_patch(2, 2)).len(), 1);
     }
 
     #[test]
