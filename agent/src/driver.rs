@@ -71,12 +71,18 @@ const ATTACH_TIMEOUT_MS: u64 = 1_500;
 
 /// The gate every holder-only HTTP attempt passes (DESIGN §4): the driver updates the view
 /// after every event; `check` compares it with the clock at the moment of the attempt.
-#[derive(Default)]
 pub struct FenceGate {
     view: Mutex<(FenceView, Option<u64>)>,
+    /// `arcfed/<cluster>/<member>/t`: with the token, the `ownerName` of the session the
+    /// holder opens, sent as `X-Arcfed-Owner` on every holder-only request.
+    owner_prefix: String,
 }
 
 impl FenceGate {
+    fn new(owner_prefix: String) -> FenceGate {
+        FenceGate { view: Mutex::new((FenceView::default(), None)), owner_prefix }
+    }
+
     fn set(&self, view: FenceView, token: Option<u64>) {
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = (view, token);
     }
@@ -94,6 +100,11 @@ impl Gate for FenceGate {
             _ => Err(github::Fenced),
         }
     }
+
+    fn owner(&self) -> Option<String> {
+        let (_, token) = *self.view.lock().unwrap_or_else(|p| p.into_inner());
+        token.map(|t| format!("{}{t}", self.owner_prefix))
+    }
 }
 
 /// The GitHub calls ARC's controller makes for its runners, for the `sim` backend.
@@ -110,6 +121,9 @@ impl SimGitHub for SimVia {
             Err(github::Error::JobStillRunning { .. }) => Ok(false),
             Err(e) => Err(e.to_string()),
         }
+    }
+    async fn runner_registered(&self, id: i64) -> Result<bool, String> {
+        self.0.runner_registered(id).await.map_err(|e| e.to_string())
     }
 }
 
@@ -243,6 +257,7 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
     let member_id = format!("{:032x}", rand::random::<u128>());
     let standalone = cfg.standalone();
     let holder_cfg = holder_config(&cfg, &member_id);
+    let owner_prefix = format!("arcfed/{}/{}/t", holder_cfg.cluster, holder_cfg.member_id);
     let link = (!standalone).then(|| {
         Link::new(
             LinkConfig {
@@ -277,7 +292,7 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         client,
         metrics,
         http,
-        gate: Arc::new(FenceGate::default()),
+        gate: Arc::new(FenceGate::new(owner_prefix)),
         github_ready,
         runners_tx,
         runners: runners.clone(),

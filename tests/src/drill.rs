@@ -165,6 +165,9 @@ pub struct DrillReport {
     pub holder_reattached_ms: Option<Summary>,
     pub sessions_overlap_ms: u64,
     pub zombie_requests: u64,
+    /// Holder-only requests of token T that reached GitHub after the first of a higher token
+    /// (must be 0; see the emulator's `late_requests`).
+    pub late_requests: u64,
     pub stale_token_rejections: Option<u64>,
     pub conflicts_409: u64,
     /// Delivered to a holder that went on talking, and never deleted (must be 0).
@@ -949,6 +952,7 @@ async fn finish(
         runs,
         sessions_overlap_ms: ss.sessions_overlap_ms,
         zombie_requests: ss.zombie_requests,
+        late_requests: ss.late_requests,
         stale_token_rejections: sb.stale_token_rejections().await,
         conflicts_409: ss.conflicts_409,
         messages_lost,
@@ -1069,10 +1073,7 @@ pub fn token_regressions(tokens: impl IntoIterator<Item = u64>) -> u64 {
     n
 }
 
-/// The fencing token in an arcfed owner name (`arcfed/<cluster>/<member>/t<token>`).
-fn owner_token(owner: &str) -> Option<u64> {
-    owner.rsplit_once("/t").and_then(|(_, t)| t.parse().ok())
-}
+use crate::emulator::report::sender_token as owner_token;
 
 /// DESIGN §6 from GitHub's side (the emulator's report) and the quorum's (the status history).
 pub fn check_invariants(
@@ -1089,6 +1090,15 @@ pub fn check_invariants(
         format!("overlap {} ms, max concurrent {}", ss.sessions_overlap_ms, ss.max_concurrent_sessions),
     );
     check("no job acquired twice", ss.jobs_acquired_twice == 0, format!("{} jobs", ss.jobs_acquired_twice));
+    check(
+        "no holder-only request after the fence (by the sender's token)",
+        ss.late_requests == 0,
+        if ss.late_requests == 0 {
+            "0 late requests".into()
+        } else {
+            format!("{} late: {}", ss.late_requests, ss.late_request_examples.join("; "))
+        },
+    );
     check(
         "no message lost",
         lost == 0,
@@ -1148,6 +1158,21 @@ mod tests {
         assert!(Summary::of([]).is_none());
     }
 
+    /// The sender-attributed check fails on a late request, whatever else holds.
+    #[test]
+    fn the_invariants_refuse_a_late_request() {
+        let clean = crate::emulator::ScaleSetReport { max_concurrent_sessions: 1, ..Default::default() };
+        assert!(check_invariants(&clean, &[], 0, 0).iter().all(|c| c.ok));
+        let late = crate::emulator::ScaleSetReport {
+            late_requests: 1,
+            late_request_examples: vec!["t5 DELETE /m/9 at 305 ms (t6 first at 300 ms)".into()],
+            ..clean
+        };
+        let failed: Vec<_> = check_invariants(&late, &[], 0, 0).into_iter().filter(|c| !c.ok).collect();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(failed[0].detail.contains("t5 DELETE /m/9"), "{failed:?}");
+    }
+
     fn ev(seq: u64, class: PathClass, status: u16, session: &str) -> crate::emulator::Event {
         crate::emulator::Event {
             seq,
@@ -1166,6 +1191,7 @@ mod tests {
             session_id: Some(session.into()),
             owner: None,
             zombie: false,
+            sender: None,
             fault: None,
             credential: None,
             rate_limited: false,

@@ -47,6 +47,13 @@ pub enum Mode {
     /// The mirror image: the client side is reset and the upstream side is held open but
     /// silent. New connections are reset on accept.
     ResetDownstreamBlackholeUpstream,
+    /// Connects stall in the TCP handshake: existing connections are reset, the listen backlog
+    /// is cut to one slot that a plug connection of the proxy's own fills, so the kernel drops
+    /// every new SYN and clients retransmit it (after 1 s, 3 s, …). Back to another mode, the
+    /// backlog is restored and the next retransmitted SYN connects — a request whose client
+    /// waited that long is sent then. A path that stalls connects is what H3 of the safety
+    /// review is about: a holder must not send a request whose connect outlived its fence.
+    StallConnects,
 }
 
 impl Mode {
@@ -61,7 +68,13 @@ impl Mode {
 
     /// Whether this mode tears an established connection down (fully or on one side).
     fn is_fault(&self) -> bool {
-        matches!(self, Mode::Drop | Mode::ResetUpstreamBlackholeDownstream | Mode::ResetDownstreamBlackholeUpstream)
+        matches!(
+            self,
+            Mode::Drop
+                | Mode::ResetUpstreamBlackholeDownstream
+                | Mode::ResetDownstreamBlackholeUpstream
+                | Mode::StallConnects
+        )
     }
 }
 
@@ -69,6 +82,8 @@ impl Mode {
 struct Counters {
     accepted: AtomicU64,
     closed: AtomicU64,
+    /// [`Mode::StallConnects`] is in force: the backlog is cut and plugged.
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 /// A running proxy. See the module docs.
@@ -95,7 +110,7 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let (mode, rx) = watch::channel(Mode::Pass);
         let counters = Arc::new(Counters::default());
-        let accept = tokio::spawn(accept_loop(listener, upstream, rx, counters.clone()));
+        let accept = tokio::spawn(accept_loop(listener, addr, upstream, rx, counters.clone()));
         Ok(FaultProxy { addr, upstream, mode, counters, accept })
     }
 
@@ -124,6 +139,12 @@ impl FaultProxy {
         self.counters.accepted.load(Ordering::Relaxed)
     }
 
+    /// Whether new connects stall now ([`Mode::StallConnects`] took effect: set a moment after
+    /// the mode, cleared when it ends).
+    pub fn connects_stalled(&self) -> bool {
+        self.counters.stalled.load(Ordering::Relaxed)
+    }
+
     /// Connections currently open (accepted and not yet fully closed by the proxy).
     pub fn active(&self) -> u64 {
         self.accepted().saturating_sub(self.counters.closed.load(Ordering::Relaxed))
@@ -137,13 +158,51 @@ impl Drop for FaultProxy {
     }
 }
 
+/// The listen backlog outside [`Mode::StallConnects`].
+const BACKLOG: i32 = 1024;
+
+/// In [`Mode::StallConnects`]: cuts the backlog to one slot, fills it with a connection of our
+/// own, and waits (accepting nothing) until the mode changes; then restores the backlog and
+/// drops the plug. Linux updates the backlog of a listening socket on a second `listen`.
+async fn stall_connects(
+    listener: &TcpListener,
+    addr: SocketAddr,
+    mode: &mut watch::Receiver<Mode>,
+    counters: &Counters,
+) {
+    let sock = socket2::SockRef::from(listener);
+    if let Err(e) = sock.listen(0) {
+        tracing::warn!(error = %e, "fault proxy: backlog not cut; connects will not stall");
+    }
+    // The handshake of the plug completes in the kernel; it then occupies the one slot.
+    let plug = TcpStream::connect(addr).await.ok();
+    let plug_addr = plug.as_ref().and_then(|p| p.local_addr().ok());
+    counters.stalled.store(plug_addr.is_some(), Ordering::Relaxed);
+    let _ = wait_for(mode, |m| *m != Mode::StallConnects).await;
+    let _ = sock.listen(BACKLOG);
+    counters.stalled.store(false, Ordering::Relaxed);
+    if let Some(plug_addr) = plug_addr
+        && let Ok((s, peer)) = listener.accept().await
+    {
+        // The accept queue is FIFO and the plug was queued first.
+        debug_assert_eq!(peer, plug_addr);
+        drop(s);
+    }
+    drop(plug);
+}
+
 async fn accept_loop(
     listener: TcpListener,
+    addr: SocketAddr,
     upstream: SocketAddr,
     mut mode: watch::Receiver<Mode>,
     counters: Arc<Counters>,
 ) {
     loop {
+        if *mode.borrow_and_update() == Mode::StallConnects {
+            stall_connects(&listener, addr, &mut mode, &counters).await;
+            continue;
+        }
         let (client, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -228,7 +287,7 @@ async fn connection(client: TcpStream, upstream_addr: SocketAddr, mut mode: watc
     };
     match outcome {
         Outcome::Done(true) => {} // both directions saw EOF and were half-closed in turn
-        Outcome::Done(false) | Outcome::Shutdown | Outcome::Fault(Mode::Drop) => {
+        Outcome::Done(false) | Outcome::Shutdown | Outcome::Fault(Mode::Drop | Mode::StallConnects) => {
             reset(client);
             reset(upstream);
         }

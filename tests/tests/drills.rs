@@ -21,6 +21,7 @@ fn assert_clean(r: &DrillReport) {
     assert!(r.invariants_hold(), "invariants: {:?}\n{text}", r.failed_invariants());
     assert_eq!(r.sessions_overlap_ms, 0, "{text}");
     assert_eq!(r.zombie_requests, 0, "{text}");
+    assert_eq!(r.late_requests, 0, "{text}");
     assert_eq!(r.messages_lost, 0, "{text}");
     assert_eq!(r.jobs_acquired_twice, 0, "{text}");
     assert_eq!(r.token_regressions, 0, "{text}");

@@ -157,6 +157,29 @@ async fn drop_closes_both_sides_and_refuses_new_connections() {
 }
 
 #[tokio::test]
+async fn stall_connects_resets_open_connections_and_holds_new_ones_in_the_handshake() {
+    let (_echo, proxy, mut c) = setup().await;
+    proxy.set_mode(Mode::StallConnects);
+    assert!(ends(&mut c).await, "an open connection is reset");
+    timeout(WAIT, async {
+        while !proxy.connects_stalled() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the backlog is plugged");
+    // The kernel drops the SYN: the connect neither completes nor fails.
+    let pending = tokio::spawn(TcpStream::connect(proxy.addr()));
+    tokio::time::sleep(SILENCE).await;
+    assert!(!pending.is_finished(), "a connect completed while connects stall");
+    proxy.set_mode(Mode::Pass);
+    // The retransmitted SYN gets in (the first retransmission is after about 1 s, then 3 s).
+    let mut late = timeout(WAIT, pending).await.expect("connects after the stall").unwrap().unwrap();
+    roundtrip(&mut late, b"late").await;
+    assert!(!proxy.connects_stalled());
+}
+
+#[tokio::test]
 async fn reset_upstream_closes_the_server_side_only() {
     let (mut echo, proxy, mut c) = setup().await;
     proxy.set_mode(Mode::ResetUpstreamBlackholeDownstream);

@@ -8,13 +8,14 @@
 //! Waits are conditions with deadlines; no test asserts a duration.
 
 use arcfed_agent::github::{
-    Client, Credentials, Error, Fenced, Gate, GitHubSettings, MAX_BODY_BYTES, Open, Resolve, RetryPolicy, job_messages,
-    wire,
+    Client, Credentials, Error, Fenced, Gate, GitHubSettings, HOLDER_CONNECT_TIMEOUT, MAX_BODY_BYTES, Open, Resolve,
+    RetryPolicy, job_messages, wire,
 };
 use arcfed_tests::emulator::{
     AppKey, CloseReason, DOTCOM_HOST, Emulator, EmulatorConfig, EmulatorHandle, Event, FaultSpec, Layout, Mode,
     PathClass, Settings, TlsFiles,
 };
+use arcfed_tests::fault_proxy::{FaultProxy, Mode as ProxyMode};
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -390,6 +391,81 @@ async fn a_refusing_gate_fences_every_holder_only_call_before_anything_is_sent()
     assert!(matches!(c.get_message(&once, &mut s, 0, 10).await, Err(Error::Fenced)));
     assert!(events(&h, PathClass::SessionRefresh).is_empty());
     c.delete_session(&Open, &s.session_id).await.unwrap();
+    h.shutdown().await;
+}
+
+/// The agent's fence rule (driver.rs `FenceGate`): an attempt is admitted only while the fence
+/// still covers it after a fresh connect, bounded by the holder client's connect timeout.
+struct FenceUntil {
+    end: tokio::time::Instant,
+    owner: String,
+}
+
+impl Gate for FenceUntil {
+    fn check(&self) -> Result<(), Fenced> {
+        if tokio::time::Instant::now() + HOLDER_CONNECT_TIMEOUT < self.end { Ok(()) } else { Err(Fenced) }
+    }
+    fn owner(&self) -> Option<String> {
+        Some(self.owner.clone())
+    }
+}
+
+/// Safety review H3: a holder-only request whose TCP connect stalls (SYNs dropped) until after
+/// the fence has ended must never reach GitHub, not even once the path heals. The connect
+/// timeout of holder calls is far below the fence margin and every attempt re-checks the gate.
+#[tokio::test]
+async fn a_holder_request_whose_connect_stalls_past_the_fence_never_reaches_github() {
+    // GitHub behind a fault proxy; the emulator hands out URLs that go through it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy = FaultProxy::start(listener.local_addr().expect("addr")).await.expect("proxy");
+    let config = EmulatorConfig {
+        layout: Layout::Ghes,
+        settings: fast(),
+        advertise_url: Some(format!("http://{}", proxy.addr())),
+        ..EmulatorConfig::default()
+    };
+    let h = Emulator::start(config, listener).await.expect("start emulator");
+    let set = h.create_scale_set("gha-rs", 1).unwrap().id;
+    let c = client(&h, set);
+    let owner = "arcfed/a/m1/t1".to_string();
+    let mut s = c.create_session(&Open, &owner).await.unwrap();
+    c.refresh_admin_token().await.unwrap();
+    assert!(h.timeline().iter().all(|e| e.class != PathClass::Ack));
+
+    proxy.set_mode(ProxyMode::StallConnects);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !proxy.connects_stalled() {
+        assert!(tokio::time::Instant::now() < deadline, "the proxy never stalled connects");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The fence ends 1.5 s from now, while every connect is stuck in the handshake.
+    let end = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let gate = FenceUntil { end, owner };
+    let ack = tokio::spawn({
+        let (c, mut s) = (c.clone(), s.clone());
+        async move { c.delete_message(&gate, &mut s, 1).await }
+    });
+    tokio::time::sleep_until(end).await;
+    let fence_end_ms = h.now_ms();
+    // The path heals just after the fence ended: a connect still waiting now completes at the
+    // next retransmitted SYN (about 1 s, 3 s, 7 s after the first) and its request would
+    // arrive late. Watch until past the 7 s retransmission.
+    proxy.set_mode(ProxyMode::Pass);
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < until {
+        let late: Vec<Event> =
+            h.timeline().into_iter().filter(|e| e.class == PathClass::Ack && e.at_ms >= fence_end_ms).collect();
+        assert!(late.is_empty(), "a holder request reached GitHub after its fence: {late:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = tokio::time::timeout(WAIT, ack).await.expect("the fenced ack returned").expect("ack task");
+    assert!(matches!(r, Err(Error::Fenced | Error::Transport { .. })), "{r:?}");
+    // The path works again for a holder whose fence is valid.
+    let fresh = FenceUntil { end: tokio::time::Instant::now() + WAIT, owner: "arcfed/a/m1/t1".into() };
+    c.delete_message(&fresh, &mut s, 1).await.expect("ack after the heal");
+    let acks = events(&h, PathClass::Ack);
+    assert_eq!(acks.len(), 1, "{acks:#?}");
+    assert_eq!(acks[0].sender.as_deref(), Some("arcfed/a/m1/t1"), "the ack names its sender's token");
     h.shutdown().await;
 }
 

@@ -10,7 +10,7 @@ use super::jwt;
 use super::layout::Layout;
 use super::{Credentials, Gate, GitHubSettings, wire};
 use backon::{ExponentialBuilder, Retryable};
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, USER_AGENT};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, USER_AGENT};
 use reqwest::{Method, Url};
 use ring::signature::RsaKeyPair;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +30,9 @@ const ADMIN_TOKEN_MARGIN_S: i64 = 60;
 /// Overall per-request timeout of admin and REST calls (reference §1.8).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Names the holder and fencing token a holder-only request is made for (see [`Gate::owner`]).
+pub const OWNER_HEADER: &str = "X-Arcfed-Owner";
+
 /// Connect timeout of holder-only calls (session and queue). The fence gate lets such a call
 /// start only while the fence still covers this much more (DESIGN §4), so a request that needs
 /// a new connection is written before the fence ends or not at all.
@@ -689,6 +692,20 @@ impl Client {
         }
     }
 
+    /// `GET …/distributedtask/pools/0/agents/{id}`: `true` while GitHub lists the runner, `false`
+    /// on 404 (`AgentNotFoundException`: removed, or an ephemeral runner deregistered after its job).
+    pub async fn runner_registered(&self, runner_id: i64) -> Result<bool, Error> {
+        let admin = self.inner.admin().await?;
+        let url = self.inner.admin_url(&admin, &format!("_apis/distributedtask/pools/0/agents/{runner_id}"));
+        let call = Call::new("get runner", Method::GET, url, format!("Bearer {}", admin.token));
+        let reply = self.inner.send(&call, true).await?;
+        match reply.status {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => Err(reply.into_error()),
+        }
+    }
+
     /// `DELETE …/distributedtask/pools/0/agents/{id}`: 204 (also for an unknown runner);
     /// 400 `JobStillRunningException` → `JobStillRunning`.
     pub async fn remove_runner(&self, runner_id: i64) -> Result<(), Error> {
@@ -879,6 +896,10 @@ impl Inner {
             .request(call.method.clone(), &call.url)
             .header(USER_AGENT, &self.user_agent)
             .header(AUTHORIZATION, &call.auth);
+        // A value that is not a valid header (it cannot be, config names are checked) is left out.
+        if let Some(owner) = call.gate.and_then(|g| g.owner()).and_then(|o| HeaderValue::from_str(&o).ok()) {
+            rb = rb.header(OWNER_HEADER, owner);
+        }
         if let Some(ct) = call.content_type {
             rb = rb.header(CONTENT_TYPE, ct);
         }

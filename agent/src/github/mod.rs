@@ -25,8 +25,8 @@ mod layout;
 
 pub use arcfed_core::github as wire;
 pub use client::{
-    ACCEPT_QUEUE, API_VERSION, Client, HOLDER_CONNECT_TIMEOUT, MAX_BODY_BYTES, RetryPolicy, SESSION_CONFLICT_TYPE,
-    ZERO_SESSION_ID, parse_retry_after,
+    ACCEPT_QUEUE, API_VERSION, Client, HOLDER_CONNECT_TIMEOUT, MAX_BODY_BYTES, OWNER_HEADER, RetryPolicy,
+    SESSION_CONFLICT_TYPE, ZERO_SESSION_ID, parse_retry_after,
 };
 pub use decode::job_messages;
 pub use error::{Error, RequestIds};
@@ -81,6 +81,12 @@ pub struct GitHubSettings {
 /// including each retry, so no request leaves after the lease stopped covering it.
 pub trait Gate: Send + Sync {
     fn check(&self) -> Result<(), Fenced>;
+    /// The `ownerName` of the holder this request is made for (`arcfed/<cluster>/<member>/t<token>`),
+    /// sent as `X-Arcfed-Owner` so GitHub's side (and our emulator's timeline) can tell which
+    /// fencing token every holder-only request belongs to. `None`: not a fenced holder's request.
+    fn owner(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The gate refused: the holder's fence has ended (or it never held).

@@ -13,7 +13,10 @@
 use super::config::{AppKey, CrossCredentialDelete, Cursor, MAX_REASSIGNMENTS, Mode, SessionTtlFrom, Settings};
 use super::faults::{FaultTarget, Faults};
 use super::model::*;
-use super::report::{AuthKind, CloseReason, Event, Report, ScaleSetReport, SessionReport, max_concurrent, overlap_ms};
+use super::report::{
+    AuthKind, CloseReason, Event, Report, ScaleSetReport, SessionReport, TokenRequest, late_requests, max_concurrent,
+    overlap_ms, sender_token,
+};
 use super::token;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -198,7 +201,13 @@ struct ScaleSet {
     no_session_ms: u64,
     c: Counters,
     workload: Option<Workload>,
+    /// Requests that named a fencing token in `X-Arcfed-Owner`, by token (for `late_requests`).
+    by_token: BTreeMap<u64, Vec<TokenRequest>>,
 }
+
+/// Requests kept per token for the late-request check; past it the oldest are dropped (a late
+/// request is among the newest of its token).
+const MAX_REQUESTS_PER_TOKEN: usize = 50_000;
 
 #[derive(Debug)]
 struct SessionState {
@@ -672,6 +681,7 @@ impl Core {
                 no_session_ms: 0,
                 c: Counters::default(),
                 workload: None,
+                by_token: BTreeMap::new(),
             },
         );
         self.get_scale_set(id)
@@ -1350,6 +1360,15 @@ impl Core {
                 }
             }
         }
+        if let (Some(t), Some(set_id)) = (e.sender.as_deref().and_then(sender_token), e.scale_set_id)
+            && let Some(set) = self.scale_sets.get_mut(&set_id)
+        {
+            let reqs = set.by_token.entry(t).or_default();
+            if reqs.len() >= MAX_REQUESTS_PER_TOKEN {
+                reqs.remove(0);
+            }
+            reqs.push((e.at_ms, e.arrival, format!("{} {}", e.method, e.path)));
+        }
         self.seq += 1;
         e.seq = self.seq;
         self.timeline.push_back(e);
@@ -1393,6 +1412,7 @@ impl Core {
                     })
                     .collect();
                 let c = &set.c;
+                let (late_requests, late_request_examples) = late_requests(&set.by_token, 10);
                 ScaleSetReport {
                     id: set.set.id,
                     name: set.set.name.clone(),
@@ -1407,6 +1427,8 @@ impl Core {
                     acquire_repeats: c.acquire_repeats,
                     jobs_acquired_twice: c.jobs_acquired_twice,
                     zombie_requests: c.zombie_requests,
+                    late_requests,
+                    late_request_examples,
                     sessions_overlap_ms: overlap_ms(&sessions),
                     jobs_enqueued: c.jobs_enqueued,
                     jobs_completed: c.jobs_completed,

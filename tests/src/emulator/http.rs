@@ -210,6 +210,8 @@ struct Req {
     remote_auth: Option<String>,
     capacity: Option<i64>,
     user_agent: Option<String>,
+    /// `X-Arcfed-Owner`, bounded (a value over 256 bytes is cut).
+    sender: Option<String>,
     accept: Option<String>,
     /// The request came in on a dotcom queue URL (which carries no api-version).
     queue_url_form: bool,
@@ -367,6 +369,7 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
         remote_auth: scheme.eq_ignore_ascii_case("remoteauth").then(|| cred.trim().to_string()),
         capacity: header_str(&parts.headers, "x-scalesetmaxcapacity").and_then(|v| v.trim().parse().ok()),
         user_agent: header_str(&parts.headers, "user-agent"),
+        sender: header_str(&parts.headers, "x-arcfed-owner").map(|v| v.chars().take(256).collect()),
         accept: header_str(&parts.headers, "accept"),
         queue_url_form: false,
         body,
@@ -507,6 +510,7 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
         session_id: attr.session.map(|s| s.to_string()),
         owner: attr.owner.clone(),
         zombie: attr.zombie,
+        sender: r.sender.clone(),
         fault: (!fault_note.is_empty()).then(|| fault_note.join(", ")),
         credential: credential.clone(),
         rate_limited: reply.rate_limited,

@@ -49,6 +49,10 @@ pub struct Event {
     pub owner: Option<String>,
     /// Made with the queue token of a session that had already closed.
     pub zombie: bool,
+    /// `X-Arcfed-Owner`: the holder and fencing token the agent made this request for
+    /// (`arcfed/<cluster>/<member>/t<token>`), whatever session or credential it names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
     /// Set when an injected fault answered or delayed the request.
     pub fault: Option<String>,
     /// The credential behind the request (`pat#1`, `installation:42`, `app:123`), whatever
@@ -107,7 +111,7 @@ pub struct SessionReport {
     pub refreshes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ScaleSetReport {
     pub id: i64,
     pub name: String,
@@ -130,6 +134,14 @@ pub struct ScaleSetReport {
     pub jobs_acquired_twice: u64,
     /// Requests made with the queue token of a closed session.
     pub zombie_requests: u64,
+    /// Requests sent for fencing token T (`X-Arcfed-Owner: …/t<T>`) that arrived after the
+    /// first request sent for a higher token: a holder acting after its fence ended (DESIGN
+    /// §6 invariant 1, attributed to the sender, not to the session a path names).
+    #[serde(default)]
+    pub late_requests: u64,
+    /// The first few late requests, each as `t<T> <METHOD> <path> at <ms> (t<T'> first at <ms>)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late_request_examples: Vec<String>,
     /// Σ over consecutive sessions of max(0, last holder-only request of the predecessor −
     /// first holder-only request of the successor) (docs/DESIGN.md §11).
     pub sessions_overlap_ms: u64,
@@ -183,6 +195,40 @@ impl Report {
     pub fn scale_set(&self, id: i64) -> Option<&ScaleSetReport> {
         self.scale_sets.iter().find(|s| s.id == id)
     }
+}
+
+/// One request sent for a fencing token: (arrival ms, arrival number, "METHOD path").
+pub type TokenRequest = (u64, u64, String);
+
+/// The fencing token in an `X-Arcfed-Owner` value `arcfed/<cluster>/<member>/t<token>`;
+/// `None` for anything else (a fallback holder's local `…/f<n>` is not a quorum token).
+pub fn sender_token(sender: &str) -> Option<u64> {
+    let last = sender.rsplit('/').next()?;
+    last.strip_prefix('t')?.parse().ok()
+}
+
+/// Late requests: those of token T that arrived (by arrival order) after the first request of
+/// any higher token. Returns the count and up to `examples` descriptions.
+pub fn late_requests(by_token: &BTreeMap<u64, Vec<TokenRequest>>, examples: usize) -> (u64, Vec<String>) {
+    // first arrival of every token, then the earliest first arrival among higher tokens.
+    let firsts: Vec<(u64, (u64, u64))> = by_token
+        .iter()
+        .filter_map(|(t, reqs)| reqs.iter().map(|(ms, n, _)| (*n, *ms)).min().map(|(n, ms)| (*t, (n, ms))))
+        .collect();
+    let mut count = 0;
+    let mut out = Vec::new();
+    for (i, (t, _)) in firsts.iter().enumerate() {
+        let Some((t2, (n2, ms2))) = firsts[i + 1..].iter().min_by_key(|(_, (n, _))| *n).copied() else { continue };
+        for (ms, n, what) in &by_token[t] {
+            if *n > n2 {
+                count += 1;
+                if out.len() < examples {
+                    out.push(format!("t{t} {what} at {ms} ms (t{t2} first at {ms2} ms)"));
+                }
+            }
+        }
+    }
+    (count, out)
 }
 
 /// docs/DESIGN.md §11's overlap over sessions in opening order.
@@ -265,5 +311,25 @@ mod tests {
         assert_eq!(overlap_ms(&zombie), 0);
         // A session of a single request is one interval, not a start after its own end.
         assert_eq!(max_concurrent(&[at((300, 4), (300, 4))]), 1);
+    }
+
+    #[test]
+    fn a_request_of_an_older_token_after_a_newer_tokens_first_is_late() {
+        assert_eq!(sender_token("arcfed/a/0f/t12"), Some(12));
+        assert_eq!(sender_token("arcfed/a/0f/f3"), None, "a fallback's local counter is no token");
+        assert_eq!(sender_token("arcfed/a/0f/tx"), None);
+        let req = |ms: u64, n: u64, what: &str| (ms, n, what.to_string());
+        let mut by: BTreeMap<u64, Vec<TokenRequest>> = BTreeMap::new();
+        // t5's long poll arrived before t6's first request and ended after it: not late.
+        by.insert(5, vec![req(100, 1, "POST /sessions"), req(200, 2, "GET /message")]);
+        by.insert(6, vec![req(300, 3, "DELETE /sessions/s5"), req(310, 4, "POST /sessions")]);
+        assert_eq!(late_requests(&by, 10), (0, vec![]));
+        // t5's ack reaching GitHub after t6's revoke: late, whatever session it names.
+        by.get_mut(&5).expect("t5").push(req(305, 5, "DELETE /messages/9"));
+        // t4 acting after t6 (t5 came between) is late too, and counted against the earliest higher first.
+        by.insert(4, vec![req(50, 0, "POST /sessions"), req(400, 6, "POST /acquirejobs")]);
+        let (n, ex) = late_requests(&by, 1);
+        assert_eq!(n, 2);
+        assert_eq!(ex, vec!["t4 POST /acquirejobs at 400 ms (t5 first at 100 ms)".to_string()]);
     }
 }
