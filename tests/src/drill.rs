@@ -54,6 +54,11 @@ pub enum Scenario {
     AcquireFault,
     /// `arcfedctl handover` to another region.
     Handover,
+    /// The holder's region is cut from the quorum and, at the same moment, its TCP connects to
+    /// GitHub stall in the handshake (open connections reset, SYNs dropped) until after the
+    /// successor has taken over: a request whose connect outlived the holder's fence must never
+    /// be sent (`late_requests` 0). Loopback sandbox only (it uses the region's GitHub proxy).
+    ConnectStall,
 }
 
 impl Scenario {
@@ -71,6 +76,7 @@ impl Scenario {
             Scenario::HolderStall => "holder-stall",
             Scenario::AcquireFault => "acquire-fault",
             Scenario::Handover => "handover",
+            Scenario::ConnectStall => "connect-stall",
         }
     }
 }
@@ -226,6 +232,7 @@ pub async fn run_drill(sb: &mut Sandbox, scenario: Scenario, runs: usize) -> any
             Scenario::HolderStall => holder_stall(sb).await,
             Scenario::AcquireFault => acquire_fault(sb).await,
             Scenario::Handover => handover(sb, None).await,
+            Scenario::ConnectStall => connect_stall(sb).await,
         }
         .with_context(|| format!("{} run {run}; logs in {}", scenario.name(), sb.dir.display()))?;
         r.run = run;
@@ -373,6 +380,33 @@ async fn partition_region(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     r.served_again_ms = Some(sb.emu.now_ms().saturating_sub(fault_emu));
     let held = sb.opts.hold.map(|h| format!(", held {}", humantime::format_duration(h))).unwrap_or_default();
     r.what = format!("region {} (voter {voter}) partitioned{held} → {to}", sb.regions[i].name);
+    Ok(r)
+}
+
+async fn connect_stall(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    if sb.wan.is_some() {
+        bail!("connect-stall runs in the loopback sandbox (it stalls the region's GitHub proxy); drop --netns");
+    }
+    holder_behind_link(sb).await?;
+    let (i, member, token, _) = holder(sb).await?;
+    let mut r = RunReport { token_before: token, ..RunReport::default() };
+    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+    // The holder's poll is reset, and every connect it tries from now on hangs in the
+    // handshake while its fence runs out.
+    sb.regions[i].cut_github(Mode::StallConnects)?;
+    partition(sb, i, false)?;
+    let to = takeover(sb, &member, fault, fault_emu, &mut r).await;
+    // GitHub's path heals first: a connect of the old holder still waiting completes at its
+    // next retransmitted SYN (about 1, 3, 7 s after its first) and would send a late request.
+    // Watch past that window before the quorum link heals too.
+    sb.regions[i].cut_github(Mode::Pass)?;
+    if to.is_ok() {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+    }
+    partition(sb, i, true)?;
+    let to = to?;
+    wait_standby(&sb.regions[i].agent).await?;
+    r.what = format!("region {} cut from the quorum, its GitHub connects stalled → {to}", sb.regions[i].name);
     Ok(r)
 }
 
@@ -674,35 +708,47 @@ async fn acquire_fault(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
 async fn handover(sb: &mut Sandbox, to: Option<usize>) -> anyhow::Result<RunReport> {
     let (i, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, ..RunReport::default() };
-    let s = sb.status().await?;
     let target = to.unwrap_or((i + 1) % sb.regions.len());
     let tname = sb.regions[target].name.clone();
-    let tm = s
-        .members
-        .iter()
-        .filter(|m| m.cluster == tname && m.status == "live" && !m.standby)
-        .map(|m| m.id.clone())
-        .next_back()
-        .context("a handover target")?;
     let q = &sb.q;
     let eps = q.endpoints().join(",");
     let (cert, key, ca) =
         (q.admin.cert.display().to_string(), q.admin.key.display().to_string(), q.admin.ca.display().to_string());
-    let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
-    arcfedctl(&[
-        "--endpoints",
-        &eps,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--tls-ca",
-        &ca,
-        "handover",
-        &s.groups[0].key,
-        "--to",
-        &tm,
-    ])?;
+    // A region whose agent was just recreated still lists its old incarnation as live until
+    // the new one joins and makes it a standby: a target picked then is refused as not
+    // eligible, and picked again.
+    let end = Instant::now() + WAIT;
+    let (fault, fault_emu) = loop {
+        let s = sb.status().await?;
+        let tm = s
+            .members
+            .iter()
+            .filter(|m| m.cluster == tname && m.status == "live" && !m.standby)
+            .map(|m| m.id.clone())
+            .next_back()
+            .context("a handover target")?;
+        let (fault, fault_emu) = (Instant::now(), sb.emu.now_ms());
+        match arcfedctl(&[
+            "--endpoints",
+            &eps,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-ca",
+            &ca,
+            "handover",
+            &s.groups[0].key,
+            "--to",
+            &tm,
+        ]) {
+            Ok(_) => break (fault, fault_emu),
+            Err(e) if e.to_string().contains("not_eligible") && Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let to = takeover(sb, &member, fault, fault_emu, &mut r).await?;
     r.what = format!("{} → {to}", sb.regions[i].name);
     Ok(r)
@@ -710,7 +756,7 @@ async fn handover(sb: &mut Sandbox, to: Option<usize>) -> anyhow::Result<RunRepo
 
 /// Plans `n` random faults from `seed`: the same seed, the same schedule.
 pub fn plan(seed: u64, n: usize, regions: usize) -> Vec<PlannedFault> {
-    const KINDS: [Scenario; 11] = [
+    const KINDS: [Scenario; 12] = [
         Scenario::KillHolder,
         Scenario::FreezeHolder,
         Scenario::HalfCloseHolder,
@@ -722,6 +768,7 @@ pub fn plan(seed: u64, n: usize, regions: usize) -> Vec<PlannedFault> {
         Scenario::HolderStall,
         Scenario::Handover,
         Scenario::AcquireFault,
+        Scenario::ConnectStall,
     ];
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)
@@ -828,6 +875,17 @@ async fn apply_random(sb: &mut Sandbox, f: &PlannedFault) -> anyhow::Result<Stri
                 .map_err(|e| anyhow::anyhow!(e))?;
             tokio::time::sleep(hold).await;
             Ok(format!("GitHub 503 for {}", s.holder_cluster))
+        }
+        Scenario::ConnectStall => {
+            if sb.wan.is_some() {
+                return Ok("--netns: skipped".into());
+            }
+            sb.regions[pick].cut_github(Mode::StallConnects)?;
+            partition(sb, pick, false)?;
+            tokio::time::sleep(hold).await;
+            sb.regions[pick].cut_github(Mode::Pass)?;
+            partition(sb, pick, true)?;
+            Ok(format!("region {} cut, its GitHub connects stalled", sb.regions[pick].name))
         }
         Scenario::AcquireFault => {
             let Some(s) = latest.filter(|s| !s.holder.is_empty()) else { return Ok("no holder: skipped".into()) };

@@ -106,7 +106,12 @@ impl FaultProxy {
 
     /// [`FaultProxy::start`] on another local address (the sandbox's WAN address with `--netns`).
     pub async fn start_on(ip: std::net::Ipv4Addr, upstream: SocketAddr) -> io::Result<FaultProxy> {
-        let listener = TcpListener::bind((ip, 0)).await?;
+        FaultProxy::start_at(SocketAddr::from((ip, 0)), upstream).await
+    }
+
+    /// [`FaultProxy::start`] on exactly `at` (port 0: any).
+    pub async fn start_at(at: SocketAddr, upstream: SocketAddr) -> io::Result<FaultProxy> {
+        let listener = TcpListener::bind(at).await?;
         let addr = listener.local_addr()?;
         let (mode, rx) = watch::channel(Mode::Pass);
         let counters = Arc::new(Counters::default());

@@ -111,6 +111,9 @@ pub struct Region {
     pub agent: AgentProc,
     /// voter id → the proxy this region's agent dials to reach it.
     pub links: BTreeMap<u64, FaultProxy>,
+    /// Without `--netns`: the region's own path to GitHub (the agent resolves GitHub's host
+    /// name to this proxy, on a loopback address of the region's own).
+    pub github: Option<FaultProxy>,
     /// voter id → its address, when the agent dials voters directly (`agent_links` off).
     direct: Option<BTreeMap<u64, String>>,
     dir: PathBuf,
@@ -136,6 +139,13 @@ impl Region {
         for p in self.links.values() {
             p.set_mode(mode.clone());
         }
+    }
+
+    /// Sets this region's path to GitHub to `mode` (loopback sandbox only).
+    pub fn cut_github(&self, mode: Mode) -> anyhow::Result<()> {
+        let p = self.github.as_ref().context("this sandbox has no GitHub proxy per region (--netns)")?;
+        p.set_mode(mode);
+        Ok(())
     }
 }
 
@@ -247,6 +257,8 @@ pub struct Sandbox {
     pub opts: SandboxOptions,
     pub dir: PathBuf,
     pub emu: EmulatorHandle,
+    /// Where the emulator listens (its advertised URL names [`GITHUB_HOST`] without `--netns`).
+    pub github_addr: std::net::SocketAddr,
     pub set: i64,
     pub q: Quorum,
     pub regions: Vec<Region>,
@@ -293,8 +305,15 @@ impl Sandbox {
                 ecfg.advertise_url = Some(format!("http://{}", l.local_addr()?));
                 l
             }
-            None => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            // Without namespaces each region reaches GitHub through a proxy of its own, on its
+            // own loopback address and GitHub's port: the agents resolve GitHub's host name to it.
+            None => {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                ecfg.advertise_url = Some(format!("http://{GITHUB_HOST}:{}", l.local_addr()?.port()));
+                l
+            }
         };
+        let github_addr = listener.local_addr()?;
         let emu = Emulator::start(ecfg, listener).await?;
         let set = emu.create_scale_set("arcfed-sandbox", 1).map_err(|e| anyhow::anyhow!("create scale set: {e:?}"))?.id;
 
@@ -344,7 +363,18 @@ impl Sandbox {
                 links.insert(v.id, p);
             }
             let pat = if opts.per_region_credentials { format!("pat-{name}") } else { emu.pat().to_string() };
-            let gh = GitHubSide { config_url: emu.config_url(), pat, scale_set_id: set, resolve: vec![] };
+            let github = match &wan {
+                Some(_) => None,
+                None => {
+                    let at = std::net::SocketAddr::from(([127, 0, 0, 11 + i as u8], github_addr.port()));
+                    Some(FaultProxy::start_at(at, github_addr).await.with_context(|| {
+                        format!("region {name}'s GitHub proxy on {at} (GitHub's port on another loopback address)")
+                    })?)
+                }
+            };
+            let resolve =
+                github.iter().map(|p| format!("{GITHUB_HOST}:{}:{}", github_addr.port(), p.addr().ip())).collect();
+            let gh = GitHubSide { config_url: emu.config_url(), pat, scale_set_id: set, resolve };
             let mut spec = AgentSpec::new(name, gh).federated(vec![], q.certs.agent(name)?);
             spec.lease_ttl = Some(opts.lease_ttl.clone());
             spec.coordinator_lost_for = opts.coordinator_lost_for.clone();
@@ -357,10 +387,10 @@ impl Sandbox {
             let voter = q.voters[i % q.voters.len()].id;
             let direct = (!opts.agent_links).then(|| q.voters.iter().map(|v| (v.id, v.addr())).collect());
             let agent = start_agent(&rdir, spec_for(&spec, &links, direct.as_ref(), Some(s.leader))).await?;
-            regions.push(Region { name: name.clone(), voter, agent, links, direct, dir: rdir, spec });
+            regions.push(Region { name: name.clone(), voter, agent, links, github, direct, dir: rdir, spec });
         }
         let sampler = Sampler::start(q.admin.clone(), q.endpoints());
-        let sb = Sandbox { opts, dir: dir.to_path_buf(), emu, set, q, regions, sampler, wan };
+        let sb = Sandbox { opts, dir: dir.to_path_buf(), emu, github_addr, set, q, regions, sampler, wan };
         sb.set_workload(sb.opts.jobs_per_minute).await?;
         sb.wait_settled().await.with_context(|| format!("the sandbox did not settle; logs in {}", dir.display()))?;
         Ok(sb)
@@ -370,7 +400,7 @@ impl Sandbox {
     pub async fn set_workload(&self, jobs_per_minute: u32) -> anyhow::Result<()> {
         let (lo, hi) = self.opts.job_seconds;
         let w = Workload::new(self.set, f64::from(jobs_per_minute), f64::from(lo), f64::from(hi));
-        let url = format!("{}/_emulator/workload", self.emu.base_url());
+        let url = format!("http://{}/_emulator/workload", self.github_addr);
         let r = reqwest::Client::new().post(url).json(&w).send().await?;
         if !r.status().is_success() {
             bail!("emulator workload: {}", r.status());
@@ -606,6 +636,9 @@ async fn start_agent(dir: &Path, spec: AgentSpec) -> anyhow::Result<AgentProc> {
 
 /// `spec` dialing the region's links, `leader`'s first (so a fresh agent attaches to the
 /// leader through its proxy instead of being redirected past it).
+/// GitHub's host name in the loopback sandbox (a GHES host; each region resolves it to its own proxy).
+pub const GITHUB_HOST: &str = "ghes.localhost";
+
 fn spec_for(
     spec: &AgentSpec,
     links: &BTreeMap<u64, FaultProxy>,

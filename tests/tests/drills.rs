@@ -160,6 +160,17 @@ async fn handover_moves_the_session() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Safety review H3: the holder's region loses the quorum while its connects to GitHub hang
+/// in the handshake; GitHub's path heals after the successor took over. No request of the old
+/// token may reach GitHub after the successor's first (`late_requests`, checked in
+/// `assert_clean`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_stall_sends_nothing_after_the_fence() -> anyhow::Result<()> {
+    let r = drill_once(Scenario::ConnectStall, SandboxOptions::default()).await?;
+    assert_failed_over(&r);
+    Ok(())
+}
+
 /// A region cut off from the quorum, but not from GitHub, for longer than
 /// `--coordinator-lost-for`: it falls back while the quorum's holder serves. Its lapsed
 /// federated session is deleted, never resumed (with the adversarial queue token a resumed

@@ -218,10 +218,22 @@ async fn main() -> anyhow::Result<()> {
     log(
         json,
         format!(
-            "  emulated GitHub: githubConfigUrl={} (PAT {}), scale set id {}",
+            "  emulated GitHub: githubConfigUrl={} (PAT {}), scale set id {}{}",
             sb.emu.config_url(),
             sb.emu.pat(),
-            sb.set
+            sb.set,
+            if sb.wan.is_none() {
+                format!(
+                    "; {} is {} (curl --resolve {}:{}:{}), each region reaches it through a proxy of its own",
+                    arcfed_tests::sandbox::GITHUB_HOST,
+                    sb.github_addr.ip(),
+                    arcfed_tests::sandbox::GITHUB_HOST,
+                    sb.github_addr.port(),
+                    sb.github_addr.ip()
+                )
+            } else {
+                String::new()
+            }
         ),
     );
     log(json, format!("  quorum: {} (leader {})", sb.q.endpoints().join(","), s.leader));
