@@ -852,26 +852,26 @@ impl Driver {
             }),
             GitHubOp::AckMessage { message_id } => Box::pin(async move {
                 let mut s = session;
-                let ok = match s.as_mut() {
+                let (ok, local) = match s.as_mut() {
                     Some(sess) => {
                         match tokio::time::timeout(timeout, client.delete_message(gate.as_ref(), sess, message_id))
                             .await
                             .unwrap_or_else(|_| Err(github::Error::Config("message ack timed out".into())))
                         {
-                            Ok(()) => true,
+                            Ok(()) => (true, false),
                             Err(e) => {
                                 metrics.github_error(error_kind(&e));
                                 tracing::warn!(error = %e, message_id, "message ack failed; will retry");
-                                false
+                                (false, e.is_local())
                             }
                         }
                     }
-                    None => false,
+                    None => (false, true),
                 };
                 if ok {
                     metrics.last_message_id.set(message_id);
                 }
-                GhDone { input: Input::Acked { ok }, session: s, message, opened: None }
+                GhDone { input: Input::Acked { ok, local }, session: s, message, opened: None }
             }),
         };
         self.gh = Some(fut);
@@ -1342,7 +1342,12 @@ impl Driver {
 
     fn periodic(&mut self) {
         let now = self.now();
-        if self.open_fence && self.shutdown_at.is_none() && self.holder.phase == HolderPhase::Standby {
+        if !(self.open_fence && self.shutdown_at.is_none() && self.holder.phase == HolderPhase::Standby) {
+            // Safety review L5: a pending re-contend that no longer applies (the quorum came
+            // back, or the holder left standby) must not stay in the past and wake the loop
+            // every millisecond for the life of the process.
+            self.regrant_at = None;
+        } else {
             match self.regrant_at {
                 None => self.regrant_at = Some(now + REGRANT_AFTER_MS),
                 Some(t) if now >= t => {

@@ -215,6 +215,9 @@ pub enum Input {
     },
     Acked {
         ok: bool,
+        /// A failed ack's cause was this member's (its GitHub path or credentials), not the
+        /// fence or the quorum: only then does it count toward the holder-stall rule.
+        local: bool,
     },
     ReleaseSent,
     /// The coordinator operation in flight got no answer (stream down, timeout): its outcome
@@ -774,7 +777,7 @@ impl Holder {
                     }
                 }
             }
-            Input::Acked { ok } => {
+            Input::Acked { ok, local } => {
                 self.op = Op::None;
                 if let Phase::Ack { session_id, message_id } = self.phase.clone() {
                     if ok {
@@ -783,7 +786,8 @@ impl Holder {
                         self.phase = Phase::Poll { session_id };
                     } else {
                         // The Progress is committed: retry the ack (inside the fence) later.
-                        self.failure(now, true);
+                        // A fenced ack (a quorum outage) is no reason to give the set away.
+                        self.failure(now, local);
                     }
                 }
             }
@@ -1049,7 +1053,7 @@ mod tests {
         assert_eq!(a, vec![Action::Coord(CoordOp::Progress { token: 7, message_id: Some(5) })]);
         let a = h.step(310, &f, Input::Reported { accepted: true, duplicate: false });
         assert_eq!(gh(&a), vec![GitHubOp::AckMessage { message_id: 5 }]);
-        let a = h.step(320, &f, Input::Acked { ok: true });
+        let a = h.step(320, &f, Input::Acked { ok: true, local: true });
         assert_eq!(gh(&a), vec![GitHubOp::Poll { last_message_id: 5 }]);
         // A rejected Progress (stale token) loses the lease: nothing is acked.
         let a = h.step(330, &f, Input::Polled(PollOutcome::Message { message_id: 6, job_available: false }));
@@ -1229,6 +1233,39 @@ mod tests {
         assert!(released && now >= 15_000, "released={released} at {now}");
     }
 
+    /// Safety review L4: acks refused by the fence (the quorum is away) are not a local
+    /// failure, so a quorum outage longer than the stall limit does not make the holder give
+    /// the set away and put its cluster in cooldown; a local ack failure still does.
+    #[test]
+    fn fenced_ack_failures_do_not_count_toward_the_stall_rule() {
+        for local in [false, true] {
+            let mut h = Holder::new(cfg(), 0);
+            let f = fence(7, 2800, 25);
+            to_polling(&mut h, &f);
+            h.step(60, &f, Input::Polled(PollOutcome::Message { message_id: 5, job_available: false }));
+            let mut acts = h.step(70, &f, Input::Reported { accepted: true, duplicate: false });
+            assert_eq!(gh(&acts), vec![GitHubOp::AckMessage { message_id: 5 }]);
+            let mut now = 70;
+            let mut released = false;
+            while now < 40_000 && !released {
+                now += 100;
+                let f = fence(7, now + 2000, now);
+                acts = match gh(&acts).first() {
+                    Some(GitHubOp::AckMessage { .. }) => h.step(now, &f, Input::Acked { ok: false, local }),
+                    // Stalled: it closes its session, then releases.
+                    Some(GitHubOp::DeleteSession { id }) => {
+                        h.step(now, &f, Input::Deleted { id: id.clone(), done: true })
+                    }
+                    _ => h.step(now, &f, Input::Tick),
+                };
+                released |= acts
+                    .iter()
+                    .any(|a| matches!(a, Action::Coord(CoordOp::Release { reason: ReleaseReason::Stall, .. })));
+            }
+            assert_eq!(released, local, "local={local}: released={released} at {now}");
+        }
+    }
+
     #[test]
     fn an_adopted_session_is_polled_again_without_a_new_create() {
         let mut h = Holder::new(cfg(), 0);
@@ -1300,7 +1337,7 @@ mod tests {
             1 => Just(Input::Swept),
             1 => any::<bool>().prop_map(|local| Input::AcquireFailed { local }),
             2 => (any::<bool>(), any::<bool>()).prop_map(|(accepted, duplicate)| Input::Reported { accepted, duplicate }),
-            2 => any::<bool>().prop_map(|ok| Input::Acked { ok }),
+            2 => (any::<bool>(), any::<bool>()).prop_map(|(ok, local)| Input::Acked { ok, local }),
             1 => Just(Input::ReleaseSent),
             1 => Just(Input::CoordUnavailable),
         ]
@@ -1374,7 +1411,7 @@ mod tests {
                     Input::AcquireFailed { local: b.is_multiple_of(2) }
                 }
             }
-            (true, Some(GitHubOp::AckMessage { .. }), ..) => Input::Acked { ok },
+            (true, Some(GitHubOp::AckMessage { .. }), ..) => Input::Acked { ok, local: true },
             (true, Some(GitHubOp::AcquireAvailable), ..) => Input::Swept,
             (_, _, true, Some(CoordOp::Commit { .. })) => Input::Committed { accepted: !b.is_multiple_of(8) },
             (_, _, true, Some(CoordOp::Progress { .. })) => {
