@@ -191,6 +191,8 @@ pub struct Driver {
     /// The last attach failure's message, so a repeated one is not logged at warn again.
     last_attach_error: Option<String>,
     gh: Option<BoxFuture<'static, GhDone>>,
+    /// The request in `gh` is a session create (see [`Driver::abandon_github`]).
+    gh_create: bool,
     local: Option<BoxFuture<'static, Input>>,
     coord: Option<(u64, CoordKind, u64)>,
     next_request: u64,
@@ -305,6 +307,7 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         attaching: None,
         last_attach_error: None,
         gh: None,
+        gh_create: false,
         local: None,
         coord: None,
         next_request: 1,
@@ -628,11 +631,7 @@ impl Driver {
             Action::GitHub(op) => self.start_github(op),
             Action::Coord(op) => self.start_coord(op),
             Action::Notify(op) => self.notify(op),
-            Action::Cancel => {
-                if self.gh.take().is_some() {
-                    tracing::info!("in-flight GitHub request abandoned at the fence deadline");
-                }
-            }
+            Action::Cancel => self.abandon_github("the fence deadline"),
             // One executor for every link action: a timer that falls due in this step (a no-ack
             // close, a retry's attach) is carried out, not dropped. A Close queues
             // `CoordUnavailable`, which the pump_holder loop running this drains.
@@ -697,8 +696,36 @@ impl Driver {
         }
     }
 
+    /// Drops the GitHub request in flight, except a session create, which is left to finish
+    /// on its own: its POST left inside the fence and may have opened a session that only its
+    /// answer names. Such a session is ours and nobody's live session, so it is deleted with
+    /// our own credentials (safety review M3.3); forgetting it would leave the next holder
+    /// meeting 409s until GitHub expires it.
+    fn abandon_github(&mut self, why: &'static str) {
+        let Some(fut) = self.gh.take() else { return };
+        if !std::mem::take(&mut self.gh_create) {
+            tracing::info!(why, "in-flight GitHub request abandoned");
+            return;
+        }
+        tracing::info!(why, "in-flight session create abandoned; a session it opens will be deleted");
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let Some(s) = fut.await.opened else { return };
+            let id = s.session_id;
+            let r = tokio::time::timeout(Duration::from_secs(60), client.delete_session(&github::Open, &id)).await;
+            match r {
+                Ok(Ok(())) => tracing::warn!(session = %id, why, "session opened by an abandoned create deleted"),
+                Ok(Err(e)) => {
+                    tracing::warn!(session = %id, error = %e, "session opened by an abandoned create not deleted")
+                }
+                Err(_) => tracing::warn!(session = %id, "session opened by an abandoned create not deleted (timeout)"),
+            }
+        });
+    }
+
     fn start_github(&mut self, op: GitHubOp) {
         tracing::debug!(?op, token = ?self.holder.token, "GitHub request");
+        self.gh_create = matches!(op, GitHubOp::CreateSession { .. });
         let client = self.client.clone();
         let gate: Arc<dyn Gate> = if self.open_fence { Arc::new(github::Open) } else { self.gate.clone() };
         let session = self.session.clone();
@@ -1414,7 +1441,7 @@ impl Driver {
         self.held_before_fallback = self.holder.token.zip(keep.clone());
         self.local_token += 1;
         let now = self.now();
-        self.gh = None;
+        self.abandon_github("the start of fallback");
         self.coord = None;
         self.holder = Holder::new(HolderConfig { fallback: true, ..self.holder_config() }, now);
         self.open_fence = true;
@@ -1461,7 +1488,7 @@ impl Driver {
             }
         }
         let now = self.now();
-        self.gh = None;
+        self.abandon_github("the end of fallback");
         self.local = None;
         self.holder = Holder::new(self.holder_config(), now);
         self.open_fence = false;

@@ -171,6 +171,78 @@ async fn connect_stall_sends_nothing_after_the_fence() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Safety review M3.3: a session create whose POST landed while the holder's fence then ended
+/// before the answer came. The session it opened is named only by that answer; forgotten, it
+/// would meet the next holder with 409s until GitHub expires it (90 s here). The abandoned
+/// create is left to finish, and the session it opened is deleted with the agent's own
+/// credentials, so the next holder serves within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_abandoned_at_the_fence_leaves_no_orphan_for_the_next_holder() -> anyhow::Result<()> {
+    use anyhow::Context;
+    use arcfed_tests::emulator::CloseReason;
+    use arcfed_tests::fault_proxy::Mode;
+    use std::time::{Duration, Instant};
+    let (_dir, mut sb) = world(SandboxOptions::default()).await?;
+    let r = async {
+        let (s, _) = sb.wait_settled().await?;
+        let old = s.groups[0].holder.clone();
+        let i = sb.region_index(&s.groups[0].holder_cluster).context("the holder's region")?;
+        // The next session create is served at once; its answer is held back 5 s (past the
+        // fence below, within the agent's 7.5 s timeout for one GitHub operation).
+        let fault = serde_json::json!({"kind": "latency", "ms": 5000, "handleFirst": true,
+            "pathClass": "session_create", "count": 1});
+        sb.emu.add_fault(serde_json::from_value(fault)?).map_err(|e| anyhow::anyhow!(e))?;
+        let fault_emu = sb.emu.now_ms();
+        sb.regions[i].agent.kill();
+        let s = sb
+            .wait_status("a successor", |s| s.groups.first().is_some_and(|g| !g.holder.is_empty() && g.holder != old))
+            .await?;
+        let j = sb.region_index(&s.groups[0].holder_cluster).context("the successor's region")?;
+        let prefix = format!("arcfed/{}/", sb.regions[j].name);
+        // Once its POST has opened a session (the answer still on its way), the successor is
+        // cut from the quorum: its fence ends first, and the create is abandoned.
+        let end = Instant::now() + Duration::from_secs(30);
+        let orphan = loop {
+            let rep = sb.emu.report();
+            let ss = rep.scale_set(sb.set).context("the scale set")?;
+            if let Some(o) = ss.sessions.iter().find(|x| x.owner.starts_with(&prefix) && x.opened_at > fault_emu) {
+                break o.session_id.clone();
+            }
+            anyhow::ensure!(Instant::now() < end, "the successor opened no session\n{}", sb.agent_logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        sb.regions[j].cut(Mode::Blackhole);
+        // A third region takes over and polls well before GitHub would expire the orphan.
+        let end = Instant::now() + Duration::from_secs(40);
+        let polled = loop {
+            let rep = sb.emu.report();
+            let ss = rep.scale_set(sb.set).context("the scale set")?;
+            if let Some(o) = ss.sessions.iter().find(|x| {
+                x.opened_at > fault_emu && !x.owner.starts_with(&prefix) && x.polls > 0
+            }) {
+                break o.owner.clone();
+            }
+            anyhow::ensure!(
+                Instant::now() < end,
+                "no other region polled within 40 s of the fault (the orphan {orphan} blocks it?)\n{}\n--- {} in full\n{}",
+                sb.agent_logs(),
+                sb.regions[j].name,
+                sb.regions[j].agent.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let rep = sb.emu.report();
+        let o = rep.scale_set(sb.set).and_then(|ss| ss.sessions.iter().find(|x| x.session_id == orphan).cloned());
+        let reason = o.map(|o| o.close_reason);
+        anyhow::ensure!(reason == Some(CloseReason::Deleted), "the orphan {orphan} was not deleted: {reason:?}");
+        sb.regions[j].cut(Mode::Pass);
+        anyhow::Ok(polled)
+    }
+    .await;
+    sb.shutdown().await;
+    r.map(|_| ())
+}
+
 /// A region cut off from the quorum, but not from GitHub, for longer than
 /// `--coordinator-lost-for`: it falls back while the quorum's holder serves. Its lapsed
 /// federated session is deleted, never resumed (with the adversarial queue token a resumed

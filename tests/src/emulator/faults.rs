@@ -85,7 +85,8 @@ pub struct FaultSpec {
     pub kind: FaultKind,
     /// Handle the request first (its side effects happen: the session is created, the message
     /// deleted, the job acquired), then answer with the fault. Without it the request is
-    /// never handled. Meaningless for `latency`.
+    /// never handled. With `latency`: handled at once, the answer held back that long
+    /// (without it, the request waits that long and is then handled).
     #[serde(default)]
     pub handle_first: bool,
     /// Only requests of this class.

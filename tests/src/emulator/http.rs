@@ -429,7 +429,7 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     for f in faults {
         fault_names.push(f.kind.name());
         match f.kind {
-            FaultKind::Latency { ms } => {
+            FaultKind::Latency { ms } if !f.handle_first => {
                 fault_note.push(format!("latency {ms}ms"));
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
@@ -438,12 +438,16 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     }
     let mut reset = false;
     let mut hang = false;
+    // When a handled-first request was served (before a delayed or faulty answer).
+    let mut served_stamp = None;
     let reply = match (dead_queue_url, terminal) {
         (Some(reply), _) => reply,
         (None, None) => gated_serve(sh, &r, &route, credential.as_deref(), at_ms).await,
         (None, Some(f)) => {
             let served = if f.handle_first {
-                Some(gated_serve(sh, &r, &route, credential.as_deref(), at_ms).await)
+                let reply = gated_serve(sh, &r, &route, credential.as_deref(), at_ms).await;
+                served_stamp = Some(sh.arrive());
+                Some(reply)
             } else {
                 None
             };
@@ -474,7 +478,14 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
                     reset = true;
                     served.unwrap_or_else(|| fault_reply(class, 500, None, None, None))
                 }
-                FaultKind::Hang | FaultKind::Latency { .. } => {
+                // Served (a session opened, a message deleted), and the answer held back: what
+                // a client whose request landed but whose answer was slow or lost sees.
+                FaultKind::Latency { ms } => {
+                    fault_note.push(format!("handled, then latency {ms}ms"));
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    served.unwrap_or_else(|| Reply::status(500))
+                }
+                FaultKind::Hang => {
                     fault_note.push(format!("{first}hang"));
                     hang = true;
                     Reply::status(0)
@@ -488,7 +499,7 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
     // the serving order says whose session was open when.
     let (at_ms, arrival) = if let Some(id) = reply.opened {
         attr = Attribution { session: Some(id), owner: body_owner.clone(), zombie: false };
-        sh.arrive()
+        served_stamp.unwrap_or_else(|| sh.arrive())
     } else {
         (at_ms, arrival)
     };
