@@ -32,7 +32,7 @@ use crate::runners::Runners;
 use crate::sim::{SimGitHub, SimRunners};
 use arcfed_agent_core::holder::{
     Action, CoordOp, CreateOutcome, GitHubOp, Holder, HolderConfig, Input, Note, Phase as HolderPhase, PollOutcome,
-    ReleaseReason,
+    ReleaseReason, resume_on_grant,
 };
 use arcfed_agent_core::link::{FenceView, Link, LinkAction, LinkConfig, LinkEvent};
 use arcfed_agent_core::scaler::{Patch, Scaler};
@@ -1167,10 +1167,13 @@ impl Driver {
                     // polled a deleted session's queue token under a new token).
                     let kept = self.held_before_fallback.take().filter(|(t, _)| *t == g.token).map(|(_, s)| s);
                     let adopted = self.adopted.take();
-                    // Whichever candidate is the session we have open: the adopted one first
-                    // (a fallback that deleted the pre-loss session and won a new one keeps
-                    // the new one; taking `kept` first forgot it and met it with 409s).
-                    let resume = [adopted, kept].into_iter().flatten().find(|id| open.as_ref() == Some(id));
+                    let resume = resume_on_grant(
+                        open.as_deref(),
+                        adopted,
+                        kept,
+                        (!g.session_id.is_empty()).then_some(g.session_id.as_str()),
+                        &g.stale_sessions,
+                    );
                     if resume.is_none() && self.holder.token.is_none() {
                         self.session = None;
                     }

@@ -954,6 +954,32 @@ impl Holder {
     }
 }
 
+/// Which session a Grant resumes (`Input::Granted::resume`): the session this agent has
+/// `open`, if it is one of the candidates, else none (a new one is opened).
+/// - `adopted`: its fallback session, whose Adopt was answered "committed";
+/// - `kept`: the session it held under the same token before a quorum loss;
+/// - `current`: the group's committed session as the Grant states it — an Adopt that was
+///   committed but whose answer never came (safety review M3.1) still resumes the adopted
+///   session, which, being the group's current session, nobody would delete otherwise;
+/// - never a session the Grant lists as stale.
+///
+/// The adopted one is preferred over `kept` (a fallback that deleted the pre-loss session and
+/// won a new one keeps the new one; taking `kept` first forgot it and met it with 409s).
+pub fn resume_on_grant(
+    open: Option<&str>,
+    adopted: Option<String>,
+    kept: Option<String>,
+    current: Option<&str>,
+    stale: &[String],
+) -> Option<String> {
+    let open = open?;
+    [adopted.as_deref(), kept.as_deref(), current]
+        .into_iter()
+        .flatten()
+        .find(|id| *id == open && !stale.iter().any(|s| s == id))
+        .map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1231,6 +1257,27 @@ mod tests {
             }
         }
         assert!(released && now >= 15_000, "released={released} at {now}");
+    }
+
+    #[test]
+    fn a_grant_resumes_only_the_open_session_it_names_or_was_told_of() {
+        let s = |x: &str| Some(x.to_string());
+        let none: &[String] = &[];
+        // An Adopt answered "committed", or the pre-loss session kept under the same token.
+        assert_eq!(resume_on_grant(Some("f1"), s("f1"), None, None, none), s("f1"));
+        assert_eq!(resume_on_grant(Some("p1"), None, s("p1"), Some("p1"), none), s("p1"));
+        // M3.1: the Adopt was committed but its answer never came; the Grant names the session.
+        assert_eq!(resume_on_grant(Some("f1"), None, None, Some("f1"), none), s("f1"));
+        // The group's session is someone else's (a predecessor's): never resumed.
+        assert_eq!(resume_on_grant(Some("mine"), None, None, Some("theirs"), none), None);
+        // A stale session is never resumed, whoever names it.
+        let stale = vec!["f1".to_string()];
+        assert_eq!(resume_on_grant(Some("f1"), None, None, Some("f1"), &stale), None);
+        assert_eq!(resume_on_grant(Some("f1"), s("f1"), None, None, &stale), None);
+        // Nothing open: nothing to resume.
+        assert_eq!(resume_on_grant(None, s("f1"), s("p1"), Some("f1"), none), None);
+        // The adopted session wins over a kept one that is not open any more.
+        assert_eq!(resume_on_grant(Some("f2"), s("f2"), s("p1"), Some("f2"), none), s("f2"));
     }
 
     /// Safety review L4: acks refused by the fence (the quorum is away) are not a local

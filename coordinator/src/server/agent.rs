@@ -703,6 +703,7 @@ impl Push {
                     stale_sessions: g.stale_sessions.iter().cloned().collect(),
                     last_acked_message_id: g.last_acked_message_id,
                     ack: None,
+                    session_id: g.session_id.clone().unwrap_or_default(),
                 }));
             }
             if let Some(h) = &g.handover
