@@ -19,6 +19,12 @@ Each check prints `FAIL <file> [<object>]: <reason>` and the run exits non-zero 
   values      ARC chart values against ARC's AutoscalingRunnerSet CRD
   listener    the sample listener config against ARC's rules (reference §5.1)
   flags       the README's configuration table matches the binaries' --help (when built)
+  helm        the chart deploy/helm/arcfed (with --helm): `helm lint --strict` and `helm template`
+              of every example values file, each render checked like a kustomize render
+              (namespaces, schemas, semantics, agent settings), the renders EQUIVALENT to the
+              kustomize renders they stand for, and values that must fail do fail
+  images      every reference to the arcfed image in deploy/ names one repository (and one tag,
+              the chart's appVersion)
 """
 
 from __future__ import annotations
@@ -107,16 +113,22 @@ DOCUMENTED_NAMESPACES = [("coordinator", "arcfed-system"), ("arc/agent", "arc-sy
                          ("arc/admission", None)]
 
 
-def check_namespaces(d: Path, objs: list[dict]) -> None:
-    r = str(d.relative_to(DEPLOY))
-    want = next((ns for p, ns in sorted(DOCUMENTED_NAMESPACES, key=lambda x: -len(x[0]))
-                 if r == p or r.startswith(p + "/")), None)
+_DOCUMENTED = object()
+
+
+def check_namespaces(d: Path, objs: list[dict], want=_DOCUMENTED, why: str = "deploy/README.md says") -> None:
+    """`want`: the namespace every namespaced object must name; by default the one
+    DOCUMENTED_NAMESPACES gives the directory `d` (None: only cluster-scoped objects)."""
+    if want is _DOCUMENTED:
+        r = str(d.relative_to(DEPLOY))
+        want = next((ns for p, ns in sorted(DOCUMENTED_NAMESPACES, key=lambda x: -len(x[0]))
+                     if r == p or r.startswith(p + "/")), None)
     for o in objs:
         if o.get("kind") in CLUSTER_SCOPED:
             continue
         ns = (o.get("metadata") or {}).get("namespace")
         if want is None or ns != want:
-            fail(f"{rel(d)} {objname(o)}", f"namespace {ns!r}, deploy/README.md says {want!r}")
+            fail(f"{rel(d)} {objname(o)}", f"namespace {ns!r}, {why} {want!r}")
         else:
             ok()
 
@@ -149,8 +161,8 @@ def referenced_files() -> set[Path]:
 
 def check_every_manifest_in_a_kustomization() -> None:
     refs = referenced_files()
-    # Not Kubernetes manifests: Helm values, compose, CI data.
-    skip = [DEPLOY / "ci", DEPLOY / "compose", DEPLOY / "arc" / "values", DEPLOY / "examples"]
+    # Not Kubernetes manifests: Helm values, compose, CI data, the chart (checked by check_helm).
+    skip = [DEPLOY / "ci", DEPLOY / "compose", DEPLOY / "arc" / "values", DEPLOY / "examples", DEPLOY / "helm"]
     for f in sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml")):
         if f.name == "kustomization.yaml" or any(f.is_relative_to(s) for s in skip):
             continue
@@ -1037,6 +1049,388 @@ def check_flags(bindir: Path | None, write: bool) -> None:
         ok()
 
 
+# ---------------------------------------------------------------- helm chart
+
+CHART = DEPLOY / "helm" / "arcfed"
+HELM_EXAMPLES = DEPLOY / "helm" / "examples"
+# The floor of Chart.yaml's kubeVersion. Offline, `helm template` assumes the Kubernetes version
+# of its client libraries (v1.20 in a helm built without version stamping, as tests/peers builds
+# it), which the chart refuses; so it is told which version to render for.
+HELM_KUBE_VERSION = "1.31.0"
+# The namespace an example installs into, by its file name (deploy/README.md, "Install with Helm").
+HELM_EXAMPLE_NAMESPACES = {"quorum-": "arcfed-system", "agent-": "arc-systems"}
+HELM_REQUIRED_EXAMPLES = {"quorum-lan-3.yaml", "quorum-lan-5.yaml", "quorum-wan-region-a.yaml", "agent-region-a.yaml"}
+# Labels only one of the two install methods sets (kustomize puts part-of on its bases' objects
+# only, Helm its own labels on all): the equivalence leaves them out.
+INSTALLER_LABELS = {"app.kubernetes.io/part-of", "app.kubernetes.io/managed-by", "app.kubernetes.io/instance",
+                    "helm.sh/chart"}
+# The equivalence renders the chart into a namespace no kustomization uses, so a namespace
+# written into the chart instead of .Release.Namespace shows up as a difference.
+EQUIV_NAMESPACE = "arcfed-equiv"
+# (example values file or None, more values, the kustomization it stands for, components added
+# to that kustomization, the kustomization's namespace)
+HELM_EQUIVALENCES = [
+    ("quorum-lan-3.yaml", {"coordinator": {"selfSignedCA": True}}, "coordinator/overlays/lan-3",
+     ["coordinator/components/selfsigned-ca"], "arcfed-system"),
+    ("quorum-lan-5.yaml", {}, "coordinator/overlays/lan-5", [], "arcfed-system"),
+    ("quorum-wan-region-a.yaml", {}, "coordinator/overlays/wan-3-regions/region-a", [], "arcfed-system"),
+    ("agent-region-a.yaml", {}, "arc/agent/overlays/region-a", [], "arc-systems"),
+    (None, {"admission": {"enabled": True}}, "arc/admission", [], None),
+]
+# Values the chart must refuse, and words its error must contain.
+HELM_MUST_FAIL = [
+    ("agent without a cluster", {"agent": {"enabled": True, "coordinators": "arcfed-coordinator.arcfed-system.svc:7000"}},
+     "agent.cluster is required"),
+    ("agent without coordinators", {"agent": {"enabled": True, "cluster": "region-a"}}, "agent.coordinators is required"),
+    ("voters with a gap [1, 3]", {"coordinator": {"enabled": True, "voters": [1, 3]}}, "contiguous and ascending"),
+    ("voters descending [3, 2]", {"coordinator": {"enabled": True, "voters": [3, 2]}}, "contiguous and ascending"),
+    ("voter id 0", {"coordinator": {"enabled": True, "voters": [0, 1, 2]}}, "must be >= 1"),
+    ("a local voter missing from peers", {"coordinator": {"enabled": True, "voters": [4],
+     "peers": "1=a.example:7000,2=b.example:7000,3=c.example:7000"}}, "lacks voter 4"),
+    ("profile metro", {"coordinator": {"enabled": True, "profile": "metro"}}, "must be lan or wan"),
+    ("extraEnv overriding ARCFED_PEER", {"coordinator": {"enabled": True, "extraEnv": {"ARCFED_PEER": "1=x:7000"}}},
+     "set by its own value"),
+    ("a misspelt key coordinator.voter (values.schema.json)", {"coordinator": {"enabled": True, "voter": [1]}},
+     "additional properties 'voter' not allowed"),
+]
+
+
+def helm_run(helm: str, args: list[str], extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`helm ARGS [-f <extra as a values file>]`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as t:
+        if extra:
+            f = Path(t) / "extra-values.yaml"
+            f.write_text(yaml.safe_dump(extra))
+            args = [*args, "-f", str(f)]
+        return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
+
+
+def helm_template(helm: str, where: str, namespace: str, values: Path | None, extra: dict | None = None) -> list[dict] | None:
+    args = ["template", "arcfed", str(CHART), "--namespace", namespace, "--kube-version", HELM_KUBE_VERSION]
+    if values is not None:
+        args += ["-f", str(values)]
+    r = helm_run(helm, args, extra)
+    if r.returncode != 0:
+        fail(where, "helm template failed: " + r.stderr.strip()[-600:])
+        return None
+    ok()
+    return [o for o in yaml.safe_load_all(r.stdout) if o]
+
+
+def render_with_components(kubectl: str, d: Path, components: list[Path], namespace: str | None) -> list[dict] | None:
+    """`kubectl kustomize` of `d` with more components (an overlay made in a temporary directory;
+    kustomize wants relative paths)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as t:
+        k = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+             "resources": [os.path.relpath(d, t)], "components": [os.path.relpath(c, t) for c in components]}
+        if namespace:
+            k["namespace"] = namespace
+        (Path(t) / "kustomization.yaml").write_text(yaml.safe_dump(k))
+        r = subprocess.run([kubectl, "kustomize", t], capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"{rel(d)} + {', '.join(rel(c) for c in components)}", "kubectl kustomize failed: " + r.stderr.strip())
+        return None
+    ok()
+    return [o for o in yaml.safe_load_all(r.stdout) if o]
+
+
+def kustomize_hash_renames(objs: list[dict]) -> dict[str, str]:
+    """Generated ConfigMaps/Secrets that kustomize named <generator>-<hash>: {hashed: generator}."""
+    gens = set()
+    for k in DEPLOY.rglob("kustomization.yaml"):
+        doc = yaml.safe_load(k.read_text()) or {}
+        for g in (doc.get("configMapGenerator") or []) + (doc.get("secretGenerator") or []):
+            gens.add(g["name"])
+    out = {}
+    for o in objs:
+        if o["kind"] in ("ConfigMap", "Secret"):
+            n = o["metadata"]["name"]
+            m = re.match(r"^(.+)-[a-z0-9]{10}$", n)
+            if m and m.group(1) in gens:
+                out[n] = m.group(1)
+    return out
+
+
+def comparable(o: dict, namespace: str | None, renames: dict[str, str]) -> dict:
+    """An object as the equivalence compares it: every string with the namespace replaced by
+    <namespace> and kustomize's hashed names by the generator's; blank lines inside a string
+    dropped (kustomize re-emits a folded `>-` scalar with more-indented lines, such as the
+    admission policy's CEL, with an extra blank line after each break before them); metadata
+    reduced to name, labels (without INSTALLER_LABELS) and annotations; the chart's checksum
+    annotation dropped; a Service's implicit type ClusterIP made explicit."""
+    pat = re.compile(rf"(?<![A-Za-z0-9-]){re.escape(namespace)}(?![A-Za-z0-9-])") if namespace else None
+
+    def sub(v):
+        if isinstance(v, dict):
+            return {k: sub(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [sub(x) for x in v]
+        if isinstance(v, str):
+            v = re.sub(r"\n[ \t]*\n", "\n", renames.get(v, v))
+            return pat.sub("<namespace>", v) if pat else v
+        return v
+
+    o = sub(copy.deepcopy(o))
+    m = o.get("metadata") or {}
+    meta = {"name": m.get("name")}
+    labels = {k: v for k, v in (m.get("labels") or {}).items() if k not in INSTALLER_LABELS}
+    if labels:
+        meta["labels"] = labels
+    if m.get("annotations"):
+        meta["annotations"] = m["annotations"]
+    o["metadata"] = meta
+    if o.get("kind") == "StatefulSet":
+        tm = o.get("spec", {}).get("template", {}).get("metadata") or {}
+        ann = dict(tm.get("annotations") or {})
+        ann.pop("checksum/config", None)
+        if ann:
+            tm["annotations"] = ann
+        else:
+            tm.pop("annotations", None)
+    if o.get("kind") == "Service":
+        o.setdefault("spec", {}).setdefault("type", "ClusterIP")
+    return o
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def diff_paths(a, b, path: str = "") -> list[str]:
+    """Where `a` (kustomize) and `b` (the chart) differ, as paths."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            p = f"{path}.{k}" if path else str(k)
+            if k not in b:
+                out.append(f"{p} only in kustomize ({_short(a[k])})")
+            elif k not in a:
+                out.append(f"{p} only in the chart ({_short(b[k])})")
+            else:
+                out += diff_paths(a[k], b[k], p)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            out += diff_paths(x, y, f"{path}[{i}]")
+        return out
+    return [] if a == b else [f"{path or '(root)'}: kustomize {_short(a)}, chart {_short(b)}"]
+
+
+def check_helm_equivalence(helm: str, kubectl: str, renders: dict[Path, list[dict]]) -> None:
+    """The chart renders what kustomize renders: the same (kind, name) set and, object by
+    object, the same content after `comparable` (env names and values, certificate URIs and DNS
+    names, Service ports and selectors, ConfigMap data, ...). Kustomize's Namespace object is
+    left out: Helm does not own the release namespace (`helm install -n NS` installs into it)."""
+    for values, extra, kdir, comps, ns in HELM_EQUIVALENCES:
+        kd = DEPLOY / kdir
+        vf = HELM_EXAMPLES / values if values else None
+        more = ", ".join(f"{k}.{kk}={json.dumps(vv)}" for k, v in extra.items() for kk, vv in v.items())
+        label = " + ".join(x for x in (rel(vf) if vf else "", more) if x)
+        kname = " + ".join([rel(kd), *(rel(DEPLOY / c) for c in comps)])
+        where = f"helm equivalence [{label}] vs [{kname}]"
+        if comps:
+            kobjs = render_with_components(kubectl, kd, [DEPLOY / c for c in comps], ns)
+        else:
+            kobjs = renders.get(kd)
+        hobjs = helm_template(helm, where, EQUIV_NAMESPACE if ns else "default", vf, extra)
+        if kobjs is None or hobjs is None:
+            fail(where, "one side did not render; nothing compared")
+            continue
+        dropped = [objname(o) for o in kobjs if o["kind"] == "Namespace"]
+        kobjs = [o for o in kobjs if o["kind"] != "Namespace"]
+        renames = kustomize_hash_renames(kobjs)
+        kmap, hmap = {}, {}
+        for side, objs, nsname, ren, m in (("kustomize", kobjs, ns, renames, kmap),
+                                           ("chart", hobjs, EQUIV_NAMESPACE, {}, hmap)):
+            for o in objs:
+                c = comparable(o, nsname, ren)
+                key = (c["kind"], c["metadata"]["name"])
+                if key in m:
+                    fail(where, f"{side} renders {key[0]}/{key[1]} twice")
+                m[key] = c
+        for k in sorted(kmap.keys() - hmap.keys()):
+            fail(where, f"{k[0]}/{k[1]} is rendered by kustomize but not by the chart")
+        for k in sorted(hmap.keys() - kmap.keys()):
+            fail(where, f"{k[0]}/{k[1]} is rendered by the chart but not by kustomize")
+        same = 0
+        for k in sorted(kmap.keys() & hmap.keys()):
+            d = diff_paths(kmap[k], hmap[k])
+            if d:
+                fail(f"{where} {k[0]}/{k[1]}", "differs: " + "; ".join(d[:6]) + (f"; ... {len(d) - 6} more" if len(d) > 6 else ""))
+            else:
+                same += 1
+                ok()
+        note = f"; not compared: {', '.join(dropped)} (Helm does not own the release namespace)" if dropped else ""
+        print(f"   [{label}] = [{kname}]: {same} of {len(kmap)} objects equal{note}")
+
+
+def check_helm(helm: str, kubectl: str, schemas: "Schemas", renders: dict[Path, list[dict]]) -> dict[Path, list[dict]]:
+    r = subprocess.run([helm, "version", "--short"], capture_output=True, text=True)
+    print(f"   helm {r.stdout.strip() or r.stderr.strip()} ({helm})")
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    if chart.get("apiVersion") != "v2" or chart.get("name") != "arcfed":
+        fail(rel(CHART / "Chart.yaml"), "must be apiVersion v2, name arcfed")
+    examples = sorted(HELM_EXAMPLES.glob("*.yaml"))
+    for n in sorted(HELM_REQUIRED_EXAMPLES - {f.name for f in examples}):
+        fail(rel(HELM_EXAMPLES), f"example {n} is missing")
+    # Lint: the defaults (nothing enabled) and every example, warnings are failures.
+    for f in [None, *examples]:
+        args = ["lint", "--strict", str(CHART), "--kube-version", HELM_KUBE_VERSION]
+        if f is not None:
+            args += ["-f", str(f)]
+        r = helm_run(helm, args)
+        if r.returncode != 0:
+            out = "\n".join(l for l in (r.stdout + r.stderr).splitlines() if "[INFO]" not in l)
+            fail(f"{rel(CHART)} lint --strict{' -f ' + rel(f) if f else ''}", out.strip()[-800:])
+        else:
+            ok()
+    values_file = DEPLOY / "arc" / "values" / "gha-runner-scale-set.yaml"
+    listener_tpl = (yaml.safe_load(values_file.read_text()) or {}).get("listenerTemplate", {})
+    out: dict[Path, list[dict]] = {}
+    for f in examples:
+        ns = next((v for p, v in HELM_EXAMPLE_NAMESPACES.items() if f.name.startswith(p)), None)
+        if ns is None:
+            fail(rel(f), f"no documented namespace for this example: name it {' or '.join(p + '*' for p in HELM_EXAMPLE_NAMESPACES)}")
+            continue
+        objs = helm_template(helm, rel(f), ns, f)
+        if objs is None:
+            continue
+        out[f] = objs
+        print(f"   {rel(f)}: {len(objs)} objects (helm template -n {ns})")
+        if not objs:
+            fail(rel(f), "renders nothing: enable a role")
+        check_namespaces(f, objs, ns, "helm template -n")
+        for o in objs:
+            w = f"{rel(f)} {objname(o)}"
+            schemas.check(o, w)
+            labels = (o.get("metadata") or {}).get("labels") or {}
+            want = {"app.kubernetes.io/part-of": "arcfed", "app.kubernetes.io/managed-by": "Helm",
+                    "helm.sh/chart": f"arcfed-{chart.get('version')}"}
+            bad = {k: labels.get(k) for k, v in want.items() if labels.get(k) != v}
+            if bad:
+                fail(w, f"labels {bad}, want {want}")
+            else:
+                ok()
+        check_render_semantics(f, objs)
+        for cm in (o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "arcfed-agent"):
+            check_agent_env(rel(f), cm.get("data") or {})
+            cert = next((o for o in objs if o["kind"] == "Certificate" and o["metadata"]["name"] == "arcfed-agent"), None)
+            cluster = (cm.get("data") or {}).get("ARCFED_CLUSTER")
+            if cert is None or cert["spec"].get("uris") != [f"spiffe://arcfed/agent/{cluster}"]:
+                fail(rel(f), f"agent certificate must carry exactly spiffe://arcfed/agent/{cluster}")
+            else:
+                ok()
+            # ARC's listenerTemplate names ConfigMap arcfed-agent and Secret arcfed-agent-tls literally.
+            check_listener_template(listener_tpl, f"{rel(values_file)} with {rel(f)}", objs)
+    print("   values the chart must refuse:")
+    for what, values, words in HELM_MUST_FAIL:
+        r = helm_run(helm, ["template", "arcfed", str(CHART), "--namespace", "arcfed-system",
+                            "--kube-version", HELM_KUBE_VERSION], values)
+        if r.returncode == 0:
+            fail(f"{rel(CHART)} must refuse {what}", f"helm template succeeded with {_short(values)}")
+        elif words not in r.stderr:
+            fail(f"{rel(CHART)} must refuse {what}", f"failed, but without {words!r}: {r.stderr.strip()[-300:]}")
+        else:
+            msg = next(l for l in r.stderr.splitlines() if words in l)
+            print(f"     refused, as it must: {what}: ...{msg[msg.find(words):][:100]}")
+            ok()
+    check_helm_equivalence(helm, kubectl, renders)
+    return out
+
+
+# ---------------------------------------------------------------- one image
+
+
+# Images deploy/ names that are not arcfed's, and why.
+FOREIGN_IMAGES = {"ghcr.io/actions/actions-runner": "ARC's runner image (the `runner` container)"}
+
+
+def split_image(ref: str) -> tuple[str, str | None, str | None]:
+    digest = None
+    if "@" in ref:
+        ref, digest = ref.split("@", 1)
+    tag = None
+    if ":" in ref.rsplit("/", 1)[-1]:
+        ref, tag = ref.rsplit(":", 1)
+    return ref, tag, digest
+
+
+def _image_values(v, path: str):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k == "image" and isinstance(x, str):
+                yield f"{path}.image" if path else "image", x
+            else:
+                yield from _image_values(x, f"{path}.{k}" if path else str(k))
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            yield from _image_values(x, f"{path}[{i}]")
+
+
+def check_images(renders: dict[Path, list[dict]], helm_renders: dict[Path, list[dict]]) -> None:
+    """Every reference to the arcfed image in deploy/ names the same repository, and every
+    pinned tag is the chart's appVersion: kustomize `images:`, the chart's image.repository
+    (and any example's), every `image:` in deploy/'s YAML (the listenerTemplate of ARC's values,
+    the scale-set base, examples/arcfedctl-pod.yaml, ...) and every image the kustomize and helm
+    renders run. Not covered: comments (the Dockerfile's build example) and compose, which
+    builds a local arcfed:dev."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    app = str(chart.get("appVersion"))
+    refs: list[tuple[str, str]] = []
+    placeholders = set()
+    for k in sorted(DEPLOY.rglob("kustomization.yaml")):
+        for im in (yaml.safe_load(k.read_text()) or {}).get("images") or []:
+            placeholders.add(im["name"])
+            if im.get("newName"):
+                refs.append((f"{rel(k)} images[{im['name']}]", im["newName"] + (f":{im['newTag']}" if im.get("newTag") else "")))
+    vals = yaml.safe_load((CHART / "values.yaml").read_text()) or {}
+    img = vals.get("image") or {}
+    refs.append((f"{rel(CHART / 'values.yaml')} image", f"{img.get('repository')}:{img.get('tag') or app}"))
+    for f in sorted(HELM_EXAMPLES.glob("*.yaml")):
+        img = (yaml.safe_load(f.read_text()) or {}).get("image") or {}
+        if img.get("repository") or img.get("tag"):
+            refs.append((f"{rel(f)} image", f"{img.get('repository') or vals['image']['repository']}:{img.get('tag') or app}"))
+    skip = [DEPLOY / "ci", DEPLOY / "compose", CHART]
+    for f in sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml")):
+        if any(f.is_relative_to(s) for s in skip) or f.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(f.read_text()):
+            for path, ref in _image_values(doc, ""):
+                if ref not in placeholders:
+                    refs.append((f"{rel(f)} {path}", ref))
+    for src, rs in (("kustomize", renders), ("helm", helm_renders)):
+        for d, objs in rs.items():
+            for o in objs:
+                for ps in pod_specs(o):
+                    for c in ps.get("containers", []) + ps.get("initContainers", []):
+                        refs.append((f"{rel(d)} ({src} render) {objname(o)} container {c['name']}", c.get("image", "")))
+    repos: dict[str, list[str]] = {}
+    tags: dict[str, list[str]] = {}
+    for where, ref in refs:
+        repo, tag, digest = split_image(ref)
+        if repo in FOREIGN_IMAGES:
+            continue
+        repos.setdefault(repo, []).append(where)
+        if tag is not None:
+            tags.setdefault(tag, []).append(where)
+    if len(repos) != 1:
+        fail("deploy/ images", "the arcfed image is named by more than one repository: " +
+             "; ".join(f"{r} ({', '.join(w[:3])}{' ...' if len(w) > 3 else ''})" for r, w in sorted(repos.items())))
+    else:
+        ok()
+    for t, w in sorted(tags.items()):
+        if t != app:
+            fail("deploy/ images", f"tag {t} is not the chart's appVersion {app}: {', '.join(w[:4])}")
+    n = sum(len(w) for w in repos.values())
+    print(f"   {n} references: {', '.join(sorted(repos))}; tags {', '.join(sorted(tags)) or '(none)'}")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1047,6 +1441,8 @@ def main() -> int:
     ap.add_argument("--bin-dir", default=os.environ.get("ARCFED_BIN_DIR"))
     ap.add_argument("--write-flags", action="store_true")
     ap.add_argument("--scraped", help="JSON of `metrics-scrape --format json` (the binaries' real /metrics)")
+    ap.add_argument("--helm", default=os.environ.get("HELM") or None,
+                    help="a helm binary (v3+) for the chart checks; without one they are skipped, or fail with CI=true")
     args = ap.parse_args()
 
     bindir = Path(args.bin_dir) if args.bin_dir else None
@@ -1088,6 +1484,20 @@ def main() -> int:
 
     print("== admission: CEL on sample requests")
     check_admission(renders)
+
+    print("== helm: deploy/helm/arcfed lint, example renders, refused values, equivalence with kustomize")
+    helm_renders: dict[Path, list[dict]] = {}
+    if args.helm:
+        helm_renders = check_helm(args.helm, args.kubectl, schemas, renders)
+    elif os.environ.get("CI") == "true":
+        fail(rel(CHART), "no helm binary, and CI=true requires the chart checks: build it with "
+             "`bash tests/peers/build.sh` (Go >= 1.26; it lands in ~/.cache/arcfed/peers/helm) or set HELM=/path/to/helm")
+    else:
+        print("SKIP helm: *** NO helm BINARY: deploy/helm/arcfed IS NOT CHECKED *** (set HELM=/path/to/helm or "
+              "run `bash tests/peers/build.sh`; with CI=true this is a failure)")
+
+    print("== images: one arcfed image repository (and tag) across deploy/")
+    check_images(renders, helm_renders)
 
     global SOURCE_METRICS
     SOURCE_METRICS = exported_metrics(strict=not args.scraped)

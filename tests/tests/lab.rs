@@ -38,6 +38,9 @@ async fn install_check_passes_against_a_real_api_server() {
     // It looked at everything deploy/ has, not at an empty set.
     assert!(report.kustomizations >= 15 && report.namespaced_objects >= 100, "{report:?}");
     assert!(report.admission.len() >= 10 && report.admission.iter().any(|a| a.got == "deny"));
+    // Our Helm chart, installed for real: both releases are listed as deployed.
+    let list = report.arcfed_chart.last().map(|h| h.detail.clone()).unwrap_or_default();
+    assert!(list.contains("arcfed-agent") && list.contains("deployed"), "{list}");
 }
 
 /// The seed problem, measured with ARC's own listener, and the same world with arcfed's agent.

@@ -13,6 +13,10 @@
 //!    API server, which evaluates deploy/arc/admission itself; allowed or denied as stated.
 //! 4. **ARC's chart with our values.** `helm template` of ARC's scale-set chart with
 //!    deploy/arc/values, server-side dry run: ARC's CRD schema accepts what we render.
+//! 5. **Our chart, installed.** `helm upgrade --install` of deploy/helm/arcfed with the quorum
+//!    and agent examples into namespaces of their own (the kustomize install owns the documented
+//!    ones), and its admission policy rendered and dry-run on the server (the kustomize install
+//!    owns that cluster-scoped name).
 
 use crate::lab::cluster::{Cluster, run, tail};
 use crate::lab::peers::{ARC_VERSION, Peers};
@@ -91,6 +95,22 @@ pub struct ChartResult {
     pub detail: String,
 }
 
+/// One `helm` command of step 5 (deploy/helm/arcfed).
+#[derive(Debug, Serialize)]
+pub struct HelmResult {
+    pub command: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Step 5's commands, run from a directory where `deploy/` is this repository's.
+pub const CHART_COMMANDS: &[&str] = &[
+    "helm upgrade --install arcfed deploy/helm/arcfed -n arcfed-chart --create-namespace -f deploy/helm/examples/quorum-lan-3.yaml --set coordinator.selfSignedCA=true --wait=false",
+    "helm upgrade --install arcfed-agent deploy/helm/arcfed -n arc-chart-agent --create-namespace -f deploy/helm/examples/agent-region-a.yaml --wait=false",
+    "helm template arcfed-admission deploy/helm/arcfed -n arc-chart-agent --set admission.enabled=true --kube-version 1.31.0 > admission.yaml && kubectl apply --dry-run=server -f admission.yaml",
+    "helm list -A",
+];
+
 #[derive(Debug, Serialize)]
 pub struct InstallReport {
     pub passed: bool,
@@ -102,6 +122,8 @@ pub struct InstallReport {
     pub dry_runs: Vec<DryRun>,
     pub admission: Vec<AdmissionResult>,
     pub arc_chart: Vec<ChartResult>,
+    /// Step 5: deploy/helm/arcfed installed with helm.
+    pub arcfed_chart: Vec<HelmResult>,
 }
 
 /// The repository root (tests/ is one level below it).
@@ -352,11 +374,26 @@ pub async fn install_check(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::R
         detail: chart.map(|o| tail(o.trim(), 4)).unwrap_or_else(|e| format!("{e:#}")),
     }];
 
+    // 5. Our chart, installed with helm (its own namespaces: the documented install above owns
+    //    the documented ones, and helm never adopts objects it did not create).
+    let arcfed_chart: Vec<HelmResult> = CHART_COMMANDS
+        .iter()
+        .map(|cmd| {
+            let r = sh.sh(cmd);
+            HelmResult {
+                command: cmd.to_string(),
+                ok: r.is_ok(),
+                detail: r.map(|o| tail(o.trim(), 4)).unwrap_or_else(|e| format!("{e:#}")),
+            }
+        })
+        .collect();
+
     let passed = steps.iter().all(|s| s.ok)
         && misplaced.is_empty()
         && dry_runs.iter().all(|d| d.ok)
         && admission.iter().all(|a| a.ok)
-        && arc_chart.iter().all(|a| a.ok);
+        && arc_chart.iter().all(|a| a.ok)
+        && arcfed_chart.iter().all(|a| a.ok);
     Ok(InstallReport {
         passed,
         kube_apiserver,
@@ -367,6 +404,7 @@ pub async fn install_check(peers: &Peers, c: &Cluster, work: &Path) -> anyhow::R
         dry_runs,
         admission,
         arc_chart,
+        arcfed_chart,
     })
 }
 
