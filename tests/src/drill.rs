@@ -964,6 +964,25 @@ async fn finish(
         }
     }
     let mut invariants = check_invariants(ss, &history, messages_lost, messages_stranded);
+    // DESIGN §6.3 itself: a federated holder acks a message only after the quorum accepted
+    // its Progress. Acks carry their sender's token (`X-Arcfed-Owner`); the quorum's status
+    // history says when its last acked id moved.
+    let (emu_now, inst_now) = (sb.emu.now_ms(), Instant::now());
+    let samples: Vec<(u64, i64)> = history
+        .iter()
+        .map(|s| (emu_now.saturating_sub(inst_now.duration_since(s.at).as_millis() as u64), s.last_acked))
+        .collect();
+    let final_acked = sb.status().await.ok().and_then(|s| s.groups.first().map(|g| g.last_acked_message_id));
+    let bad = acks_without_progress(&federated_acks(&timeline), &samples, final_acked, 1_000);
+    invariants.push(InvariantCheck {
+        name: "acks only after an accepted Progress (federated acks vs the quorum's last acked id)",
+        ok: bad.is_empty(),
+        detail: if bad.is_empty() {
+            format!("{} federated acks, {} status readings", federated_acks(&timeline).len(), samples.len())
+        } else {
+            bad.join("; ")
+        },
+    });
     invariants.push(InvariantCheck {
         name: "every enqueued job ran (or was cancelled by GitHub) after settle",
         ok: jobs_unfinished == 0,
@@ -1029,6 +1048,43 @@ async fn finish(
         faults,
         invariants,
     })
+}
+
+/// (arrival ms, message id) of every successful ack a fenced holder sent (its `X-Arcfed-Owner`
+/// names a quorum token; a fallback holder's acks name none).
+pub fn federated_acks(timeline: &[crate::emulator::Event]) -> Vec<(u64, i64)> {
+    timeline
+        .iter()
+        .filter(|e| e.class == PathClass::Ack && (200..300).contains(&e.status))
+        .filter(|e| e.sender.as_deref().and_then(owner_token).is_some())
+        .filter_map(|e| Some((e.at_ms, e.path.rsplit('/').next()?.parse().ok()?)))
+        .collect()
+}
+
+/// Safety review M5.3: acks GitHub received before the quorum had accepted their Progress.
+/// `samples` are (ms, the quorum's last acked id) readings on the same clock as the acks. A
+/// reading taken `slack_ms` or more after an ack of message M that still shows a last acked id
+/// below M proves the ack came first (the id only grows); so does a final reading below the
+/// highest acked id. Readings are sparse, so this misses some violations; it never invents one.
+pub fn acks_without_progress(
+    acks: &[(u64, i64)],
+    samples: &[(u64, i64)],
+    final_last_acked: Option<i64>,
+    slack_ms: u64,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for &(t, m) in acks {
+        if let Some(&(ts, la)) = samples.iter().find(|(ts, la)| *ts >= t + slack_ms && *la < m) {
+            out.push(format!("message {m} acked at {t} ms while the quorum's last acked id was {la} at {ts} ms"));
+        }
+    }
+    if let (Some(f), Some(&(t, m))) = (final_last_acked, acks.iter().max_by_key(|(_, m)| *m))
+        && m > f
+    {
+        out.push(format!("message {m} acked at {t} ms; the quorum's last acked id ends at {f}"));
+    }
+    out.truncate(5);
+    out
 }
 
 /// Stops the workload, waits (with a deadline) until every enqueued job has finished, and
@@ -1214,6 +1270,22 @@ mod tests {
         let s = Summary::of([300, 100, 200]).expect("summary");
         assert_eq!((s.p50, s.p99, s.max), (200, 300, 300));
         assert!(Summary::of([]).is_none());
+    }
+
+    #[test]
+    fn an_ack_the_quorum_had_not_accepted_is_found_and_sparse_readings_invent_nothing() {
+        // Progress of 7 accepted at ~100 ms, its ack at 150 ms: readings before and after agree.
+        let samples = [(50, 6), (120, 7), (2_000, 9)];
+        assert!(acks_without_progress(&[(150, 7), (1_900, 9)], &samples, Some(9), 1_000).is_empty());
+        // A reading 1 s after the ack of 8 still says 7: the ack came first.
+        let bad = acks_without_progress(&[(150, 7), (500, 8)], &[(50, 6), (120, 7), (1_600, 7)], Some(8), 1_000);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(bad[0].contains("message 8"), "{bad:?}");
+        // No reading after it, but the quorum's final id never reached it.
+        let bad = acks_without_progress(&[(150, 7), (500, 8)], &[(120, 7)], Some(7), 1_000);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        // A reading within the slack proves nothing (a follower may lag).
+        assert!(acks_without_progress(&[(500, 8)], &[(900, 7)], Some(8), 1_000).is_empty());
     }
 
     /// The sender-attributed check fails on a late request, whatever else holds.

@@ -163,6 +163,8 @@ pub struct Sample {
     pub max_live: i64,
     /// (cluster, status, assigned runners, busy) per member.
     pub members: Vec<(String, String, i64, i64)>,
+    /// The group's last acked message id (the newest accepted Progress).
+    pub last_acked: i64,
 }
 
 impl Sample {
@@ -184,6 +186,7 @@ impl Sample {
             holder_cluster: g.holder_cluster.clone(),
             token: g.token,
             session_id: g.session_id.clone(),
+            last_acked: g.last_acked_message_id,
             assigned: g.assignments.iter().map(|a| a.runners).sum(),
             max_live: s
                 .members
