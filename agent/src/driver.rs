@@ -191,6 +191,8 @@ pub struct Driver {
     /// The last attach failure's message, so a repeated one is not logged at warn again.
     last_attach_error: Option<String>,
     gh: Option<BoxFuture<'static, GhDone>>,
+    /// The address of the attach in flight.
+    attaching_addr: Option<String>,
     /// The request in `gh` is a session create (see [`Driver::abandon_github`]).
     gh_create: bool,
     local: Option<BoxFuture<'static, Input>>,
@@ -307,6 +309,7 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         attaching: None,
         last_attach_error: None,
         gh: None,
+        attaching_addr: None,
         gh_create: false,
         local: None,
         coord: None,
@@ -505,7 +508,9 @@ impl Driver {
                     }
                 }
                 Event::Attached(Ok(stream)) => {
-                    tracing::info!("coordinator stream attached; Join sent");
+                    let endpoint = self.attaching_addr.take().unwrap_or_default();
+                    tracing::info!(%endpoint, "coordinator stream attached; Join sent");
+                    self.metrics.set_coordinator_endpoint(Some(&endpoint));
                     self.last_attach_error = None;
                     self.metrics.tls_not_after.set(stream.cert_not_after);
                     self.stream = Some(stream);
@@ -545,6 +550,7 @@ impl Driver {
     fn stream_failed(&mut self, redirect: Option<String>) {
         self.stream = None;
         self.metrics.coordinator_connected.set(0);
+        self.metrics.set_coordinator_endpoint(None);
         if self.coord.take().is_some_and(|(_, k, _)| k != CoordKind::Adopt && k != CoordKind::Leave) {
             self.pending.push_back(Input::CoordUnavailable);
         }
@@ -574,6 +580,7 @@ impl Driver {
                     let join = cc::join(&self.join, ready, resume_epoch, keepalive_seq);
                     tracing::debug!(%addr, "attaching to coordinator");
                     self.stream = None;
+                    self.attaching_addr = Some(addr.clone());
                     self.attaching = Some(Box::pin(async move {
                         cc::attach(&tls, &addr, join, Duration::from_millis(ATTACH_TIMEOUT_MS)).await
                     }));
@@ -595,6 +602,7 @@ impl Driver {
                     self.attaching = None;
                     self.stream = None;
                     self.metrics.coordinator_connected.set(0);
+                    self.metrics.set_coordinator_endpoint(None);
                     if self.coord.take().is_some_and(|(_, k, _)| k != CoordKind::Adopt && k != CoordKind::Leave) {
                         self.pending.push_back(Input::CoordUnavailable);
                     }

@@ -41,6 +41,11 @@ pub struct BuildLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InfoLabels {
     pub cluster: String,
     pub scale_set: String,
@@ -359,6 +364,10 @@ pub struct Metrics {
     /// 1 while contending for the session without the quorum (DESIGN §5.11).
     pub fallback: Gauge,
     pub coordinator_connected: Gauge,
+    /// `arcfed_agent_coordinator_endpoint_info{endpoint}`: 1 for the address the stream to the
+    /// coordinator runs to (a configured one, or the leader's advertised address after a
+    /// redirect); no series while detached.
+    pub coordinator_endpoint: Family<EndpointLabels, Gauge>,
     /// `arcfed_tls_cert_not_after_seconds`: expiry of the client certificate last presented.
     pub tls_not_after: Gauge,
     /// `arcfed_agent_info{cluster,scale_set}`: set once by [`Metrics::set_info`].
@@ -454,6 +463,7 @@ impl Metrics {
             stale_token_rejections: Counter::default(),
             fallback: Gauge::default(),
             coordinator_connected: Gauge::default(),
+            coordinator_endpoint: Family::default(),
             tls_not_after: Gauge::default(),
             info: Family::default(),
             assigned_replicas: Gauge::default(),
@@ -518,6 +528,11 @@ impl Metrics {
             "coordinator_connected",
             "1 while the stream to the coordinator leader is up",
             m.coordinator_connected.clone(),
+        );
+        a.register(
+            "coordinator_endpoint_info",
+            "1 for the address the coordinator stream runs to (after a redirect: the leader's advertised address)",
+            m.coordinator_endpoint.clone(),
         );
         a.register(
             "assigned_replicas",
@@ -602,6 +617,14 @@ impl Metrics {
     }
 
     /// Removes the scale-set-wide series, so only the holder exports them.
+    /// The stream to the coordinator runs to `endpoint` (`None`: detached).
+    pub fn set_coordinator_endpoint(&self, endpoint: Option<&str>) {
+        self.coordinator_endpoint.clear();
+        if let Some(e) = endpoint {
+            self.coordinator_endpoint.get_or_create(&EndpointLabels { endpoint: e.into() }).set(1);
+        }
+    }
+
     /// Sets `arcfed_agent_info` (once, at start).
     pub fn set_info(&self, cluster: &str, scale_set: &str) {
         self.info.clear();

@@ -311,10 +311,17 @@ async fn freeze_holder(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
 async fn holder_behind_link(sb: &mut Sandbox) -> anyhow::Result<()> {
     let (i, _, _, _) = holder(sb).await?;
     let leader = sb.status().await?.leader;
-    if sb.regions[i].behind_link(leader) {
+    if sb.regions[i].behind_link(leader).await {
         return Ok(());
     }
-    let target = match (0..sb.regions.len()).find(|j| *j != i && sb.regions[*j].behind_link(leader)) {
+    let mut behind = None;
+    for j in (0..sb.regions.len()).filter(|j| *j != i) {
+        if sb.regions[j].behind_link(leader).await {
+            behind = Some(j);
+            break;
+        }
+    }
+    let target = match behind {
         Some(j) => j,
         None => {
             let j = (i + 1) % sb.regions.len();
@@ -685,6 +692,11 @@ async fn holder_stall(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
 }
 
 async fn acquire_fault(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
+    if sb.emu.settings().mode != crate::emulator::Mode::Ghes {
+        bail!(
+            "acquire-fault needs --github-mode ghes: github.com offers jobs as JobAssigned and nothing is acquired, so the fault would never fire"
+        );
+    }
     let (i, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, ..RunReport::default() };
     let owner = format!("arcfed/{}/{member}/t{token}", sb.regions[i].name);

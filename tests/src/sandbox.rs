@@ -18,7 +18,7 @@
 //! Known gap: an agent follows a follower's redirect to the leader's advertised address,
 //! which bypasses its link proxies. The world therefore lists the leader's proxy first when
 //! it starts an agent, and drills that cut an agent's link check [`Region::behind_link`]
-//! first (see `drill.rs`).
+//! (the agent's own endpoint metric) first (see `drill.rs`).
 
 use crate::agent_client::TlsFiles;
 use crate::agent_proc::{AgentProc, AgentSpec, GitHubSide, metric_value};
@@ -129,9 +129,13 @@ impl Region {
     }
 
     /// Whether the agent's stream to `leader` runs through this region's link proxy (it does
-    /// not after it followed a redirect to the leader's advertised address).
-    pub fn behind_link(&self, leader: u64) -> bool {
-        self.links.get(&leader).is_some_and(|p| p.active() > 0)
+    /// not after it followed a redirect to the leader's advertised address). Read from the
+    /// agent's `arcfed_agent_coordinator_endpoint_info{endpoint}`: a proxy's open connections
+    /// say nothing, since a channel keeps its idle connection after the stream moved on.
+    pub async fn behind_link(&self, leader: u64) -> bool {
+        let Some(p) = self.links.get(&leader) else { return false };
+        let want = format!("arcfed_agent_coordinator_endpoint_info{{endpoint=\"{}\"}} 1", p.addr());
+        self.agent.metrics().await.is_ok_and(|m| m.lines().any(|l| l.trim() == want))
     }
 
     /// Sets every link of this region's agent to `mode`.
