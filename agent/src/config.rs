@@ -755,7 +755,8 @@ fn build(a: Args) -> Result<Config, ConfigError> {
     let format = match (a.log.log_format, file.log_format.as_deref()) {
         (Some(f), _) => f,
         (None, None | Some("text")) => LogFormat::Text,
-        (None, Some("json")) => LogFormat::Json,
+        // ARC's listener logs JSON with its own keys; a drop-in keeps them.
+        (None, Some("json")) => LogFormat::Arc,
         (None, Some(other)) => {
             return Err(ConfigError::invalid(K_LOG_FORMAT, format!("{other:?}: expected text or json")));
         }

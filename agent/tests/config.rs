@@ -162,7 +162,8 @@ fn the_app_sample_parses_once_it_holds_a_real_key() {
         }
         other => panic!("expected App credentials, got {other:?}"),
     }
-    assert_eq!(cfg.log.format, LogFormat::Json);
+    // ARC's `json` keeps ARC's log keys (severity, ts, logger, message).
+    assert_eq!(cfg.log.format, LogFormat::Arc);
     assert_eq!(cfg.metrics_labels.repository, "my-repo");
     assert_eq!(cfg.max_runners, 2_147_483_647);
     assert_eq!(cfg.gha_metrics.gauges.len(), 2);

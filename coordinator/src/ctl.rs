@@ -39,7 +39,7 @@ pub struct Cli {
 pub enum Cmd {
     /// Leader, term, voters, members and groups (holder, token, sessions, leases, assignments).
     Status {
-        /// Output format.
+        /// Output format: table, wide (every column, full ids), json (stable), yaml.
         #[arg(short = 'o', long = "output", env = "ARCFED_OUTPUT", value_enum, default_value = "table")]
         output: Output,
         /// Print the status again every INTERVAL until interrupted (the table redrawn; with
@@ -84,9 +84,12 @@ pub enum Cmd {
         /// Longest wait for each step of a run.
         #[arg(long, env = "ARCFED_DRILL_WAIT", value_parser = humantime::parse_duration, default_value = "60s")]
         wait: Duration,
-        /// Print the report as one JSON object.
+        /// Print the report as one JSON object (same as -o json with the object on one line).
         #[arg(long, env = "ARCFED_DRILL_JSON")]
         json: bool,
+        /// Output format of the report: json (pretty) or yaml.
+        #[arg(short = 'o', long = "output", env = "ARCFED_DRILL_OUTPUT", value_enum, default_value = "json")]
+        output: Output,
     },
     /// Add or remove Raft voters.
     Voters {
@@ -108,8 +111,23 @@ pub enum Cmd {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
+    /// Columns sized to their contents; member ids shortened.
     Table,
+    /// The table with every column: full member ids, groups, weights, minimums, epochs.
+    Wide,
+    /// The stable JSON document (see deploy/README.md).
     Json,
+    /// The same document as YAML.
+    Yaml,
+}
+
+/// `value` as `format` (json: pretty; yaml), for the commands whose output is a document.
+fn print_doc(value: &serde_json::Value, format: Output) -> anyhow::Result<()> {
+    match format {
+        Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+        _ => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,8 +158,12 @@ pub enum PolicyCmd {
         #[arg(long, env = "ARCFED_POLICY_FILE", value_name = "FILE")]
         file: PathBuf,
     },
-    /// Print the applied policy as JSON.
-    Show,
+    /// Print the applied policy (JSON, or YAML with -o yaml).
+    Show {
+        /// Output format: json or yaml.
+        #[arg(short = 'o', long = "output", env = "ARCFED_OUTPUT", value_enum, default_value = "json")]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -208,8 +230,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status { output, watch: None } => {
             let s = admin.call(|mut c| async move { c.status(pb::StatusRequest {}).await }).await?;
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&status_json(&s))?),
+                Output::Json | Output::Yaml => print_doc(&status_json(&s), output)?,
                 Output::Table => print!("{}", status_table(&s)),
+                Output::Wide => print!("{}", status_table_wide(&s, true)),
             }
         }
         Cmd::Status { output, watch: Some(every) } => {
@@ -218,8 +241,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let read = admin.call(|mut c| async move { c.status(pb::StatusRequest {}).await }).await;
                 match (read, output) {
                     (Ok(s), Output::Json) => println!("{}", serde_json::to_string(&status_json(&s))?),
+                    // One YAML document per reading.
+                    (Ok(s), Output::Yaml) => print!("---\n{}", serde_yaml::to_string(&status_json(&s))?),
                     // Clear the screen and home the cursor, then the table, like `watch`.
                     (Ok(s), Output::Table) => print!("\x1b[2J\x1b[H{}", status_table(&s)),
+                    (Ok(s), Output::Wide) => print!("\x1b[2J\x1b[H{}", status_table_wide(&s, true)),
                     (Err(e), _) => eprintln!("status: {e:#} (retrying)"),
                 }
                 use std::io::Write as _;
@@ -244,13 +270,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             println!("{}", r.message);
         }
-        Cmd::Drill { scenario, runs, group, freeze, wait, json } => {
+        Cmd::Drill { scenario, runs, group, freeze, wait, json, output } => {
             let o = crate::drill::Options { scenario, runs: runs.max(1), group, freeze, wait };
             let report = crate::drill::run(&mut admin, &o).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                print_doc(&serde_json::to_value(&report)?, output)?;
             }
         }
         Cmd::Drain { member } => {
@@ -280,9 +306,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             println!("{}", r.message);
         }
-        Cmd::Policy { cmd: PolicyCmd::Show } => {
+        Cmd::Policy { cmd: PolicyCmd::Show { output } } => {
             let r = admin.call(|mut c| async move { c.get_policy(pb::GetPolicyCall {}).await }).await?;
-            println!("{}", r.policy_json);
+            let value: serde_json::Value =
+                serde_json::from_str(&r.policy_json).context("the policy the quorum returned")?;
+            print_doc(&value, output)?;
         }
         Cmd::Voters { cmd } => {
             let r = match cmd {
@@ -503,6 +531,39 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
 
 /// `status` as a readable table.
 pub fn status_table(s: &pb::StatusResponse) -> String {
+    status_table_wide(s, false)
+}
+
+/// Rows under a header, each column as wide as its widest cell (WAN names and long member ids
+/// never push the next column out of line), indented by two spaces.
+fn columns(o: &mut String, headers: &[&str], rows: &[Vec<String>]) {
+    use std::fmt::Write;
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let n = cells.len();
+        let mut l = String::from(" ");
+        for (i, c) in cells.into_iter().enumerate() {
+            l.push(' ');
+            l.push_str(c);
+            if i + 1 < n {
+                l.push_str(&" ".repeat(width[i] - c.chars().count()));
+            }
+        }
+        l
+    };
+    let _ = writeln!(o, "{}", line(headers.to_vec()));
+    for r in rows {
+        let _ = writeln!(o, "{}", line(r.iter().map(String::as_str).collect()));
+    }
+}
+
+/// The status as tables; `wide` adds full member ids, groups, weights, minimums and epochs.
+pub fn status_table_wide(s: &pb::StatusResponse, wide: bool) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     let _ = writeln!(
@@ -514,55 +575,69 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
         s.applied_index,
         ms(s.quorum_contact_age_ms)
     );
-    let _ = writeln!(o, "\nVOTERS\n  {:<4} {:<24} {:<12} {:<9} LAST CONTACT", "ID", "ADDRESS", "ROLE", "REACHABLE");
-    for v in &s.voters {
-        let _ = writeln!(
-            o,
-            "  {:<4} {:<24} {:<12} {:<9} {}",
-            v.id,
-            v.address,
-            v.role,
-            if v.reachable { "yes" } else { "no" },
-            if v.last_contact_ms < 0 { "never".to_string() } else { format!("{}ms ago", v.last_contact_ms) }
-        );
+    let _ = writeln!(o, "\nVOTERS");
+    let voters: Vec<Vec<String>> = s
+        .voters
+        .iter()
+        .map(|v| {
+            vec![
+                v.id.to_string(),
+                v.address.clone(),
+                v.role.clone(),
+                if v.reachable { "yes" } else { "no" }.to_string(),
+                if v.last_contact_ms < 0 { "never".to_string() } else { format!("{}ms ago", v.last_contact_ms) },
+            ]
+        })
+        .collect();
+    columns(&mut o, &["ID", "ADDRESS", "ROLE", "REACHABLE", "LAST CONTACT"], &voters);
+    let _ = writeln!(o, "\nMEMBERS");
+    let members: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            let mut flags = Vec::new();
+            if m.draining {
+                flags.push("draining");
+            }
+            if m.standby {
+                flags.push("standby");
+            }
+            if !m.github_ready {
+                flags.push("not-ready");
+            }
+            let mut row = vec![
+                if wide { m.id.clone() } else { short(&m.id).to_string() },
+                m.cluster.clone(),
+                m.status.clone(),
+                m.epoch.to_string(),
+                m.ers.clone(),
+                m.assignment.to_string(),
+            ];
+            if wide {
+                row.extend([m.min_runners.to_string(), m.weight.to_string()]);
+            }
+            row.extend([m.max_runners.to_string(), m.busy.to_string(), ms(m.lease_remaining_ms), flags.join(",")]);
+            if wide {
+                row.push(m.group.clone());
+            }
+            row
+        })
+        .collect();
+    let mut headers = vec!["ID", "CLUSTER", "STATUS", "EPOCH", "ERS", "ASSIGN"];
+    if wide {
+        headers.extend(["MIN", "WEIGHT"]);
     }
-    let _ = writeln!(
-        o,
-        "\nMEMBERS\n  {:<10} {:<12} {:<8} {:<6} {:<28} {:>6} {:>5} {:>4} {:>8}  FLAGS",
-        "ID", "CLUSTER", "STATUS", "EPOCH", "ERS", "ASSIGN", "MAX", "BUSY", "LEASE"
-    );
-    for m in &s.members {
-        let mut flags = Vec::new();
-        if m.draining {
-            flags.push("draining");
-        }
-        if m.standby {
-            flags.push("standby");
-        }
-        if !m.github_ready {
-            flags.push("not-ready");
-        }
-        let _ = writeln!(
-            o,
-            "  {:<10} {:<12} {:<8} {:<6} {:<28} {:>6} {:>5} {:>4} {:>8}  {}",
-            short(&m.id),
-            m.cluster,
-            m.status,
-            m.epoch,
-            m.ers,
-            m.assignment,
-            m.max_runners,
-            m.busy,
-            ms(m.lease_remaining_ms),
-            flags.join(",")
-        );
+    headers.extend(["MAX", "BUSY", "LEASE", "FLAGS"]);
+    if wide {
+        headers.push("GROUP");
     }
+    columns(&mut o, &headers, &members);
     let _ = writeln!(o, "\nGROUPS");
     for g in &s.groups {
         let holder = if g.holder.is_empty() {
             "(none)".to_string()
         } else {
-            format!("{}/{}", g.holder_cluster, short(&g.holder))
+            format!("{}/{}", g.holder_cluster, if wide { &g.holder } else { short(&g.holder) })
         };
         let _ = writeln!(o, "  {}", g.key);
         let _ = writeln!(
@@ -583,7 +658,13 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
             if assign.is_empty() { "-".into() } else { assign.join(" ") }
         );
         if g.handover_deadline_unix_ms != 0 {
-            let to = if g.handover_to.is_empty() { "coordinator's choice" } else { short(&g.handover_to) };
+            let to = if g.handover_to.is_empty() {
+                "coordinator's choice"
+            } else if wide {
+                &g.handover_to
+            } else {
+                short(&g.handover_to)
+            };
             let _ = writeln!(o, "    handover pending → {to}");
         }
     }
@@ -625,6 +706,25 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn tables_size_columns_to_their_contents_and_wide_shows_full_ids() {
+        let mut s = sample();
+        s.voters[0].address = "voter-1.eu-west.arcfed.example.net:7000".into();
+        let t = status_table(&s);
+        // Each voter row's ROLE starts where the header's does, whatever the address length.
+        let lines: Vec<&str> = t.lines().skip_while(|l| *l != "VOTERS").skip(1).take(3).collect();
+        let col = lines[0].find("ROLE").expect("ROLE header");
+        for l in &lines[1..] {
+            assert!(l[col..].starts_with("leader") || l[col..].starts_with("unreachable"), "{t}");
+        }
+        let id = s.members[0].id.clone();
+        assert!(!t.contains(&id) || id.len() <= 8, "the table shortens member ids");
+        let w = status_table_wide(&s, true);
+        assert!(w.contains(&id) && w.contains("WEIGHT") && w.contains("GROUP"), "{w}");
+        let y = serde_yaml::to_string(&status_json(&s)).expect("yaml");
+        assert!(y.contains("leader: 1") && y.contains("voters:"), "{y}");
     }
 
     #[test]

@@ -87,15 +87,21 @@ impl TlsArgs {
 pub enum LogFormat {
     #[default]
     Text,
+    /// tracing's JSON (`timestamp`, `level`, `fields`, `target`, `span`).
     Json,
+    /// JSON with the keys of ARC's listener (zap, production encoder): `severity` (lowercase),
+    /// `ts` (Unix seconds), `logger`, `message`, then the span and event fields at the top level,
+    /// so log queries and alerts written for ARC's listener keep matching.
+    Arc,
 }
 
 /// The log flags. Each binary supplies its own defaults (the agent's come from ARC's listener
 /// config first), so both are optional here.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct LogArgs {
-    /// Log format: text or json. Default: text (arcfed-agent: the listener config's
-    /// log_format first).
+    /// Log format: text, json (tracing's keys) or arc (JSON with the keys of ARC's listener:
+    /// severity, ts, logger, message). Default: text (arcfed-agent: the listener config's
+    /// log_format first, where ARC's `json` means arc).
     #[arg(long, env = "ARCFED_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `arcfed_agent=debug,info`.
@@ -123,6 +129,81 @@ pub fn init_logging(format: LogFormat, filter: &str) {
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
+        LogFormat::Arc => b.fmt_fields(tracing_subscriber::fmt::format::JsonFields::new()).event_format(ArcJson).init(),
+    }
+}
+
+/// [`LogFormat::Arc`]: one JSON object per event with ARC's listener keys.
+pub struct ArcJson;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for ArcJson
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let line = arc_json_line(event.metadata().level(), ts, event.metadata().target(), |map| {
+            // Span fields (cluster, scale_set, group, token, …), outermost first; JsonFields
+            // stored each span's fields as a JSON object.
+            if let Some(scope) = ctx.event_scope() {
+                for span in scope.from_root() {
+                    let ext = span.extensions();
+                    if let Some(f) = ext.get::<tracing_subscriber::fmt::FormattedFields<N>>()
+                        && let Ok(serde_json::Value::Object(o)) = serde_json::from_str(&f.fields)
+                    {
+                        map.extend(o);
+                    }
+                }
+            }
+            event.record(&mut JsonVisitor(map));
+        });
+        writeln!(writer, "{line}")
+    }
+}
+
+/// One ARC-shaped log line: the fixed keys, then whatever `fields` adds.
+fn arc_json_line(
+    level: &tracing::Level,
+    ts: f64,
+    logger: &str,
+    fields: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    map.insert("severity".into(), level.as_str().to_ascii_lowercase().into());
+    map.insert("ts".into(), ts.into());
+    map.insert("logger".into(), logger.into());
+    fields(&mut map);
+    map.entry("message").or_insert_with(|| "".into());
+    serde_json::Value::Object(map)
+}
+
+/// Event fields into a JSON map (the event's message under `message`, as ARC's listener has it).
+struct JsonVisitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().into(), format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
     }
 }
 
@@ -207,6 +288,46 @@ async fn metrics(State(p): State<Arc<dyn Probe>>) -> Response {
 
 #[cfg(test)]
 mod tests {
+
+    /// An in-memory log sink for the subscriber under test.
+    #[derive(Clone, Default)]
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("sink").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn arc_log_format_uses_the_keys_of_arcs_listener() {
+        let sink = Sink::default();
+        let w = sink.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(ArcJson)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            let span = tracing::info_span!("agent", cluster = "east", scale_set = 7u64);
+            let _e = span.enter();
+            tracing::warn!(token = 12u64, session = "s-1", "409 on session create");
+        });
+        let out = String::from_utf8(sink.0.lock().expect("sink").clone()).expect("utf8");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object per line");
+        assert_eq!(v["severity"], "warn", "{out}");
+        assert_eq!(v["message"], "409 on session create", "{out}");
+        assert!(v["ts"].as_f64().is_some_and(|t| t > 1.7e9), "{out}");
+        assert_eq!(v["logger"], module_path!(), "{out}");
+        assert_eq!((v["cluster"].as_str(), v["scale_set"].as_u64()), (Some("east"), Some(7)), "{out}");
+        assert_eq!((v["token"].as_u64(), v["session"].as_str()), (Some(12), Some("s-1")), "{out}");
+        assert!(v.get("level").is_none() && v.get("fields").is_none(), "no tracing keys: {out}");
+    }
+
     use super::*;
 
     struct Up;

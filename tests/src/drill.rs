@@ -466,7 +466,7 @@ async fn freeze_leader(sb: &mut Sandbox) -> anyhow::Result<RunReport> {
     let (_, member, token, _) = holder(sb).await?;
     let mut r = RunReport { token_before: token, token_after: token, ..RunReport::default() };
     let old = sb.status().await?.leader;
-    let expired = "arcfed_expirations_total_replicated";
+    let expired = "arcfed_replicated_expirations";
     let before = sb.leader_counter(expired).await.context("the leader's expiration counter")?;
     let ttl = humantime::parse_duration(&sb.opts.lease_ttl)?;
     let fault = Instant::now();

@@ -544,7 +544,7 @@ impl Sandbox {
 
     /// The coordinator's replicated stale-token rejection counter (the leader's /metrics).
     pub async fn stale_token_rejections(&self) -> Option<u64> {
-        self.leader_counter("arcfed_stale_token_rejections_total_replicated").await
+        self.leader_counter("arcfed_replicated_stale_token_rejections").await
     }
 
     /// A counter from the current leader's /metrics.

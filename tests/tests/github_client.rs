@@ -469,6 +469,59 @@ async fn a_holder_request_whose_connect_stalls_past_the_fence_never_reaches_gith
     h.shutdown().await;
 }
 
+/// ARC hands its listener pod the ARS's proxy settings as lowercase `http_proxy`, `https_proxy`
+/// and `no_proxy`; the agent's GitHub client (the same pod, the same variables) honours them.
+/// The client runs in a child process of this test binary, whose environment carries them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lowercase_proxy_variables_arc_sets_are_honoured() {
+    const TEST: &str = "the_lowercase_proxy_variables_arc_sets_are_honoured";
+    if let (Ok(url), Ok(set)) = (std::env::var("ARCFED_PROXY_TEST_URL"), std::env::var("ARCFED_PROXY_TEST_SET")) {
+        // The child: one session opened and deleted, with whatever proxy the environment names.
+        let settings = GitHubSettings {
+            configure_url: url,
+            credentials: Credentials::Pat(std::env::var("ARCFED_PROXY_TEST_PAT").expect("pat")),
+            root_ca_pem: None,
+            resolve: vec![],
+            scale_set_id: set.parse().expect("set id"),
+        };
+        let c = Client::with_retry(settings, quick_retries()).expect("client");
+        let s = c.create_session(&Open, "arcfed/a/m1/t1").await.expect("create");
+        c.delete_session(&Open, &s.session_id).await.expect("delete");
+        return;
+    }
+    let h = start(Layout::Ghes, fast(), None).await;
+    let set = h.create_scale_set("gha-rs", 1).unwrap().id;
+    let url = reqwest::Url::parse(&h.config_url()).expect("config url");
+    let host = url.host_str().expect("host").to_string();
+    let upstream: std::net::SocketAddr = format!("{host}:{}", url.port().expect("port")).parse().expect("addr");
+    // A plain TCP relay: a proxied plain-HTTP request is just an absolute-form request line.
+    let proxy = FaultProxy::start(upstream).await.expect("proxy");
+    let run = |extra: &[(&str, String)]| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().expect("exe"));
+        cmd.args(["--exact", TEST, "--nocapture", "--test-threads=1"]);
+        for k in ["HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"] {
+            cmd.env_remove(k);
+        }
+        cmd.env("ARCFED_PROXY_TEST_URL", h.config_url())
+            .env("ARCFED_PROXY_TEST_SET", set.to_string())
+            .env("ARCFED_PROXY_TEST_PAT", h.pat())
+            .env("http_proxy", format!("http://{}", proxy.addr()));
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run the child")
+    };
+    let out = tokio::task::block_in_place(|| run(&[]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let proxied = proxy.accepted();
+    assert!(proxied > 0, "the client did not use http_proxy");
+    // no_proxy naming GitHub's host: straight there.
+    let out = tokio::task::block_in_place(|| run(&[("no_proxy", host.clone())]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(proxy.accepted(), proxied, "no_proxy was ignored");
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_queue_that_no_longer_knows_the_session_is_session_gone_in_either_error_form() {
     let h = start(Layout::Dotcom, fast(), None).await;

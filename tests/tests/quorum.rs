@@ -648,10 +648,10 @@ async fn m_voters_are_added_and_removed_through_admin_and_sigterm_is_graceful() 
                 "arcfed_quorum_contact_age_ms",
                 "arcfed_members{status=\"live\"} 1",
                 "arcfed_holders 1",
-                "arcfed_grants_total_replicated",
-                "arcfed_expirations_total_replicated",
-                "arcfed_stale_token_rejections_total_replicated",
-                "arcfed_handovers_total_replicated",
+                "arcfed_replicated_grants",
+                "arcfed_replicated_expirations",
+                "arcfed_replicated_stale_token_rejections",
+                "arcfed_replicated_handovers",
                 "arcfed_grant_latency_seconds_bucket",
             ] {
                 assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");

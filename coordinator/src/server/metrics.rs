@@ -121,19 +121,15 @@ impl Metrics {
         r.register("members", "Members by status", m.members.clone());
         r.register("groups", "Federated scale sets (groups)", m.groups.clone());
         r.register("holders", "Groups that have a holder", m.holders.clone());
-        r.register("grants_total_replicated", "Grants applied (replicated counter)", m.grants.clone());
+        r.register("replicated_grants", "Grants applied (replicated counter)", m.grants.clone());
+        r.register("replicated_expirations", "Lease expirations applied (replicated counter)", m.expirations.clone());
         r.register(
-            "expirations_total_replicated",
-            "Lease expirations applied (replicated counter)",
-            m.expirations.clone(),
-        );
-        r.register(
-            "stale_token_rejections_total_replicated",
+            "replicated_stale_token_rejections",
             "Commands rejected for a stale fencing token (replicated counter)",
             m.stale_token_rejections.clone(),
         );
-        r.register("handovers_total_replicated", "Handovers requested (replicated counter)", m.handovers.clone());
-        r.register("revocations_total_replicated", "Holders revoked after an ignored handover", m.revocations.clone());
+        r.register("replicated_handovers", "Handovers requested (replicated counter)", m.handovers.clone());
+        r.register("replicated_revocations", "Holders revoked after an ignored handover", m.revocations.clone());
         r.register(
             "grant_latency_seconds",
             "Leader time from a group seen holderless to its Grant applied",
