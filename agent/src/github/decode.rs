@@ -58,7 +58,7 @@ struct SessionIn {
 }
 
 /// A session from a create or refresh. `scale_set_id` fills an absent `runnerScaleSet`.
-pub(crate) fn session(body: &[u8], scale_set_id: i64) -> Result<wire::Session, String> {
+pub fn session(body: &[u8], scale_set_id: i64) -> Result<wire::Session, String> {
     let s: SessionIn = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     if s.session_id.is_empty() {
         return Err("empty sessionId".into());
@@ -100,7 +100,7 @@ struct EnvelopeIn {
 
 /// A long poll's 200 body. The envelope's `messageType` is passed through: the caller decides
 /// what to do with anything but `RunnerScaleSetJobMessages`.
-pub(crate) fn envelope(body: &[u8]) -> Result<wire::MessageEnvelope, String> {
+pub fn envelope(body: &[u8]) -> Result<wire::MessageEnvelope, String> {
     let e: EnvelopeIn = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     Ok(wire::MessageEnvelope {
         message_id: e.message_id,

@@ -29,6 +29,8 @@ pub use client::{
     SESSION_CONFLICT_TYPE, ZERO_SESSION_ID, parse_retry_after,
 };
 pub use decode::job_messages;
+/// The decoders of GitHub's session and long-poll answers (the fuzz tests drive them directly).
+pub use decode::{envelope as decode_envelope, session as decode_session};
 pub use error::{Error, RequestIds};
 pub use jwt::{app_jwt, unverified_exp};
 pub use layout::{Layout, Scope};

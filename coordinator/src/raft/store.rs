@@ -309,7 +309,9 @@ fn inclusive_bounds(range: &impl RangeBounds<u64>) -> Option<(u64, u64)> {
     (first <= last).then_some((first, last))
 }
 
-fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry<TypeConfig>, DbError> {
+/// Decodes the stored log entry at `index`: an error (never a panic) for bytes that are not an
+/// entry, or an entry for another index. The fuzz tests drive it with corrupted entries.
+pub fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry<TypeConfig>, DbError> {
     let entry: Entry<TypeConfig> = decode(format!("log entry {index}"), bytes)?;
     if entry.log_id.index != index {
         return Err(DbError::Inconsistent {
@@ -693,6 +695,24 @@ mod tests {
     fn advertise(term: u64, index: u64, addr: &str) -> Entry<TypeConfig> {
         let req = Request { ts_ms: 1_000 + index as i64, cmd: Command::Advertise { node: index, addr: addr.into() } };
         Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(req) }
+    }
+
+    /// The fuzz seeds of `decode_entry` (fuzz/corpus/store-entry, named `<index>-*.json`) are
+    /// real entries: each decodes at its index and at no other.
+    #[test]
+    fn the_store_entry_fuzz_seeds_are_valid_entries() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/store-entry");
+        let mut n = 0;
+        for f in std::fs::read_dir(&dir).expect("corpus dir") {
+            let path = f.expect("entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let index: u64 = name.split('-').next().and_then(|i| i.parse().ok()).expect("<index>-*.json");
+            let bytes = std::fs::read(&path).expect("seed");
+            decode_entry(index, &bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(decode_entry(index + 1, &bytes).is_err(), "{name} decoded at another index");
+            n += 1;
+        }
+        assert!(n >= 3, "{n} seeds");
     }
 
     fn membership(term: u64, index: u64, voters: &[u64]) -> Entry<TypeConfig> {
