@@ -986,7 +986,7 @@ def parse_help(text: str) -> list[tuple[str, str, str, str]]:
         m = re.match(r"\s*(?:-\w, )?(--[\w-]+)(?: <([^>]+)>)?", b)
         if not m or m.group(1) in ("--help", "--version"):
             continue
-        env = re.search(r"\[env: (\w+)=", b)
+        env = re.search(r"\[env: (\w+)[=\]]", b)
         dflt = re.search(r"\[default: ([^\]]*)\]", b)
         body = " ".join(l.strip() for l in b.splitlines()[1:] if l.strip() and not l.strip().startswith("["))
         body = re.sub(r"Possible values:.*", "", body).strip()
