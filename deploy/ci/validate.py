@@ -988,7 +988,12 @@ def parse_help(text: str) -> list[tuple[str, str, str, str]]:
             continue
         env = re.search(r"\[env: (\w+)[=\]]", b)
         dflt = re.search(r"\[default: ([^\]]*)\]", b)
-        body = " ".join(l.strip() for l in b.splitlines()[1:] if l.strip() and not l.strip().startswith("["))
+        lines = b.splitlines()
+        # clap's compact form puts the help on the flag's own line, after two or more spaces.
+        same_line = re.match(r"\s*(?:-\w, )?--[\w-]+(?: <[^>]+>)?\s{2,}(.*)", lines[0])
+        rest = ([same_line.group(1)] if same_line else []) + lines[1:]
+        body = " ".join(l.strip() for l in rest if l.strip() and not l.strip().startswith("["))
+        body = re.sub(r"\s*\[(?:env|default|possible values): [^\]]*\]", "", body)
         body = re.sub(r"Possible values:.*", "", body).strip()
         first = re.split(r"(?<=\.)\s+(?=[A-Z$])", body, 1)[0] if body else ""
         rows.append((m.group(1) + (f" <{m.group(2)}>" if m.group(2) else ""), env.group(1) if env else "",
