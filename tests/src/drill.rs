@@ -1115,8 +1115,9 @@ async fn settle_jobs(sb: &Sandbox) -> anyhow::Result<(u64, Vec<String>)> {
     Ok(left)
 }
 
-/// (lost, stranded) from the emulator's timeline, per session: every 200 poll delivered one
-/// envelope, every 2xx ack deleted one. An undeleted delivery is *stranded* when it was the
+/// (lost, stranded) distinct message ids from the emulator's timeline: a message is delivered
+/// by a 200 poll and deleted by a 2xx ack of any session (a redelivered message acked by a
+/// successor is not lost). An undeleted delivery is *stranded* when it was the
 /// session's last poll answer and the session neither polled nor acked after it (an acquire
 /// of its jobs may follow): its holder died, froze, or was cut from the quorum with GitHub's
 /// answer in hand, so no Progress could be accepted and DESIGN §4 forbids the ack; with the
@@ -1127,63 +1128,72 @@ async fn settle_jobs(sb: &Sandbox) -> anyhow::Result<(u64, Vec<String>)> {
 /// `lastMessageId` would hand it out again. Any other undeleted delivery went to a holder
 /// that moved on without deleting it: *lost* (DESIGN §6.3).
 pub fn message_accounting(timeline: &[crate::emulator::Event]) -> (u64, u64) {
-    use std::collections::BTreeMap;
-    #[derive(Default)]
-    struct Acc {
-        delivered: u64,
-        deleted: u64,
-        last_was_delivery: bool,
-        /// `lastMessageId` of the poll that brought the pending delivery.
-        pending_from: Option<i64>,
-        unseen: u64,
+    use std::collections::{BTreeMap, BTreeSet};
+    /// A session's delivery not yet acked: (message id, `lastMessageId` of its poll, whether
+    /// the holder showed it had read it: it acquired its jobs or tried to ack it).
+    struct Pending {
+        id: i64,
+        from: i64,
+        seen: bool,
     }
     let last_id = |q: &str| -> i64 {
         q.split('&').find_map(|kv| kv.strip_prefix("lastMessageId=")).and_then(|v| v.parse().ok()).unwrap_or(0)
     };
-    let mut by: BTreeMap<&str, Acc> = BTreeMap::new();
+    // Distinct message ids (an event without one stands for a message of its own).
+    let id_of = |e: &crate::emulator::Event| e.message_id.unwrap_or(-(e.seq as i64) - 1);
+    let mut delivered: BTreeSet<i64> = BTreeSet::new();
+    let mut deleted: BTreeSet<i64> = BTreeSet::new();
+    let mut stranded: BTreeSet<i64> = BTreeSet::new();
+    let mut pending: BTreeMap<&str, Option<Pending>> = BTreeMap::new();
     for e in timeline {
         let Some(sid) = e.session_id.as_deref() else { continue };
-        let a = by.entry(sid).or_default();
+        let p = pending.entry(sid).or_insert(None);
         match e.class {
             PathClass::Poll => {
                 let from = last_id(&e.query);
-                if a.last_was_delivery && a.pending_from.is_some_and(|p| from <= p) {
-                    a.unseen += 1; // asked again from the same point: the answer never arrived
+                // Asked again from the same point without having read the answer: it never
+                // reached the holder (its poll was cancelled at the fence as GitHub sent it).
+                if let Some(old) = p.take()
+                    && !old.seen
+                    && from <= old.from
+                {
+                    stranded.insert(old.id);
                 }
-                a.pending_from = None;
-                a.last_was_delivery = false;
                 if e.status == 200 {
-                    a.delivered += 1;
-                    a.last_was_delivery = true;
-                    a.pending_from = Some(from);
+                    let id = id_of(e);
+                    delivered.insert(id);
+                    *p = Some(Pending { id, from, seen: false });
+                }
+            }
+            // Acquiring the delivered jobs is part of handling that delivery: it was read.
+            PathClass::Acquire => {
+                if let Some(old) = p.as_mut() {
+                    old.seen = true;
                 }
             }
             PathClass::Ack if (200..300).contains(&e.status) => {
-                a.deleted += 1;
-                a.last_was_delivery = false;
+                let id = e.message_id.or(p.as_ref().map(|x| x.id)).unwrap_or_else(|| id_of(e));
+                deleted.insert(id);
+                if p.as_ref().is_some_and(|x| x.id == id) {
+                    *p = None;
+                }
             }
-            // Acquiring the delivered jobs is part of handling that delivery.
-            PathClass::Acquire => {}
             PathClass::Ack => {
-                a.last_was_delivery = false;
-                a.pending_from = None;
+                if let Some(old) = p.as_mut() {
+                    old.seen = true;
+                }
             }
             _ => {}
         }
     }
-    let (mut lost, mut stranded) = (0, 0);
-    for a in by.values() {
-        let mut undeleted = a.delivered.saturating_sub(a.deleted);
-        let unseen = a.unseen.min(undeleted);
-        stranded += unseen;
-        undeleted -= unseen;
-        if undeleted > 0 && a.last_was_delivery {
-            stranded += 1;
-            undeleted -= 1;
-        }
-        lost += undeleted;
-    }
-    (lost, stranded)
+    // A session's last delivery, never followed by a poll or ack of that session: its holder
+    // died, froze or was cut off with GitHub's answer in hand (no Progress could be accepted,
+    // so DESIGN §4 forbids the ack). Only that one message, not any other.
+    stranded.extend(pending.into_values().flatten().map(|x| x.id));
+    let undeleted = delivered.difference(&deleted);
+    let (stranded_n, lost_n) =
+        undeleted.fold((0, 0), |(s, l), id| if stranded.contains(id) { (s + 1, l) } else { (s, l + 1) });
+    (lost_n, stranded_n)
 }
 
 /// How many times a value is lower than the one before it, in the order given (never sorted).
@@ -1334,6 +1344,7 @@ mod tests {
             owner: None,
             zombie: false,
             sender: None,
+            message_id: None,
             fault: None,
             credential: None,
             rate_limited: false,
@@ -1369,6 +1380,39 @@ mod tests {
         assert_eq!(message_accounting(&skipped), (1, 1));
         // Everything delivered was deleted.
         assert_eq!(message_accounting(&[ev(1, Poll, 200, "s"), ev(2, Ack, 204, "s"), ev(3, Poll, 202, "s")]), (0, 0));
+    }
+
+    /// The holes safety review H2 found in a count-based accounting, closed by message ids.
+    #[test]
+    fn message_accounting_counts_distinct_ids_across_sessions() {
+        use PathClass::{Ack, Acquire, Poll};
+        let with = |mut e: crate::emulator::Event, id: i64, from: i64| {
+            e.message_id = Some(id);
+            e.query = format!("lastMessageId={from}");
+            e
+        };
+        // One free "stranded" per session is gone: s1 skipped message 5 (delivered, polled on
+        // from 5 without an ack) and died holding 6. 5 is lost, 6 stranded.
+        let t = [with(ev(1, Poll, 200, "s1"), 5, 4), with(ev(2, Poll, 200, "s1"), 6, 5)];
+        assert_eq!(message_accounting(&t), (1, 1));
+        // Acquire, then a poll from the same point: the holder read it and moved on: lost, not
+        // "unseen".
+        let t = [with(ev(1, Poll, 200, "s2"), 5, 4), ev(2, Acquire, 200, "s2"), with(ev(3, Poll, 202, "s2"), 0, 4)];
+        assert_eq!(message_accounting(&t), (1, 0));
+        // Deletes are distinct ids: two acks of message 5 do not cover message 6.
+        let t = [
+            with(ev(1, Poll, 200, "s3"), 5, 4),
+            with(ev(2, Ack, 204, "s3"), 5, 0),
+            with(ev(3, Ack, 204, "s3"), 5, 0),
+            with(ev(4, Poll, 200, "s3"), 6, 5),
+            with(ev(5, Poll, 202, "s3"), 0, 6),
+        ];
+        assert_eq!(message_accounting(&t), (1, 0));
+        // Across sessions: a dead holder's message redelivered to the successor and acked there
+        // is neither lost nor stranded.
+        let t =
+            [with(ev(1, Poll, 200, "s4"), 5, 4), with(ev(2, Poll, 200, "s5"), 5, 4), with(ev(3, Ack, 204, "s5"), 5, 0)];
+        assert_eq!(message_accounting(&t), (0, 0));
     }
 
     #[test]

@@ -504,6 +504,14 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
         (at_ms, arrival)
     };
     let status = if reply.empty { 200 } else { reply.status };
+    // The message a 200 poll delivered, or the one an ack names.
+    let message_id = match (&route, class) {
+        (Route::Message(_, m), PathClass::Ack) | (Route::QueueMessage(_, m), PathClass::Ack) => Some(*m),
+        (_, PathClass::Poll) if status == 200 => {
+            reply.body.as_ref().and_then(|b| b.get("messageId")).and_then(serde_json::Value::as_i64)
+        }
+        _ => None,
+    };
     let event = Event {
         seq: 0,
         at_ms,
@@ -522,6 +530,7 @@ pub async fn handle(State(ctx): State<Ctx>, req: Request) -> Response {
         owner: attr.owner.clone(),
         zombie: attr.zombie,
         sender: r.sender.clone(),
+        message_id,
         fault: (!fault_note.is_empty()).then(|| fault_note.join(", ")),
         credential: credential.clone(),
         rate_limited: reply.rate_limited,

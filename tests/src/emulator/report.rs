@@ -53,6 +53,9 @@ pub struct Event {
     /// (`arcfed/<cluster>/<member>/t<token>`), whatever session or credential it names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
+    /// The message a 200 poll delivered, or the one an ack deletes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<i64>,
     /// Set when an injected fault answered or delayed the request.
     pub fault: Option<String>,
     /// The credential behind the request (`pat#1`, `installation:42`, `app:123`), whatever
