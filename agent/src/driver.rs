@@ -107,6 +107,27 @@ impl Gate for FenceGate {
     }
 }
 
+/// A request's gate that refuses every attempt once the driver abandoned the request
+/// ([`Driver::abandon_github`]), whatever the fence says by then (a later token, fallback's open
+/// fence): an abandoned request is finished only if it was already on its way.
+struct Abandonable {
+    inner: Arc<dyn Gate>,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Gate for Abandonable {
+    fn check(&self) -> Result<(), github::Fenced> {
+        if self.abandoned.load(Ordering::Relaxed) {
+            return Err(github::Fenced);
+        }
+        self.inner.check()
+    }
+
+    fn owner(&self) -> Option<String> {
+        self.inner.owner()
+    }
+}
+
 /// The GitHub calls ARC's controller makes for its runners, for the `sim` backend.
 #[derive(Clone)]
 pub struct SimVia(pub Client);
@@ -195,6 +216,8 @@ pub struct Driver {
     attaching_addr: Option<String>,
     /// The request in `gh` is a session create (see [`Driver::abandon_github`]).
     gh_create: bool,
+    /// Set when the request in `gh` is abandoned: its gate then refuses every further attempt.
+    gh_abandoned: Arc<AtomicBool>,
     local: Option<BoxFuture<'static, Input>>,
     coord: Option<(u64, CoordKind, u64)>,
     next_request: u64,
@@ -311,6 +334,7 @@ pub async fn run(cfg: Config, http: Arc<HttpState>, mut shutdown: watch::Receive
         gh: None,
         attaching_addr: None,
         gh_create: false,
+        gh_abandoned: Arc::new(AtomicBool::new(false)),
         local: None,
         coord: None,
         next_request: 1,
@@ -711,6 +735,9 @@ impl Driver {
     /// meeting 409s until GitHub expires it.
     fn abandon_github(&mut self, why: &'static str) {
         let Some(fut) = self.gh.take() else { return };
+        // An attempt not yet through its gate (an admin token still being fetched, a retry
+        // waiting) is never sent: only a POST already on its way can have opened a session.
+        self.gh_abandoned.store(true, Ordering::Relaxed);
         if !std::mem::take(&mut self.gh_create) {
             tracing::info!(why, "in-flight GitHub request abandoned");
             return;
@@ -735,7 +762,9 @@ impl Driver {
         tracing::debug!(?op, token = ?self.holder.token, "GitHub request");
         self.gh_create = matches!(op, GitHubOp::CreateSession { .. });
         let client = self.client.clone();
-        let gate: Arc<dyn Gate> = if self.open_fence { Arc::new(github::Open) } else { self.gate.clone() };
+        let inner: Arc<dyn Gate> = if self.open_fence { Arc::new(github::Open) } else { self.gate.clone() };
+        self.gh_abandoned = Arc::new(AtomicBool::new(false));
+        let gate: Arc<dyn Gate> = Arc::new(Abandonable { inner, abandoned: self.gh_abandoned.clone() });
         let session = self.session.clone();
         let message = self.message.clone();
         let capacity = self.capacity;
@@ -897,7 +926,9 @@ impl Driver {
                             Err(e) => {
                                 metrics.github_error(error_kind(&e));
                                 tracing::warn!(error = %e, message_id, "message ack failed; will retry");
-                                (false, e.is_local())
+                                // Only the fence is no reason of ours (safety review L4):
+                                // any other failure, persistent, must still end in a stall.
+                                (false, !matches!(e, github::Error::Fenced))
                             }
                         }
                     }
@@ -1669,5 +1700,23 @@ async fn keep_github_ready(client: Client, ready: Arc<AtomicBool>, metrics: Arc<
         }
         let jitter = Duration::from_millis(rand::random::<u64>() % (delay.as_millis() as u64 / 4 + 1));
         tokio::time::sleep(delay + jitter).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An abandoned request's gate refuses every later attempt, even when the fence it was
+    /// issued under has become open (a later token, or fallback): safety review of M3.3.
+    #[test]
+    fn an_abandoned_requests_gate_refuses_whatever_the_fence_says() {
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let gate = Abandonable { inner: Arc::new(github::Open), abandoned: abandoned.clone() };
+        assert!(gate.check().is_ok());
+        abandoned.store(true, Ordering::Relaxed);
+        assert!(gate.check().is_err());
+        // The owner header still names the inner gate's holder (none for an open fence).
+        assert_eq!(gate.owner(), None);
     }
 }

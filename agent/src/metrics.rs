@@ -616,7 +616,6 @@ impl Metrics {
         self.set_gauge(&self.idle_runners, s.total_idle_runners);
     }
 
-    /// Removes the scale-set-wide series, so only the holder exports them.
     /// The stream to the coordinator runs to `endpoint` (`None`: detached).
     pub fn set_coordinator_endpoint(&self, endpoint: Option<&str>) {
         self.coordinator_endpoint.clear();
@@ -631,6 +630,7 @@ impl Metrics {
         self.info.get_or_create(&InfoLabels { cluster: cluster.into(), scale_set: scale_set.into() }).set(1);
     }
 
+    /// Removes the scale-set-wide series, so only the holder exports them.
     pub fn clear_scale_set_gauges(&self) {
         for g in
             [&self.assigned_jobs, &self.running_jobs, &self.registered_runners, &self.busy_runners, &self.idle_runners]

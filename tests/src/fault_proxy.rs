@@ -180,7 +180,8 @@ async fn stall_connects(
         tracing::warn!(error = %e, "fault proxy: backlog not cut; connects will not stall");
     }
     // The handshake of the plug completes in the kernel; it then occupies the one slot.
-    let plug = TcpStream::connect(addr).await.ok();
+    // Bounded: a connection already queued would leave the plug's own SYN dropped.
+    let plug = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await.ok().and_then(Result::ok);
     let plug_addr = plug.as_ref().and_then(|p| p.local_addr().ok());
     counters.stalled.store(plug_addr.is_some(), Ordering::Relaxed);
     let _ = wait_for(mode, |m| *m != Mode::StallConnects).await;
@@ -256,7 +257,8 @@ async fn connection(client: TcpStream, upstream_addr: SocketAddr, mut mode: watc
     // Before connecting upstream: a blackhole (of either kind towards the server) means the
     // SYN would never arrive, so wait; a reset towards the client ends it now.
     let Some(m) = wait_for(&mut mode, |m| {
-        m.forwarding().is_some() || matches!(m, Mode::Drop | Mode::ResetDownstreamBlackholeUpstream)
+        m.forwarding().is_some()
+            || matches!(m, Mode::Drop | Mode::ResetDownstreamBlackholeUpstream | Mode::StallConnects)
     })
     .await
     else {
